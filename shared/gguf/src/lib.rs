@@ -1,0 +1,1 @@
+//! GGUF parsing and writing (in progress).
