@@ -1,1 +1,15 @@
+//! Pieces every SecureLLM service and tool shares.
+//!
+//! - [`bytesize`]: human byte sizes (`24GiB`, `512MiB`) for flags, config and output.
+//! - [`config`]: one TOML file with a section per service; flags override it, it overrides defaults.
+//! - [`telemetry`]: logging to stderr, filtered by `RUST_LOG`.
+//! - [`serve`]: binding a gRPC listener, health + reflection, the `ready` line, graceful shutdown.
+//! - [`time`]: unix milliseconds, the time unit of every contract.
 
+pub mod bytesize;
+pub mod config;
+pub mod serve;
+pub mod telemetry;
+pub mod time;
+
+pub use bytesize::{ByteSize, format_bytes, parse_bytes};

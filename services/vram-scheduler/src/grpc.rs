@@ -1,0 +1,371 @@
+//! The gRPC edge: decode, call the [`SchedulerHandle`], encode. Errors are mapped to gRPC status
+//! codes here and nowhere else.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::vram_scheduler_server::{VramScheduler, VramSchedulerServer};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::actor::{CallError, GpuView, SchedulerHandle, StatusView};
+use crate::table::{
+    AcquireOutcome, AcquireRequest, Event, EventKind, Lease, QueuePos, TableError, WaiterNotice,
+};
+
+/// The `securellm.v1.VramScheduler` service.
+#[derive(Clone)]
+pub struct SchedulerService {
+    handle: SchedulerHandle,
+}
+
+impl SchedulerService {
+    pub fn new(handle: SchedulerHandle) -> Self {
+        Self { handle }
+    }
+
+    pub fn into_server(self) -> VramSchedulerServer<Self> {
+        VramSchedulerServer::new(self)
+    }
+}
+
+fn status_of(e: CallError) -> Status {
+    match e {
+        CallError::Stopped(s) => Status::unavailable(s.to_string()),
+        CallError::Table(t) => match &t {
+            TableError::InvalidArgument { .. } => Status::invalid_argument(t.to_string()),
+            TableError::NotFound(m) => Status::not_found(m.clone()),
+            TableError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+            TableError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+        },
+    }
+}
+
+/// Proto view of a lease.
+pub fn lease_to_pb(l: &Lease) -> pb::Lease {
+    pb::Lease {
+        id: l.id.clone(),
+        holder: l.holder.clone(),
+        label: l.label.clone(),
+        gpu_index: l.gpu,
+        bytes: l.bytes,
+        priority: l.priority,
+        ttl_ms: l.ttl_ms,
+        granted_at_ms: l.granted_at_ms,
+        expires_at_ms: l.expires_at_ms,
+        pids: l.pids.clone(),
+        idle: l.idle,
+        evict_by_ms: l.evict_by_ms,
+    }
+}
+
+/// Lease from its proto view (for `Reattach`).
+pub fn lease_from_pb(l: pb::Lease) -> Lease {
+    Lease {
+        id: l.id,
+        holder: l.holder,
+        label: l.label,
+        gpu: l.gpu_index,
+        bytes: l.bytes,
+        priority: l.priority,
+        ttl_ms: l.ttl_ms,
+        granted_at_ms: l.granted_at_ms,
+        expires_at_ms: l.expires_at_ms,
+        pids: l.pids,
+        idle: l.idle,
+        evict_by_ms: l.evict_by_ms,
+    }
+}
+
+fn pos_to_pb(p: &QueuePos) -> pb::QueuePosition {
+    pb::QueuePosition {
+        ticket: p.ticket.clone(),
+        position: p.position,
+        queue_length: p.queue_length,
+        evictions_requested: p.evictions_requested,
+    }
+}
+
+fn gpu_to_pb(v: &GpuView) -> pb::GpuStatus {
+    let g = &v.gpu;
+    let a = &v.account;
+    let used = if g.simulated {
+        a.granted.saturating_add(a.foreign).min(g.total)
+    } else {
+        g.observed_used
+    };
+    pb::GpuStatus {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        name: g.name.clone(),
+        simulated: g.simulated,
+        total_bytes: g.total,
+        used_bytes: used,
+        free_bytes: g.total.saturating_sub(used),
+        leased_bytes: a.granted,
+        foreign_bytes: a.foreign,
+        reserve_bytes: a.reserve,
+        grantable_bytes: a.grantable(),
+        processes: g
+            .processes
+            .iter()
+            .flatten()
+            .map(|(pid, used)| pb::GpuProcess {
+                pid: *pid,
+                used_bytes: *used,
+                lease_id: String::new(),
+            })
+            .collect(),
+        overcommitted: v.overcommitted,
+    }
+}
+
+/// Proto view of the whole status.
+pub fn status_to_pb(s: &StatusView) -> pb::SchedulerStatus {
+    let mut gpus: Vec<pb::GpuStatus> = s.gpus.iter().map(gpu_to_pb).collect();
+    for g in &mut gpus {
+        for p in &mut g.processes {
+            if let Some(l) = s
+                .leases
+                .iter()
+                .find(|l| l.gpu == g.index && l.pids.contains(&p.pid))
+            {
+                p.lease_id = l.id.clone();
+            }
+        }
+    }
+    pb::SchedulerStatus {
+        inventory: s.inventory.to_string(),
+        gpus,
+        leases: s.leases.iter().map(lease_to_pb).collect(),
+        queue: s
+            .queue
+            .iter()
+            .enumerate()
+            .map(|(i, w)| pb::QueuedRequest {
+                ticket: w.ticket.clone(),
+                holder: w.req.holder.clone(),
+                label: w.req.label.clone(),
+                bytes: w.req.bytes,
+                priority: w.req.priority,
+                gpu_index: w.req.gpu,
+                position: i as u32,
+                queued_at_ms: w.queued_at_ms,
+                wait_until_ms: w.wait_until_ms,
+            })
+            .collect(),
+    }
+}
+
+fn kind_to_pb(k: EventKind) -> pb::lease_event::Kind {
+    use pb::lease_event::Kind as K;
+    match k {
+        EventKind::Granted => K::Granted,
+        EventKind::Released => K::Released,
+        EventKind::Expired => K::Expired,
+        EventKind::EvictionNotice => K::EvictionNotice,
+        EventKind::Revoked => K::Revoked,
+        EventKind::Resized => K::Resized,
+        EventKind::Queued => K::Queued,
+        EventKind::WaitTimedOut => K::WaitTimedOut,
+        EventKind::Reattached => K::Reattached,
+        EventKind::Overcommitted => K::Overcommitted,
+    }
+}
+
+fn event_to_pb(e: &Event) -> pb::LeaseEvent {
+    pb::LeaseEvent {
+        kind: kind_to_pb(e.kind) as i32,
+        lease: Some(lease_to_pb(&e.lease)),
+        at_ms: e.at_ms,
+        detail: e.detail.clone(),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn granted(l: &Lease) -> pb::AcquireLeaseUpdate {
+    pb::AcquireLeaseUpdate {
+        update: Some(pb::acquire_lease_update::Update::Granted(lease_to_pb(l))),
+    }
+}
+
+#[tonic::async_trait]
+impl VramScheduler for SchedulerService {
+    type AcquireLeaseStream = BoxStream<pb::AcquireLeaseUpdate>;
+
+    async fn acquire_lease(
+        &self,
+        request: Request<pb::AcquireLeaseRequest>,
+    ) -> Result<Response<Self::AcquireLeaseStream>, Status> {
+        let r = request.into_inner();
+        let req = AcquireRequest {
+            holder: r.holder,
+            label: r.label,
+            bytes: r.bytes,
+            priority: r.priority,
+            gpu: r.gpu_index,
+            ttl_ms: r.ttl_ms,
+            wait_ms: r.wait_ms,
+        };
+        let (utx, mut urx) = mpsc::unbounded_channel();
+        match self.handle.acquire(req, utx).await.map_err(status_of)? {
+            AcquireOutcome::Granted(l) => {
+                let s = tokio_stream::once(Ok(granted(&l)));
+                Ok(Response::new(Box::pin(s)))
+            }
+            AcquireOutcome::Queued(pos) => {
+                let (tx, rx) = mpsc::unbounded_channel::<Result<pb::AcquireLeaseUpdate, Status>>();
+                let first = pb::AcquireLeaseUpdate {
+                    update: Some(pb::acquire_lease_update::Update::Queued(pos_to_pb(&pos))),
+                };
+                let _ = tx.send(Ok(first));
+                let handle = self.handle.clone();
+                let ticket = pos.ticket.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = tx.closed() => {
+                                // The caller went away while queued.
+                                handle.cancel(ticket).await;
+                                return;
+                            }
+                            n = urx.recv() => {
+                                let Some(n) = n else { return };
+                                match n {
+                                    WaiterNotice::Position(p) => {
+                                        let u = pb::AcquireLeaseUpdate {
+                                            update: Some(pb::acquire_lease_update::Update::Queued(pos_to_pb(&p))),
+                                        };
+                                        let _ = tx.send(Ok(u));
+                                    }
+                                    WaiterNotice::Granted { lease, .. } => {
+                                        if tx.send(Ok(granted(&lease))).is_err() {
+                                            let _ = handle.release(lease.id).await;
+                                        }
+                                        return;
+                                    }
+                                    WaiterNotice::TimedOut { .. } => {
+                                        let _ = tx.send(Err(Status::deadline_exceeded(
+                                            "still queued when wait_ms ran out",
+                                        )));
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+                Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+            }
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let r = request.into_inner();
+        let l = self
+            .handle
+            .renew(r.lease_id, r.ttl_ms, r.pids, r.idle)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(lease_to_pb(&l)))
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<pb::ReleaseLeaseRequest>,
+    ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
+        let l = self
+            .handle
+            .release(request.into_inner().lease_id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ReleaseLeaseResponse {
+            lease: Some(lease_to_pb(&l)),
+        }))
+    }
+
+    async fn resize_lease(
+        &self,
+        request: Request<pb::ResizeLeaseRequest>,
+    ) -> Result<Response<pb::Lease>, Status> {
+        let r = request.into_inner();
+        let l = self
+            .handle
+            .resize(r.lease_id, r.bytes)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(lease_to_pb(&l)))
+    }
+
+    async fn reattach(
+        &self,
+        request: Request<pb::ReattachRequest>,
+    ) -> Result<Response<pb::ReattachResponse>, Status> {
+        let r = request.into_inner();
+        let leases = r.leases.into_iter().map(lease_from_pb).collect();
+        let out = self
+            .handle
+            .reattach(r.holder, leases)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ReattachResponse {
+            confirmed: out.confirmed.iter().map(lease_to_pb).collect(),
+            restored: out.restored.iter().map(lease_to_pb).collect(),
+            lost: out
+                .lost
+                .into_iter()
+                .map(|(lease_id, reason)| pb::LostLease { lease_id, reason })
+                .collect(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::SchedulerStatus>, Status> {
+        let s = self
+            .handle
+            .status()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(status_to_pb(&s)))
+    }
+
+    type WatchEventsStream = BoxStream<pb::LeaseEvent>;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let holder = request.into_inner().holder;
+        let s = BroadcastStream::new(self.handle.subscribe()).filter_map(move |e| match e {
+            Ok(e) if holder.is_empty() || e.lease.holder == holder => Some(Ok(event_to_pb(&e))),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::warn!("a WatchEvents client fell behind; {n} events skipped");
+                None
+            }
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn set_simulated_foreign_usage(
+        &self,
+        request: Request<pb::SetSimulatedForeignUsageRequest>,
+    ) -> Result<Response<pb::GpuStatus>, Status> {
+        let r = request.into_inner();
+        let v = self
+            .handle
+            .set_simulated_foreign(r.gpu_index, r.foreign_bytes)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(gpu_to_pb(&v)))
+    }
+}

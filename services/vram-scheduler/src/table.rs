@@ -1,0 +1,1177 @@
+//! The lease table: every scheduling decision, as plain data and pure functions.
+//!
+//! Nothing here does I/O or reads a clock: time comes in as `now_ms` (unix milliseconds), and what
+//! the outside world must hear about comes out as [`Event`]s (for `WatchEvents`) and
+//! [`WaiterNotice`]s (for the callers waiting in the queue). The actor in `actor.rs` owns one table
+//! and feeds it messages; unit and property tests drive it directly, without a runtime.
+//!
+//! The invariant, for every GPU after every decision the table makes:
+//! `granted + foreign + reserve <= total` ([`check_invariant`]). Foreign use is observed, not
+//! decided: when it grows past what was free, the GPU is *over-committed*, and the table makes no
+//! grant on it until the invariant holds again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// A granted lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: String,
+    pub holder: String,
+    pub label: String,
+    pub gpu: u32,
+    pub bytes: u64,
+    pub priority: i32,
+    pub ttl_ms: u64,
+    pub granted_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub pids: Vec<u32>,
+    pub idle: bool,
+    /// Set while an eviction notice is pending.
+    pub evict_by_ms: Option<u64>,
+}
+
+/// One GPU as the table sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    pub simulated: bool,
+    pub total: u64,
+    /// Never granted.
+    pub reserve: u64,
+    /// Used memory as NVML reports it (ignored for simulated GPUs).
+    pub observed_used: u64,
+    /// Per-process use as NVML reports it: `(pid, bytes)`. `None` when NVML could not list them.
+    pub processes: Option<Vec<(u32, u64)>>,
+    /// Simulated GPUs only: memory used by processes nobody leased.
+    pub simulated_foreign: u64,
+}
+
+/// What one inventory refresh saw on one GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuObservation {
+    pub index: u32,
+    pub total: u64,
+    pub used: u64,
+    pub processes: Option<Vec<(u32, u64)>>,
+}
+
+/// The memory picture of one GPU at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuAccount {
+    pub total: u64,
+    pub reserve: u64,
+    pub granted: u64,
+    pub foreign: u64,
+}
+
+impl GpuAccount {
+    /// Bytes that may still be granted (0 when over-committed).
+    pub fn grantable(&self) -> u64 {
+        self.total
+            .saturating_sub(self.reserve)
+            .saturating_sub(self.granted)
+            .saturating_sub(self.foreign)
+    }
+
+    /// True when `granted + foreign + reserve > total`.
+    pub fn overcommitted(&self) -> bool {
+        check_invariant(self).is_err()
+    }
+}
+
+/// The invariant was broken on a GPU.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "GPU over-committed: granted {granted} + foreign {foreign} + reserve {reserve} > total {total}"
+)]
+pub struct InvariantViolation {
+    pub granted: u64,
+    pub foreign: u64,
+    pub reserve: u64,
+    pub total: u64,
+}
+
+/// `granted + foreign + reserve <= total`, in arithmetic that cannot overflow.
+pub fn check_invariant(a: &GpuAccount) -> Result<(), InvariantViolation> {
+    let sum = u128::from(a.granted) + u128::from(a.foreign) + u128::from(a.reserve);
+    if sum <= u128::from(a.total) {
+        Ok(())
+    } else {
+        Err(InvariantViolation {
+            granted: a.granted,
+            foreign: a.foreign,
+            reserve: a.reserve,
+            total: a.total,
+        })
+    }
+}
+
+/// A decision rule: may `bytes` more be granted on a GPU with this account?
+pub type FitRule = fn(&GpuAccount, u64) -> bool;
+
+/// The real rule: only what is grantable, never on an over-committed GPU.
+pub fn fits(a: &GpuAccount, bytes: u64) -> bool {
+    !a.overcommitted() && a.grantable() >= bytes
+}
+
+/// Foreign use on a GPU given the leases on it.
+///
+/// - Simulated: what was set with `SetSimulatedForeignUsage`.
+/// - NVML with per-process data: memory of processes no lease names, plus memory a leased
+///   process uses beyond its lease, plus memory NVML counts as used but attributes to no process
+///   (driver, other containers).
+/// - NVML without per-process data: used minus leased.
+pub fn foreign_bytes<'a>(gpu: &Gpu, leases: impl Iterator<Item = &'a Lease> + Clone) -> u64 {
+    if gpu.simulated {
+        return gpu.simulated_foreign;
+    }
+    let Some(procs) = &gpu.processes else {
+        let leased: u64 = leases.map(|l| l.bytes).fold(0, u64::saturating_add);
+        return gpu.observed_used.saturating_sub(leased);
+    };
+    let mut by_lease: HashMap<&str, u64> = HashMap::new();
+    let mut owner: HashMap<u32, &Lease> = HashMap::new();
+    for l in leases.clone() {
+        for pid in &l.pids {
+            owner.insert(*pid, l);
+        }
+    }
+    let mut unleased = 0u64;
+    let mut attributed = 0u64;
+    for (pid, used) in procs {
+        attributed = attributed.saturating_add(*used);
+        match owner.get(pid) {
+            Some(l) => {
+                let e = by_lease.entry(l.id.as_str()).or_default();
+                *e = e.saturating_add(*used);
+            }
+            None => unleased = unleased.saturating_add(*used),
+        }
+    }
+    let overflow: u64 = leases
+        .filter_map(|l| {
+            by_lease
+                .get(l.id.as_str())
+                .map(|u| u.saturating_sub(l.bytes))
+        })
+        .fold(0, u64::saturating_add);
+    let unattributed = gpu.observed_used.saturating_sub(attributed);
+    unleased
+        .saturating_add(overflow)
+        .saturating_add(unattributed)
+}
+
+/// Limits the table enforces on requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_ttl_ms: u64,
+    pub max_wait_ms: u64,
+    /// How long a holder has to release after an eviction notice.
+    pub eviction_grace_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_ttl_ms: 3_600_000,
+            max_wait_ms: 3_600_000,
+            eviction_grace_ms: 10_000,
+        }
+    }
+}
+
+/// A request for memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcquireRequest {
+    pub holder: String,
+    pub label: String,
+    pub bytes: u64,
+    pub priority: i32,
+    pub gpu: Option<u32>,
+    pub ttl_ms: u64,
+    pub wait_ms: u64,
+}
+
+/// A request waiting in the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiter {
+    pub ticket: String,
+    pub req: AcquireRequest,
+    pub seq: u64,
+    pub queued_at_ms: u64,
+    pub wait_until_ms: u64,
+    pub evictions_requested: bool,
+    pub position: u32,
+}
+
+/// Where a queued request stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuePos {
+    pub ticket: String,
+    pub position: u32,
+    pub queue_length: u32,
+    pub evictions_requested: bool,
+}
+
+/// The answer to an acquire that was accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    Granted(Lease),
+    Queued(QueuePos),
+}
+
+/// What the table tells a waiting caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaiterNotice {
+    Position(QueuePos),
+    Granted { ticket: String, lease: Lease },
+    TimedOut { ticket: String },
+}
+
+impl WaiterNotice {
+    pub fn ticket(&self) -> &str {
+        match self {
+            WaiterNotice::Position(p) => &p.ticket,
+            WaiterNotice::Granted { ticket, .. } | WaiterNotice::TimedOut { ticket } => ticket,
+        }
+    }
+}
+
+/// What happened to a lease, for `WatchEvents`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Granted,
+    Released,
+    Expired,
+    EvictionNotice,
+    Revoked,
+    Resized,
+    Queued,
+    WaitTimedOut,
+    Reattached,
+    Overcommitted,
+}
+
+/// One lease event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub lease: Lease,
+    pub at_ms: u64,
+    pub detail: String,
+}
+
+/// How a lease ended (kept for a while so a late caller gets a precise answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    Released,
+    Expired,
+    Revoked,
+}
+
+impl EndReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Released => "released",
+            EndReason::Expired => "expired (not renewed within its TTL)",
+            EndReason::Revoked => "revoked (an eviction notice was not honoured in time)",
+        }
+    }
+}
+
+/// A request the table refused; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("invalid `{field}`: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> TableError {
+    TableError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+/// How many ended leases are remembered for precise error messages.
+const ENDED_MEMORY: usize = 4096;
+/// The longest holder name accepted.
+pub const MAX_HOLDER_LEN: usize = 256;
+
+/// The whole scheduling state.
+pub struct LeaseTable {
+    gpus: Vec<Gpu>,
+    leases: BTreeMap<String, Lease>,
+    /// Ordered by priority (high first), then arrival.
+    queue: Vec<Waiter>,
+    ended: HashMap<String, EndReason>,
+    ended_order: VecDeque<String>,
+    limits: Limits,
+    fit_rule: FitRule,
+    id_prefix: String,
+    seq: u64,
+    events: Vec<Event>,
+    notices: Vec<WaiterNotice>,
+    overcommitted: Vec<bool>,
+}
+
+impl LeaseTable {
+    /// A table over `gpus`. Lease ids are `<id_prefix>-<n>`; give each process start a fresh prefix
+    /// so ids never repeat across restarts.
+    pub fn new(gpus: Vec<Gpu>, limits: Limits, id_prefix: impl Into<String>) -> Self {
+        let n = gpus.len();
+        Self {
+            gpus,
+            leases: BTreeMap::new(),
+            queue: Vec::new(),
+            ended: HashMap::new(),
+            ended_order: VecDeque::new(),
+            limits,
+            fit_rule: fits,
+            id_prefix: id_prefix.into(),
+            seq: 0,
+            events: Vec::new(),
+            notices: Vec::new(),
+            overcommitted: vec![false; n],
+        }
+    }
+
+    /// Replace the decision rule. Only tests do this, to prove the invariant checks can fail.
+    #[doc(hidden)]
+    pub fn with_fit_rule(mut self, rule: FitRule) -> Self {
+        self.fit_rule = rule;
+        self
+    }
+
+    pub fn gpus(&self) -> &[Gpu] {
+        &self.gpus
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn lease(&self, id: &str) -> Option<&Lease> {
+        self.leases.get(id)
+    }
+
+    pub fn queue(&self) -> &[Waiter] {
+        &self.queue
+    }
+
+    /// Events produced since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Notices for waiting callers produced since the last call.
+    pub fn take_notices(&mut self) -> Vec<WaiterNotice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// The memory picture of GPU `index` (by position in the inventory).
+    pub fn account(&self, pos: usize) -> GpuAccount {
+        let gpu = &self.gpus[pos];
+        let on_gpu = self.leases.values().filter(move |l| l.gpu == gpu.index);
+        let granted = on_gpu.clone().map(|l| l.bytes).fold(0, u64::saturating_add);
+        GpuAccount {
+            total: gpu.total,
+            reserve: gpu.reserve,
+            granted,
+            foreign: foreign_bytes(gpu, on_gpu),
+        }
+    }
+
+    fn pos_of(&self, index: u32) -> Option<usize> {
+        self.gpus.iter().position(|g| g.index == index)
+    }
+
+    /// Check the invariant on every GPU.
+    pub fn check_all(&self) -> Result<(), (u32, InvariantViolation)> {
+        for (pos, g) in self.gpus.iter().enumerate() {
+            check_invariant(&self.account(pos)).map_err(|v| (g.index, v))?;
+        }
+        Ok(())
+    }
+
+    fn next_id(&mut self, kind: &str) -> String {
+        self.seq += 1;
+        format!("{kind}-{}-{}", self.id_prefix, self.seq)
+    }
+
+    fn remember_end(&mut self, id: &str, why: EndReason) {
+        if self.ended.insert(id.to_string(), why).is_none() {
+            self.ended_order.push_back(id.to_string());
+        }
+        while self.ended_order.len() > ENDED_MEMORY {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+    }
+
+    fn unknown_lease(&self, id: &str) -> TableError {
+        match self.ended.get(id) {
+            Some(why) => TableError::FailedPrecondition(format!(
+                "lease {id} is no longer held: it was {}",
+                why.as_str()
+            )),
+            None => TableError::NotFound(format!("no lease with id {id:?}")),
+        }
+    }
+
+    fn emit(&mut self, kind: EventKind, lease: Lease, now_ms: u64, detail: impl Into<String>) {
+        self.events.push(Event {
+            kind,
+            lease,
+            at_ms: now_ms,
+            detail: detail.into(),
+        });
+    }
+
+    fn validate_ttl(&self, ttl_ms: u64) -> Result<(), TableError> {
+        if ttl_ms == 0 {
+            return Err(invalid("ttl_ms", "must be at least 1 ms"));
+        }
+        if ttl_ms > self.limits.max_ttl_ms {
+            return Err(invalid(
+                "ttl_ms",
+                format!(
+                    "{ttl_ms} ms is longer than the maximum of {} ms",
+                    self.limits.max_ttl_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Positions of the GPUs a request may use.
+    fn eligible(&self, gpu: Option<u32>) -> Vec<usize> {
+        match gpu {
+            Some(i) => self.pos_of(i).into_iter().collect(),
+            None => (0..self.gpus.len()).collect(),
+        }
+    }
+
+    /// Ask for memory. Granted at once if it fits and nobody ahead in the queue is waiting for the
+    /// same GPU; queued if it may wait; refused otherwise. On error nothing changed.
+    pub fn acquire(
+        &mut self,
+        req: AcquireRequest,
+        now_ms: u64,
+    ) -> Result<AcquireOutcome, TableError> {
+        if req.holder.trim().is_empty() {
+            return Err(invalid("holder", "must not be empty"));
+        }
+        if req.holder.len() > MAX_HOLDER_LEN {
+            return Err(invalid(
+                "holder",
+                format!("longer than {MAX_HOLDER_LEN} bytes"),
+            ));
+        }
+        if req.bytes == 0 {
+            return Err(invalid("bytes", "must be greater than 0"));
+        }
+        self.validate_ttl(req.ttl_ms)?;
+        if req.wait_ms > self.limits.max_wait_ms {
+            return Err(invalid(
+                "wait_ms",
+                format!(
+                    "{} ms is longer than the maximum of {} ms",
+                    req.wait_ms, self.limits.max_wait_ms
+                ),
+            ));
+        }
+        if let Some(i) = req.gpu
+            && self.pos_of(i).is_none()
+        {
+            return Err(TableError::NotFound(format!(
+                "no GPU with index {i} (field `gpu_index`; GPUs: {})",
+                self.gpus
+                    .iter()
+                    .map(|g| g.index.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let eligible = self.eligible(req.gpu);
+        let capacity = eligible
+            .iter()
+            .map(|&p| self.gpus[p].total.saturating_sub(self.gpus[p].reserve))
+            .max()
+            .unwrap_or(0);
+        if req.bytes > capacity {
+            return Err(invalid(
+                "bytes",
+                format!(
+                    "{} bytes can never fit: the largest eligible GPU can grant at most {} bytes (total minus reserve)",
+                    req.bytes, capacity
+                ),
+            ));
+        }
+
+        let ticket = self.next_id("q");
+        let seq = self.seq;
+        let waiter = Waiter {
+            ticket: ticket.clone(),
+            req,
+            seq,
+            queued_at_ms: now_ms,
+            wait_until_ms: now_ms,
+            evictions_requested: false,
+            position: 0,
+        };
+        let wait_ms = waiter.req.wait_ms;
+        self.enqueue(waiter);
+        let granted = self.grant_pass(now_ms);
+        if let Some(lease) = granted
+            .into_iter()
+            .find_map(|(t, l)| (t == ticket).then_some(l))
+        {
+            // The caller hears through the return value, not a notice.
+            self.notices.retain(|n| n.ticket() != ticket);
+            self.refresh_positions();
+            return Ok(AcquireOutcome::Granted(lease));
+        }
+        let Some(idx) = self.queue.iter().position(|w| w.ticket == ticket) else {
+            return Err(TableError::FailedPrecondition(
+                "request vanished from the queue".into(),
+            ));
+        };
+        if wait_ms == 0 {
+            let w = self.queue.remove(idx);
+            self.refresh_positions();
+            self.notices.retain(|n| n.ticket() != ticket);
+            return Err(TableError::ResourceExhausted(self.why_not_now(&w.req)));
+        }
+        self.queue[idx].wait_until_ms = now_ms.saturating_add(wait_ms);
+        self.preempt_for(idx, now_ms);
+        self.refresh_positions();
+        self.notices.retain(|n| n.ticket() != ticket);
+        let w = &self.queue[idx];
+        let view = self.waiter_view(w, now_ms);
+        let pos = self.queue_pos(idx);
+        self.emit(
+            EventKind::Queued,
+            view,
+            now_ms,
+            format!("position {}", pos.position),
+        );
+        Ok(AcquireOutcome::Queued(pos))
+    }
+
+    fn why_not_now(&self, req: &AcquireRequest) -> String {
+        let best = self
+            .eligible(req.gpu)
+            .into_iter()
+            .map(|p| (self.gpus[p].index, self.account(p).grantable()))
+            .max_by_key(|(_, g)| *g);
+        match best {
+            Some((i, g)) => format!(
+                "{} bytes do not fit now (most grantable: {} bytes on GPU {}) and wait_ms is 0",
+                req.bytes, g, i
+            ),
+            None => "no GPU".into(),
+        }
+    }
+
+    fn enqueue(&mut self, w: Waiter) {
+        let at = self
+            .queue
+            .iter()
+            .position(|q| {
+                (q.req.priority, std::cmp::Reverse(q.seq))
+                    < (w.req.priority, std::cmp::Reverse(w.seq))
+            })
+            .unwrap_or(self.queue.len());
+        self.queue.insert(at, w);
+    }
+
+    fn queue_pos(&self, idx: usize) -> QueuePos {
+        let w = &self.queue[idx];
+        QueuePos {
+            ticket: w.ticket.clone(),
+            position: idx as u32,
+            queue_length: self.queue.len() as u32,
+            evictions_requested: w.evictions_requested,
+        }
+    }
+
+    /// A lease-shaped view of a waiting request, for events.
+    fn waiter_view(&self, w: &Waiter, now_ms: u64) -> Lease {
+        Lease {
+            id: w.ticket.clone(),
+            holder: w.req.holder.clone(),
+            label: w.req.label.clone(),
+            gpu: w.req.gpu.unwrap_or(u32::MAX),
+            bytes: w.req.bytes,
+            priority: w.req.priority,
+            ttl_ms: w.req.ttl_ms,
+            granted_at_ms: 0,
+            expires_at_ms: now_ms,
+            pids: Vec::new(),
+            idle: false,
+            evict_by_ms: None,
+        }
+    }
+
+    /// Send a position notice to every waiter whose position changed.
+    fn refresh_positions(&mut self) {
+        let len = self.queue.len() as u32;
+        for i in 0..self.queue.len() {
+            if self.queue[i].position != i as u32 {
+                self.queue[i].position = i as u32;
+                let w = &self.queue[i];
+                self.notices.push(WaiterNotice::Position(QueuePos {
+                    ticket: w.ticket.clone(),
+                    position: i as u32,
+                    queue_length: len,
+                    evictions_requested: w.evictions_requested,
+                }));
+            }
+        }
+    }
+
+    /// Grant every waiter that can be granted, in queue order. A waiter that cannot be granted
+    /// holds back the GPUs it could ever fit on from everyone behind it, so big requests are not
+    /// starved by a stream of small ones. Returns `(ticket, lease)` for each grant.
+    fn grant_pass(&mut self, now_ms: u64) -> Vec<(String, Lease)> {
+        let mut granted = Vec::new();
+        let mut held_back = vec![false; self.gpus.len()];
+        let mut accounts: Vec<GpuAccount> = (0..self.gpus.len()).map(|p| self.account(p)).collect();
+        let mut i = 0;
+        while i < self.queue.len() {
+            let w = &self.queue[i];
+            let eligible = self.eligible(w.req.gpu);
+            // Best fit: the GPU left with the least grantable memory after the grant.
+            let choice = eligible
+                .iter()
+                .copied()
+                .filter(|&p| !held_back[p] && (self.fit_rule)(&accounts[p], w.req.bytes))
+                .min_by_key(|&p| (accounts[p].grantable().saturating_sub(w.req.bytes), p));
+            match choice {
+                Some(p) => {
+                    let w = self.queue.remove(i);
+                    let id = self.next_id("l");
+                    let lease = Lease {
+                        id: id.clone(),
+                        holder: w.req.holder,
+                        label: w.req.label,
+                        gpu: self.gpus[p].index,
+                        bytes: w.req.bytes,
+                        priority: w.req.priority,
+                        ttl_ms: w.req.ttl_ms,
+                        granted_at_ms: now_ms,
+                        expires_at_ms: now_ms.saturating_add(w.req.ttl_ms),
+                        pids: Vec::new(),
+                        idle: false,
+                        evict_by_ms: None,
+                    };
+                    accounts[p].granted = accounts[p].granted.saturating_add(lease.bytes);
+                    self.leases.insert(id, lease.clone());
+                    self.emit(EventKind::Granted, lease.clone(), now_ms, "");
+                    self.notices.push(WaiterNotice::Granted {
+                        ticket: w.ticket.clone(),
+                        lease: lease.clone(),
+                    });
+                    granted.push((w.ticket, lease));
+                }
+                None => {
+                    for p in eligible {
+                        let cap = self.gpus[p].total.saturating_sub(self.gpus[p].reserve);
+                        if cap >= w.req.bytes {
+                            held_back[p] = true;
+                        }
+                    }
+                    i += 1;
+                }
+            }
+        }
+        granted
+    }
+
+    /// Send eviction notices on behalf of waiter `idx` if lower-priority leases stand in its way.
+    ///
+    /// Per eligible GPU: the shortfall is what the waiter needs minus what is grantable minus what
+    /// pending notices will already free. Victims are leases of strictly lower priority without a
+    /// notice, chosen idle first, then lowest priority, then the smallest one that covers the
+    /// rest of the shortfall (else the largest, and go on). The GPU needing the fewest bytes of
+    /// victims wins. Returns true if notices were sent.
+    fn preempt_for(&mut self, idx: usize, now_ms: u64) -> bool {
+        let (prio, bytes, gpu_pref) = {
+            let w = &self.queue[idx];
+            (w.req.priority, w.req.bytes, w.req.gpu)
+        };
+        let mut best: Option<(u64, Vec<String>)> = None;
+        for p in self.eligible(gpu_pref) {
+            let gpu = &self.gpus[p];
+            if gpu.total.saturating_sub(gpu.reserve) < bytes {
+                continue;
+            }
+            let acct = self.account(p);
+            let deficit =
+                (u128::from(acct.granted) + u128::from(acct.foreign) + u128::from(acct.reserve))
+                    .saturating_sub(u128::from(acct.total));
+            let need = (u128::from(bytes) + deficit).saturating_sub(u128::from(acct.grantable()));
+            let pending: u128 = self
+                .leases
+                .values()
+                .filter(|l| l.gpu == gpu.index && l.evict_by_ms.is_some())
+                .map(|l| u128::from(l.bytes))
+                .sum();
+            if need <= pending {
+                // Already being freed (or fits): nothing more to ask.
+                if need > 0 {
+                    self.queue[idx].evictions_requested = true;
+                }
+                return false;
+            }
+            let mut shortfall = need - pending;
+            let mut candidates: Vec<&Lease> = self
+                .leases
+                .values()
+                .filter(|l| l.gpu == gpu.index && l.evict_by_ms.is_none() && l.priority < prio)
+                .collect();
+            let available: u128 = candidates.iter().map(|l| u128::from(l.bytes)).sum();
+            if available < shortfall {
+                continue;
+            }
+            let mut victims = Vec::new();
+            let mut victim_bytes = 0u64;
+            while shortfall > 0 && !candidates.is_empty() {
+                // The best class: idle first, then lowest priority.
+                let class = candidates
+                    .iter()
+                    .map(|l| (!l.idle, l.priority))
+                    .min()
+                    .unwrap_or((false, i32::MIN));
+                let in_class = candidates
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| (!l.idle, l.priority) == class);
+                let covering = in_class
+                    .clone()
+                    .filter(|(_, l)| u128::from(l.bytes) >= shortfall)
+                    .min_by_key(|(_, l)| l.bytes)
+                    .map(|(i, _)| i);
+                let pick =
+                    covering.or_else(|| in_class.max_by_key(|(_, l)| l.bytes).map(|(i, _)| i));
+                let Some(pick) = pick else { break };
+                let l = candidates.swap_remove(pick);
+                shortfall = shortfall.saturating_sub(u128::from(l.bytes));
+                victim_bytes = victim_bytes.saturating_add(l.bytes);
+                victims.push(l.id.clone());
+            }
+            if shortfall == 0 && best.as_ref().is_none_or(|(b, _)| victim_bytes < *b) {
+                best = Some((victim_bytes, victims));
+            }
+        }
+        let Some((_, victims)) = best else {
+            return false;
+        };
+        let deadline = now_ms.saturating_add(self.limits.eviction_grace_ms);
+        let for_whom = format!("needed by a priority {} request of {} bytes", prio, bytes);
+        for id in victims {
+            if let Some(l) = self.leases.get_mut(&id) {
+                l.evict_by_ms = Some(deadline);
+                let l = l.clone();
+                self.emit(EventKind::EvictionNotice, l, now_ms, for_whom.clone());
+            }
+        }
+        self.queue[idx].evictions_requested = true;
+        true
+    }
+
+    /// After memory freed or the queue changed: grant what fits, then ask for evictions for those
+    /// still waiting, then tell waiters their new positions.
+    fn schedule(&mut self, now_ms: u64) {
+        self.grant_pass(now_ms);
+        for idx in 0..self.queue.len() {
+            self.preempt_for(idx, now_ms);
+        }
+        self.refresh_positions();
+        self.note_overcommit(now_ms);
+    }
+
+    fn note_overcommit(&mut self, now_ms: u64) {
+        for p in 0..self.gpus.len() {
+            let over = self.account(p).overcommitted();
+            if over && !self.overcommitted[p] {
+                let a = self.account(p);
+                let g = &self.gpus[p];
+                let view = Lease {
+                    id: String::new(),
+                    holder: String::new(),
+                    label: format!("gpu {}", g.index),
+                    gpu: g.index,
+                    bytes: a.foreign,
+                    priority: 0,
+                    ttl_ms: 0,
+                    granted_at_ms: 0,
+                    expires_at_ms: 0,
+                    pids: Vec::new(),
+                    idle: false,
+                    evict_by_ms: None,
+                };
+                self.emit(
+                    EventKind::Overcommitted,
+                    view,
+                    now_ms,
+                    format!(
+                        "foreign use grew past what was free: granted {} + foreign {} + reserve {} > total {}; no grants on GPU {} until it fits",
+                        a.granted, a.foreign, a.reserve, a.total, g.index
+                    ),
+                );
+            }
+            self.overcommitted[p] = over;
+        }
+    }
+
+    /// Is GPU at position `pos` over-committed by foreign use?
+    pub fn is_overcommitted(&self, pos: usize) -> bool {
+        self.account(pos).overcommitted()
+    }
+
+    /// Give a lease back.
+    pub fn release(&mut self, id: &str, now_ms: u64) -> Result<Lease, TableError> {
+        let Some(lease) = self.leases.remove(id) else {
+            return Err(self.unknown_lease(id));
+        };
+        self.remember_end(id, EndReason::Released);
+        self.emit(EventKind::Released, lease.clone(), now_ms, "");
+        self.schedule(now_ms);
+        Ok(lease)
+    }
+
+    /// Heartbeat: extend the lease, record its processes and whether it is idle.
+    pub fn renew(
+        &mut self,
+        id: &str,
+        ttl_ms: u64,
+        pids: Vec<u32>,
+        idle: bool,
+        now_ms: u64,
+    ) -> Result<Lease, TableError> {
+        if ttl_ms != 0 {
+            self.validate_ttl(ttl_ms)?;
+        }
+        let err = self.unknown_lease(id);
+        let Some(l) = self.leases.get_mut(id) else {
+            return Err(err);
+        };
+        if ttl_ms != 0 {
+            l.ttl_ms = ttl_ms;
+        }
+        l.expires_at_ms = now_ms.saturating_add(l.ttl_ms);
+        if !pids.is_empty() {
+            l.pids = pids;
+        }
+        l.idle = idle;
+        Ok(l.clone())
+    }
+
+    /// Settle a lease's size. Shrinking always succeeds; growing only if the extra bytes fit now.
+    pub fn resize(&mut self, id: &str, bytes: u64, now_ms: u64) -> Result<Lease, TableError> {
+        if bytes == 0 {
+            return Err(invalid(
+                "bytes",
+                "must be greater than 0 (release the lease instead)",
+            ));
+        }
+        let Some(old) = self.leases.get(id).cloned() else {
+            return Err(self.unknown_lease(id));
+        };
+        if bytes > old.bytes {
+            let extra = bytes - old.bytes;
+            let Some(p) = self.pos_of(old.gpu) else {
+                return Err(TableError::FailedPrecondition(format!(
+                    "lease {id} is on GPU {} which is no longer in the inventory",
+                    old.gpu
+                )));
+            };
+            // A waiter of higher priority that is blocked on this GPU keeps its claim.
+            let blocked_higher = self
+                .queue
+                .iter()
+                .any(|w| w.req.priority > old.priority && w.req.gpu.is_none_or(|g| g == old.gpu));
+            if blocked_higher || !(self.fit_rule)(&self.account(p), extra) {
+                return Err(TableError::ResourceExhausted(format!(
+                    "cannot grow lease {id} from {} to {bytes} bytes: {} more bytes do not fit on GPU {} now ({} grantable{})",
+                    old.bytes,
+                    extra,
+                    old.gpu,
+                    self.account(p).grantable(),
+                    if blocked_higher {
+                        ", and a higher-priority request is waiting"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        let Some(l) = self.leases.get_mut(id) else {
+            return Err(self.unknown_lease(id));
+        };
+        l.bytes = bytes;
+        let l = l.clone();
+        self.emit(
+            EventKind::Resized,
+            l.clone(),
+            now_ms,
+            format!("{} -> {} bytes", old.bytes, bytes),
+        );
+        if bytes < old.bytes {
+            self.schedule(now_ms);
+        }
+        Ok(l)
+    }
+
+    /// Withdraw a waiting request (its caller went away). Unknown tickets are ignored.
+    pub fn cancel_waiter(&mut self, ticket: &str, now_ms: u64) -> bool {
+        let Some(idx) = self.queue.iter().position(|w| w.ticket == ticket) else {
+            return false;
+        };
+        self.queue.remove(idx);
+        self.schedule(now_ms);
+        true
+    }
+
+    /// Earliest moment something times out: a lease expiry, an eviction deadline or a wait limit.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let leases = self
+            .leases
+            .values()
+            .flat_map(|l| std::iter::once(l.expires_at_ms).chain(l.evict_by_ms));
+        let waits = self.queue.iter().map(|w| w.wait_until_ms);
+        leases.chain(waits).min()
+    }
+
+    /// Expire unrenewed leases, revoke leases whose eviction deadline passed, time out waiters.
+    pub fn tick(&mut self, now_ms: u64) {
+        let mut changed = false;
+        let expired: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.expires_at_ms <= now_ms || l.evict_by_ms.is_some_and(|d| d <= now_ms))
+            .map(|l| l.id.clone())
+            .collect();
+        for id in expired {
+            if let Some(l) = self.leases.remove(&id) {
+                let revoked =
+                    l.evict_by_ms.is_some_and(|d| d <= now_ms) && l.expires_at_ms > now_ms;
+                let (kind, why) = if revoked {
+                    (EventKind::Revoked, EndReason::Revoked)
+                } else {
+                    (EventKind::Expired, EndReason::Expired)
+                };
+                self.remember_end(&id, why);
+                self.emit(kind, l, now_ms, why.as_str());
+                changed = true;
+            }
+        }
+        let mut i = 0;
+        while i < self.queue.len() {
+            if self.queue[i].wait_until_ms <= now_ms {
+                let w = self.queue.remove(i);
+                let view = self.waiter_view(&w, now_ms);
+                self.emit(EventKind::WaitTimedOut, view, now_ms, "");
+                self.notices
+                    .push(WaiterNotice::TimedOut { ticket: w.ticket });
+                changed = true;
+            } else {
+                i += 1;
+            }
+        }
+        if changed {
+            self.schedule(now_ms);
+        }
+    }
+
+    /// Take in a fresh NVML reading. GPUs not in the reading keep their last values.
+    pub fn observe(&mut self, obs: &[GpuObservation], now_ms: u64) {
+        for o in obs {
+            if let Some(p) = self.pos_of(o.index) {
+                let g = &mut self.gpus[p];
+                if !g.simulated {
+                    g.total = o.total;
+                    g.observed_used = o.used;
+                    g.processes = o.processes.clone();
+                }
+            }
+        }
+        self.schedule(now_ms);
+    }
+
+    /// Simulated GPUs only: set the memory used by processes nobody leased.
+    pub fn set_simulated_foreign(
+        &mut self,
+        index: u32,
+        bytes: u64,
+        now_ms: u64,
+    ) -> Result<&Gpu, TableError> {
+        let Some(p) = self.pos_of(index) else {
+            return Err(TableError::NotFound(format!(
+                "no GPU with index {index} (field `gpu_index`)"
+            )));
+        };
+        if !self.gpus[p].simulated {
+            return Err(TableError::FailedPrecondition(format!(
+                "GPU {index} is a real NVML GPU: its foreign use is measured, not set"
+            )));
+        }
+        if bytes > self.gpus[p].total {
+            return Err(invalid(
+                "foreign_bytes",
+                format!(
+                    "{bytes} is more than the GPU's total of {}",
+                    self.gpus[p].total
+                ),
+            ));
+        }
+        self.gpus[p].simulated_foreign = bytes;
+        self.schedule(now_ms);
+        Ok(&self.gpus[p])
+    }
+
+    /// A holder presents the leases it believes it holds (after a scheduler restart or a
+    /// reconnect). Known leases of this holder are confirmed and renewed; unknown ones are restored
+    /// under their old id if they fit; the rest are reported lost with the reason.
+    pub fn reattach(
+        &mut self,
+        holder: &str,
+        presented: Vec<Lease>,
+        now_ms: u64,
+    ) -> Result<Reattached, TableError> {
+        if holder.trim().is_empty() {
+            return Err(invalid("holder", "must not be empty"));
+        }
+        let mut out = Reattached::default();
+        for mut l in presented {
+            if let Some(known) = self.leases.get_mut(&l.id) {
+                if known.holder != holder {
+                    out.lost.push((l.id, format!("held by {:?}", known.holder)));
+                    continue;
+                }
+                known.expires_at_ms = now_ms.saturating_add(known.ttl_ms);
+                if !l.pids.is_empty() {
+                    known.pids = l.pids;
+                }
+                out.confirmed.push(known.clone());
+                continue;
+            }
+            if let Some(why) = self.ended.get(&l.id) {
+                out.lost.push((l.id, format!("it was {}", why.as_str())));
+                continue;
+            }
+            if l.holder != holder {
+                out.lost.push((
+                    l.id,
+                    format!("presented by {holder:?} but held by {:?}", l.holder),
+                ));
+                continue;
+            }
+            let Some(p) = self.pos_of(l.gpu) else {
+                out.lost
+                    .push((l.id, format!("no GPU with index {}", l.gpu)));
+                continue;
+            };
+            if l.bytes == 0 || l.ttl_ms == 0 || l.ttl_ms > self.limits.max_ttl_ms {
+                out.lost.push((l.id, "invalid bytes or ttl_ms".to_string()));
+                continue;
+            }
+            if !(self.fit_rule)(&self.account(p), l.bytes) {
+                out.lost.push((
+                    l.id,
+                    format!(
+                        "{} bytes no longer fit on GPU {} ({} grantable)",
+                        l.bytes,
+                        l.gpu,
+                        self.account(p).grantable()
+                    ),
+                ));
+                continue;
+            }
+            l.expires_at_ms = now_ms.saturating_add(l.ttl_ms);
+            l.evict_by_ms = None;
+            self.leases.insert(l.id.clone(), l.clone());
+            self.emit(EventKind::Reattached, l.clone(), now_ms, "restored");
+            out.restored.push(l);
+        }
+        for l in &out.confirmed {
+            self.emit(EventKind::Reattached, l.clone(), now_ms, "confirmed");
+        }
+        self.note_overcommit(now_ms);
+        Ok(out)
+    }
+
+    /// Load leases from a snapshot taken before a restart. Each is given a fresh TTL from now so
+    /// its holder has time to reconnect and renew; those that no longer fit are dropped (returned).
+    pub fn restore_snapshot(&mut self, snap: Snapshot, now_ms: u64) -> Vec<Lease> {
+        let mut dropped = Vec::new();
+        for g in &snap.simulated_foreign {
+            if let Some(p) = self.pos_of(g.0)
+                && self.gpus[p].simulated
+            {
+                self.gpus[p].simulated_foreign = g.1.min(self.gpus[p].total);
+            }
+        }
+        for mut l in snap.leases {
+            let Some(p) = self.pos_of(l.gpu) else {
+                dropped.push(l);
+                continue;
+            };
+            if !(self.fit_rule)(&self.account(p), l.bytes) {
+                dropped.push(l);
+                continue;
+            }
+            l.expires_at_ms = l.expires_at_ms.max(now_ms.saturating_add(l.ttl_ms));
+            self.leases.insert(l.id.clone(), l);
+        }
+        dropped
+    }
+
+    /// What must survive a restart: the leases and simulated foreign use.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            leases: self.leases.values().cloned().collect(),
+            simulated_foreign: self
+                .gpus
+                .iter()
+                .filter(|g| g.simulated)
+                .map(|g| (g.index, g.simulated_foreign))
+                .collect(),
+        }
+    }
+}
+
+/// The result of a reattach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reattached {
+    pub confirmed: Vec<Lease>,
+    pub restored: Vec<Lease>,
+    pub lost: Vec<(String, String)>,
+}
+
+/// The persisted part of the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub leases: Vec<Lease>,
+    pub simulated_foreign: Vec<(u32, u64)>,
+}

@@ -1,0 +1,174 @@
+//! Configuration: one TOML file, a section per service (`[scheduler]`, `[registry]`, `[backend]`,
+//! `[gateway]`, `[models]`).
+//!
+//! Precedence: command-line flags (and the environment variables clap maps onto them) override the
+//! file, which overrides built-in defaults. Unknown keys are errors, so a typo never silently falls
+//! back to a default; the error names the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("invalid configuration: field `{field}`: {message}")]
+    Field { field: String, message: String },
+}
+
+/// Read and parse a TOML file into `T`; without a path, `T::default()`.
+pub fn load_file<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parse TOML text; `origin` only names the source in errors.
+pub fn parse<T: DeserializeOwned>(text: &str, origin: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        path: origin.to_path_buf(),
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+/// The default data directory: `$XDG_DATA_HOME/securellm` or `~/.local/share/securellm`, else
+/// `./.data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("securellm");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join(".local/share/securellm");
+    }
+    PathBuf::from(".data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Demo {
+        #[serde(default)]
+        port: u16,
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse::<Demo>("prot = 5", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = parse::<Demo>("port = \"high\"", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let e = load_file::<Demo>(Some(Path::new("/nonexistent/securellm.toml"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/securellm.toml"));
+    }
+}
+
+/// The sections a SecureLLM config file may have.
+pub const SECTIONS: &[&str] = &["scheduler", "registry", "backend", "gateway", "models"];
+
+/// Read one section of the shared config file into `T` (defaults when the file or the section is
+/// absent). Unknown sections and unknown keys are errors naming them, e.g. `scheduler.reserv`.
+pub fn load_section<T: DeserializeOwned + Default>(
+    path: Option<&Path>,
+    section: &str,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    section_from_str(&text, path, section)
+}
+
+/// [`load_section`] over text already read; `origin` only names the source in errors.
+pub fn section_from_str<T: DeserializeOwned + Default>(
+    text: &str,
+    origin: &Path,
+    section: &str,
+) -> Result<T, ConfigError> {
+    let table: toml::Table = parse(text, origin)?;
+    for key in table.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            return Err(ConfigError::Field {
+                field: key.clone(),
+                message: format!("unknown section; expected one of {}", SECTIONS.join(", ")),
+            });
+        }
+    }
+    match table.get(section) {
+        None => Ok(T::default()),
+        Some(v) => v
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                path: origin.to_path_buf(),
+                message: format!("[{section}] {}", e.to_string().trim().replace('\n', " ")),
+            }),
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sched {
+        reserve: u64,
+    }
+
+    #[test]
+    fn reads_its_section_and_ignores_others() {
+        let t = "[scheduler]\nreserve = 7\n[gateway]\nanything = 1\n";
+        let s: Sched = section_from_str(t, Path::new("c.toml"), "scheduler").unwrap();
+        assert_eq!(s, Sched { reserve: 7 });
+        let s: Sched = section_from_str("", Path::new("c.toml"), "scheduler").unwrap();
+        assert_eq!(s, Sched::default());
+    }
+
+    #[test]
+    fn names_unknown_sections_and_keys() {
+        let e = section_from_str::<Sched>("[shceduler]\n", Path::new("c.toml"), "scheduler")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shceduler"), "{e}");
+        let e = section_from_str::<Sched>(
+            "[scheduler]\nreserv = 1\n",
+            Path::new("c.toml"),
+            "scheduler",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("reserv") && e.contains("[scheduler]"), "{e}");
+    }
+}
