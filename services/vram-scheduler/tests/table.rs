@@ -1,0 +1,556 @@
+//! Unit tests of the pure lease logic: no runtime, no clock, time passed in by hand.
+
+use vram_scheduler::inventory::simulated;
+use vram_scheduler::table::*;
+
+const GIB: u64 = 1 << 30;
+
+fn table(sizes: &[u64]) -> LeaseTable {
+    LeaseTable::new(simulated(sizes, 0), Limits::default(), "t")
+}
+
+fn req(holder: &str, bytes: u64, priority: i32) -> AcquireRequest {
+    AcquireRequest {
+        holder: holder.into(),
+        label: String::new(),
+        bytes,
+        priority,
+        gpu: None,
+        ttl_ms: 10_000,
+        wait_ms: 0,
+    }
+}
+
+fn waiting(holder: &str, bytes: u64, priority: i32) -> AcquireRequest {
+    AcquireRequest {
+        wait_ms: 60_000,
+        ..req(holder, bytes, priority)
+    }
+}
+
+fn granted(out: Result<AcquireOutcome, TableError>) -> Lease {
+    match out {
+        Ok(AcquireOutcome::Granted(l)) => l,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+fn queued(out: Result<AcquireOutcome, TableError>) -> QueuePos {
+    match out {
+        Ok(AcquireOutcome::Queued(p)) => p,
+        other => panic!("expected to be queued, got {other:?}"),
+    }
+}
+
+fn kinds(t: &mut LeaseTable) -> Vec<EventKind> {
+    t.take_events().into_iter().map(|e| e.kind).collect()
+}
+
+#[test]
+fn grants_when_it_fits_and_picks_the_best_fitting_gpu() {
+    let mut t = table(&[24 * GIB, 8 * GIB]);
+    let l = granted(t.acquire(req("a", 6 * GIB, 0), 0));
+    assert_eq!(l.gpu, 1, "best fit: the 8 GiB GPU leaves the smaller hole");
+    assert_eq!(l.expires_at_ms, 10_000);
+    let l2 = granted(t.acquire(req("b", 6 * GIB, 0), 0));
+    assert_eq!(l2.gpu, 0);
+    assert_eq!(t.account(0).granted, 6 * GIB);
+    assert_eq!(t.account(1).grantable(), 2 * GIB);
+    assert_eq!(kinds(&mut t), vec![EventKind::Granted, EventKind::Granted]);
+}
+
+#[test]
+fn bad_input_is_refused_with_the_field_named_and_nothing_changes() {
+    let mut t = table(&[8 * GIB]);
+    granted(t.acquire(req("a", GIB, 0), 0));
+    let before = t.snapshot();
+    let cases: Vec<(AcquireRequest, &str)> = vec![
+        (req("", GIB, 0), "holder"),
+        (req(&"x".repeat(300), GIB, 0), "holder"),
+        (req("b", 0, 0), "bytes"),
+        (req("b", 9 * GIB, 0), "bytes"),
+        (
+            AcquireRequest {
+                ttl_ms: 0,
+                ..req("b", GIB, 0)
+            },
+            "ttl_ms",
+        ),
+        (
+            AcquireRequest {
+                ttl_ms: u64::MAX,
+                ..req("b", GIB, 0)
+            },
+            "ttl_ms",
+        ),
+        (
+            AcquireRequest {
+                wait_ms: u64::MAX,
+                ..req("b", GIB, 0)
+            },
+            "wait_ms",
+        ),
+        (
+            AcquireRequest {
+                gpu: Some(7),
+                ..req("b", GIB, 0)
+            },
+            "gpu_index",
+        ),
+    ];
+    for (r, field) in cases {
+        let e = t.acquire(r, 5).unwrap_err();
+        assert!(e.to_string().contains(field), "{e} should name {field}");
+    }
+    assert!(matches!(
+        t.acquire(
+            AcquireRequest {
+                gpu: Some(7),
+                ..req("b", GIB, 0)
+            },
+            5
+        ),
+        Err(TableError::NotFound(_))
+    ));
+    assert!(matches!(t.release("nope", 5), Err(TableError::NotFound(_))));
+    assert!(matches!(
+        t.renew("nope", 0, vec![], false, 5),
+        Err(TableError::NotFound(_))
+    ));
+    assert!(matches!(
+        t.resize("nope", 5, 5),
+        Err(TableError::NotFound(_))
+    ));
+    let id = t.leases().next().unwrap().id.clone();
+    assert!(
+        t.resize(&id, 0, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("bytes")
+    );
+    assert!(
+        t.renew(&id, u64::MAX, vec![], false, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("ttl_ms")
+    );
+    assert!(
+        t.set_simulated_foreign(0, 9 * GIB, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("foreign_bytes")
+    );
+    assert_eq!(
+        t.snapshot(),
+        before,
+        "refused requests must not change state"
+    );
+    assert!(t.queue().is_empty());
+}
+
+#[test]
+fn no_wait_request_that_does_not_fit_is_resource_exhausted() {
+    let mut t = table(&[8 * GIB]);
+    granted(t.acquire(req("a", 6 * GIB, 0), 0));
+    let e = t.acquire(req("b", 4 * GIB, 0), 0).unwrap_err();
+    assert!(matches!(e, TableError::ResourceExhausted(_)), "{e:?}");
+    assert!(t.queue().is_empty());
+}
+
+#[test]
+fn queued_request_is_granted_when_memory_frees() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("a", 6 * GIB, 0), 0));
+    let p = queued(t.acquire(waiting("b", 4 * GIB, 0), 1));
+    assert_eq!(p.position, 0);
+    assert_eq!(p.queue_length, 1);
+    t.take_notices();
+    t.release(&a.id, 2).unwrap();
+    let notices = t.take_notices();
+    assert!(
+        matches!(&notices[..], [WaiterNotice::Granted { ticket, lease }] if *ticket == p.ticket && lease.bytes == 4 * GIB),
+        "{notices:?}"
+    );
+    assert!(t.queue().is_empty());
+    assert_eq!(t.account(0).granted, 4 * GIB);
+}
+
+#[test]
+fn queue_is_priority_then_fifo_and_positions_are_reported() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("a", 8 * GIB, 9), 0));
+    let low1 = queued(t.acquire(waiting("low1", 2 * GIB, 0), 1));
+    let low2 = queued(t.acquire(waiting("low2", 2 * GIB, 0), 2));
+    assert_eq!((low1.position, low2.position), (0, 1));
+    t.take_notices();
+    let high = queued(t.acquire(waiting("high", 7 * GIB, 5), 3));
+    assert_eq!(high.position, 0, "higher priority goes first");
+    let notices = t.take_notices();
+    assert!(notices.contains(&WaiterNotice::Position(QueuePos {
+        ticket: low1.ticket.clone(),
+        position: 1,
+        queue_length: 3,
+        evictions_requested: false,
+    })));
+    t.release(&a.id, 4).unwrap();
+    // 8 GiB free: high (7) first; then 1 GiB left, lows (2 each) must wait.
+    let holders: Vec<String> = t.leases().map(|l| l.holder.clone()).collect();
+    assert_eq!(holders, vec!["high".to_string()]);
+    let high_lease = t.leases().next().unwrap().id.clone();
+    t.release(&high_lease, 5).unwrap();
+    let mut holders: Vec<String> = t.leases().map(|l| l.holder.clone()).collect();
+    holders.sort();
+    assert_eq!(holders, vec!["low1".to_string(), "low2".to_string()]);
+}
+
+#[test]
+fn a_blocked_big_request_is_not_starved_by_smaller_later_ones() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("a", 6 * GIB, 0), 0));
+    queued(t.acquire(waiting("big", 6 * GIB, 0), 1));
+    // 2 GiB are free, but "big" is ahead in line: a small one must queue behind it.
+    queued(t.acquire(waiting("small", GIB, 0), 2));
+    t.release(&a.id, 3).unwrap();
+    let holders: Vec<String> = t.leases().map(|l| l.holder.clone()).collect();
+    assert!(holders.contains(&"big".to_string()) && holders.contains(&"small".to_string()));
+}
+
+#[test]
+fn unrenewed_lease_expires_and_renewal_extends() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("a", 4 * GIB, 0), 0));
+    let b = granted(t.acquire(req("b", 4 * GIB, 0), 0));
+    t.take_events();
+    assert_eq!(t.next_deadline(), Some(10_000));
+    t.renew(&b.id, 0, vec![42], true, 9_000).unwrap();
+    t.tick(10_000);
+    assert_eq!(kinds(&mut t), vec![EventKind::Expired]);
+    assert!(t.lease(&a.id).is_none());
+    assert_eq!(t.lease(&b.id).unwrap().pids, vec![42]);
+    let e = t.renew(&a.id, 0, vec![], false, 10_001).unwrap_err();
+    assert!(
+        matches!(e, TableError::FailedPrecondition(ref m) if m.contains("expired")),
+        "{e:?}"
+    );
+    let e = t.release(&a.id, 10_001).unwrap_err();
+    assert!(matches!(e, TableError::FailedPrecondition(_)));
+    t.tick(18_999);
+    assert!(t.lease(&b.id).is_some(), "renewed at 9000 with a 10 s TTL");
+    t.tick(19_000);
+    assert!(t.lease(&b.id).is_none());
+}
+
+#[test]
+fn waiter_times_out_at_its_deadline() {
+    let mut t = table(&[8 * GIB]);
+    granted(t.acquire(req("a", 8 * GIB, 0), 0));
+    let p = queued(t.acquire(
+        AcquireRequest {
+            wait_ms: 500,
+            ..req("b", GIB, 0)
+        },
+        0,
+    ));
+    t.take_notices();
+    t.tick(499);
+    assert_eq!(t.queue().len(), 1);
+    t.tick(500);
+    assert!(t.queue().is_empty());
+    assert_eq!(
+        t.take_notices(),
+        vec![WaiterNotice::TimedOut { ticket: p.ticket }]
+    );
+}
+
+#[test]
+fn preemption_notifies_idle_lower_priority_first_then_grants_on_release() {
+    let mut t = table(&[16 * GIB]);
+    let busy = granted(t.acquire(req("busy", 6 * GIB, 1), 0));
+    let idle = granted(t.acquire(req("idle", 6 * GIB, 1), 0));
+    t.renew(&idle.id, 0, vec![], true, 0).unwrap();
+    t.take_events();
+    let p = queued(t.acquire(waiting("high", 8 * GIB, 5), 1));
+    assert!(p.evictions_requested);
+    let ev = t.take_events();
+    let notices: Vec<&Event> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::EvictionNotice)
+        .collect();
+    assert_eq!(notices.len(), 1, "{ev:?}");
+    assert_eq!(notices[0].lease.id, idle.id, "idle lease goes first");
+    assert_eq!(
+        notices[0].lease.evict_by_ms,
+        Some(1 + Limits::default().eviction_grace_ms)
+    );
+    assert!(t.lease(&busy.id).unwrap().evict_by_ms.is_none());
+    // Asking again does not pile on more notices.
+    t.tick(2);
+    assert!(
+        t.take_events()
+            .iter()
+            .all(|e| e.kind != EventKind::EvictionNotice)
+    );
+    t.take_notices();
+    t.release(&idle.id, 3).unwrap();
+    assert!(
+        matches!(&t.take_notices()[..], [WaiterNotice::Granted { lease, .. }] if lease.holder == "high")
+    );
+}
+
+#[test]
+fn preemption_picks_the_smallest_lease_that_frees_enough() {
+    let mut t = table(&[16 * GIB]);
+    let big = granted(t.acquire(req("big", 8 * GIB, 0), 0));
+    let mid = granted(t.acquire(req("mid", 4 * GIB, 0), 0));
+    let small = granted(t.acquire(req("small", 2 * GIB, 0), 0));
+    t.take_events();
+    // 2 GiB free; needs 5 GiB: 3 more. "mid" (4) is the smallest that covers it.
+    queued(t.acquire(waiting("high", 5 * GIB, 3), 1));
+    let evicted: Vec<String> = t
+        .take_events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::EvictionNotice)
+        .map(|e| e.lease.id)
+        .collect();
+    assert_eq!(evicted, vec![mid.id]);
+    let _ = (big, small);
+}
+
+#[test]
+fn never_preempts_equal_or_higher_priority() {
+    let mut t = table(&[8 * GIB]);
+    granted(t.acquire(req("same", 4 * GIB, 5), 0));
+    granted(t.acquire(req("higher", 4 * GIB, 9), 0));
+    t.take_events();
+    let p = queued(t.acquire(waiting("x", 4 * GIB, 5), 1));
+    assert!(!p.evictions_requested);
+    assert!(
+        t.take_events()
+            .iter()
+            .all(|e| e.kind != EventKind::EvictionNotice)
+    );
+    assert!(t.leases().all(|l| l.evict_by_ms.is_none()));
+}
+
+#[test]
+fn ignored_notice_is_revoked_at_the_deadline() {
+    let mut t = table(&[8 * GIB]);
+    let low = granted(t.acquire(
+        AcquireRequest {
+            ttl_ms: 3_600_000,
+            ..req("low", 6 * GIB, 0)
+        },
+        0,
+    ));
+    queued(t.acquire(waiting("high", 6 * GIB, 5), 0));
+    let deadline = t.lease(&low.id).unwrap().evict_by_ms.unwrap();
+    t.renew(&low.id, 0, vec![], false, deadline - 1).unwrap();
+    t.tick(deadline - 1);
+    assert!(t.lease(&low.id).is_some());
+    t.take_events();
+    t.take_notices();
+    t.tick(deadline);
+    let ev = kinds(&mut t);
+    assert!(ev.contains(&EventKind::Revoked), "{ev:?}");
+    assert!(ev.contains(&EventKind::Granted), "{ev:?}");
+    let e = t.release(&low.id, deadline + 1).unwrap_err();
+    assert!(e.to_string().contains("revoked"), "{e}");
+}
+
+#[test]
+fn resize_shrinks_always_and_grows_only_if_it_fits() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("a", 4 * GIB, 0), 0));
+    granted(t.acquire(req("b", 3 * GIB, 0), 0));
+    assert_eq!(t.resize(&a.id, 2 * GIB, 1).unwrap().bytes, 2 * GIB);
+    assert_eq!(t.resize(&a.id, 5 * GIB, 1).unwrap().bytes, 5 * GIB);
+    let e = t.resize(&a.id, 6 * GIB, 1).unwrap_err();
+    assert!(matches!(e, TableError::ResourceExhausted(_)), "{e:?}");
+    assert_eq!(t.lease(&a.id).unwrap().bytes, 5 * GIB);
+}
+
+#[test]
+fn shrinking_grants_to_waiters() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("a", 8 * GIB, 0), 0));
+    queued(t.acquire(waiting("b", 3 * GIB, 0), 0));
+    t.take_notices();
+    t.resize(&a.id, 5 * GIB, 1).unwrap();
+    assert!(matches!(
+        &t.take_notices()[..],
+        [WaiterNotice::Granted { .. }]
+    ));
+}
+
+#[test]
+fn simulated_foreign_use_is_not_grantable_and_overcommit_blocks_grants() {
+    let mut t = table(&[8 * GIB]);
+    t.set_simulated_foreign(0, 3 * GIB, 0).unwrap();
+    assert_eq!(t.account(0).grantable(), 5 * GIB);
+    assert!(t.acquire(req("a", 6 * GIB, 0), 0).is_err());
+    let a = granted(t.acquire(req("a", 5 * GIB, 0), 0));
+    t.take_events();
+    // A foreign process grows past what was free: over-committed, reported, no grants.
+    t.set_simulated_foreign(0, 4 * GIB, 1).unwrap();
+    assert!(t.is_overcommitted(0));
+    assert_eq!(kinds(&mut t), vec![EventKind::Overcommitted]);
+    assert!(t.acquire(req("b", 1, 0), 2).is_err());
+    t.release(&a.id, 3).unwrap();
+    assert!(!t.is_overcommitted(0));
+    granted(t.acquire(req("b", 4 * GIB, 0), 4));
+}
+
+#[test]
+fn reserve_is_never_granted() {
+    let mut t = LeaseTable::new(simulated(&[8 * GIB], GIB), Limits::default(), "t");
+    let e = t.acquire(req("a", 8 * GIB, 0), 0).unwrap_err();
+    assert!(e.to_string().contains("bytes"), "{e}");
+    granted(t.acquire(req("a", 7 * GIB, 0), 0));
+    assert!(t.acquire(req("b", 1, 0), 0).is_err());
+}
+
+fn nvml_gpu(total: u64, used: u64, processes: Option<Vec<(u32, u64)>>) -> Gpu {
+    Gpu {
+        index: 0,
+        uuid: "GPU-x".into(),
+        name: "Real".into(),
+        simulated: false,
+        total,
+        reserve: 0,
+        observed_used: used,
+        processes,
+        simulated_foreign: 0,
+    }
+}
+
+#[test]
+fn nvml_foreign_use_counts_unleased_processes_overflow_and_unattributed_memory() {
+    let lease = |id: &str, bytes: u64, pids: Vec<u32>| Lease {
+        id: id.into(),
+        holder: "h".into(),
+        label: String::new(),
+        gpu: 0,
+        bytes,
+        priority: 0,
+        ttl_ms: 1,
+        granted_at_ms: 0,
+        expires_at_ms: 1,
+        pids,
+        idle: false,
+        evict_by_ms: None,
+    };
+    // pid 1 leased (uses 3 of its 4), pid 2 leased (uses 5 of its 4: 1 overflow), pid 3 unleased
+    // (2), and 1 used by no process (driver): foreign = 2 + 1 + 1.
+    let gpu = nvml_gpu(
+        24 * GIB,
+        11 * GIB,
+        Some(vec![(1, 3 * GIB), (2, 5 * GIB), (3, 2 * GIB)]),
+    );
+    let leases = [lease("a", 4 * GIB, vec![1]), lease("b", 4 * GIB, vec![2])];
+    assert_eq!(foreign_bytes(&gpu, leases.iter()), 4 * GIB);
+    // Without per-process data: used minus leased.
+    let gpu = nvml_gpu(24 * GIB, 11 * GIB, None);
+    assert_eq!(foreign_bytes(&gpu, leases.iter()), 3 * GIB);
+}
+
+#[test]
+fn observed_nvml_usage_limits_grants() {
+    let gpus = vec![nvml_gpu(16 * GIB, 0, Some(vec![]))];
+    let mut t = LeaseTable::new(gpus, Limits::default(), "t");
+    t.observe(
+        &[GpuObservation {
+            index: 0,
+            total: 16 * GIB,
+            used: 10 * GIB,
+            processes: Some(vec![(77, 10 * GIB)]),
+        }],
+        0,
+    );
+    assert_eq!(t.account(0).foreign, 10 * GIB);
+    assert!(t.acquire(req("a", 7 * GIB, 0), 0).is_err());
+    let l = granted(t.acquire(req("a", 6 * GIB, 0), 0));
+    // The holder starts its process and reports the pid: its memory is no longer foreign.
+    t.observe(
+        &[GpuObservation {
+            index: 0,
+            total: 16 * GIB,
+            used: 15 * GIB,
+            processes: Some(vec![(77, 10 * GIB), (88, 5 * GIB)]),
+        }],
+        1,
+    );
+    t.renew(&l.id, 0, vec![88], false, 1).unwrap();
+    assert_eq!(t.account(0).foreign, 10 * GIB);
+    assert!(t.check_all().is_ok());
+    assert!(matches!(
+        t.set_simulated_foreign(0, 1, 2),
+        Err(TableError::FailedPrecondition(_))
+    ));
+}
+
+#[test]
+fn reattach_confirms_restores_or_reports_lost() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("mgr", 2 * GIB, 0), 0));
+    let mut ghost = a.clone();
+    ghost.id = "l-old-1".into();
+    ghost.bytes = 3 * GIB;
+    let mut too_big = a.clone();
+    too_big.id = "l-old-2".into();
+    too_big.bytes = 4 * GIB;
+    let mut foreign_holder = a.clone();
+    foreign_holder.id = "l-old-3".into();
+    foreign_holder.holder = "someone-else".into();
+    let out = t
+        .reattach(
+            "mgr",
+            vec![a.clone(), ghost.clone(), too_big.clone(), foreign_holder],
+            100,
+        )
+        .unwrap();
+    assert_eq!(out.confirmed.len(), 1);
+    assert_eq!(out.confirmed[0].expires_at_ms, 100 + a.ttl_ms);
+    assert_eq!(out.restored.len(), 1);
+    assert_eq!(out.restored[0].id, "l-old-1");
+    let lost: Vec<&str> = out.lost.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(lost, vec!["l-old-2", "l-old-3"]);
+    assert!(t.check_all().is_ok());
+    assert_eq!(t.account(0).granted, 5 * GIB);
+    assert!(t.reattach("", vec![], 0).is_err());
+}
+
+#[test]
+fn snapshot_restore_keeps_leases_with_a_fresh_ttl() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("a", 3 * GIB, 0), 0));
+    t.set_simulated_foreign(0, GIB, 0).unwrap();
+    let snap = t.snapshot();
+    let mut t2 = table(&[8 * GIB]);
+    let dropped = t2.restore_snapshot(snap, 50_000);
+    assert!(dropped.is_empty());
+    assert_eq!(t2.lease(&a.id).unwrap().expires_at_ms, 60_000);
+    assert_eq!(t2.account(0).foreign, GIB);
+    // Smaller GPU after restart: what no longer fits is dropped, never over-committed.
+    let mut t3 = table(&[2 * GIB]);
+    assert_eq!(t3.restore_snapshot(t.snapshot(), 0).len(), 1);
+    assert!(t3.check_all().is_ok());
+}
+
+/// The invariant checker itself must catch a broken decision rule.
+#[test]
+fn a_fit_rule_that_ignores_foreign_use_is_caught_by_the_invariant_check() {
+    fn ignores_foreign(a: &GpuAccount, bytes: u64) -> bool {
+        a.total.saturating_sub(a.reserve).saturating_sub(a.granted) >= bytes
+    }
+    let mut t = table(&[8 * GIB]).with_fit_rule(ignores_foreign);
+    t.set_simulated_foreign(0, 4 * GIB, 0).unwrap();
+    assert!(t.check_all().is_ok());
+    granted(t.acquire(req("a", 6 * GIB, 0), 0));
+    let (gpu, v) = t.check_all().unwrap_err();
+    assert_eq!(gpu, 0);
+    assert_eq!((v.granted, v.foreign), (6 * GIB, 4 * GIB));
+    // And the real rule refuses the same request.
+    let mut t = table(&[8 * GIB]);
+    t.set_simulated_foreign(0, 4 * GIB, 0).unwrap();
+    assert!(t.acquire(req("a", 6 * GIB, 0), 0).is_err());
+}
