@@ -1,1 +1,36 @@
-fn main() {}
+//! `securellm-bench`: benchmark programs. Each one measures a baseline in the same run and prints
+//! a ratio; the last line is `RESULT key=value ...` with plain numbers (latencies in
+//! microseconds `_us`, rates `_per_s`, ratios `_x`).
+
+mod scheduler;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "securellm-bench",
+    version,
+    about = "SecureLLM benchmark programs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Lease acquire+release round trips over gRPC on loopback vs the in-process actor.
+    Scheduler(scheduler::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    securellm_common::telemetry::init("warn");
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.bench {
+        Bench::Scheduler(a) => rt.block_on(scheduler::run(a)),
+    }
+}

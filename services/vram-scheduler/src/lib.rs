@@ -189,7 +189,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(svc)
-            .serve_with_incoming_shutdown(listener.incoming, async {
+            .serve_with_incoming_shutdown(listener.incoming(), async {
                 let _ = stop_rx.await;
             }),
     );

@@ -69,6 +69,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
+        let ok: Demo = parse("port = 5", Path::new("x.toml")).unwrap();
+        assert_eq!(ok.port, 5);
         let e = parse::<Demo>("prot = 5", Path::new("x.toml"))
             .unwrap_err()
             .to_string();

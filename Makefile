@@ -1,0 +1,52 @@
+# SecureLLM — two commands: `make run` (start the stack) and `make test` (everything CI runs).
+#
+# Builds use CARGO_INCREMENTAL=0 and the tuned dev profile in Cargo.toml (2-core machines).
+
+export CARGO_INCREMENTAL ?= 0
+CARGO ?= cargo
+DATA_DIR ?= $(or $(SECURELLM_DATA_DIR),$(HOME)/.local/share/securellm)
+SCHEDULER_LISTEN ?= 127.0.0.1:50051
+
+.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler clean-data help
+
+help:
+	@echo "make run    - build (release) and start the stack (today: the vram-scheduler)"
+	@echo "make test   - fmt check, clippy -D warnings, every test (what CI runs)"
+	@echo "make bench  - benchmark programs (see BENCHMARKS.md)"
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release -p vram-scheduler -p securellm -p securellm-bench
+
+run: release
+	@mkdir -p "$(DATA_DIR)"
+	@echo "data directory: $(DATA_DIR)"
+	@echo "try in another terminal: ./target/release/securellm vram   (and: securellm vram watch)"
+	./target/release/vram-scheduler --listen $(SCHEDULER_LISTEN) --data-dir "$(DATA_DIR)"
+
+test: fmt-check clippy unit
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
+unit:
+	@if command -v cargo-nextest >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+		$(CARGO) test --workspace --doc; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+bench: bench-scheduler
+
+bench-scheduler:
+	$(CARGO) run --release -p securellm-bench -- scheduler
