@@ -2,6 +2,7 @@
 //! a ratio; the last line is `RESULT key=value ...` with plain numbers (latencies in
 //! microseconds `_us`, rates `_per_s`, ratios `_x`).
 
+mod registry;
 mod scheduler;
 mod stats;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Bench {
     /// Lease acquire+release round trips over gRPC on loopback vs the in-process actor.
     Scheduler(scheduler::Args),
+    /// Registry scan: cold scan and unchanged rescan of 1,000 GGUF files vs Python's gguf reader.
+    Registry(registry::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.bench {
         Bench::Scheduler(a) => rt.block_on(scheduler::run(a)),
+        Bench::Registry(a) => rt.block_on(registry::run(a)),
     }
 }

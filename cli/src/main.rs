@@ -3,6 +3,7 @@
 //! Each subcommand is a thin gRPC client of one service; the addresses default to the loopback
 //! ports `make run` uses and can be set by flag or environment.
 
+mod models;
 mod vram;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,14 @@ struct Cli {
         default_value = "127.0.0.1:50051"
     )]
     scheduler: String,
+    /// The registry's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "SECURELLM_REGISTRY",
+        default_value = "127.0.0.1:50052"
+    )]
+    registry: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +41,19 @@ enum Command {
     Vram {
         #[command(subcommand)]
         action: Option<vram::VramAction>,
+    },
+    /// Write a tiny random-weight llama GGUF that llama-server loads (output is gibberish).
+    DemoModel {
+        /// Where to write it.
+        path: std::path::PathBuf,
+        /// The bigger variant (about 45 MB) for memory tests.
+        #[arg(long)]
+        bigger: bool,
+    },
+    /// Models the registry found: table, details, rescan.
+    Models {
+        #[command(subcommand)]
+        action: Option<models::ModelsAction>,
     },
 }
 
@@ -48,5 +70,24 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Vram { action } => vram::run(&endpoint(&cli.scheduler), action).await,
+        Command::DemoModel { path, bigger } => {
+            use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
+            let opts = if bigger {
+                TinyLlamaOptions::bigger()
+            } else {
+                TinyLlamaOptions::default()
+            };
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let n = write_tiny_llama(&path, &opts)?;
+            println!(
+                "wrote {} ({})",
+                path.display(),
+                securellm_common::format_bytes(n)
+            );
+            Ok(())
+        }
+        Command::Models { action } => models::run(&endpoint(&cli.registry), action).await,
     }
 }

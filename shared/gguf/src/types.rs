@@ -82,10 +82,16 @@ pub enum GgmlType {
     TQ2_0,
     /// Microscaling FP4, block 32.
     MXFP4,
+    /// NVIDIA FP4 with E4M3 scales, block 64.
+    NVFP4,
+    /// 1-bit, block 128.
+    Q1_0,
+    /// 2-bit, block 64.
+    Q2_0,
 }
 
 /// All supported ggml types, in id order.
-pub const ALL_GGML_TYPES: [GgmlType; 32] = [
+pub const ALL_GGML_TYPES: [GgmlType; 35] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
@@ -118,6 +124,9 @@ pub const ALL_GGML_TYPES: [GgmlType; 32] = [
     GgmlType::TQ1_0,
     GgmlType::TQ2_0,
     GgmlType::MXFP4,
+    GgmlType::NVFP4,
+    GgmlType::Q1_0,
+    GgmlType::Q2_0,
 ];
 
 /// Name of a ggml type id that ggml once had and has since removed, if `id` is one.
@@ -172,6 +181,9 @@ impl GgmlType {
             34 => TQ1_0,
             35 => TQ2_0,
             39 => MXFP4,
+            40 => NVFP4,
+            41 => Q1_0,
+            42 => Q2_0,
             _ => return None,
         })
     }
@@ -212,6 +224,9 @@ impl GgmlType {
             TQ1_0 => 34,
             TQ2_0 => 35,
             MXFP4 => 39,
+            NVFP4 => 40,
+            Q1_0 => 41,
+            Q2_0 => 42,
         }
     }
 
@@ -221,6 +236,8 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4NL | MXFP4 => 32,
+            NVFP4 | Q2_0 => 64,
+            Q1_0 => 128,
             Q2K | Q3K | Q4K | Q5K | Q6K | Q8K | IQ2XXS | IQ2XS | IQ3XXS | IQ1S | IQ3S | IQ2S
             | IQ4XS | IQ1M | TQ1_0 | TQ2_0 => 256,
         }
@@ -261,6 +278,9 @@ impl GgmlType {
             TQ1_0 => 54,
             TQ2_0 => 66,
             MXFP4 => 17,
+            NVFP4 => 36,
+            Q1_0 => 18,
+            Q2_0 => 18,
         }
     }
 
@@ -300,6 +320,9 @@ impl GgmlType {
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
             MXFP4 => "MXFP4",
+            NVFP4 => "NVFP4",
+            Q1_0 => "Q1_0",
+            Q2_0 => "Q2_0",
         }
     }
 
@@ -369,6 +392,9 @@ pub fn file_type_name(file_type: u64) -> Option<&'static str> {
         36 => "TQ1_0",
         37 => "TQ2_0",
         38 => "MXFP4_MOE",
+        39 => "NVFP4",
+        40 => "Q1_0",
+        41 => "Q2_0",
         _ => return None,
     })
 }
@@ -805,17 +831,28 @@ mod tests {
             assert!(GgmlType::from_id(id).is_none());
             assert!(removed_ggml_type_name(id).is_some());
         }
-        assert!(GgmlType::from_id(40).is_none());
-        assert!(removed_ggml_type_name(40).is_none());
+        assert!(GgmlType::from_id(43).is_none());
+        assert!(removed_ggml_type_name(43).is_none());
     }
 
     #[test]
     fn tensor_bytes_match_ggml() {
         assert_eq!(GgmlType::F32.tensor_bytes(&[64, 512]), Some(64 * 512 * 4));
-        assert_eq!(GgmlType::Q4_0.tensor_bytes(&[4096, 4096]), Some(128 * 18 * 4096));
-        assert_eq!(GgmlType::Q4K.tensor_bytes(&[4096, 11008]), Some(16 * 144 * 11008));
+        assert_eq!(
+            GgmlType::Q4_0.tensor_bytes(&[4096, 4096]),
+            Some(128 * 18 * 4096)
+        );
+        assert_eq!(
+            GgmlType::Q4K.tensor_bytes(&[4096, 11008]),
+            Some(16 * 144 * 11008)
+        );
         assert_eq!(GgmlType::Q6K.tensor_bytes(&[256]), Some(210));
-        assert_eq!(GgmlType::Q4K.tensor_bytes(&[100, 2]), None, "not a block multiple");
+        assert_eq!(GgmlType::Q1_0.tensor_bytes(&[256, 2]), Some(2 * 18 * 2));
+        assert_eq!(
+            GgmlType::Q4K.tensor_bytes(&[100, 2]),
+            None,
+            "not a block multiple"
+        );
         assert_eq!(GgmlType::F32.tensor_bytes(&[]), Some(4));
         assert_eq!(GgmlType::F32.tensor_bytes(&[0, 5]), Some(0));
         assert_eq!(GgmlType::F64.tensor_bytes(&[u64::MAX / 2, 4]), None);
