@@ -149,10 +149,7 @@ pub fn discover(roots: &[PathBuf]) -> Discovery {
         visited: HashSet::new(),
         splits: BTreeMap::new(),
     };
-    for (root, canon) in roots
-        .iter()
-        .zip(roots.iter().map(std::fs::canonicalize))
-    {
+    for (root, canon) in roots.iter().zip(roots.iter().map(std::fs::canonicalize)) {
         match canon {
             Ok(c) if c.is_dir() => w.walk_dir(&c, &c, 0),
             Ok(c) => w
