@@ -7,7 +7,7 @@ CARGO ?= cargo
 DATA_DIR ?= $(or $(SECURELLM_DATA_DIR),$(HOME)/.local/share/securellm)
 SCHEDULER_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler clean-data help
+.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry pyenv help
 
 help:
 	@echo "make run    - build (release) and start the stack (today: the vram-scheduler)"
@@ -46,7 +46,22 @@ unit:
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 
-bench: bench-scheduler
+PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
+
+bench: bench-scheduler bench-registry
 
 bench-scheduler:
 	$(CARGO) run --release -p securellm-bench -- scheduler
+
+# Real llama.cpp backend: build (once, cached outside the repo) and print the llama-server path.
+.PHONY: llama-server
+llama-server:
+	./scripts/install-llama-server.sh
+
+# A Python venv outside the repo with the PyPI `gguf` package (the registry benchmark's baseline).
+pyenv:
+	@test -x "$(PYENV)/bin/python" || python3 -m venv "$(PYENV)"
+	@"$(PYENV)/bin/python" -c "import gguf" 2>/dev/null || "$(PYENV)/bin/pip" install -q gguf
+
+bench-registry: pyenv
+	SECURELLM_BENCH_PYTHON="$(PYENV)/bin/python" $(CARGO) run --release -p securellm-bench -- registry

@@ -50,6 +50,15 @@ fn format_name(f: i32) -> &'static str {
     }
 }
 
+fn status_word(s: i32) -> &'static str {
+    match pb::ModelStatus::try_from(s) {
+        Ok(pb::ModelStatus::Ok) => "ok",
+        Ok(pb::ModelStatus::Incomplete) => "incomplete",
+        Ok(pb::ModelStatus::Error) => "error",
+        _ => "?",
+    }
+}
+
 fn params(n: Option<u64>) -> String {
     match n {
         None => "-".into(),
@@ -101,13 +110,7 @@ async fn table(c: &mut ModelRegistryClient<Channel>) -> anyhow::Result<()> {
         };
         let status = match pb::ModelStatus::try_from(m.status) {
             Ok(pb::ModelStatus::Ok) => "ok".to_string(),
-            _ => format!(
-                "{}: {}",
-                pb::ModelStatus::try_from(m.status)
-                    .map(|s| s.as_str_name())
-                    .unwrap_or("?"),
-                m.status_reason
-            ),
+            _ => format!("{}: {}", status_word(m.status), m.status_reason),
         };
         let mut name = m.name.clone();
         if !m.aliases.is_empty() {
@@ -149,9 +152,7 @@ async fn show(c: &mut ModelRegistryClient<Channel>, name: &str) -> anyhow::Resul
     println!("format        {}", format_name(m.format));
     println!(
         "status        {}{}",
-        pb::ModelStatus::try_from(m.status)
-            .map(|s| s.as_str_name())
-            .unwrap_or("?"),
+        status_word(m.status),
         if m.status_reason.is_empty() {
             String::new()
         } else {
