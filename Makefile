@@ -37,11 +37,13 @@ fmt:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
 unit:
-	@if command -v cargo-nextest >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
-		$(CARGO) test --workspace --doc; \
+	@LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
+	echo "llama-server: $$LLAMA_SERVER"; \
+	if command -v cargo-nextest >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast && $(CARGO) test --workspace --doc; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi

@@ -1,0 +1,276 @@
+//! The backend manager's configuration: `[backend]` of the shared TOML file (with per-model
+//! overrides under `[backend.models.<name>]`), overridden by flags.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+use securellm_common::config::ConfigError;
+use serde::Deserialize;
+
+/// Settings an instance runs with; every field optional so layers can be merged
+/// (request > per-model config > defaults).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    pub context: Option<u64>,
+    pub parallel: Option<u32>,
+    pub cache_type: Option<String>,
+    pub gpu_layers: Option<u32>,
+    pub embeddings: Option<bool>,
+    pub flash_attention: Option<bool>,
+    pub priority: Option<i32>,
+    pub gpu_index: Option<u32>,
+    pub idle_ttl_ms: Option<u64>,
+}
+
+impl ModelSettings {
+    /// `self` where set, else `other`.
+    pub fn or(&self, other: &ModelSettings) -> ModelSettings {
+        ModelSettings {
+            context: self.context.or(other.context),
+            parallel: self.parallel.or(other.parallel),
+            cache_type: self.cache_type.clone().or(other.cache_type.clone()),
+            gpu_layers: self.gpu_layers.or(other.gpu_layers),
+            embeddings: self.embeddings.or(other.embeddings),
+            flash_attention: self.flash_attention.or(other.flash_attention),
+            priority: self.priority.or(other.priority),
+            gpu_index: self.gpu_index.or(other.gpu_index),
+            idle_ttl_ms: self.idle_ttl_ms.or(other.idle_ttl_ms),
+        }
+    }
+}
+
+/// Fully resolved settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Effective {
+    pub context: u64,
+    pub parallel: u32,
+    pub cache_type: &'static str,
+    pub gpu_layers: Option<u32>,
+    pub embeddings: bool,
+    pub flash_attention: Option<bool>,
+    pub priority: i32,
+    pub gpu_index: Option<u32>,
+    pub idle_ttl_ms: u64,
+}
+
+impl Effective {
+    /// Resolve, validating each field; the error names it.
+    pub fn from(s: &ModelSettings) -> Result<Self, String> {
+        let cache_type = match s.cache_type.as_deref().unwrap_or("f16") {
+            "f16" => "f16",
+            "q8_0" => "q8_0",
+            "q4_0" => "q4_0",
+            other => {
+                return Err(format!(
+                    "cache_type {other:?} is not one of f16, q8_0, q4_0"
+                ));
+            }
+        };
+        let context = s.context.unwrap_or(4096);
+        if context == 0 || context > 1 << 24 {
+            return Err(format!(
+                "context must be 1..=16777216 tokens, got {context}"
+            ));
+        }
+        let parallel = s.parallel.unwrap_or(1);
+        if parallel == 0 || parallel > 256 {
+            return Err(format!("parallel must be 1..=256, got {parallel}"));
+        }
+        Ok(Self {
+            context,
+            parallel,
+            cache_type,
+            gpu_layers: s.gpu_layers,
+            embeddings: s.embeddings.unwrap_or(false),
+            flash_attention: s.flash_attention,
+            priority: s.priority.unwrap_or(0),
+            gpu_index: s.gpu_index,
+            idle_ttl_ms: s.idle_ttl_ms.unwrap_or(300_000),
+        })
+    }
+}
+
+/// `[backend]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub listen: String,
+    pub data_dir: Option<PathBuf>,
+    /// The vram-scheduler's gRPC address.
+    pub scheduler: String,
+    /// The registry's gRPC address.
+    pub registry: String,
+    /// `llama-server` binary; else `$LLAMA_SERVER`, else `llama-server` on PATH.
+    pub llama_server: Option<PathBuf>,
+    /// CPU threads per llama-server (`-t`).
+    pub threads: u32,
+    /// The holder name used for leases.
+    pub holder: String,
+    pub lease_ttl_ms: u64,
+    /// Longest wait in the scheduler's queue when the request has no deadline.
+    pub lease_wait_ms: u64,
+    pub start_timeout_ms: u64,
+    pub stall_timeout_ms: u64,
+    /// SIGTERM → SIGKILL grace.
+    pub stop_grace_ms: u64,
+    /// How long in-flight requests may finish when unloading.
+    pub drain_timeout_ms: u64,
+    /// First crash backoff; doubles per consecutive crash up to `max_backoff_ms`.
+    pub backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Defaults for every model.
+    pub defaults: ModelSettings,
+    /// Per-model settings by registry name, alias or id.
+    pub models: BTreeMap<String, ModelSettings>,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50053".into(),
+            data_dir: None,
+            scheduler: "127.0.0.1:50051".into(),
+            registry: "127.0.0.1:50052".into(),
+            llama_server: None,
+            threads: 1,
+            holder: "backend-manager".into(),
+            lease_ttl_ms: 15_000,
+            lease_wait_ms: 60_000,
+            start_timeout_ms: 120_000,
+            stall_timeout_ms: 60_000,
+            stop_grace_ms: 3_000,
+            drain_timeout_ms: 30_000,
+            backoff_ms: 250,
+            max_backoff_ms: 30_000,
+            defaults: ModelSettings::default(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+/// Makes a model answer: llama-server children behind leases, on demand.
+#[derive(Debug, Parser)]
+#[command(name = "backend-manager", version, about)]
+pub struct Args {
+    /// gRPC listen address (HOST:PORT; port 0 picks a free one).
+    #[arg(long, env = "SECURELLM_BACKEND_LISTEN")]
+    pub listen: Option<String>,
+    /// Config file (TOML; this service reads [backend]).
+    #[arg(long, env = "SECURELLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (logs of children).
+    #[arg(long, env = "SECURELLM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The scheduler's address.
+    #[arg(long, env = "SECURELLM_SCHEDULER")]
+    pub scheduler: Option<String>,
+    /// The registry's address.
+    #[arg(long, env = "SECURELLM_REGISTRY")]
+    pub registry: Option<String>,
+    /// The llama-server binary.
+    #[arg(long, env = "LLAMA_SERVER")]
+    pub llama_server: Option<PathBuf>,
+    /// Default idle TTL before an unused model is unloaded (ms; 0 = never).
+    #[arg(long)]
+    pub idle_ttl_ms: Option<u64>,
+    /// Lease TTL (ms); the manager renews at a third of it.
+    #[arg(long)]
+    pub lease_ttl_ms: Option<u64>,
+}
+
+impl BackendConfig {
+    pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
+        let mut c: BackendConfig =
+            securellm_common::config::load_section(args.config.as_deref(), "backend")?;
+        if let Some(v) = &args.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = &args.data_dir {
+            c.data_dir = Some(v.clone());
+        }
+        if let Some(v) = &args.scheduler {
+            c.scheduler = v.clone();
+        }
+        if let Some(v) = &args.registry {
+            c.registry = v.clone();
+        }
+        if let Some(v) = &args.llama_server {
+            c.llama_server = Some(v.clone());
+        }
+        if let Some(v) = args.idle_ttl_ms {
+            c.defaults.idle_ttl_ms = Some(v);
+        }
+        if let Some(v) = args.lease_ttl_ms {
+            c.lease_ttl_ms = v;
+        }
+        let field = |f: &str, m: String| ConfigError::Field {
+            field: format!("backend.{f}"),
+            message: m,
+        };
+        Effective::from(&c.defaults).map_err(|m| field("defaults", m))?;
+        for (name, s) in &c.models {
+            Effective::from(&s.or(&c.defaults)).map_err(|m| field(&format!("models.{name}"), m))?;
+        }
+        if c.lease_ttl_ms < 300 {
+            return Err(field("lease_ttl_ms", "must be at least 300".into()));
+        }
+        if c.threads == 0 {
+            return Err(field("threads", "must be at least 1".into()));
+        }
+        Ok(c)
+    }
+
+    /// The llama-server binary to use.
+    pub fn llama_server_path(&self) -> PathBuf {
+        self.llama_server
+            .clone()
+            .or_else(|| std::env::var_os("LLAMA_SERVER").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("llama-server"))
+    }
+}
+
+/// `host:port` → `http://host:port` (leaves URLs alone).
+pub fn grpc_url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_merge_and_validate_with_the_field_named() {
+        let a = ModelSettings {
+            context: Some(1024),
+            ..Default::default()
+        };
+        let b = ModelSettings {
+            context: Some(8),
+            parallel: Some(2),
+            ..Default::default()
+        };
+        let m = a.or(&b);
+        assert_eq!((m.context, m.parallel), (Some(1024), Some(2)));
+        let e = Effective::from(&m).unwrap();
+        assert_eq!(
+            (e.context, e.parallel, e.cache_type, e.idle_ttl_ms),
+            (1024, 2, "f16", 300_000)
+        );
+        let bad = ModelSettings {
+            cache_type: Some("q9".into()),
+            ..Default::default()
+        };
+        assert!(Effective::from(&bad).unwrap_err().contains("cache_type"));
+        let bad = ModelSettings {
+            parallel: Some(0),
+            ..Default::default()
+        };
+        assert!(Effective::from(&bad).unwrap_err().contains("parallel"));
+    }
+}

@@ -1,0 +1,417 @@
+//! Forwarding OpenAI-shaped requests to an upstream over pooled HTTP connections.
+//!
+//! The body is parsed once to validate it and to set `model`, `stream` and (for streams)
+//! `stream_options.include_usage`; everything else passes through. Responses come back byte for
+//! byte. Streams are parsed as server-sent events and relayed one `data:` payload at a time, never
+//! buffered. Dropping the returned future or stream drops the upstream request, which cancels it.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use serde_json::{Map, Value};
+
+/// The OpenAI endpoint a request is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    fn required(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+        }
+    }
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ForwardError {
+    #[error("invalid request body: {0}")]
+    InvalidBody(String),
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream did not answer within the deadline")]
+    Timeout,
+    #[error("upstream connection broke: {0}")]
+    Broken(String),
+}
+
+/// Token usage as OpenAI reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u32,
+    pub completion: u32,
+    pub total: u32,
+}
+
+/// `usage` of a response or chunk, if present.
+pub fn usage_of(v: &Value) -> Option<Usage> {
+    let u = v.get("usage")?.as_object()?;
+    let n = |k: &str| {
+        u.get(k)
+            .and_then(Value::as_u64)
+            .map(|x| x.min(u64::from(u32::MAX)) as u32)
+    };
+    Some(Usage {
+        prompt: n("prompt_tokens").unwrap_or(0),
+        completion: n("completion_tokens").unwrap_or(0),
+        total: n("total_tokens").unwrap_or(0),
+    })
+}
+
+/// The `model` member of a body, if it is a string.
+pub fn body_model(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.get("model")?.as_str().map(str::to_string)
+}
+
+/// Validate and rewrite a request body. Returns the new body and whether the caller itself asked
+/// for usage in the stream.
+pub fn prepare_body(
+    body: &[u8],
+    endpoint: Endpoint,
+    served_name: &str,
+    stream: bool,
+) -> Result<(Bytes, bool), ForwardError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ForwardError::InvalidBody(format!("not JSON: {e}")))?;
+    let Value::Object(mut m) = v else {
+        return Err(ForwardError::InvalidBody("must be a JSON object".into()));
+    };
+    let need = endpoint.required();
+    match (endpoint, m.get(need)) {
+        (_, None) => {
+            return Err(ForwardError::InvalidBody(format!("`{need}` is required")));
+        }
+        (Endpoint::Chat, Some(v)) if !v.is_array() => {
+            return Err(ForwardError::InvalidBody(
+                "`messages` must be an array".into(),
+            ));
+        }
+        (Endpoint::Completions | Endpoint::Embeddings, Some(v))
+            if !(v.is_string() || v.is_array()) =>
+        {
+            return Err(ForwardError::InvalidBody(format!(
+                "`{need}` must be a string or an array"
+            )));
+        }
+        _ => {}
+    }
+    for (k, want) in [
+        ("max_tokens", "a number"),
+        ("temperature", "a number"),
+        ("n", "a number"),
+    ] {
+        if let Some(v) = m.get(k)
+            && !v.is_number()
+            && !v.is_null()
+        {
+            return Err(ForwardError::InvalidBody(format!("`{k}` must be {want}")));
+        }
+    }
+    m.insert("model".into(), Value::String(served_name.to_string()));
+    let mut caller_wants_usage = false;
+    if endpoint != Endpoint::Embeddings {
+        m.insert("stream".into(), Value::Bool(stream));
+        if stream {
+            let opts = m
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !opts.is_object() {
+                *opts = Value::Object(Map::new());
+            }
+            if let Value::Object(o) = opts {
+                caller_wants_usage = o
+                    .get("include_usage")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+        } else {
+            m.remove("stream_options");
+        }
+    }
+    let out = serde_json::to_vec(&Value::Object(m))
+        .map_err(|e| ForwardError::InvalidBody(e.to_string()))?;
+    Ok((Bytes::from(out), caller_wants_usage))
+}
+
+fn send_error(e: reqwest::Error) -> ForwardError {
+    if e.is_timeout() {
+        ForwardError::Timeout
+    } else if e.is_connect() {
+        ForwardError::Unreachable(e.to_string())
+    } else {
+        ForwardError::Broken(e.to_string())
+    }
+}
+
+/// A complete (non-streaming) answer.
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+}
+
+/// POST and wait for the whole answer.
+pub async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    endpoint: Endpoint,
+    body: Bytes,
+    request_id: &str,
+    timeout: Option<Duration>,
+) -> Result<Answer, ForwardError> {
+    let mut req = http
+        .post(format!("{base}{}", endpoint.path()))
+        .header("content-type", "application/json")
+        .header("x-request-id", request_id)
+        .body(body);
+    if let Some(t) = timeout {
+        req = req.timeout(t);
+    }
+    let resp = req.send().await.map_err(send_error)?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.map_err(send_error)?;
+    let usage = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .as_ref()
+        .and_then(usage_of);
+    Ok(Answer {
+        status,
+        body,
+        usage,
+    })
+}
+
+/// A streaming answer: the status, and either the error body or the SSE payloads.
+pub struct StreamAnswer {
+    pub status: u16,
+    pub error_body: Option<Bytes>,
+    pub events: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, ForwardError>> + Send>>,
+}
+
+/// POST with `stream: true` and relay `data:` payloads as they arrive (`[DONE]` ends the stream
+/// and is not yielded).
+pub async fn post_stream(
+    http: &reqwest::Client,
+    base: &str,
+    endpoint: Endpoint,
+    body: Bytes,
+    request_id: &str,
+    first_byte_timeout: Option<Duration>,
+) -> Result<StreamAnswer, ForwardError> {
+    let req = http
+        .post(format!("{base}{}", endpoint.path()))
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream")
+        .header("x-request-id", request_id)
+        .body(body);
+    let send = req.send();
+    let resp = match first_byte_timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| ForwardError::Timeout)?,
+        None => send.await,
+    }
+    .map_err(send_error)?;
+    let status = resp.status().as_u16();
+    if status >= 400 {
+        let body = resp.bytes().await.map_err(send_error)?;
+        return Ok(StreamAnswer {
+            status,
+            error_body: Some(body),
+            events: Box::pin(futures::stream::empty()),
+        });
+    }
+    let mut bytes = resp.bytes_stream();
+    let events = async_stream(move |tx| async move {
+        let mut parser = SseParser::default();
+        while let Some(chunk) = bytes.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(ForwardError::Broken(e.to_string()))).await;
+                    return;
+                }
+            };
+            for ev in parser.push(&chunk) {
+                match ev {
+                    SseEvent::Data(d) => {
+                        if tx.send(Ok(d)).await.is_err() {
+                            return;
+                        }
+                    }
+                    SseEvent::Done => return,
+                }
+            }
+        }
+        let _ = tx
+            .send(Err(ForwardError::Broken(
+                "the stream ended before [DONE]".into(),
+            )))
+            .await;
+    });
+    Ok(StreamAnswer {
+        status,
+        error_body: None,
+        events,
+    })
+}
+
+/// A stream fed by a task (the task stops when the stream is dropped).
+fn async_stream<F, Fut>(
+    f: F,
+) -> std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, ForwardError>> + Send>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, ForwardError>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(f(tx));
+    let guard = AbortOnDrop(task);
+    Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(move |x| {
+            let _ = &guard;
+            x
+        }),
+    )
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One parsed server-sent event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SseEvent {
+    Data(Bytes),
+    Done,
+}
+
+/// Incremental SSE parser: feed it bytes as they come; it yields complete events' `data`.
+/// Multi-line data is joined with `\n`; comments and other fields are ignored.
+#[derive(Default)]
+pub struct SseParser {
+    buf: BytesMut,
+    data: Vec<u8>,
+    has_data: bool,
+}
+
+impl SseParser {
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            let line = self.buf.split_to(nl + 1);
+            let mut line = &line[..nl];
+            if line.last() == Some(&b'\r') {
+                line = &line[..line.len() - 1];
+            }
+            if line.is_empty() {
+                if self.has_data {
+                    let d = std::mem::take(&mut self.data);
+                    self.has_data = false;
+                    if d == b"[DONE]" {
+                        out.push(SseEvent::Done);
+                    } else {
+                        out.push(SseEvent::Data(Bytes::from(d)));
+                    }
+                }
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(rest);
+                self.has_data = true;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_parser_handles_split_chunks_comments_and_done() {
+        let mut p = SseParser::default();
+        let mut all = Vec::new();
+        for part in [
+            &b": keep-alive\n\nda"[..],
+            b"ta: {\"a\":1}\r\n\r\ndata: x\ndata: y\n\n",
+            b"data: [DONE]\n\n",
+        ] {
+            all.extend(p.push(part));
+        }
+        assert_eq!(
+            all,
+            vec![
+                SseEvent::Data(Bytes::from_static(b"{\"a\":1}")),
+                SseEvent::Data(Bytes::from_static(b"x\ny")),
+                SseEvent::Done
+            ]
+        );
+    }
+
+    #[test]
+    fn body_is_validated_and_rewritten() {
+        let (b, wants) = prepare_body(
+            br#"{"model":"x","messages":[],"temperature":0}"#,
+            Endpoint::Chat,
+            "tiny",
+            true,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["model"], "tiny");
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["temperature"], 0);
+        assert!(!wants);
+        let (_, wants) = prepare_body(
+            br#"{"messages":[],"stream_options":{"include_usage":true}}"#,
+            Endpoint::Chat,
+            "t",
+            true,
+        )
+        .unwrap();
+        assert!(wants);
+        for (bad, why) in [
+            (&b"not json"[..], "not JSON"),
+            (b"[1,2]", "object"),
+            (b"{}", "`messages` is required"),
+            (br#"{"messages":"hi"}"#, "array"),
+            (br#"{"messages":[],"max_tokens":"ten"}"#, "max_tokens"),
+        ] {
+            let e = prepare_body(bad, Endpoint::Chat, "t", false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        assert!(prepare_body(br#"{"input":"hello"}"#, Endpoint::Embeddings, "t", false).is_ok());
+        assert!(prepare_body(br#"{"prompt":5}"#, Endpoint::Completions, "t", false).is_err());
+    }
+}

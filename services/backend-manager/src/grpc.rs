@@ -1,0 +1,435 @@
+//! The gRPC edge of the backend manager. [`InstanceError`] and [`ForwardError`] become gRPC
+//! statuses here and nowhere else.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use securellm_common::time::now_ms;
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::backend_manager_server::{BackendManager, BackendManagerServer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::config::ModelSettings;
+use crate::forward::{self, Endpoint, ForwardError, Usage};
+use crate::instance::{InstanceError, Ticket};
+use crate::manager::Manager;
+
+/// A request without a deadline gets this long (load included).
+const DEFAULT_DEADLINE_MS: u64 = 600_000;
+
+#[derive(Clone)]
+pub struct BackendService {
+    manager: Manager,
+}
+
+impl BackendService {
+    pub fn new(manager: Manager) -> Self {
+        Self { manager }
+    }
+
+    pub fn into_server(self) -> BackendManagerServer<Self> {
+        BackendManagerServer::new(self)
+    }
+}
+
+fn status_of(e: InstanceError) -> Status {
+    match e {
+        InstanceError::Unavailable(m) => Status::unavailable(m),
+        InstanceError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        InstanceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        InstanceError::Aborted(m) => Status::aborted(m),
+        InstanceError::InvalidArgument(m) => Status::invalid_argument(m),
+        InstanceError::FailedPrecondition(m) => Status::failed_precondition(m),
+        InstanceError::NotFound(m) => Status::not_found(m),
+    }
+}
+
+fn forward_status(e: ForwardError, ticket: &Ticket) -> Status {
+    if let Some(reason) = ticket.abort.borrow().clone() {
+        return Status::aborted(reason);
+    }
+    match e {
+        ForwardError::InvalidBody(m) => Status::invalid_argument(m),
+        ForwardError::Timeout => {
+            Status::deadline_exceeded("the upstream did not answer before the deadline")
+        }
+        ForwardError::Unreachable(m) | ForwardError::Broken(m) => Status::aborted(format!(
+            "the backend for {} failed during the request: {m}",
+            ticket.served_name
+        )),
+    }
+}
+
+fn usage_pb(u: Usage) -> pb::TokenUsage {
+    pb::TokenUsage {
+        prompt_tokens: u.prompt,
+        completion_tokens: u.completion,
+        total_tokens: u.total,
+    }
+}
+
+fn request_id(r: &pb::InferenceRequest) -> Result<String, Status> {
+    if r.request_id.len() > 128 {
+        return Err(Status::invalid_argument(
+            "invalid `request_id`: longer than 128 bytes",
+        ));
+    }
+    Ok(if r.request_id.is_empty() {
+        format!("req-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        r.request_id.clone()
+    })
+}
+
+impl BackendService {
+    /// Resolve the model and get a ticket (loading on demand), within the deadline.
+    async fn ticket(
+        &self,
+        r: &pb::InferenceRequest,
+        embeddings: bool,
+    ) -> Result<(Ticket, u64), Status> {
+        let model = if r.model.is_empty() {
+            forward::body_model(&r.body_json).ok_or_else(|| {
+                Status::invalid_argument(
+                    "invalid request: no `model` given (field `model` or the body's `model`)",
+                )
+            })?
+        } else {
+            r.model.clone()
+        };
+        let deadline = if r.deadline_ms == 0 {
+            now_ms() + DEFAULT_DEADLINE_MS
+        } else {
+            r.deadline_ms
+        };
+        if deadline <= now_ms() {
+            return Err(Status::deadline_exceeded(
+                "the request's deadline has already passed",
+            ));
+        }
+        let h = self
+            .manager
+            .instance(&model, embeddings, &ModelSettings::default())
+            .await
+            .map_err(status_of)?;
+        let t = h.acquire(deadline).await.map_err(status_of)?;
+        Ok((t, deadline))
+    }
+
+    async fn unary(
+        &self,
+        r: pb::InferenceRequest,
+        endpoint: Endpoint,
+    ) -> Result<Response<pb::InferenceResponse>, Status> {
+        let rid = request_id(&r)?;
+        // Validate the body before loading anything.
+        forward::prepare_body(&r.body_json, endpoint, "x", false)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (mut t, deadline) = self.ticket(&r, endpoint == Endpoint::Embeddings).await?;
+        let (body, _) = forward::prepare_body(&r.body_json, endpoint, &t.served_name, false)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let started = Instant::now();
+        let timeout = Duration::from_millis(deadline.saturating_sub(now_ms()));
+        let http = self.manager.shared.http.clone();
+        let mut abort = t.abort.clone();
+        let answer = tokio::select! {
+            a = forward::post(&http, &t.endpoint, endpoint, body, &rid, Some(timeout)) => a.map_err(|e| forward_status(e, &t))?,
+            _ = abort.changed() => {
+                let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
+                return Err(Status::aborted(reason));
+            }
+        };
+        t.abort = abort;
+        Ok(Response::new(pb::InferenceResponse {
+            request_id: rid,
+            http_status: u32::from(answer.status),
+            body_json: answer.body.to_vec(),
+            usage: answer.usage.map(usage_pb),
+            model_id: t.model_id.clone(),
+            instance_id: t.instance_id.clone(),
+            load_wait_ms: t.load_wait_ms,
+            upstream_ms: started.elapsed().as_millis() as u64,
+        }))
+    }
+
+    async fn streaming(
+        &self,
+        r: pb::InferenceRequest,
+        endpoint: Endpoint,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let rid = request_id(&r)?;
+        forward::prepare_body(&r.body_json, endpoint, "x", true)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (t, deadline) = self.ticket(&r, false).await?;
+        let (body, caller_wants_usage) =
+            forward::prepare_body(&r.body_json, endpoint, &t.served_name, true)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let http = self.manager.shared.http.clone();
+        let first = Duration::from_millis(deadline.saturating_sub(now_ms()));
+        let mut abort = t.abort.clone();
+        let answer = tokio::select! {
+            a = forward::post_stream(&http, &t.endpoint, endpoint, body, &rid, Some(first)) => a.map_err(|e| forward_status(e, &t))?,
+            _ = abort.changed() => {
+                let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
+                return Err(Status::aborted(reason));
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Result<pb::InferenceChunk, Status>>(32);
+        let start = pb::InferenceChunk {
+            start: Some(pb::InferenceStreamStart {
+                request_id: rid,
+                http_status: u32::from(answer.status),
+                error_body_json: answer.error_body.map(|b| b.to_vec()).unwrap_or_default(),
+                model_id: t.model_id.clone(),
+                instance_id: t.instance_id.clone(),
+                load_wait_ms: t.load_wait_ms,
+            }),
+            ..Default::default()
+        };
+        let _ = tx.send(Ok(start)).await;
+        let mut events = answer.events;
+        tokio::spawn(async move {
+            let t = t; // held until the stream ends: in-flight accounting
+            let mut abort = t.abort.clone();
+            loop {
+                tokio::select! {
+                    ev = events.next() => match ev {
+                        None => return,
+                        Some(Ok(data)) => {
+                            let v: Option<serde_json::Value> = serde_json::from_slice(&data).ok();
+                            let usage = v.as_ref().and_then(forward::usage_of);
+                            let usage_only = !caller_wants_usage
+                                && usage.is_some()
+                                && v.as_ref().and_then(|v| v.get("choices")).and_then(|c| c.as_array()).is_some_and(|c| c.is_empty());
+                            let chunk = pb::InferenceChunk {
+                                start: None,
+                                data_json: data.to_vec(),
+                                usage: usage.map(usage_pb),
+                                usage_only,
+                            };
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                // The caller went away: dropping `events` cancels the upstream.
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(forward_status(e, &t))).await;
+                            return;
+                        }
+                    },
+                    _ = abort.changed() => {
+                        let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
+                        let _ = tx.send(Err(Status::aborted(reason))).await;
+                        return;
+                    }
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::InferenceChunk, Status>> + Send>>;
+
+fn request_settings(s: Option<pb::InstanceSettings>) -> Result<ModelSettings, Status> {
+    let Some(s) = s else {
+        return Ok(ModelSettings::default());
+    };
+    let cache_type = match s.cache_type.map(pb::KvCacheType::try_from) {
+        None => None,
+        Some(Ok(pb::KvCacheType::Unspecified | pb::KvCacheType::F16)) => Some("f16".to_string()),
+        Some(Ok(pb::KvCacheType::Q80)) => Some("q8_0".to_string()),
+        Some(Ok(pb::KvCacheType::Q40)) => Some("q4_0".to_string()),
+        Some(Err(_)) => return Err(Status::invalid_argument("invalid `settings.cache_type`")),
+    };
+    let context = match s.context {
+        Some(c) if c <= 0 => {
+            return Err(Status::invalid_argument(
+                "invalid `settings.context`: must be > 0",
+            ));
+        }
+        c => c.map(|c| c as u64),
+    };
+    let parallel = match s.parallel {
+        Some(p) if p <= 0 => {
+            return Err(Status::invalid_argument(
+                "invalid `settings.parallel`: must be >= 1",
+            ));
+        }
+        p => p.map(|p| p as u32),
+    };
+    Ok(ModelSettings {
+        context,
+        parallel,
+        cache_type,
+        gpu_layers: s.gpu_layers,
+        embeddings: s.embeddings,
+        flash_attention: s.flash_attention,
+        priority: s.priority,
+        gpu_index: s.gpu_index,
+        idle_ttl_ms: s.idle_ttl_ms,
+    })
+}
+
+#[tonic::async_trait]
+impl BackendManager for BackendService {
+    async fn chat(
+        &self,
+        request: Request<pb::InferenceRequest>,
+    ) -> Result<Response<pb::InferenceResponse>, Status> {
+        self.unary(request.into_inner(), Endpoint::Chat).await
+    }
+
+    async fn complete(
+        &self,
+        request: Request<pb::InferenceRequest>,
+    ) -> Result<Response<pb::InferenceResponse>, Status> {
+        self.unary(request.into_inner(), Endpoint::Completions)
+            .await
+    }
+
+    async fn embed(
+        &self,
+        request: Request<pb::InferenceRequest>,
+    ) -> Result<Response<pb::InferenceResponse>, Status> {
+        self.unary(request.into_inner(), Endpoint::Embeddings).await
+    }
+
+    type ChatStreamStream = ChunkStream;
+
+    async fn chat_stream(
+        &self,
+        request: Request<pb::InferenceRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        self.streaming(request.into_inner(), Endpoint::Chat).await
+    }
+
+    type CompleteStreamStream = ChunkStream;
+
+    async fn complete_stream(
+        &self,
+        request: Request<pb::InferenceRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        self.streaming(request.into_inner(), Endpoint::Completions)
+            .await
+    }
+
+    async fn load(
+        &self,
+        request: Request<pb::LoadRequest>,
+    ) -> Result<Response<pb::BackendInstance>, Status> {
+        let r = request.into_inner();
+        let settings = request_settings(r.settings)?;
+        let h = self
+            .manager
+            .instance(&r.model, settings.embeddings.unwrap_or(false), &settings)
+            .await
+            .map_err(status_of)?;
+        let deadline = if r.deadline_ms == 0 {
+            now_ms() + DEFAULT_DEADLINE_MS
+        } else {
+            r.deadline_ms
+        };
+        let t = h.acquire(deadline).await.map_err(status_of)?;
+        drop(t);
+        let v = h
+            .view()
+            .await
+            .ok_or_else(|| Status::unavailable("instance stopped"))?;
+        Ok(Response::new(v))
+    }
+
+    async fn unload(
+        &self,
+        request: Request<pb::UnloadRequest>,
+    ) -> Result<Response<pb::UnloadResponse>, Status> {
+        let r = request.into_inner();
+        if r.model.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "invalid `model`: must not be empty",
+            ));
+        }
+        let mut hs = self.manager.find(&r.model);
+        if hs.is_empty() {
+            // Maybe an alias: resolve through the registry.
+            let (m, _) = self.manager.resolve(&r.model).await.map_err(status_of)?;
+            hs = self.manager.find(&m.id);
+        }
+        let mut was = false;
+        let mut last = None;
+        for h in hs {
+            was |= h.unload(r.drain_timeout_ms, r.force).await;
+            last = h.view().await;
+        }
+        Ok(Response::new(pb::UnloadResponse {
+            instance: last,
+            was_loaded: was,
+        }))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let r = request.into_inner();
+        let hs = if r.model.is_empty() {
+            self.manager.handles()
+        } else {
+            self.manager.find(&r.model)
+        };
+        let mut out = Vec::new();
+        for h in hs {
+            if let Some(v) = h.view().await
+                && (r.states.is_empty() || r.states.contains(&v.state))
+            {
+                out.push(v);
+            }
+        }
+        Ok(Response::new(pb::ListInstancesResponse { instances: out }))
+    }
+
+    type WatchInstancesStream =
+        Pin<Box<dyn Stream<Item = Result<pb::InstanceEvent, Status>> + Send>>;
+
+    async fn watch_instances(
+        &self,
+        request: Request<pb::WatchInstancesRequest>,
+    ) -> Result<Response<Self::WatchInstancesStream>, Status> {
+        let r = request.into_inner();
+        let filter = r.model.clone();
+        let live =
+            BroadcastStream::new(self.manager.shared.events.subscribe()).filter_map(move |e| {
+                let keep = match &e {
+                    Ok(ev) => {
+                        filter.is_empty()
+                            || ev.instance.as_ref().is_some_and(|i| {
+                                i.model_id == filter || i.model_name == filter || i.id == filter
+                            })
+                    }
+                    Err(_) => false,
+                };
+                futures::future::ready(if keep { e.ok().map(Ok) } else { None })
+            });
+        let mut first = Vec::new();
+        if r.include_existing {
+            for h in self.manager.handles() {
+                if let Some(v) = h.view().await {
+                    first.push(Ok(pb::InstanceEvent {
+                        kind: pb::InstanceEventKind::Snapshot as i32,
+                        previous_state: v.state,
+                        instance: Some(v),
+                        at_ms: now_ms(),
+                        detail: String::new(),
+                    }));
+                }
+            }
+        }
+        Ok(Response::new(Box::pin(
+            tokio_stream::iter(first).chain(live),
+        )))
+    }
+}

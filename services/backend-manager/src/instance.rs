@@ -1,0 +1,1018 @@
+//! One actor per model instance: the state machine
+//! `Unloaded → Leasing → Starting → Ready ⇄ Busy → Draining → Stopped`, with `Failed` on a crash or
+//! a failed start.
+//!
+//! - **Single flight**: requests for an instance that is not ready queue as waiters; the first one
+//!   starts the only load; all are answered when it finishes.
+//! - **Lease first**: estimate (registry) → lease (scheduler, may queue) → start → settle the lease
+//!   to what the engine says it allocated → renew every TTL/3. The lease is released only after
+//!   the process has exited.
+//! - **Idle unload**: the TTL counts from the end of the last request. A request that arrives while
+//!   an unload is under way waits for it, then the instance loads again (never an error, never a
+//!   deadlock: the stop and the reload are both driven by this one actor).
+//! - **Eviction / unload**: stop taking new work, let in-flight requests finish up to the deadline,
+//!   then abort them, stop the process, release.
+//! - **Crash**: the child's exit is seen at once; in-flight requests are aborted with a clear error,
+//!   the lease is released, and the next request restarts it after an exponential backoff.
+//!
+//! Long steps (load, stop) run in tasks that report back with a message, so the actor always
+//! answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use securellm_common::time::now_ms;
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::model_registry_client::ModelRegistryClient;
+use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::backend::{Backend, Measured, StartSpec, Started};
+use crate::config::{BackendConfig, Effective};
+
+/// What every instance shares.
+pub struct Shared {
+    pub cfg: BackendConfig,
+    pub backend: Arc<dyn Backend>,
+    pub http: reqwest::Client,
+    pub scheduler: VramSchedulerClient<Channel>,
+    pub registry: ModelRegistryClient<Channel>,
+    pub events: broadcast::Sender<pb::InstanceEvent>,
+}
+
+/// The model an instance serves.
+#[derive(Clone, Debug)]
+pub struct ModelRef {
+    pub id: String,
+    pub name: String,
+    pub path: std::path::PathBuf,
+}
+
+/// Why a request could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InstanceError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Unloaded,
+    Leasing,
+    Starting,
+    Ready,
+    Draining,
+    Stopped,
+    Failed,
+}
+
+/// Permission to send one request to the upstream. Dropping it ends the request's accounting.
+pub struct Ticket {
+    pub endpoint: String,
+    pub model_id: String,
+    pub served_name: String,
+    pub instance_id: String,
+    pub load_wait_ms: u64,
+    /// Becomes `Some(reason)` when the request must be aborted (crash, eviction deadline).
+    pub abort: watch::Receiver<Option<String>>,
+    done: Option<(mpsc::UnboundedSender<Msg>, u64)>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some((tx, generation)) = self.done.take() {
+            let _ = tx.send(Msg::Done { generation });
+        }
+    }
+}
+
+struct Lease {
+    id: String,
+    bytes: u64,
+    gpu: u32,
+}
+
+/// What a successful load hands back.
+struct Loaded {
+    started: Started,
+    lease: Option<Lease>,
+    estimated: u64,
+}
+
+type Waiter = (u64, oneshot::Sender<Result<Ticket, InstanceError>>);
+
+enum Msg {
+    Acquire {
+        deadline_ms: u64,
+        reply: oneshot::Sender<Result<Ticket, InstanceError>>,
+    },
+    Done {
+        generation: u64,
+    },
+    LoadDone(Result<Loaded, InstanceError>),
+    Exited(String),
+    StopDone,
+    Unload {
+        drain_timeout_ms: u64,
+        force: bool,
+        reason: String,
+        reply: Option<oneshot::Sender<bool>>,
+    },
+    Evict {
+        lease_id: String,
+        deadline_ms: u64,
+    },
+    /// The scheduler no longer has our lease (expired, revoked, lost in a restart).
+    LeaseLost {
+        lease_id: String,
+        reason: String,
+    },
+    Renewed(Result<(), tonic::Code>),
+    /// The lease was granted; the process is starting.
+    Starting,
+    View(oneshot::Sender<pb::BackendInstance>),
+    LeaseId(oneshot::Sender<Option<(String, u64, u32, i32)>>),
+    Tick,
+}
+
+/// The cloneable API of one instance.
+#[derive(Clone)]
+pub struct InstanceHandle {
+    pub id: String,
+    pub model: ModelRef,
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl InstanceHandle {
+    /// Get a ticket: at once if ready, else after the (single) load, within `deadline_ms`.
+    pub async fn acquire(&self, deadline_ms: u64) -> Result<Ticket, InstanceError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Acquire { deadline_ms, reply })
+            .map_err(|_| {
+                InstanceError::Unavailable("the backend manager is shutting down".into())
+            })?;
+        let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(InstanceError::Unavailable("the instance stopped".into())),
+            Err(_) => Err(InstanceError::DeadlineExceeded(format!(
+                "model {} was not ready before the deadline",
+                self.model.name
+            ))),
+        }
+    }
+
+    /// Unload; resolves to whether it was loaded, after the lease was released.
+    pub async fn unload(&self, drain_timeout_ms: u64, force: bool) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Unload {
+            drain_timeout_ms,
+            force,
+            reason: "unload requested".into(),
+            reply: Some(reply),
+        });
+        rx.await.unwrap_or(false)
+    }
+
+    pub fn evict(&self, lease_id: String, deadline_ms: u64) {
+        let _ = self.tx.send(Msg::Evict {
+            lease_id,
+            deadline_ms,
+        });
+    }
+
+    pub fn lease_lost(&self, lease_id: String, reason: String) {
+        let _ = self.tx.send(Msg::LeaseLost { lease_id, reason });
+    }
+
+    pub async fn view(&self) -> Option<pb::BackendInstance> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::View(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    /// (lease id, bytes, gpu, priority) of the lease held now.
+    pub async fn lease(&self) -> Option<(String, u64, u32, i32)> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::LeaseId(tx)).ok()?;
+        rx.await.ok().flatten()
+    }
+}
+
+struct Actor {
+    id: String,
+    model: ModelRef,
+    settings: Effective,
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Msg>,
+    state: State,
+    generation: u64,
+    waiters: Vec<Waiter>,
+    started: Option<Started>,
+    lease: Option<Lease>,
+    estimated: u64,
+    measured: Option<u64>,
+    in_flight: u32,
+    requests_total: u64,
+    last_used_ms: u64,
+    started_at_ms: Option<u64>,
+    ready_at_ms: Option<u64>,
+    load_began_ms: u64,
+    abort: watch::Sender<Option<String>>,
+    drain_deadline_ms: Option<u64>,
+    evict_by_ms: Option<u64>,
+    unload_replies: Vec<oneshot::Sender<bool>>,
+    stopping: bool,
+    crash_count: u32,
+    consecutive_crashes: u32,
+    last_error: String,
+    last_error_at_ms: Option<u64>,
+    restart_after_ms: Option<u64>,
+    next_renew_ms: u64,
+    renewing: bool,
+}
+
+/// Start an instance actor.
+pub fn spawn(
+    id: String,
+    model: ModelRef,
+    settings: Effective,
+    shared: Arc<Shared>,
+) -> InstanceHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (abort, _) = watch::channel(None);
+    let actor = Actor {
+        id: id.clone(),
+        model: model.clone(),
+        settings,
+        shared,
+        tx: tx.clone(),
+        state: State::Unloaded,
+        generation: 0,
+        waiters: Vec::new(),
+        started: None,
+        lease: None,
+        estimated: 0,
+        measured: None,
+        in_flight: 0,
+        requests_total: 0,
+        last_used_ms: 0,
+        started_at_ms: None,
+        ready_at_ms: None,
+        load_began_ms: 0,
+        abort,
+        drain_deadline_ms: None,
+        evict_by_ms: None,
+        unload_replies: Vec::new(),
+        stopping: false,
+        crash_count: 0,
+        consecutive_crashes: 0,
+        last_error: String::new(),
+        last_error_at_ms: None,
+        restart_after_ms: None,
+        next_renew_ms: 0,
+        renewing: false,
+    };
+    tokio::spawn(actor.run(rx));
+    InstanceHandle { id, model, tx }
+}
+
+fn state_pb(s: State, in_flight: u32) -> pb::InstanceState {
+    match s {
+        State::Unloaded => pb::InstanceState::Unloaded,
+        State::Leasing => pb::InstanceState::Leasing,
+        State::Starting => pb::InstanceState::Starting,
+        State::Ready if in_flight > 0 => pb::InstanceState::Busy,
+        State::Ready => pb::InstanceState::Ready,
+        State::Draining => pb::InstanceState::Draining,
+        State::Stopped => pb::InstanceState::Stopped,
+        State::Failed => pb::InstanceState::Failed,
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => match m { Some(m) => m, None => break },
+                _ = tick.tick() => Msg::Tick,
+            };
+            self.handle(msg);
+        }
+        // The manager is going away: stop the child and release the lease.
+        if let Some(s) = self.started.take()
+            && let Some(p) = &s.process
+        {
+            p.stop(Duration::from_millis(self.shared.cfg.stop_grace_ms))
+                .await;
+        }
+        if let Some(l) = self.lease.take() {
+            let mut c = self.shared.scheduler.clone();
+            let _ = c
+                .release_lease(pb::ReleaseLeaseRequest { lease_id: l.id })
+                .await;
+        }
+    }
+
+    fn emit(&self, kind: pb::InstanceEventKind, previous: State, detail: &str) {
+        let _ = self.shared.events.send(pb::InstanceEvent {
+            kind: kind as i32,
+            instance: Some(self.view()),
+            previous_state: state_pb(previous, 0) as i32,
+            at_ms: now_ms(),
+            detail: detail.to_string(),
+        });
+    }
+
+    fn set_state(&mut self, s: State, detail: &str) {
+        if s != self.state {
+            let prev = self.state;
+            self.state = s;
+            tracing::info!(instance = %self.id, from = ?prev, to = ?s, "{detail}");
+            self.emit(pb::InstanceEventKind::StateChanged, prev, detail);
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Acquire { deadline_ms, reply } => self.acquire(deadline_ms, reply),
+            Msg::Done { generation } => {
+                if generation == self.generation && self.in_flight > 0 {
+                    self.in_flight -= 1;
+                    self.last_used_ms = now_ms();
+                    if self.in_flight == 0 && self.state == State::Draining {
+                        self.begin_stop("drained");
+                    }
+                }
+            }
+            Msg::LoadDone(r) => self.load_done(r),
+            Msg::Exited(exit) => self.exited(exit),
+            Msg::StopDone => self.stop_done(),
+            Msg::Unload {
+                drain_timeout_ms,
+                force,
+                reason,
+                reply,
+            } => {
+                let loaded = matches!(
+                    self.state,
+                    State::Ready | State::Draining | State::Leasing | State::Starting
+                );
+                if let Some(r) = reply {
+                    if loaded || self.stopping {
+                        self.unload_replies.push(r);
+                    } else {
+                        let _ = r.send(false);
+                    }
+                }
+                if loaded {
+                    let timeout = if drain_timeout_ms == 0 {
+                        self.shared.cfg.drain_timeout_ms
+                    } else {
+                        drain_timeout_ms
+                    };
+                    self.drain(now_ms() + if force { 0 } else { timeout }, &reason);
+                }
+            }
+            Msg::Evict {
+                lease_id,
+                deadline_ms,
+            } => {
+                if self.lease.as_ref().is_some_and(|l| l.id == lease_id) {
+                    self.evict_by_ms = Some(deadline_ms);
+                    self.emit(
+                        pb::InstanceEventKind::EvictionNotice,
+                        self.state,
+                        "eviction notice",
+                    );
+                    // Leave a little margin before the scheduler's deadline.
+                    let by = deadline_ms.saturating_sub(500).max(now_ms());
+                    self.drain(by, "eviction notice");
+                }
+            }
+            Msg::LeaseLost { lease_id, reason } => {
+                if self.lease.as_ref().is_some_and(|l| l.id == lease_id) {
+                    tracing::warn!(instance = %self.id, "lease lost: {reason}");
+                    // The memory is not ours any more: stop now, nothing to release.
+                    self.lease = None;
+                    self.drain(now_ms(), &format!("lease lost: {reason}"));
+                }
+            }
+            Msg::Renewed(r) => {
+                self.renewing = false;
+                match r {
+                    Ok(()) => {}
+                    Err(tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
+                        if let Some(l) = &self.lease {
+                            let id = l.id.clone();
+                            self.handle(Msg::LeaseLost {
+                                lease_id: id,
+                                reason: "the scheduler no longer knows it".into(),
+                            });
+                        }
+                    }
+                    Err(code) => {
+                        tracing::warn!(instance = %self.id, ?code, "lease renewal failed; retrying")
+                    }
+                }
+            }
+            Msg::View(reply) => {
+                let _ = reply.send(self.view());
+            }
+            Msg::LeaseId(reply) => {
+                let _ = reply.send(
+                    self.lease
+                        .as_ref()
+                        .map(|l| (l.id.clone(), l.bytes, l.gpu, self.settings.priority)),
+                );
+            }
+            Msg::Tick => self.tick(),
+            Msg::Starting => {
+                if self.state == State::Leasing {
+                    self.set_state(State::Starting, "lease granted; starting");
+                }
+            }
+        }
+    }
+
+    fn ticket(&mut self) -> Ticket {
+        self.in_flight += 1;
+        self.requests_total += 1;
+        let started = self.started.as_ref();
+        Ticket {
+            endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
+            model_id: self.model.id.clone(),
+            served_name: self.model.name.clone(),
+            instance_id: self.id.clone(),
+            load_wait_ms: 0,
+            abort: self.abort.subscribe(),
+            done: Some((self.tx.clone(), self.generation)),
+        }
+    }
+
+    fn acquire(&mut self, deadline_ms: u64, reply: oneshot::Sender<Result<Ticket, InstanceError>>) {
+        match self.state {
+            State::Ready => {
+                let t = self.ticket();
+                if let Err(Ok(t)) = reply.send(Ok(t)) {
+                    drop(t);
+                }
+            }
+            State::Leasing | State::Starting | State::Draining => {
+                self.waiters.push((deadline_ms, reply))
+            }
+            State::Unloaded | State::Stopped => {
+                self.waiters.push((deadline_ms, reply));
+                if !self.stopping {
+                    self.begin_load();
+                }
+            }
+            State::Failed => {
+                self.waiters.push((deadline_ms, reply));
+                // Restarted by tick once the backoff has passed.
+                if !self.stopping && self.restart_after_ms.is_none_or(|t| t <= now_ms()) {
+                    self.begin_load();
+                }
+            }
+        }
+    }
+
+    fn begin_load(&mut self) {
+        self.generation += 1;
+        self.load_began_ms = now_ms();
+        self.restart_after_ms = None;
+        self.set_state(State::Leasing, "loading on demand");
+        let shared = self.shared.clone();
+        let model = self.model.clone();
+        let settings = self.settings.clone();
+        let tx = self.tx.clone();
+        let deadline = self
+            .waiters
+            .iter()
+            .map(|(d, _)| *d)
+            .max()
+            .unwrap_or(now_ms() + shared.cfg.lease_wait_ms);
+        let me = self.tx.clone();
+        tokio::spawn(async move {
+            let r = load(&shared, &model, &settings, deadline, &me).await;
+            let _ = tx.send(Msg::LoadDone(r));
+        });
+    }
+
+    fn load_done(&mut self, r: Result<Loaded, InstanceError>) {
+        match r {
+            Ok(loaded) => {
+                self.lease = loaded.lease;
+                self.estimated = loaded.estimated;
+                self.measured = loaded.started.measured.map(|m| m.total());
+                let now = now_ms();
+                self.started_at_ms = Some(self.load_began_ms);
+                self.ready_at_ms = Some(now);
+                self.last_used_ms = now;
+                self.next_renew_ms = now + self.shared.cfg.lease_ttl_ms / 3;
+                let (abort, _) = watch::channel(None);
+                self.abort = abort;
+                self.drain_deadline_ms = None;
+                self.evict_by_ms = None;
+                // Notice the child's exit the moment it happens.
+                if let Some(p) = &loaded.started.process {
+                    let mut exit = p.exit.clone();
+                    let tx = self.tx.clone();
+                    let generation = self.generation;
+                    tokio::spawn(async move {
+                        loop {
+                            if let Some(e) = exit.borrow_and_update().clone() {
+                                let _ = tx.send(Msg::Exited(format!("{generation}:{e}")));
+                                return;
+                            }
+                            if exit.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+                self.started = Some(loaded.started);
+                if self.lease.is_some() && self.measured.is_some() {
+                    self.emit(
+                        pb::InstanceEventKind::LeaseSettled,
+                        self.state,
+                        "lease settled to measured size",
+                    );
+                }
+                self.set_state(State::Ready, "ready");
+                let wait = now.saturating_sub(self.load_began_ms);
+                for (_, w) in std::mem::take(&mut self.waiters) {
+                    let mut t = self.ticket();
+                    t.load_wait_ms = wait;
+                    if let Err(Ok(t)) = w.send(Ok(t)) {
+                        drop(t);
+                    }
+                }
+            }
+            Err(e) => {
+                self.fail(&e.to_string());
+                for (_, w) in std::mem::take(&mut self.waiters) {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, why: &str) {
+        self.crash_count += 1;
+        self.consecutive_crashes += 1;
+        self.last_error = why.to_string();
+        self.last_error_at_ms = Some(now_ms());
+        let cfg = &self.shared.cfg;
+        let backoff = cfg
+            .backoff_ms
+            .saturating_mul(1 << (self.consecutive_crashes.saturating_sub(1)).min(16))
+            .min(cfg.max_backoff_ms);
+        self.restart_after_ms = Some(now_ms() + backoff);
+        self.set_state(State::Failed, why);
+    }
+
+    fn exited(&mut self, msg: String) {
+        let (generation, exit) = msg.split_once(':').unwrap_or(("0", &msg));
+        if generation.parse::<u64>().ok() != Some(self.generation) || self.stopping {
+            return;
+        }
+        // Unexpected: a crash.
+        let tail = self
+            .started
+            .as_ref()
+            .and_then(|s| s.process.as_ref().map(|p| p.tail.last(5)))
+            .unwrap_or_default();
+        let why = format!("the backend process crashed ({exit}); last output:\n{tail}");
+        let _ = self.abort.send(Some(format!(
+            "the backend process for {} crashed ({exit})",
+            self.model.name
+        )));
+        self.emit(pb::InstanceEventKind::Crashed, self.state, exit);
+        let ready_for = now_ms().saturating_sub(self.ready_at_ms.unwrap_or(0));
+        if ready_for > 30_000 {
+            self.consecutive_crashes = 0;
+        }
+        self.fail(&why);
+        self.started = None;
+        self.in_flight = 0;
+        self.generation += 1;
+        // Release the lease now (the process is gone).
+        self.stopping = true;
+        let shared = self.shared.clone();
+        let lease = self.lease.take();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            if let Some(l) = lease {
+                let mut c = shared.scheduler.clone();
+                let _ = c
+                    .release_lease(pb::ReleaseLeaseRequest { lease_id: l.id })
+                    .await;
+            }
+            let _ = tx.send(Msg::StopDone);
+        });
+    }
+
+    /// Stop taking new work; stop once in-flight requests finish or `by_ms` passes.
+    fn drain(&mut self, by_ms: u64, reason: &str) {
+        match self.state {
+            State::Ready => {
+                self.drain_deadline_ms = Some(by_ms);
+                self.set_state(State::Draining, reason);
+                if self.in_flight == 0 || by_ms <= now_ms() {
+                    self.begin_stop(reason);
+                }
+            }
+            State::Draining => {
+                self.drain_deadline_ms =
+                    Some(self.drain_deadline_ms.map_or(by_ms, |d| d.min(by_ms)));
+                if by_ms <= now_ms() {
+                    self.begin_stop(reason);
+                }
+            }
+            // A load in flight finishes first; then it is drained by the next tick.
+            State::Leasing | State::Starting => self.drain_deadline_ms = Some(by_ms),
+            _ => {}
+        }
+    }
+
+    fn begin_stop(&mut self, reason: &str) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        if self.in_flight > 0 {
+            let _ = self.abort.send(Some(format!(
+                "model {} was unloaded ({reason}) while this request ran",
+                self.model.name
+            )));
+        }
+        self.in_flight = 0;
+        self.generation += 1;
+        let started = self.started.take();
+        let lease = self.lease.take();
+        let shared = self.shared.clone();
+        let tx = self.tx.clone();
+        tracing::info!(instance = %self.id, "stopping: {reason}");
+        tokio::spawn(async move {
+            if let Some(s) = started
+                && let Some(p) = &s.process
+            {
+                p.stop(Duration::from_millis(shared.cfg.stop_grace_ms))
+                    .await;
+            }
+            // Only after the process has exited.
+            if let Some(l) = lease {
+                let mut c = shared.scheduler.clone();
+                let _ = c
+                    .release_lease(pb::ReleaseLeaseRequest { lease_id: l.id })
+                    .await;
+            }
+            let _ = tx.send(Msg::StopDone);
+        });
+    }
+
+    fn stop_done(&mut self) {
+        self.stopping = false;
+        self.started_at_ms = None;
+        self.ready_at_ms = None;
+        self.drain_deadline_ms = None;
+        self.evict_by_ms = None;
+        if self.state != State::Failed {
+            self.set_state(State::Stopped, "stopped; lease released");
+        }
+        for r in std::mem::take(&mut self.unload_replies) {
+            let _ = r.send(true);
+        }
+        // Requests that arrived during the unload: load again for them.
+        if !self.waiters.is_empty() && self.state != State::Failed {
+            self.begin_load();
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = now_ms();
+        // Waiters whose deadline passed have given up (their receiver is gone).
+        self.waiters.retain(|(_, w)| !w.is_closed());
+        match self.state {
+            State::Ready => {
+                if let Some(by) = self.drain_deadline_ms {
+                    // A drain requested while loading.
+                    self.drain(by, "drain requested during load");
+                } else if self.in_flight == 0
+                    && self.settings.idle_ttl_ms > 0
+                    && now.saturating_sub(self.last_used_ms) >= self.settings.idle_ttl_ms
+                {
+                    self.drain(now, "idle ttl");
+                }
+            }
+            State::Draining if self.drain_deadline_ms.is_some_and(|d| d <= now) => {
+                self.begin_stop("drain deadline");
+            }
+            State::Failed
+                if !self.waiters.is_empty()
+                    && !self.stopping
+                    && self.restart_after_ms.is_none_or(|t| t <= now) =>
+            {
+                self.begin_load();
+            }
+            _ => {}
+        }
+        if let Some(l) = &self.lease
+            && !self.renewing
+            && now >= self.next_renew_ms
+            && matches!(self.state, State::Ready | State::Draining)
+        {
+            self.renewing = true;
+            self.next_renew_ms = now + self.shared.cfg.lease_ttl_ms / 3;
+            let mut c = self.shared.scheduler.clone();
+            let req = pb::RenewLeaseRequest {
+                lease_id: l.id.clone(),
+                ttl_ms: 0,
+                pids: self
+                    .started
+                    .as_ref()
+                    .and_then(|s| s.process.as_ref())
+                    .map(|p| vec![p.pid])
+                    .unwrap_or_default(),
+                idle: self.in_flight == 0,
+            };
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let r = tokio::time::timeout(Duration::from_secs(5), c.renew_lease(req)).await;
+                let r = match r {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(s)) => Err(s.code()),
+                    Err(_) => Err(tonic::Code::DeadlineExceeded),
+                };
+                let _ = tx.send(Msg::Renewed(r));
+            });
+        }
+    }
+
+    fn view(&self) -> pb::BackendInstance {
+        let s = &self.settings;
+        let started = self.started.as_ref();
+        let unload_at = (self.state == State::Ready && self.in_flight == 0 && s.idle_ttl_ms > 0)
+            .then(|| self.last_used_ms + s.idle_ttl_ms);
+        pb::BackendInstance {
+            id: self.id.clone(),
+            model_id: self.model.id.clone(),
+            model_name: self.model.name.clone(),
+            backend: pb::BackendKind::LlamaCpp as i32,
+            state: state_pb(self.state, self.in_flight) as i32,
+            settings: Some(pb::InstanceSettings {
+                context: Some(s.context as i64),
+                parallel: Some(s.parallel as i32),
+                cache_type: Some(match s.cache_type {
+                    "q8_0" => pb::KvCacheType::Q80,
+                    "q4_0" => pb::KvCacheType::Q40,
+                    _ => pb::KvCacheType::F16,
+                } as i32),
+                gpu_layers: s.gpu_layers,
+                embeddings: Some(s.embeddings),
+                flash_attention: s.flash_attention,
+                priority: Some(s.priority),
+                gpu_index: s.gpu_index,
+                idle_ttl_ms: Some(s.idle_ttl_ms),
+            }),
+            lease_id: self
+                .lease
+                .as_ref()
+                .map(|l| l.id.clone())
+                .unwrap_or_default(),
+            gpu_index: self.lease.as_ref().map(|l| l.gpu),
+            lease_bytes: self.lease.as_ref().map_or(0, |l| l.bytes),
+            estimated_bytes: self.estimated,
+            measured_bytes: self.measured,
+            evict_by_ms: self.evict_by_ms,
+            port: started.map_or(0, |s| u32::from(s.port)),
+            pid: started
+                .and_then(|s| s.process.as_ref())
+                .map_or(0, |p| p.pid),
+            endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
+            in_flight: self.in_flight,
+            waiting: self.waiters.len() as u32,
+            requests_total: self.requests_total,
+            last_used_ms: self.last_used_ms,
+            idle_ttl_ms: s.idle_ttl_ms,
+            unload_at_ms: unload_at,
+            started_at_ms: self.started_at_ms,
+            ready_at_ms: self.ready_at_ms,
+            crash_count: self.crash_count,
+            last_error: self.last_error.clone(),
+            last_error_at_ms: self.last_error_at_ms,
+            restart_after_ms: if self.state == State::Failed {
+                self.restart_after_ms
+            } else {
+                None
+            },
+        }
+    }
+}
+
+fn status_err(what: &str, s: tonic::Status) -> InstanceError {
+    match s.code() {
+        tonic::Code::NotFound => InstanceError::NotFound(format!("{what}: {}", s.message())),
+        tonic::Code::InvalidArgument => {
+            InstanceError::InvalidArgument(format!("{what}: {}", s.message()))
+        }
+        tonic::Code::FailedPrecondition => {
+            InstanceError::FailedPrecondition(format!("{what}: {}", s.message()))
+        }
+        tonic::Code::ResourceExhausted => {
+            InstanceError::ResourceExhausted(format!("{what}: {}", s.message()))
+        }
+        tonic::Code::DeadlineExceeded => InstanceError::ResourceExhausted(format!(
+            "{what}: no GPU memory became free before the deadline ({})",
+            s.message()
+        )),
+        _ => InstanceError::Unavailable(format!("{what}: {}", s.message())),
+    }
+}
+
+/// Estimate → lease → start → settle. On any failure after the grant, the lease is released.
+async fn load(
+    shared: &Shared,
+    model: &ModelRef,
+    s: &Effective,
+    deadline_ms: u64,
+    me: &mpsc::UnboundedSender<Msg>,
+) -> Result<Loaded, InstanceError> {
+    let mut registry = shared.registry.clone();
+    let est = registry
+        .estimate(pb::EstimateRequest {
+            model: model.id.clone(),
+            context: s.context as i64,
+            parallel: s.parallel as i32,
+            cache_type: match s.cache_type {
+                "q8_0" => pb::KvCacheType::Q80,
+                "q4_0" => pb::KvCacheType::Q40,
+                _ => pb::KvCacheType::F16,
+            } as i32,
+            gpu_layers: s.gpu_layers,
+        })
+        .await
+        .map_err(|e| status_err("registry estimate", e))?
+        .into_inner();
+    let bytes = est.gpu_bytes.max(est.total_bytes.min(1 << 20)).max(1);
+    let mut sched = shared.scheduler.clone();
+    let wait_ms = deadline_ms
+        .saturating_sub(now_ms())
+        .min(shared.cfg.lease_wait_ms);
+    let mut stream = sched
+        .acquire_lease(pb::AcquireLeaseRequest {
+            holder: shared.cfg.holder.clone(),
+            bytes,
+            priority: s.priority,
+            gpu_index: s.gpu_index,
+            ttl_ms: shared.cfg.lease_ttl_ms,
+            wait_ms,
+            label: model.name.clone(),
+        })
+        .await
+        .map_err(|e| status_err("scheduler lease", e))?
+        .into_inner();
+    let mut granted = None;
+    while let Some(u) = stream.next().await {
+        match u
+            .map_err(|e| status_err(&format!("lease for {bytes} bytes"), e))?
+            .update
+        {
+            Some(pb::acquire_lease_update::Update::Granted(l)) => {
+                granted = Some(l);
+                break;
+            }
+            Some(pb::acquire_lease_update::Update::Queued(p)) => {
+                tracing::info!(model = %model.name, position = p.position, "waiting for GPU memory");
+            }
+            None => {}
+        }
+    }
+    let lease = granted
+        .ok_or_else(|| InstanceError::Unavailable("the scheduler ended the lease stream".into()))?;
+    let release = |id: String| {
+        let mut c = shared.scheduler.clone();
+        async move {
+            let _ = c
+                .release_lease(pb::ReleaseLeaseRequest { lease_id: id })
+                .await;
+        }
+    };
+    let _ = me.send(Msg::Starting);
+    // Simulated GPU: run on the CPU.
+    let simulated = match sched.get_status(pb::GetStatusRequest {}).await {
+        Ok(st) => st
+            .into_inner()
+            .gpus
+            .iter()
+            .find(|g| g.index == lease.gpu_index)
+            .is_none_or(|g| g.simulated),
+        Err(_) => true,
+    };
+    let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+    let spec = StartSpec {
+        model_path: model.path.clone(),
+        alias: model.name.clone(),
+        context: s.context,
+        parallel: s.parallel,
+        cache_type: s.cache_type,
+        gpu_layers: s.gpu_layers,
+        embeddings: s.embeddings,
+        flash_attention: s.flash_attention,
+        gpu: (!simulated).then_some(lease.gpu_index),
+        lease_bytes: lease.bytes,
+        start_timeout: Duration::from_millis(shared.cfg.start_timeout_ms)
+            .min(left.max(Duration::from_secs(1))),
+    };
+    let started = match shared.backend.start(&spec).await {
+        Ok(s) => s,
+        Err(e) => {
+            release(lease.id.clone()).await;
+            return Err(InstanceError::Unavailable(format!(
+                "{} could not start model {}: {e}",
+                shared.backend.name(),
+                model.name
+            )));
+        }
+    };
+    let mut lease_bytes = lease.bytes;
+    if let Some(m) = started.measured {
+        settle(shared, model, s, &lease.id, &mut lease_bytes, m).await;
+    }
+    Ok(Loaded {
+        started,
+        lease: Some(Lease {
+            id: lease.id,
+            bytes: lease_bytes,
+            gpu: lease.gpu_index,
+        }),
+        estimated: bytes,
+    })
+}
+
+/// Resize the lease to what the engine allocated and tell the registry.
+async fn settle(
+    shared: &Shared,
+    model: &ModelRef,
+    s: &Effective,
+    lease_id: &str,
+    lease_bytes: &mut u64,
+    m: Measured,
+) {
+    let measured = m.total().max(1);
+    let mut sched = shared.scheduler.clone();
+    match sched
+        .resize_lease(pb::ResizeLeaseRequest {
+            lease_id: lease_id.to_string(),
+            bytes: measured,
+        })
+        .await
+    {
+        Ok(l) => *lease_bytes = l.into_inner().bytes,
+        Err(e) => {
+            tracing::warn!(model = %model.name, "could not settle the lease to {measured} bytes: {}", e.message())
+        }
+    }
+    let mut registry = shared.registry.clone();
+    let r = registry
+        .record_measurement(pb::RecordMeasurementRequest {
+            model: model.id.clone(),
+            context: s.context as i64,
+            parallel: s.parallel as i32,
+            cache_type: match s.cache_type {
+                "q8_0" => pb::KvCacheType::Q80,
+                "q4_0" => pb::KvCacheType::Q40,
+                _ => pb::KvCacheType::F16,
+            } as i32,
+            gpu_layers: s.gpu_layers,
+            weights_gpu_bytes: None,
+            weights_host_bytes: None,
+            kv_cache_bytes: Some(m.kv),
+            kv_cache_gpu_bytes: None,
+            compute_buffer_bytes: Some(m.compute + m.output),
+            gpu_used_bytes: None,
+            source: shared.backend.name().to_string(),
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::debug!("could not record the measurement: {}", e.message());
+    }
+}

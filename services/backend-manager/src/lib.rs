@@ -1,0 +1,122 @@
+//! backend-manager: makes a model answer.
+//!
+//! - [`backend`]: engines behind one trait (llama.cpp for real).
+//! - [`process`]: supervised children (own process group, die with the manager, no zombies).
+//! - [`instance`]: one actor per model instance (load on demand, single flight, idle unload,
+//!   eviction, crash recovery).
+//! - [`manager`]: model resolution, the routing table, the scheduler watch (evictions, re-attach).
+//! - [`forward`]: OpenAI-shaped requests to the upstream over pooled HTTP, SSE relayed chunk by
+//!   chunk.
+//! - [`grpc`]: the `securellm.v1.BackendManager` edge.
+
+pub mod backend;
+pub mod config;
+pub mod forward;
+pub mod grpc;
+pub mod instance;
+pub mod manager;
+pub mod process;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use securellm_common::serve;
+use securellm_proto::v1::model_registry_client::ModelRegistryClient;
+use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+
+use crate::config::{BackendConfig, grpc_url};
+use crate::instance::Shared;
+use crate::manager::Manager;
+
+/// Why the manager could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid address {addr}: {message}")]
+    Address { addr: String, message: String },
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    #[error("HTTP client: {0}")]
+    Http(String),
+}
+
+/// A running backend manager.
+pub struct RunningManager {
+    pub manager: Manager,
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningManager {
+    /// Stop serving, unload every model (children stopped, leases released).
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.manager.unload_all().await;
+        let _ = (&mut self.server).await;
+    }
+}
+
+fn lazy_channel(addr: &str) -> Result<tonic::transport::Channel, StartError> {
+    let url = grpc_url(addr);
+    Ok(Endpoint::from_shared(url.clone())
+        .map_err(|e| StartError::Address {
+            addr: url,
+            message: e.to_string(),
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy())
+}
+
+/// Start the manager with the llama.cpp backend.
+pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
+    let http = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| StartError::Http(e.to_string()))?;
+    let backend = backend::llamacpp::LlamaCpp {
+        binary: cfg.llama_server_path(),
+        threads: cfg.threads,
+        stall_timeout: Duration::from_millis(cfg.stall_timeout_ms),
+        http: http.clone(),
+    };
+    tracing::info!("llama-server: {}", backend.binary.display());
+    let (events, _) = broadcast::channel(1024);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        backend: Arc::new(backend),
+        http,
+        scheduler: VramSchedulerClient::new(lazy_channel(&cfg.scheduler)?),
+        registry: ModelRegistryClient::new(lazy_channel(&cfg.registry)?),
+        events,
+    });
+    let manager = Manager::new(shared);
+    let listener = serve::bind(&cfg.listen).await?;
+    let addr = listener.addr;
+    let health = serve::health_service(&[securellm_proto::service_names::BACKEND]).await;
+    let svc = grpc::BackendService::new(manager.clone()).into_server();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(serve::reflection_v1()?)
+            .add_service(serve::reflection_v1alpha()?)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(listener.incoming(), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    Ok(RunningManager {
+        manager,
+        addr,
+        stop: Some(stop_tx),
+        server,
+    })
+}

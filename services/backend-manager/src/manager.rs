@@ -1,0 +1,262 @@
+//! The manager: resolves model references through the registry, owns the routing table from
+//! instance id to [`InstanceHandle`], and listens to the scheduler for what concerns its leases
+//! (eviction notices, revocations, expiries) — re-attaching its leases when the scheduler restarts.
+//!
+//! The routing table is the only shared structure (a map of handles behind a mutex that is never
+//! held across an `.await`); all instance state lives in the instance actors.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use securellm_common::time::now_ms;
+use securellm_proto::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::config::{Effective, ModelSettings};
+use crate::instance::{self, InstanceError, InstanceHandle, ModelRef, Shared};
+
+/// The backend manager's core.
+#[derive(Clone)]
+pub struct Manager {
+    pub shared: Arc<Shared>,
+    instances: Arc<Mutex<BTreeMap<String, InstanceHandle>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Manager {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let m = Self {
+            shared,
+            instances: Arc::new(Mutex::new(BTreeMap::new())),
+        };
+        tokio::spawn(m.clone().watch_scheduler());
+        m
+    }
+
+    /// Resolve a model reference (id, alias or name) through the registry.
+    pub async fn resolve(&self, reference: &str) -> Result<(ModelRef, pb::Model), InstanceError> {
+        if reference.trim().is_empty() {
+            return Err(InstanceError::InvalidArgument(
+                "invalid `model`: must not be empty".into(),
+            ));
+        }
+        let mut reg = self.shared.registry.clone();
+        let m = reg
+            .get_model(pb::GetModelRequest {
+                model: reference.to_string(),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => InstanceError::NotFound(format!(
+                    "model {reference:?} not found: {}",
+                    s.message()
+                )),
+                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                    InstanceError::FailedPrecondition(s.message().to_string())
+                }
+                _ => InstanceError::Unavailable(format!(
+                    "the registry is unreachable: {}",
+                    s.message()
+                )),
+            })?
+            .into_inner();
+        if m.status != pb::ModelStatus::Ok as i32 {
+            return Err(InstanceError::FailedPrecondition(format!(
+                "model {} cannot be served: {}",
+                m.name, m.status_reason
+            )));
+        }
+        if m.format == pb::ModelFormat::Safetensors as i32 {
+            return Err(InstanceError::FailedPrecondition(format!(
+                "model {} is a safetensors folder; no vLLM/TGI backend is configured",
+                m.name
+            )));
+        }
+        Ok((
+            ModelRef {
+                id: m.id.clone(),
+                name: m.name.clone(),
+                path: m.path.clone().into(),
+            },
+            m,
+        ))
+    }
+
+    /// The settings for a model: request over per-model config (by name, alias or id) over
+    /// defaults.
+    fn settings(
+        &self,
+        m: &pb::Model,
+        request: &ModelSettings,
+        embeddings: bool,
+    ) -> Result<Effective, InstanceError> {
+        let cfg = &self.shared.cfg;
+        let per_model = std::iter::once(&m.name)
+            .chain(m.aliases.iter())
+            .chain(std::iter::once(&m.id))
+            .find_map(|k| cfg.models.get(k))
+            .cloned()
+            .unwrap_or_default();
+        let mut s = request.or(&per_model).or(&cfg.defaults);
+        if embeddings {
+            s.embeddings = Some(true);
+        }
+        Effective::from(&s).map_err(InstanceError::InvalidArgument)
+    }
+
+    /// The instance for a model (created on first use). Embedding requests use a separate
+    /// instance started with `--embeddings` (`<model id>-emb`) unless the model's own is one.
+    pub async fn instance(
+        &self,
+        reference: &str,
+        embeddings: bool,
+        request: &ModelSettings,
+    ) -> Result<InstanceHandle, InstanceError> {
+        let (model, pbm) = self.resolve(reference).await?;
+        let base = self.settings(&pbm, request, false)?;
+        let (id, settings) = if embeddings && !base.embeddings {
+            (
+                format!("{}-emb", model.id),
+                self.settings(&pbm, request, true)?,
+            )
+        } else {
+            (model.id.clone(), base)
+        };
+        let mut map = lock(&self.instances);
+        if let Some(h) = map.get(&id) {
+            return Ok(h.clone());
+        }
+        let h = instance::spawn(id.clone(), model, settings, self.shared.clone());
+        map.insert(id, h.clone());
+        Ok(h)
+    }
+
+    /// Known instances, optionally of one model (id or name).
+    pub fn handles(&self) -> Vec<InstanceHandle> {
+        lock(&self.instances).values().cloned().collect()
+    }
+
+    /// Instances matching a reference: an instance id, or a model id / name.
+    pub fn find(&self, reference: &str) -> Vec<InstanceHandle> {
+        lock(&self.instances)
+            .values()
+            .filter(|h| h.id == reference || h.model.id == reference || h.model.name == reference)
+            .cloned()
+            .collect()
+    }
+
+    async fn by_lease(&self, lease_id: &str) -> Option<InstanceHandle> {
+        for h in self.handles() {
+            if h.lease().await.is_some_and(|(id, ..)| id == lease_id) {
+                return Some(h);
+            }
+        }
+        None
+    }
+
+    /// Follow the scheduler's events for our holder. When the stream breaks (scheduler restart),
+    /// reconnect and re-attach every lease we hold; leases the scheduler cannot restore stop their
+    /// instances.
+    async fn watch_scheduler(self) {
+        let holder = self.shared.cfg.holder.clone();
+        let mut first = true;
+        loop {
+            let mut c = self.shared.scheduler.clone();
+            let stream = c
+                .watch_events(pb::WatchEventsRequest {
+                    holder: holder.clone(),
+                })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if !first {
+                self.reattach().await;
+            }
+            first = false;
+            while let Some(Ok(e)) = stream.next().await {
+                let Some(lease) = e.lease else { continue };
+                let kind = pb::lease_event::Kind::try_from(e.kind)
+                    .unwrap_or(pb::lease_event::Kind::Unspecified);
+                match kind {
+                    pb::lease_event::Kind::EvictionNotice => {
+                        if let Some(h) = self.by_lease(&lease.id).await {
+                            tracing::info!(instance = %h.id, "eviction notice: {}", e.detail);
+                            h.evict(lease.id, lease.evict_by_ms.unwrap_or_else(now_ms));
+                        }
+                    }
+                    pb::lease_event::Kind::Revoked | pb::lease_event::Kind::Expired => {
+                        if let Some(h) = self.by_lease(&lease.id).await {
+                            h.lease_lost(lease.id, e.detail);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            tracing::warn!("lost the scheduler's event stream; reconnecting");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Present every lease we hold to the scheduler.
+    pub async fn reattach(&self) {
+        let mut leases = Vec::new();
+        let mut owners = Vec::new();
+        for h in self.handles() {
+            if let Some((id, bytes, gpu, priority)) = h.lease().await {
+                leases.push(pb::Lease {
+                    id: id.clone(),
+                    holder: self.shared.cfg.holder.clone(),
+                    label: h.model.name.clone(),
+                    gpu_index: gpu,
+                    bytes,
+                    priority,
+                    ttl_ms: self.shared.cfg.lease_ttl_ms,
+                    ..Default::default()
+                });
+                owners.push((id, h));
+            }
+        }
+        if leases.is_empty() {
+            return;
+        }
+        let mut c = self.shared.scheduler.clone();
+        match c
+            .reattach(pb::ReattachRequest {
+                holder: self.shared.cfg.holder.clone(),
+                leases,
+            })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                tracing::info!(
+                    confirmed = r.confirmed.len(),
+                    restored = r.restored.len(),
+                    lost = r.lost.len(),
+                    "re-attached leases after a scheduler reconnect"
+                );
+                for lost in r.lost {
+                    if let Some((_, h)) = owners.iter().find(|(id, _)| *id == lost.lease_id) {
+                        h.lease_lost(lost.lease_id.clone(), lost.reason);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("re-attach failed: {}", e.message()),
+        }
+    }
+
+    /// Unload everything (shutdown).
+    pub async fn unload_all(&self) {
+        let hs = self.handles();
+        futures::future::join_all(hs.iter().map(|h| h.unload(1_000, false))).await;
+    }
+}

@@ -1,0 +1,565 @@
+//! The backend manager with real parts: the real llama-server (`LLAMA_SERVER`, or the binary
+//! `scripts/install-llama-server.sh` builds), the real scheduler and registry over loopback gRPC,
+//! generated tiny GGUF models in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use backend_manager::config::{BackendConfig, ModelSettings};
+use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::backend_manager_client::BackendManagerClient;
+use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+
+/// The llama-server binary: `$LLAMA_SERVER`, else the installer's cached build.
+fn llama_server() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLAMA_SERVER") {
+        return p.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new(root.join("scripts/install-llama-server.sh"))
+        .output()
+        .expect("run scripts/install-llama-server.sh");
+    assert!(
+        out.status.success(),
+        "llama-server is needed: run `make llama-server` ({})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim(),
+    )
+}
+
+struct Stack {
+    _dir: tempfile::TempDir,
+    models: PathBuf,
+    scheduler: vram_scheduler::RunningScheduler,
+    _registry: registry::RunningRegistry,
+    manager: backend_manager::RunningManager,
+    client: BackendManagerClient<Channel>,
+    sched: VramSchedulerClient<Channel>,
+    cfg: BackendConfig,
+}
+
+fn tiny(name: &str, seed: u64) -> TinyLlamaOptions {
+    TinyLlamaOptions {
+        name: name.into(),
+        seed,
+        ..TinyLlamaOptions::default()
+    }
+}
+
+async fn stack(gpu: u64, grace_ms: u64, tweak: impl FnOnce(&mut BackendConfig)) -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    write_tiny_llama(models.join("tiny.gguf"), &tiny("tiny", 1)).unwrap();
+    write_tiny_llama(models.join("other.gguf"), &tiny("other", 2)).unwrap();
+    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
+        listen: "127.0.0.1:0".into(),
+        inventory: vram_scheduler::config::InventoryMode::Simulated,
+        simulate_gpus: vec![securellm_common::ByteSize(gpu)],
+        eviction_grace_ms: grace_ms,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let reg = registry::start(&registry::config::RegistryConfig {
+        registry: registry::config::RegistrySection {
+            listen: "127.0.0.1:0".into(),
+            watch: false,
+            ..Default::default()
+        },
+        roots: vec![models.clone()],
+        aliases: Default::default(),
+        data_dir: dir.path().join("registry"),
+    })
+    .await
+    .unwrap();
+    let mut cfg = BackendConfig {
+        listen: "127.0.0.1:0".into(),
+        scheduler: scheduler.addr.to_string(),
+        registry: reg.addr.to_string(),
+        llama_server: Some(llama_server()),
+        lease_ttl_ms: 3_000,
+        stop_grace_ms: 2_000,
+        defaults: ModelSettings {
+            context: Some(512),
+            idle_ttl_ms: Some(0),
+            ..Default::default()
+        },
+        ..BackendConfig::default()
+    };
+    tweak(&mut cfg);
+    let manager = backend_manager::start(&cfg).await.unwrap();
+    let client = BackendManagerClient::connect(format!("http://{}", manager.addr))
+        .await
+        .unwrap();
+    let sched = VramSchedulerClient::connect(format!("http://{}", scheduler.addr))
+        .await
+        .unwrap();
+    Stack {
+        _dir: dir,
+        models,
+        scheduler,
+        _registry: reg,
+        manager,
+        client,
+        sched,
+        cfg,
+    }
+}
+
+fn chat(model: &str, max_tokens: u32) -> pb::InferenceRequest {
+    pb::InferenceRequest {
+        model: model.into(),
+        body_json: serde_json::to_vec(&serde_json::json!({
+            "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": max_tokens,
+            "temperature": 0
+        }))
+        .unwrap(),
+        ..Default::default()
+    }
+}
+
+async fn leases(s: &mut VramSchedulerClient<Channel>) -> Vec<pb::Lease> {
+    s.get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+}
+
+async fn instance(c: &mut BackendManagerClient<Channel>, model: &str) -> pb::BackendInstance {
+    let l = c
+        .list_instances(pb::ListInstancesRequest {
+            model: model.into(),
+            states: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    l.into_iter()
+        .find(|i| i.model_name == model)
+        .expect("instance")
+}
+
+async fn wait_for<F: Fn(&pb::BackendInstance) -> bool>(
+    c: &mut BackendManagerClient<Channel>,
+    model: &str,
+    f: F,
+) -> pb::BackendInstance {
+    for _ in 0..200 {
+        let i = instance(c, model).await;
+        if f(&i) {
+            return i;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "condition not reached for {model}: {:?}",
+        instance(c, model).await
+    );
+}
+
+#[tokio::test]
+async fn loads_on_demand_with_a_settled_lease_and_answers() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    assert!(leases(&mut s.sched).await.is_empty());
+    let r = s.client.chat(chat("tiny", 8)).await.unwrap().into_inner();
+    assert_eq!(r.http_status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body_json).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "tiny");
+    assert_eq!(r.usage.unwrap().completion_tokens, 8);
+    assert!(r.load_wait_ms > 0);
+    let l = leases(&mut s.sched).await;
+    assert_eq!(l.len(), 1, "one lease while loaded");
+    let i = instance(&mut s.client, "tiny").await;
+    assert_eq!(i.state, pb::InstanceState::Ready as i32);
+    assert!(i.pid > 0 && i.port > 0);
+    assert!(i.estimated_bytes > 0);
+    let measured = i.measured_bytes.expect("buffer sizes parsed from the log");
+    assert_eq!(
+        l[0].bytes, measured,
+        "the lease was settled to the measured size"
+    );
+    // Second request: no load.
+    let r2 = s.client.chat(chat("tiny", 4)).await.unwrap().into_inner();
+    assert_eq!(r2.load_wait_ms, 0);
+    // Unload releases the lease after the process exits.
+    let pid = i.pid as i32;
+    let u = s
+        .client
+        .unload(pb::UnloadRequest {
+            model: "tiny".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(u.was_loaded);
+    assert!(leases(&mut s.sched).await.is_empty());
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie_free(pid));
+}
+
+fn is_zombie_free(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| !s.contains(") Z"))
+}
+
+#[tokio::test]
+async fn fifty_concurrent_first_requests_cause_one_load() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    let mut events = s
+        .client
+        .watch_instances(pb::WatchInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let mut c = s.client.clone();
+        tasks.push(tokio::spawn(async move { c.chat(chat("tiny", 2)).await }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap().unwrap().into_inner();
+        assert_eq!(
+            r.http_status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&r.body_json)
+        );
+    }
+    let i = instance(&mut s.client, "tiny").await;
+    assert_eq!(i.requests_total, 50);
+    assert_eq!(i.crash_count, 0);
+    let mut leasing = 0;
+    while let Ok(Some(Ok(e))) =
+        tokio::time::timeout(Duration::from_millis(300), events.next()).await
+    {
+        if e.kind == pb::InstanceEventKind::StateChanged as i32
+            && e.instance.as_ref().unwrap().state == pb::InstanceState::Leasing as i32
+        {
+            leasing += 1;
+        }
+    }
+    assert_eq!(leasing, 1, "exactly one load");
+    assert_eq!(leases(&mut s.sched).await.len(), 1);
+}
+
+#[tokio::test]
+async fn streams_token_by_token() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    let mut st = s
+        .client
+        .chat_stream(chat("tiny", 16))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = st.next().await.unwrap().unwrap();
+    assert_eq!(first.start.unwrap().http_status, 200);
+    let mut chunks = 0;
+    let mut usage_only = 0;
+    let mut text = String::new();
+    while let Some(c) = st.next().await {
+        let c = c.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&c.data_json).unwrap();
+        if c.usage_only {
+            usage_only += 1;
+            assert_eq!(c.usage.unwrap().completion_tokens, 16);
+            continue;
+        }
+        chunks += 1;
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+    }
+    assert!(chunks >= 10, "token by token: {chunks} chunks");
+    assert_eq!(usage_only, 1, "the manager's own usage chunk is marked");
+    assert!(!text.is_empty());
+}
+
+#[tokio::test]
+async fn idle_unload_then_reload_and_a_request_during_unload_waits() {
+    let mut s = stack(1 << 30, 10_000, |c| {
+        c.defaults.idle_ttl_ms = Some(300);
+        c.stop_grace_ms = 2_000;
+    })
+    .await;
+    s.client.chat(chat("tiny", 2)).await.unwrap();
+    let i = wait_for(&mut s.client, "tiny", |i| {
+        i.state == pb::InstanceState::Stopped as i32
+    })
+    .await;
+    assert_eq!(i.lease_id, "");
+    assert!(
+        leases(&mut s.sched).await.is_empty(),
+        "idle unload released the lease"
+    );
+    // Reload on the next request.
+    let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
+    assert_eq!(r.http_status, 200);
+    assert!(r.load_wait_ms > 0);
+    // A request racing an unload: start the unload, then ask at once.
+    let mut c2 = s.client.clone();
+    let unload = tokio::spawn(async move {
+        c2.unload(pb::UnloadRequest {
+            model: "tiny".into(),
+            ..Default::default()
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
+    assert_eq!(
+        r.http_status, 200,
+        "a request during an unload waits and reloads"
+    );
+    unload.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_crashed_child_fails_in_flight_requests_and_the_next_request_restarts_it() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    s.client.chat(chat("tiny", 2)).await.unwrap();
+    let pid = instance(&mut s.client, "tiny").await.pid as i32;
+    let mut st = s
+        .client
+        .chat_stream(chat("tiny", 100_000))
+        .await
+        .unwrap()
+        .into_inner();
+    st.next().await.unwrap().unwrap();
+    st.next().await.unwrap().unwrap();
+    kill9(pid);
+    let mut err = None;
+    while let Some(c) = tokio::time::timeout(Duration::from_secs(10), st.next())
+        .await
+        .unwrap()
+    {
+        if let Err(e) = c {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("the stream must end with an error");
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().contains("crashed"), "{}", err.message());
+    let i = wait_for(&mut s.client, "tiny", |i| {
+        i.state == pb::InstanceState::Failed as i32
+    })
+    .await;
+    assert_eq!(i.crash_count, 1);
+    assert!(i.last_error.contains("signal 9"), "{}", i.last_error);
+    // The lease was released with the crash; the next request restarts it.
+    for _ in 0..50 {
+        if leases(&mut s.sched).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        leases(&mut s.sched).await.is_empty(),
+        "no lease leaked after the crash"
+    );
+    let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
+    assert_eq!(r.http_status, 200);
+    assert_eq!(leases(&mut s.sched).await.len(), 1);
+}
+
+fn kill9(pid: i32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+#[tokio::test]
+async fn a_higher_priority_lease_evicts_the_instance_which_drains_and_stops() {
+    let mut s = stack(256 * MIB, 5_000, |_| {}).await;
+    s.client.chat(chat("tiny", 2)).await.unwrap();
+    let before = leases(&mut s.sched).await;
+    assert_eq!(before.len(), 1);
+    // Someone with priority 10 wants more than is left.
+    let mut stream = s
+        .sched
+        .acquire_lease(pb::AcquireLeaseRequest {
+            holder: "important".into(),
+            bytes: 255 * MIB,
+            priority: 10,
+            gpu_index: None,
+            ttl_ms: 60_000,
+            wait_ms: 20_000,
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let granted = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(u) = stream.next().await {
+            if let Some(pb::acquire_lease_update::Update::Granted(l)) = u.unwrap().update {
+                return l;
+            }
+        }
+        panic!("no grant");
+    })
+    .await
+    .unwrap();
+    assert_eq!(granted.holder, "important");
+    let i = wait_for(&mut s.client, "tiny", |i| {
+        i.state == pb::InstanceState::Stopped as i32
+    })
+    .await;
+    assert_eq!(i.lease_id, "");
+    let l = leases(&mut s.sched).await;
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].holder, "important", "the lease moved");
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_leaks_nothing() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    let e = s.client.chat(chat("no-such-model", 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let mut bad = chat("tiny", 2);
+    bad.body_json = b"{\"messages\": \"not a list\"}".to_vec();
+    let e = s.client.chat(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("messages"));
+    // A GGUF our parser accepts but llama.cpp refuses (unknown tokenizer).
+    let mut w = securellm_gguf::testmodels::tiny_llama_writer(&tiny("weird", 3)).unwrap();
+    w.set_metadata(
+        "tokenizer.ggml.model",
+        securellm_gguf::MetadataValue::String("nosuchtokenizer".into()),
+    )
+    .unwrap();
+    w.write_file(s.models.join("weird.gguf")).unwrap();
+    let mut reg = securellm_proto::v1::model_registry_client::ModelRegistryClient::connect(
+        format!("http://{}", s._registry.addr),
+    )
+    .await
+    .unwrap();
+    let mut r = reg
+        .rescan(pb::RescanRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    while r.next().await.is_some() {}
+    let e = s.client.chat(chat("weird", 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("could not start"), "{}", e.message());
+    assert!(
+        leases(&mut s.sched).await.is_empty(),
+        "the lease was released after the failed start"
+    );
+    let i = instance(&mut s.client, "weird").await;
+    assert_eq!(i.state, pb::InstanceState::Failed as i32);
+    assert_eq!(i.pid, 0);
+}
+
+#[tokio::test]
+async fn two_models_that_do_not_fit_together_wait_or_evict_by_priority() {
+    let mut s = stack(1 << 30, 2_000, |c| {
+        c.models.insert(
+            "other".into(),
+            ModelSettings {
+                priority: Some(5),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    s.client.chat(chat("tiny", 2)).await.unwrap();
+    // Leave room for one tiny model only: foreign use takes the rest.
+    let l = leases(&mut s.sched).await[0].bytes;
+    s.sched
+        .set_simulated_foreign_usage(pb::SetSimulatedForeignUsageRequest {
+            gpu_index: 0,
+            foreign_bytes: (1 << 30) - l - l / 4,
+        })
+        .await
+        .unwrap();
+    // "other" has a higher priority: "tiny" is evicted, "other" answers.
+    let r = s.client.chat(chat("other", 2)).await.unwrap().into_inner();
+    assert_eq!(r.http_status, 200);
+    wait_for(&mut s.client, "tiny", |i| {
+        i.state == pb::InstanceState::Stopped as i32
+    })
+    .await;
+    // "tiny" (priority 0) cannot evict "other": with a short deadline it runs out of time.
+    let mut req = chat("tiny", 2);
+    req.deadline_ms = securellm_common::time::now_ms() + 1_500;
+    let e = s.client.chat(req).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::ResourceExhausted | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    let l = leases(&mut s.sched).await;
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].label, "other");
+    let st = s
+        .sched
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let g = &st.gpus[0];
+    assert!(g.leased_bytes + g.foreign_bytes + g.reserve_bytes <= g.total_bytes);
+    let _ = (&s.scheduler, &s.cfg);
+}
+
+#[tokio::test]
+async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
+    let s = stack(1 << 30, 10_000, |_| {}).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backend-manager"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--scheduler",
+            &s.scheduler.addr.to_string(),
+        ])
+        .args(["--registry", &s._registry.addr.to_string()])
+        .arg("--llama-server")
+        .arg(llama_server())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let addr = line
+        .strip_prefix("ready backend-manager grpc=")
+        .unwrap()
+        .to_string();
+    let mut c = BackendManagerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    c.chat(chat("tiny", 2)).await.unwrap();
+    let pid = instance(&mut c, "tiny").await.pid;
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() || !is_zombie_free(pid as i32) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "llama-server {pid} outlived its manager");
+    drop(s.manager);
+}
