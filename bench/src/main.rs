@@ -2,6 +2,8 @@
 //! a ratio; the last line is `RESULT key=value ...` with plain numbers (latencies in
 //! microseconds `_us`, rates `_per_s`, ratios `_x`).
 
+mod backend;
+mod estimate;
 mod registry;
 mod scheduler;
 mod stats;
@@ -25,6 +27,12 @@ enum Bench {
     Scheduler(scheduler::Args),
     /// Registry scan: cold scan and unchanged rescan of 1,000 GGUF files vs Python's gguf reader.
     Registry(registry::Args),
+    /// Memory-estimate accuracy: the registry's estimate vs the buffer sizes the real
+    /// llama-server logs, over several tiny models and configurations.
+    Estimate(estimate::Args),
+    /// Backend manager overhead: request latency via the manager vs direct to llama-server, and
+    /// cold start vs a raw llama-server start.
+    Backend(backend::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +44,7 @@ fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::Scheduler(a) => rt.block_on(scheduler::run(a)),
         Bench::Registry(a) => rt.block_on(registry::run(a)),
+        Bench::Estimate(a) => estimate::run(a),
+        Bench::Backend(a) => rt.block_on(backend::run(a)),
     }
 }

@@ -4,6 +4,7 @@
 //! ports `make run` uses and can be set by flag or environment.
 
 mod models;
+mod ps;
 mod vram;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,14 @@ struct Cli {
         default_value = "127.0.0.1:50052"
     )]
     registry: String,
+    /// The backend manager's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "SECURELLM_BACKEND",
+        default_value = "127.0.0.1:50053"
+    )]
+    backend: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,6 +59,12 @@ enum Command {
         #[arg(long)]
         bigger: bool,
     },
+    /// Loaded models: state, GPU, memory, idle time (like `ollama ps`).
+    Ps,
+    /// Load a model now.
+    Load { model: String },
+    /// Unload a model (drain, stop, release its lease).
+    Unload { model: String },
     /// Models the registry found: table, details, rescan.
     Models {
         #[command(subcommand)]
@@ -88,6 +103,9 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ps => ps::ps(&endpoint(&cli.backend)).await,
+        Command::Load { model } => ps::load(&endpoint(&cli.backend), &model).await,
+        Command::Unload { model } => ps::unload(&endpoint(&cli.backend), &model).await,
         Command::Models { action } => models::run(&endpoint(&cli.registry), action).await,
     }
 }

@@ -63,6 +63,18 @@ fn forward_status(e: ForwardError, ticket: &Ticket) -> Status {
     }
 }
 
+/// An upstream failure: if the child died, the exit watcher says so within milliseconds; wait a
+/// moment for it so the caller learns *why* (a crash, an eviction) rather than "connection broke".
+async fn upstream_failure(e: ForwardError, ticket: &Ticket) -> Status {
+    if !matches!(e, ForwardError::InvalidBody(_) | ForwardError::Timeout)
+        && ticket.abort.borrow().is_none()
+    {
+        let mut abort = ticket.abort.clone();
+        let _ = tokio::time::timeout(Duration::from_millis(500), abort.changed()).await;
+    }
+    forward_status(e, ticket)
+}
+
 fn usage_pb(u: Usage) -> pb::TokenUsage {
     pb::TokenUsage {
         prompt_tokens: u.prompt,
@@ -136,7 +148,10 @@ impl BackendService {
         let http = self.manager.shared.http.clone();
         let mut abort = t.abort.clone();
         let answer = tokio::select! {
-            a = forward::post(&http, &t.endpoint, endpoint, body, &rid, Some(timeout)) => a.map_err(|e| forward_status(e, &t))?,
+            a = forward::post(&http, &t.endpoint, endpoint, body, &rid, Some(timeout)) => match a {
+                Ok(a) => a,
+                Err(e) => return Err(upstream_failure(e, &t).await),
+            },
             _ = abort.changed() => {
                 let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
                 return Err(Status::aborted(reason));
@@ -171,7 +186,10 @@ impl BackendService {
         let first = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let mut abort = t.abort.clone();
         let answer = tokio::select! {
-            a = forward::post_stream(&http, &t.endpoint, endpoint, body, &rid, Some(first)) => a.map_err(|e| forward_status(e, &t))?,
+            a = forward::post_stream(&http, &t.endpoint, endpoint, body, &rid, Some(first)) => match a {
+                Ok(a) => a,
+                Err(e) => return Err(upstream_failure(e, &t).await),
+            },
             _ = abort.changed() => {
                 let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
                 return Err(Status::aborted(reason));
@@ -216,7 +234,7 @@ impl BackendService {
                             }
                         }
                         Some(Err(e)) => {
-                            let _ = tx.send(Err(forward_status(e, &t))).await;
+                            let _ = tx.send(Err(upstream_failure(e, &t).await)).await;
                             return;
                         }
                     },

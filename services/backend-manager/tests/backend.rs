@@ -482,12 +482,33 @@ async fn two_models_that_do_not_fit_together_wait_or_evict_by_priority() {
     })
     .await;
     s.client.chat(chat("tiny", 2)).await.unwrap();
-    // Leave room for one tiny model only: foreign use takes the rest.
+    // Leave room for half of "other" only: it cannot load beside "tiny", but can once "tiny" is
+    // evicted.
+    let mut reg = securellm_proto::v1::model_registry_client::ModelRegistryClient::connect(
+        format!("http://{}", s._registry.addr),
+    )
+    .await
+    .unwrap();
+    let need = reg
+        .estimate(pb::EstimateRequest {
+            model: "other".into(),
+            context: 512,
+            parallel: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .gpu_bytes;
     let l = leases(&mut s.sched).await[0].bytes;
+    assert!(
+        l >= need / 2,
+        "tiny's lease {l} must free enough for other's {need}"
+    );
     s.sched
         .set_simulated_foreign_usage(pb::SetSimulatedForeignUsageRequest {
             gpu_index: 0,
-            foreign_bytes: (1 << 30) - l - l / 4,
+            foreign_bytes: (1 << 30) - l - need / 2,
         })
         .await
         .unwrap();

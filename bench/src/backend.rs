@@ -1,0 +1,246 @@
+//! Backend manager overhead, in one run against the real llama-server:
+//! (a) request latency through the manager (gRPC `Chat`) vs directly to the same llama-server
+//!     (HTTP), same body, `max_tokens` 1, interleaved so drift hits both equally;
+//! (b) cold start: a streaming request for an unloaded model until its first chunk, vs a raw
+//!     llama-server started by the benchmark itself with the same flags until its first chunk.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use backend_manager::backend::llamacpp::LlamaCpp;
+use backend_manager::backend::{Backend, StartSpec};
+use backend_manager::config::{BackendConfig, ModelSettings};
+use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::backend_manager_client::BackendManagerClient;
+use tokio_stream::StreamExt;
+
+use crate::stats::Samples;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Requests per side for the latency comparison.
+    #[arg(long, default_value_t = 300)]
+    requests: usize,
+    /// Cold starts per side.
+    #[arg(long, default_value_t = 5)]
+    cold: usize,
+    /// The llama-server binary (else $LLAMA_SERVER, else scripts/install-llama-server.sh).
+    #[arg(long, env = "LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
+}
+
+fn find_llama_server(a: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &a.llama_server {
+        return Ok(p.clone());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-llama-server.sh");
+    let out = std::process::Command::new(script).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "llama-server not found; run `make llama-server`"
+    );
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim(),
+    ))
+}
+
+const BODY: &str =
+    r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":1,"temperature":0}"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    let llama = find_llama_server(&a)?;
+    let dir = tempfile::tempdir()?;
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models)?;
+    let model_path = models.join("tiny.gguf");
+    write_tiny_llama(&model_path, &TinyLlamaOptions::default())?;
+
+    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
+        listen: "127.0.0.1:0".into(),
+        inventory: vram_scheduler::config::InventoryMode::Simulated,
+        simulate_gpus: vec![securellm_common::ByteSize(8 << 30)],
+        ..Default::default()
+    })
+    .await?;
+    let registry = registry::start(&registry::config::RegistryConfig {
+        registry: registry::config::RegistrySection {
+            listen: "127.0.0.1:0".into(),
+            watch: false,
+            ..Default::default()
+        },
+        roots: vec![models.clone()],
+        aliases: Default::default(),
+        data_dir: dir.path().join("registry"),
+    })
+    .await?;
+    let cfg = BackendConfig {
+        listen: "127.0.0.1:0".into(),
+        scheduler: scheduler.addr.to_string(),
+        registry: registry.addr.to_string(),
+        llama_server: Some(llama.clone()),
+        defaults: ModelSettings {
+            context: Some(512),
+            idle_ttl_ms: Some(0),
+            ..Default::default()
+        },
+        ..BackendConfig::default()
+    };
+    let manager = backend_manager::start(&cfg).await?;
+    let mut client = BackendManagerClient::connect(format!("http://{}", manager.addr)).await?;
+    let http = reqwest::Client::new();
+    let req = || pb::InferenceRequest {
+        model: "tiny".into(),
+        body_json: BODY.as_bytes().to_vec(),
+        ..Default::default()
+    };
+
+    // (a) warm latency.
+    client.chat(req()).await?;
+    let inst = client
+        .list_instances(pb::ListInstancesRequest::default())
+        .await?
+        .into_inner()
+        .instances
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no instance"))?;
+    let direct_url = format!("{}/v1/chat/completions", inst.endpoint);
+    for _ in 0..20 {
+        http.post(&direct_url)
+            .body(BODY)
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        client.chat(req()).await?;
+    }
+    let (mut via, mut direct) = (Vec::new(), Vec::new());
+    let t0 = Instant::now();
+    for _ in 0..a.requests {
+        let t = Instant::now();
+        let r = http
+            .post(&direct_url)
+            .header("content-type", "application/json")
+            .body(BODY)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success());
+        r.bytes().await?;
+        direct.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        let r = client.chat(req()).await?.into_inner();
+        anyhow::ensure!(r.http_status == 200);
+        via.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let elapsed = t0.elapsed();
+    let direct = Samples::new(direct, elapsed);
+    let via = Samples::new(via, elapsed);
+    println!(
+        "warm request (max_tokens 1), {} each: direct p50 {:.0} us p99 {:.0} us | via manager p50 {:.0} us p99 {:.0} us",
+        a.requests,
+        direct.percentile(50.0),
+        direct.percentile(99.0),
+        via.percentile(50.0),
+        via.percentile(99.0)
+    );
+
+    // (b) cold start through the manager: unload, then stream until the first chunk.
+    let mut cold_mgr = Vec::new();
+    for _ in 0..a.cold {
+        client
+            .unload(pb::UnloadRequest {
+                model: "tiny".into(),
+                ..Default::default()
+            })
+            .await?;
+        let t = Instant::now();
+        let mut s = client.chat_stream(req()).await?.into_inner();
+        loop {
+            let c = s
+                .next()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            if !c.data_json.is_empty() {
+                break;
+            }
+        }
+        cold_mgr.push(t.elapsed().as_secs_f64() * 1e6);
+        while s.next().await.is_some() {}
+    }
+    client
+        .unload(pb::UnloadRequest {
+            model: "tiny".into(),
+            ..Default::default()
+        })
+        .await?;
+
+    // Raw llama-server, same flags, started by us.
+    let raw_backend = LlamaCpp {
+        binary: llama,
+        threads: 1,
+        stall_timeout: Duration::from_secs(30),
+        http: http.clone(),
+    };
+    let mut cold_raw = Vec::new();
+    for _ in 0..a.cold {
+        let spec = StartSpec {
+            model_path: model_path.clone(),
+            alias: "tiny".into(),
+            context: 512,
+            parallel: 1,
+            cache_type: "f16",
+            gpu_layers: None,
+            embeddings: false,
+            flash_attention: None,
+            gpu: None,
+            lease_bytes: 0,
+            start_timeout: Duration::from_secs(60),
+        };
+        let t = Instant::now();
+        let started = raw_backend.start(&spec).await?;
+        let body = BODY.replace("\"max_tokens\":1", "\"max_tokens\":1,\"stream\":true");
+        let r = http
+            .post(format!("{}/v1/chat/completions", started.endpoint))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let mut bytes = r.bytes_stream();
+        bytes.next().await;
+        cold_raw.push(t.elapsed().as_secs_f64() * 1e6);
+        if let Some(p) = &started.process {
+            p.stop(Duration::from_secs(2)).await;
+        }
+    }
+    let (cm, cr) = (median(cold_mgr), median(cold_raw));
+    println!(
+        "cold start to first chunk, median of {}: via manager {:.1} ms | raw llama-server {:.1} ms",
+        a.cold,
+        cm / 1e3,
+        cr / 1e3
+    );
+    manager.shutdown().await;
+    scheduler.shutdown().await;
+    registry.shutdown().await;
+    println!(
+        "RESULT added_p50_us={:.0} added_p99_us={:.0} direct_p50_us={:.0} manager_p50_us={:.0} cold_start_overhead_us={:.0} cold_manager_us={:.0} cold_raw_us={:.0}",
+        via.percentile(50.0) - direct.percentile(50.0),
+        via.percentile(99.0) - direct.percentile(99.0),
+        direct.percentile(50.0),
+        via.percentile(50.0),
+        cm - cr,
+        cm,
+        cr
+    );
+    Ok(())
+}
