@@ -204,6 +204,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             flash_attention: None,
             gpu: None,
             lease_bytes: 0,
+            gpu_total: 0,
             start_timeout: Duration::from_secs(60),
         };
         let t = Instant::now();

@@ -124,6 +124,70 @@ pub struct BackendConfig {
     pub defaults: ModelSettings,
     /// Per-model settings by registry name, alias or id.
     pub models: BTreeMap<String, ModelSettings>,
+    /// `[backend.ollama]`: serve Ollama-format models through a running Ollama daemon. Absent:
+    /// llama.cpp serves the Ollama blob (a GGUF file) directly.
+    pub ollama: Option<OllamaConfig>,
+    /// `[backend.vllm]`: serve safetensors folders with vLLM (preferred over TGI when both are
+    /// configured). Absent: not configured.
+    pub vllm: Option<EngineConfig>,
+    /// `[backend.tgi]`: serve safetensors folders with Text Generation Inference. Absent: not
+    /// configured.
+    pub tgi: Option<EngineConfig>,
+}
+
+/// `[backend.ollama]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OllamaConfig {
+    /// Base URL of the Ollama daemon's HTTP API.
+    pub url: String,
+}
+
+impl Default for OllamaConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:11434".into(),
+        }
+    }
+}
+
+/// `[backend.vllm]` / `[backend.tgi]`: an OpenAI-compatible engine, spawned per instance from
+/// `command` or attached at `endpoint`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Program and leading arguments, e.g. `["vllm", "serve"]`; the manager appends the model and
+    /// its flags. Absent: the engine's usual command (`vllm serve`, `text-generation-launcher`).
+    pub command: Option<Vec<String>>,
+    /// Base URL of an engine already running (e.g. `http://127.0.0.1:8000`): attach to it instead
+    /// of spawning. The manager then cannot bound its memory; the lease stays at the estimate.
+    pub endpoint: Option<String>,
+}
+
+impl EngineConfig {
+    /// Check the section; `what` names it in the message.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.command, &self.endpoint) {
+            (Some(_), Some(_)) => Err("set either `command` or `endpoint`, not both".into()),
+            (Some(c), None) if c.is_empty() || c[0].trim().is_empty() => {
+                Err("`command` must name a program".into())
+            }
+            (None, Some(e)) => check_http_url(e).map_err(|m| format!("`endpoint`: {m}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `http://host[:port][/...]` or `https://...`.
+pub fn check_http_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    if rest.split('/').next().unwrap_or("").is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
 }
 
 impl Default for BackendConfig {
@@ -146,6 +210,9 @@ impl Default for BackendConfig {
             max_backoff_ms: 30_000,
             defaults: ModelSettings::default(),
             models: BTreeMap::new(),
+            ollama: None,
+            vllm: None,
+            tgi: None,
         }
     }
 }
@@ -219,7 +286,21 @@ impl BackendConfig {
         if c.threads == 0 {
             return Err(field("threads", "must be at least 1".into()));
         }
+        c.validate_backends().map_err(|(f, m)| field(&f, m))?;
         Ok(c)
+    }
+
+    /// Check `[backend.ollama]`, `[backend.vllm]` and `[backend.tgi]`; the error names the field.
+    pub fn validate_backends(&self) -> Result<(), (String, String)> {
+        if let Some(o) = &self.ollama {
+            check_http_url(&o.url).map_err(|m| ("ollama.url".to_string(), m))?;
+        }
+        for (name, e) in [("vllm", &self.vllm), ("tgi", &self.tgi)] {
+            if let Some(e) = e {
+                e.validate().map_err(|m| (name.to_string(), m))?;
+            }
+        }
+        Ok(())
     }
 
     /// The llama-server binary to use.
@@ -242,6 +323,8 @@ pub fn grpc_url(addr: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -272,5 +355,55 @@ mod tests {
             ..Default::default()
         };
         assert!(Effective::from(&bad).unwrap_err().contains("parallel"));
+    }
+
+    #[test]
+    fn engine_sections_are_validated() {
+        let parse = |text: &str| -> BackendConfig {
+            securellm_common::config::section_from_str(text, Path::new("test.toml"), "backend")
+                .unwrap()
+        };
+        let c = parse(
+            r#"
+            [backend.ollama]
+            url = "http://127.0.0.1:11434"
+            [backend.vllm]
+            command = ["vllm", "serve"]
+            [backend.tgi]
+            endpoint = "http://127.0.0.1:8080"
+            "#,
+        );
+        assert_eq!(c.ollama.as_ref().unwrap().url, "http://127.0.0.1:11434");
+        assert_eq!(
+            c.vllm.as_ref().unwrap().command.as_deref(),
+            Some(&["vllm".to_string(), "serve".to_string()][..])
+        );
+        assert!(c.validate_backends().is_ok());
+        let both = EngineConfig {
+            command: Some(vec!["x".into()]),
+            endpoint: Some("http://h:1".into()),
+        };
+        assert!(both.validate().unwrap_err().contains("not both"));
+        let empty = EngineConfig {
+            command: Some(vec![]),
+            endpoint: None,
+        };
+        assert!(empty.validate().is_err());
+        let bad = EngineConfig {
+            command: None,
+            endpoint: Some("127.0.0.1:8000".into()),
+        };
+        assert!(bad.validate().unwrap_err().contains("endpoint"));
+        let c = BackendConfig {
+            ollama: Some(OllamaConfig {
+                url: "ftp://x".into(),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(c.validate_backends().unwrap_err().0, "ollama.url");
+        // An empty section means the usual command.
+        let c = parse("[backend.tgi]\n");
+        assert_eq!(c.tgi, Some(EngineConfig::default()));
+        assert_eq!((c.vllm, c.ollama), (None, None));
     }
 }

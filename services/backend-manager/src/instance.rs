@@ -29,13 +29,14 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::backend::{Backend, Measured, StartSpec, Started};
+use crate::backend::{Backend, Backends, Measured, StartSpec, Started};
 use crate::config::{BackendConfig, Effective};
 
 /// What every instance shares.
 pub struct Shared {
     pub cfg: BackendConfig,
-    pub backend: Arc<dyn Backend>,
+    /// Every configured backend; each instance holds the one chosen for its model.
+    pub backends: Backends,
     pub http: reqwest::Client,
     pub scheduler: VramSchedulerClient<Channel>,
     pub registry: ModelRegistryClient<Channel>,
@@ -48,6 +49,8 @@ pub struct ModelRef {
     pub id: String,
     pub name: String,
     pub path: std::path::PathBuf,
+    /// The name the engine knows the model by (Ollama's `name:tag`; else the registry name).
+    pub served_name: String,
 }
 
 /// Why a request could not be served.
@@ -217,6 +220,7 @@ impl InstanceHandle {
 struct Actor {
     id: String,
     model: ModelRef,
+    backend: Arc<dyn Backend>,
     settings: Effective,
     shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -252,6 +256,7 @@ pub fn spawn(
     id: String,
     model: ModelRef,
     settings: Effective,
+    backend: Arc<dyn Backend>,
     shared: Arc<Shared>,
 ) -> InstanceHandle {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -259,6 +264,7 @@ pub fn spawn(
     let actor = Actor {
         id: id.clone(),
         model: model.clone(),
+        backend,
         settings,
         shared,
         tx: tx.clone(),
@@ -316,11 +322,10 @@ impl Actor {
             };
             self.handle(msg);
         }
-        // The manager is going away: stop the child and release the lease.
-        if let Some(s) = self.started.take()
-            && let Some(p) = &s.process
-        {
-            p.stop(Duration::from_millis(self.shared.cfg.stop_grace_ms))
+        // The manager is going away: stop the backend and release the lease.
+        if let Some(s) = self.started.take() {
+            self.backend
+                .stop(&s, Duration::from_millis(self.shared.cfg.stop_grace_ms))
                 .await;
         }
         if let Some(l) = self.lease.take() {
@@ -459,7 +464,9 @@ impl Actor {
         Ticket {
             endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
             model_id: self.model.id.clone(),
-            served_name: self.model.name.clone(),
+            served_name: started
+                .map(|s| s.served_name.clone())
+                .unwrap_or_else(|| self.model.served_name.clone()),
             instance_id: self.id.clone(),
             load_wait_ms: 0,
             abort: self.abort.subscribe(),
@@ -500,6 +507,7 @@ impl Actor {
         self.restart_after_ms = None;
         self.set_state(State::Leasing, "loading on demand");
         let shared = self.shared.clone();
+        let backend = self.backend.clone();
         let model = self.model.clone();
         let settings = self.settings.clone();
         let tx = self.tx.clone();
@@ -511,7 +519,7 @@ impl Actor {
             .unwrap_or(now_ms() + shared.cfg.lease_wait_ms);
         let me = self.tx.clone();
         tokio::spawn(async move {
-            let r = load(&shared, &model, &settings, deadline, &me).await;
+            let r = load(&shared, backend.as_ref(), &model, &settings, deadline, &me).await;
             let _ = tx.send(Msg::LoadDone(r));
         });
     }
@@ -669,13 +677,13 @@ impl Actor {
         let started = self.started.take();
         let lease = self.lease.take();
         let shared = self.shared.clone();
+        let backend = self.backend.clone();
         let tx = self.tx.clone();
         tracing::info!(instance = %self.id, "stopping: {reason}");
         tokio::spawn(async move {
-            if let Some(s) = started
-                && let Some(p) = &s.process
-            {
-                p.stop(Duration::from_millis(shared.cfg.stop_grace_ms))
+            if let Some(s) = started {
+                backend
+                    .stop(&s, Duration::from_millis(shared.cfg.stop_grace_ms))
                     .await;
             }
             // Only after the process has exited.
@@ -776,7 +784,7 @@ impl Actor {
             id: self.id.clone(),
             model_id: self.model.id.clone(),
             model_name: self.model.name.clone(),
-            backend: pb::BackendKind::LlamaCpp as i32,
+            backend: self.backend.kind() as i32,
             state: state_pb(self.state, self.in_flight) as i32,
             settings: Some(pb::InstanceSettings {
                 context: Some(s.context as i64),
@@ -851,6 +859,7 @@ fn status_err(what: &str, s: tonic::Status) -> InstanceError {
 /// Estimate → lease → start → settle. On any failure after the grant, the lease is released.
 async fn load(
     shared: &Shared,
+    backend: &dyn Backend,
     model: &ModelRef,
     s: &Effective,
     deadline_ms: u64,
@@ -917,20 +926,20 @@ async fn load(
         }
     };
     let _ = me.send(Msg::Starting);
-    // Simulated GPU: run on the CPU.
-    let simulated = match sched.get_status(pb::GetStatusRequest {}).await {
+    // Simulated GPU: run on the CPU. The total is for engines that take a fraction of the GPU.
+    let (simulated, gpu_total) = match sched.get_status(pb::GetStatusRequest {}).await {
         Ok(st) => st
             .into_inner()
             .gpus
             .iter()
             .find(|g| g.index == lease.gpu_index)
-            .is_none_or(|g| g.simulated),
-        Err(_) => true,
+            .map_or((true, 0), |g| (g.simulated, g.total_bytes)),
+        Err(_) => (true, 0),
     };
     let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
     let spec = StartSpec {
         model_path: model.path.clone(),
-        alias: model.name.clone(),
+        alias: model.served_name.clone(),
         context: s.context,
         parallel: s.parallel,
         cache_type: s.cache_type,
@@ -939,23 +948,24 @@ async fn load(
         flash_attention: s.flash_attention,
         gpu: (!simulated).then_some(lease.gpu_index),
         lease_bytes: lease.bytes,
+        gpu_total,
         start_timeout: Duration::from_millis(shared.cfg.start_timeout_ms)
             .min(left.max(Duration::from_secs(1))),
     };
-    let started = match shared.backend.start(&spec).await {
+    let started = match backend.start(&spec).await {
         Ok(s) => s,
         Err(e) => {
             release(lease.id.clone()).await;
             return Err(InstanceError::Unavailable(format!(
                 "{} could not start model {}: {e}",
-                shared.backend.name(),
+                backend.name(),
                 model.name
             )));
         }
     };
     let mut lease_bytes = lease.bytes;
     if let Some(m) = started.measured {
-        settle(shared, model, s, &lease.id, &mut lease_bytes, m).await;
+        settle(shared, backend, model, s, &lease.id, &mut lease_bytes, m).await;
     }
     Ok(Loaded {
         started,
@@ -971,6 +981,7 @@ async fn load(
 /// Resize the lease to what the engine allocated and tell the registry.
 async fn settle(
     shared: &Shared,
+    backend: &dyn Backend,
     model: &ModelRef,
     s: &Effective,
     lease_id: &str,
@@ -1005,11 +1016,12 @@ async fn settle(
             gpu_layers: s.gpu_layers,
             weights_gpu_bytes: None,
             weights_host_bytes: None,
-            kv_cache_bytes: Some(m.kv),
+            // One total (Ollama): the GPU memory used; the registry keeps its own terms.
+            kv_cache_bytes: (!m.total_only).then_some(m.kv),
             kv_cache_gpu_bytes: None,
-            compute_buffer_bytes: Some(m.compute + m.output),
-            gpu_used_bytes: None,
-            source: shared.backend.name().to_string(),
+            compute_buffer_bytes: (!m.total_only).then_some(m.compute + m.output),
+            gpu_used_bytes: m.total_only.then_some(m.total()),
+            source: backend.name().to_string(),
         })
         .await;
     if let Err(e) = r {

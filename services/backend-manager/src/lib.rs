@@ -1,6 +1,7 @@
 //! backend-manager: makes a model answer.
 //!
-//! - [`backend`]: engines behind one trait (llama.cpp for real).
+//! - [`backend`]: engines behind one trait: llama.cpp (tested for real), Ollama, vLLM, TGI (tested
+//!   against fakes of their HTTP APIs and command lines).
 //! - [`process`]: supervised children (own process group, die with the manager, no zombies).
 //! - [`instance`]: one actor per model instance (load on demand, single flight, idle unload,
 //!   eviction, crash recovery).
@@ -41,6 +42,8 @@ pub enum StartError {
     Serve(#[from] serve::ServeError),
     #[error("HTTP client: {0}")]
     Http(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// A running backend manager.
@@ -58,7 +61,7 @@ impl RunningManager {
             let _ = s.send(());
         }
         self.manager.unload_all().await;
-        let _ = (&mut self.server).await;
+        securellm_common::serve::finish(&mut self.server).await;
     }
 }
 
@@ -74,24 +77,33 @@ fn lazy_channel(addr: &str) -> Result<tonic::transport::Channel, StartError> {
         .connect_lazy())
 }
 
-/// Start the manager with the llama.cpp backend.
+/// Start the manager with the llama.cpp backend and the Ollama / vLLM / TGI backends configured.
 pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
     let http = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
         .build()
         .map_err(|e| StartError::Http(e.to_string()))?;
-    let backend = backend::llamacpp::LlamaCpp {
-        binary: cfg.llama_server_path(),
-        threads: cfg.threads,
-        stall_timeout: Duration::from_millis(cfg.stall_timeout_ms),
-        http: http.clone(),
-    };
-    tracing::info!("llama-server: {}", backend.binary.display());
+    cfg.validate_backends()
+        .map_err(|(field, message)| StartError::Config(format!("backend.{field}: {message}")))?;
+    let backends = backend::Backends::from_config(cfg, &http);
+    tracing::info!("llama-server: {}", cfg.llama_server_path().display());
+    if let Some(o) = &cfg.ollama {
+        tracing::info!("Ollama daemon: {}", o.url);
+    }
+    for (name, e) in [("vLLM", &cfg.vllm), ("TGI", &cfg.tgi)] {
+        if let Some(e) = e {
+            match (&e.endpoint, &e.command) {
+                (Some(ep), _) => tracing::info!("{name}: attached at {ep}"),
+                (None, Some(c)) => tracing::info!("{name}: {}", c.join(" ")),
+                (None, None) => tracing::info!("{name}: default command"),
+            }
+        }
+    }
     let (events, _) = broadcast::channel(1024);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
-        backend: Arc::new(backend),
+        backends,
         http,
         scheduler: VramSchedulerClient::new(lazy_channel(&cfg.scheduler)?),
         registry: ModelRegistryClient::new(lazy_channel(&cfg.registry)?),

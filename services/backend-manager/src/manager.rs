@@ -13,6 +13,7 @@ use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
 use tokio_stream::StreamExt;
 
+use crate::backend::Backend;
 use crate::config::{Effective, ModelSettings};
 use crate::instance::{self, InstanceError, InstanceHandle, ModelRef, Shared};
 
@@ -70,20 +71,51 @@ impl Manager {
                 m.name, m.status_reason
             )));
         }
-        if m.format == pb::ModelFormat::Safetensors as i32 {
-            return Err(InstanceError::FailedPrecondition(format!(
-                "model {} is a safetensors folder; no vLLM/TGI backend is configured",
-                m.name
-            )));
-        }
         Ok((
             ModelRef {
                 id: m.id.clone(),
                 name: m.name.clone(),
                 path: m.path.clone().into(),
+                served_name: m.name.clone(),
             },
             m,
         ))
+    }
+
+    /// The backend for a model, by its format: GGUF (single or split) → llama.cpp; Ollama's store →
+    /// the Ollama daemon when `[backend.ollama]` is configured, else llama.cpp on the blob (a GGUF
+    /// file); safetensors → vLLM, else TGI, else FAILED_PRECONDITION. Also returns the name the
+    /// engine serves the model under.
+    pub fn backend_for(&self, m: &pb::Model) -> Result<(Arc<dyn Backend>, String), InstanceError> {
+        let b = &self.shared.backends;
+        let format = pb::ModelFormat::try_from(m.format).unwrap_or(pb::ModelFormat::Unspecified);
+        match format {
+            pb::ModelFormat::Ollama => match &b.ollama {
+                Some(o) => {
+                    let name_tag = m
+                        .ollama
+                        .as_ref()
+                        .map(|o| o.name_tag.clone())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| m.name.clone());
+                    Ok((o.clone(), name_tag))
+                }
+                None => Ok((b.llamacpp.clone(), m.name.clone())),
+            },
+            pb::ModelFormat::Safetensors => b
+                .vllm
+                .as_ref()
+                .or(b.tgi.as_ref())
+                .map(|e| (e.clone(), m.name.clone()))
+                .ok_or_else(|| {
+                    InstanceError::FailedPrecondition(format!(
+                        "model {} is a safetensors folder, which needs vLLM or TGI: configure \
+                         [backend.vllm] or [backend.tgi] (`command` or `endpoint`)",
+                        m.name
+                    ))
+                }),
+            _ => Ok((b.llamacpp.clone(), m.name.clone())),
+        }
     }
 
     /// The settings for a model: request over per-model config (by name, alias or id) over
@@ -116,9 +148,14 @@ impl Manager {
         embeddings: bool,
         request: &ModelSettings,
     ) -> Result<InstanceHandle, InstanceError> {
-        let (model, pbm) = self.resolve(reference).await?;
+        let (mut model, pbm) = self.resolve(reference).await?;
+        let (backend, served_name) = self.backend_for(&pbm)?;
+        model.served_name = served_name;
         let base = self.settings(&pbm, request, false)?;
-        let (id, settings) = if embeddings && !base.embeddings {
+        // Only llama-server is started differently for embeddings; the other engines serve
+        // `/v1/embeddings` (or refuse it) from the one instance.
+        let split = backend.kind() == pb::BackendKind::LlamaCpp;
+        let (id, settings) = if embeddings && !base.embeddings && split {
             (
                 format!("{}-emb", model.id),
                 self.settings(&pbm, request, true)?,
@@ -130,7 +167,7 @@ impl Manager {
         if let Some(h) = map.get(&id) {
             return Ok(h.clone());
         }
-        let h = instance::spawn(id.clone(), model, settings, self.shared.clone());
+        let h = instance::spawn(id.clone(), model, settings, backend, self.shared.clone());
         map.insert(id, h.clone());
         Ok(h)
     }

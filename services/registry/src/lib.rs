@@ -60,7 +60,7 @@ impl RunningRegistry {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        let _ = (&mut self.server).await;
+        securellm_common::serve::finish(&mut self.server).await;
     }
 }
 

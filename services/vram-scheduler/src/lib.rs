@@ -60,7 +60,7 @@ impl RunningScheduler {
             let _ = s.send(());
         }
         let _ = self.handle.flush().await;
-        let _ = (&mut self.server).await;
+        securellm_common::serve::finish(&mut self.server).await;
     }
 }
 

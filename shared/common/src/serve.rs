@@ -138,3 +138,19 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutdown requested");
 }
+
+/// How long a stopping server waits for open connections and streams (watchers, idle clients)
+/// before it closes them.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Wait for a server task that was told to stop; long-lived streams (event watchers) would keep a
+/// graceful shutdown waiting forever, so after [`SHUTDOWN_GRACE`] the task is aborted.
+pub async fn finish<T>(server: &mut tokio::task::JoinHandle<T>) {
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut *server)
+        .await
+        .is_err()
+    {
+        server.abort();
+        let _ = server.await;
+    }
+}

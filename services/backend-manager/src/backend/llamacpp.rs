@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use securellm_proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use super::{Backend, BackendError, Measured, StartSpec, Started};
@@ -115,6 +116,10 @@ impl Backend for LlamaCpp {
         "llama.cpp"
     }
 
+    fn kind(&self) -> pb::BackendKind {
+        pb::BackendKind::LlamaCpp
+    }
+
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError> {
         let child_spec = ChildSpec {
             program: self.binary.clone(),
@@ -196,6 +201,7 @@ impl Backend for LlamaCpp {
             port,
             process: Some(child),
             measured: (measured.total() > 0).then_some(measured),
+            served_name: spec.alias.clone(),
         })
     }
 }
