@@ -584,3 +584,116 @@ async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
     assert!(gone, "llama-server {pid} outlived its manager");
     drop(s.manager);
 }
+
+/// The scheduler binary, built beside this test's binary (`cargo nextest run --workspace` and
+/// `make test` build every binary first).
+fn scheduler_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("vram-scheduler");
+    assert!(
+        p.is_file(),
+        "{} missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+async fn spawn_scheduler(listen: &str, data_dir: &Path) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(scheduler_binary())
+        .args(["--listen", listen, "--simulate-gpu", "1GiB", "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .strip_prefix("ready vram-scheduler grpc=")
+        .unwrap()
+        .to_string();
+    (child, addr)
+}
+
+#[tokio::test]
+async fn after_a_scheduler_restart_the_manager_reattaches_and_nothing_is_double_booked() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    write_tiny_llama(models.join("tiny.gguf"), &tiny("tiny", 1)).unwrap();
+    // A real scheduler process (so that killing it really drops every connection).
+    let (mut sched_proc, addr) = spawn_scheduler("127.0.0.1:0", &dir.path().join("sched-a")).await;
+    let reg = registry::start(&registry::config::RegistryConfig {
+        registry: registry::config::RegistrySection {
+            listen: "127.0.0.1:0".into(),
+            watch: false,
+            ..Default::default()
+        },
+        roots: vec![models.clone()],
+        aliases: Default::default(),
+        data_dir: dir.path().join("registry"),
+    })
+    .await
+    .unwrap();
+    let manager = backend_manager::start(&BackendConfig {
+        listen: "127.0.0.1:0".into(),
+        scheduler: addr.clone(),
+        registry: reg.addr.to_string(),
+        llama_server: Some(llama_server()),
+        lease_ttl_ms: 3_000,
+        defaults: ModelSettings {
+            context: Some(512),
+            idle_ttl_ms: Some(0),
+            ..Default::default()
+        },
+        ..BackendConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut client = BackendManagerClient::connect(format!("http://{}", manager.addr))
+        .await
+        .unwrap();
+    client.chat(chat("tiny", 2)).await.unwrap();
+    let mut c = VramSchedulerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let before = leases(&mut c).await;
+    assert_eq!(before.len(), 1);
+    // kill -9 the scheduler and start a fresh one on the same port with an empty data dir: it
+    // knows nothing of the lease.
+    sched_proc.start_kill().unwrap();
+    sched_proc.wait().await.unwrap();
+    let (_sched2, _) = spawn_scheduler(&addr, &dir.path().join("sched-b")).await;
+    let mut c = VramSchedulerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut after = Vec::new();
+    for _ in 0..100 {
+        after = leases(&mut c).await;
+        if !after.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(after.len(), 1, "the manager re-attached its lease");
+    assert_eq!(after[0].id, before[0].id);
+    assert_eq!(after[0].bytes, before[0].bytes);
+    // Nobody else can take that memory: it is booked once, for the manager.
+    let st = c
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.gpus[0].leased_bytes, before[0].bytes);
+    // The model keeps answering without a reload.
+    let r = client.chat(chat("tiny", 2)).await.unwrap().into_inner();
+    assert_eq!(r.http_status, 200);
+    assert_eq!(r.load_wait_ms, 0, "no reload");
+    manager.shutdown().await;
+}
