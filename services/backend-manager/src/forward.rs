@@ -79,14 +79,27 @@ pub fn body_model(body: &[u8]) -> Option<String> {
     v.get("model")?.as_str().map(str::to_string)
 }
 
-/// Validate and rewrite a request body. Returns the new body and whether the caller itself asked
-/// for usage in the stream.
-pub fn prepare_body(
+/// A validated request body with `stream` / `stream_options` set, waiting for its `model`.
+pub struct PreparedBody(Map<String, Value>);
+
+impl PreparedBody {
+    /// Set `model` to the name the upstream serves and serialise.
+    pub fn finish(mut self, served_name: &str) -> Result<Bytes, ForwardError> {
+        self.0
+            .insert("model".into(), Value::String(served_name.to_string()));
+        serde_json::to_vec(&Value::Object(self.0))
+            .map(Bytes::from)
+            .map_err(|e| ForwardError::InvalidBody(e.to_string()))
+    }
+}
+
+/// Validate and rewrite a request body (one parse). Returns it, and whether the caller itself
+/// asked for usage in the stream.
+pub fn validate_body(
     body: &[u8],
     endpoint: Endpoint,
-    served_name: &str,
     stream: bool,
-) -> Result<(Bytes, bool), ForwardError> {
+) -> Result<(PreparedBody, bool), ForwardError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ForwardError::InvalidBody(format!("not JSON: {e}")))?;
     let Value::Object(mut m) = v else {
@@ -123,7 +136,6 @@ pub fn prepare_body(
             return Err(ForwardError::InvalidBody(format!("`{k}` must be {want}")));
         }
     }
-    m.insert("model".into(), Value::String(served_name.to_string()));
     let mut caller_wants_usage = false;
     if endpoint != Endpoint::Embeddings {
         m.insert("stream".into(), Value::Bool(stream));
@@ -145,9 +157,18 @@ pub fn prepare_body(
             m.remove("stream_options");
         }
     }
-    let out = serde_json::to_vec(&Value::Object(m))
-        .map_err(|e| ForwardError::InvalidBody(e.to_string()))?;
-    Ok((Bytes::from(out), caller_wants_usage))
+    Ok((PreparedBody(m), caller_wants_usage))
+}
+
+/// [`validate_body`] and [`PreparedBody::finish`] in one step.
+pub fn prepare_body(
+    body: &[u8],
+    endpoint: Endpoint,
+    served_name: &str,
+    stream: bool,
+) -> Result<(Bytes, bool), ForwardError> {
+    let (b, usage) = validate_body(body, endpoint, stream)?;
+    Ok((b.finish(served_name)?, usage))
 }
 
 fn send_error(e: reqwest::Error) -> ForwardError {

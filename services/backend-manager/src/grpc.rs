@@ -137,11 +137,12 @@ impl BackendService {
         endpoint: Endpoint,
     ) -> Result<Response<pb::InferenceResponse>, Status> {
         let rid = request_id(&r)?;
-        // Validate the body before loading anything.
-        forward::prepare_body(&r.body_json, endpoint, "x", false)
+        // Validate the body (one parse) before loading anything.
+        let (body, _) = forward::validate_body(&r.body_json, endpoint, false)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (mut t, deadline) = self.ticket(&r, endpoint == Endpoint::Embeddings).await?;
-        let (body, _) = forward::prepare_body(&r.body_json, endpoint, &t.served_name, false)
+        let body = body
+            .finish(&t.served_name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let started = Instant::now();
         let timeout = Duration::from_millis(deadline.saturating_sub(now_ms()));
@@ -176,12 +177,12 @@ impl BackendService {
         endpoint: Endpoint,
     ) -> Result<Response<ChunkStream>, Status> {
         let rid = request_id(&r)?;
-        forward::prepare_body(&r.body_json, endpoint, "x", true)
+        let (body, caller_wants_usage) = forward::validate_body(&r.body_json, endpoint, true)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (t, deadline) = self.ticket(&r, false).await?;
-        let (body, caller_wants_usage) =
-            forward::prepare_body(&r.body_json, endpoint, &t.served_name, true)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let body = body
+            .finish(&t.served_name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let http = self.manager.shared.http.clone();
         let first = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let mut abort = t.abort.clone();

@@ -22,7 +22,17 @@ use crate::instance::{self, InstanceError, InstanceHandle, ModelRef, Shared};
 pub struct Manager {
     pub shared: Arc<Shared>,
     instances: Arc<Mutex<BTreeMap<String, InstanceHandle>>>,
+    /// Recently resolved references (name / alias / id, embeddings?) → instance, so a warm request
+    /// does not ask the registry every time. Entries older than [`RESOLVE_TTL`] are resolved again.
+    resolved: Arc<Mutex<ResolvedCache>>,
 }
+
+/// (reference, embeddings?) → when it was resolved, and its instance.
+type ResolvedCache =
+    std::collections::HashMap<(String, bool), (std::time::Instant, InstanceHandle)>;
+
+/// How long a resolved model reference is reused without asking the registry.
+const RESOLVE_TTL: Duration = Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -33,6 +43,7 @@ impl Manager {
         let m = Self {
             shared,
             instances: Arc::new(Mutex::new(BTreeMap::new())),
+            resolved: Arc::new(Mutex::new(std::collections::HashMap::new())),
         };
         tokio::spawn(m.clone().watch_scheduler());
         m
@@ -143,6 +154,29 @@ impl Manager {
     /// The instance for a model (created on first use). Embedding requests use a separate
     /// instance started with `--embeddings` (`<model id>-emb`) unless the model's own is one.
     pub async fn instance(
+        &self,
+        reference: &str,
+        embeddings: bool,
+        request: &ModelSettings,
+    ) -> Result<InstanceHandle, InstanceError> {
+        let default_settings = *request == ModelSettings::default();
+        let key = (reference.to_string(), embeddings);
+        if default_settings
+            && let Some((at, h)) = lock(&self.resolved).get(&key)
+            && at.elapsed() < RESOLVE_TTL
+        {
+            return Ok(h.clone());
+        }
+        let h = self
+            .instance_uncached(reference, embeddings, request)
+            .await?;
+        if default_settings {
+            lock(&self.resolved).insert(key, (std::time::Instant::now(), h.clone()));
+        }
+        Ok(h)
+    }
+
+    async fn instance_uncached(
         &self,
         reference: &str,
         embeddings: bool,
