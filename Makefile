@@ -7,7 +7,7 @@ CARGO ?= cargo
 DATA_DIR ?= $(or $(SECURELLM_DATA_DIR),$(HOME)/.local/share/securellm)
 SCHEDULER_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry pyenv help
+.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend pyenv help
 
 help:
 	@echo "make run    - build (release) and start the stack (today: the vram-scheduler)"
@@ -50,7 +50,7 @@ unit:
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
-bench: bench-scheduler bench-registry
+bench: bench-scheduler bench-registry bench-estimate bench-backend
 
 bench-scheduler:
 	$(CARGO) run --release -p securellm-bench -- scheduler
@@ -67,3 +67,9 @@ pyenv:
 
 bench-registry: pyenv
 	SECURELLM_BENCH_PYTHON="$(PYENV)/bin/python" $(CARGO) run --release -p securellm-bench -- registry
+
+bench-estimate:
+	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)" $(CARGO) run --release -p securellm-bench -- estimate
+
+bench-backend:
+	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)" $(CARGO) run --release -p securellm-bench -- backend
