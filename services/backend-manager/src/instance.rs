@@ -145,11 +145,26 @@ enum Msg {
         reason: String,
     },
     Renewed(Result<(), tonic::Code>),
-    /// The lease was granted; the process is starting.
-    Starting,
+    /// The lease was granted (the process is starting): from now on it is renewed, and eviction
+    /// notices for it reach this instance.
+    Granted {
+        id: String,
+        bytes: u64,
+        gpu: u32,
+    },
     View(oneshot::Sender<pb::BackendInstance>),
-    LeaseId(oneshot::Sender<Option<(String, u64, u32, i32)>>),
+    LeaseId(oneshot::Sender<Option<HeldLease>>),
     Tick,
+}
+
+/// A lease an instance holds, as the manager presents it when re-attaching.
+#[derive(Clone, Debug)]
+pub struct HeldLease {
+    pub id: String,
+    pub bytes: u64,
+    pub gpu: u32,
+    pub priority: i32,
+    pub pids: Vec<u32>,
 }
 
 /// The cloneable API of one instance.
@@ -209,8 +224,8 @@ impl InstanceHandle {
         rx.await.ok()
     }
 
-    /// (lease id, bytes, gpu, priority) of the lease held now.
-    pub async fn lease(&self) -> Option<(String, u64, u32, i32)> {
+    /// The lease held now.
+    pub async fn lease(&self) -> Option<HeldLease> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::LeaseId(tx)).ok()?;
         rx.await.ok().flatten()
@@ -408,7 +423,10 @@ impl Actor {
                         "eviction notice",
                     );
                     // Leave a little margin before the scheduler's deadline.
-                    let by = deadline_ms.saturating_sub(500).max(now_ms());
+                    // Leave time to stop the process (SIGTERM, then SIGKILL after the grace)
+                    // and release before the scheduler's deadline.
+                    let margin = self.shared.cfg.stop_grace_ms + 1_000;
+                    let by = deadline_ms.saturating_sub(margin).max(now_ms());
                     self.drain(by, "eviction notice");
                 }
             }
@@ -442,14 +460,24 @@ impl Actor {
                 let _ = reply.send(self.view());
             }
             Msg::LeaseId(reply) => {
-                let _ = reply.send(
-                    self.lease
-                        .as_ref()
-                        .map(|l| (l.id.clone(), l.bytes, l.gpu, self.settings.priority)),
-                );
+                let pids = self
+                    .started
+                    .as_ref()
+                    .and_then(|s| s.process.as_ref())
+                    .map(|p| vec![p.pid])
+                    .unwrap_or_default();
+                let _ = reply.send(self.lease.as_ref().map(|l| HeldLease {
+                    id: l.id.clone(),
+                    bytes: l.bytes,
+                    gpu: l.gpu,
+                    priority: self.settings.priority,
+                    pids,
+                }));
             }
             Msg::Tick => self.tick(),
-            Msg::Starting => {
+            Msg::Granted { id, bytes, gpu } => {
+                self.lease = Some(Lease { id, bytes, gpu });
+                self.next_renew_ms = now_ms() + self.shared.cfg.lease_ttl_ms / 3;
                 if self.state == State::Leasing {
                     self.set_state(State::Starting, "lease granted; starting");
                 }
@@ -527,7 +555,13 @@ impl Actor {
     fn load_done(&mut self, r: Result<Loaded, InstanceError>) {
         match r {
             Ok(loaded) => {
-                self.lease = loaded.lease;
+                // `Granted` came first; if the lease was lost during the start, it stays lost
+                // (the pending drain below stops the instance).
+                if let (Some(held), Some(l)) = (&mut self.lease, loaded.lease)
+                    && held.id == l.id
+                {
+                    held.bytes = l.bytes;
+                }
                 self.estimated = loaded.estimated;
                 self.measured = loaded.started.measured.map(|m| m.total());
                 let now = now_ms();
@@ -537,8 +571,6 @@ impl Actor {
                 self.next_renew_ms = now + self.shared.cfg.lease_ttl_ms / 3;
                 let (abort, _) = watch::channel(None);
                 self.abort = abort;
-                self.drain_deadline_ms = None;
-                self.evict_by_ms = None;
                 // Notice the child's exit the moment it happens.
                 if let Some(p) = &loaded.started.process {
                     let mut exit = p.exit.clone();
@@ -573,11 +605,22 @@ impl Actor {
                         drop(t);
                     }
                 }
+                // An unload, eviction or lost lease that arrived during the load.
+                if let Some(by) = self.drain_deadline_ms.take() {
+                    self.drain(by, "drain requested during load");
+                }
             }
             Err(e) => {
+                // The load released its lease itself.
+                self.lease = None;
+                self.drain_deadline_ms = None;
+                self.evict_by_ms = None;
                 self.fail(&e.to_string());
                 for (_, w) in std::mem::take(&mut self.waiters) {
                     let _ = w.send(Err(e.clone()));
+                }
+                for r in std::mem::take(&mut self.unload_replies) {
+                    let _ = r.send(false);
                 }
             }
         }
@@ -746,7 +789,7 @@ impl Actor {
         if let Some(l) = &self.lease
             && !self.renewing
             && now >= self.next_renew_ms
-            && matches!(self.state, State::Ready | State::Draining)
+            && matches!(self.state, State::Starting | State::Ready | State::Draining)
         {
             self.renewing = true;
             self.next_renew_ms = now + self.shared.cfg.lease_ttl_ms / 3;
@@ -925,7 +968,11 @@ async fn load(
                 .await;
         }
     };
-    let _ = me.send(Msg::Starting);
+    let _ = me.send(Msg::Granted {
+        id: lease.id.clone(),
+        bytes: lease.bytes,
+        gpu: lease.gpu_index,
+    });
     // Simulated GPU: run on the CPU. The total is for engines that take a fraction of the GPU.
     let (simulated, gpu_total) = match sched.get_status(pb::GetStatusRequest {}).await {
         Ok(st) => st

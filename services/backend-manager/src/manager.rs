@@ -222,7 +222,7 @@ impl Manager {
 
     async fn by_lease(&self, lease_id: &str) -> Option<InstanceHandle> {
         for h in self.handles() {
-            if h.lease().await.is_some_and(|(id, ..)| id == lease_id) {
+            if h.lease().await.is_some_and(|l| l.id == lease_id) {
                 return Some(h);
             }
         }
@@ -282,18 +282,19 @@ impl Manager {
         let mut leases = Vec::new();
         let mut owners = Vec::new();
         for h in self.handles() {
-            if let Some((id, bytes, gpu, priority)) = h.lease().await {
+            if let Some(l) = h.lease().await {
                 leases.push(pb::Lease {
-                    id: id.clone(),
+                    id: l.id.clone(),
                     holder: self.shared.cfg.holder.clone(),
                     label: h.model.name.clone(),
-                    gpu_index: gpu,
-                    bytes,
-                    priority,
+                    gpu_index: l.gpu,
+                    bytes: l.bytes,
+                    priority: l.priority,
                     ttl_ms: self.shared.cfg.lease_ttl_ms,
+                    pids: l.pids,
                     ..Default::default()
                 });
-                owners.push((id, h));
+                owners.push((l.id, h));
             }
         }
         if leases.is_empty() {

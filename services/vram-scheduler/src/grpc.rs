@@ -229,8 +229,17 @@ impl VramScheduler for SchedulerService {
                     loop {
                         tokio::select! {
                             () = tx.closed() => {
-                                // The caller went away while queued.
+                                // The caller went away while queued. A grant may have raced
+                                // with it: release that lease rather than leak it.
                                 handle.cancel(ticket).await;
+                                // Closed: a grant sent after this fails to deliver, and the actor
+                                // releases it; one already delivered is released here.
+                                urx.close();
+                                while let Ok(n) = urx.try_recv() {
+                                    if let WaiterNotice::Granted { lease, .. } = n {
+                                        let _ = handle.release(lease.id).await;
+                                    }
+                                }
                                 return;
                             }
                             n = urx.recv() => {

@@ -1096,7 +1096,13 @@ impl LeaseTable {
                 out.lost.push((l.id, "invalid bytes or ttl_ms".to_string()));
                 continue;
             }
-            if !(self.fit_rule)(&self.account(p), l.bytes) {
+            // Insert first, then check: the lease's own processes must count as leased, not as
+            // foreign (they are using exactly this memory).
+            l.expires_at_ms = now_ms.saturating_add(l.ttl_ms);
+            l.evict_by_ms = None;
+            self.leases.insert(l.id.clone(), l.clone());
+            if !self.fits_after_insert(p, l.bytes) {
+                self.leases.remove(&l.id);
                 out.lost.push((
                     l.id,
                     format!(
@@ -1137,14 +1143,26 @@ impl LeaseTable {
                 dropped.push(l);
                 continue;
             };
-            if !(self.fit_rule)(&self.account(p), l.bytes) {
-                dropped.push(l);
-                continue;
-            }
             l.expires_at_ms = l.expires_at_ms.max(now_ms.saturating_add(l.ttl_ms));
-            self.leases.insert(l.id.clone(), l);
+            self.leases.insert(l.id.clone(), l.clone());
+            if !self.fits_after_insert(p, l.bytes) {
+                self.leases.remove(&l.id);
+                dropped.push(l);
+            }
         }
         dropped
+    }
+
+    /// With a lease of `bytes` just inserted on GPU `pos`: would the decision rule have granted it?
+    /// Foreign use is computed *with* the lease present, so the lease's own processes count as
+    /// leased, not as foreign (they use exactly this memory).
+    fn fits_after_insert(&self, pos: usize, bytes: u64) -> bool {
+        let with = self.account(pos);
+        let without = GpuAccount {
+            granted: with.granted.saturating_sub(bytes),
+            ..with
+        };
+        (self.fit_rule)(&without, bytes)
     }
 
     /// What must survive a restart: the leases and simulated foreign use.

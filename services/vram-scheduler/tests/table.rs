@@ -554,3 +554,38 @@ fn a_fit_rule_that_ignores_foreign_use_is_caught_by_the_invariant_check() {
     t.set_simulated_foreign(0, 4 * GIB, 0).unwrap();
     assert!(t.acquire(req("a", 6 * GIB, 0), 0).is_err());
 }
+
+#[test]
+fn a_restored_lease_counts_its_own_process_as_leased_not_foreign() {
+    // 24 GiB GPU; the holder's process (pid 7) uses its whole 14 GiB lease.
+    let gpus = vec![nvml_gpu(24 * GIB, 14 * GIB, Some(vec![(7, 14 * GIB)]))];
+    let lease = Lease {
+        id: "l-old-1".into(),
+        holder: "mgr".into(),
+        label: String::new(),
+        gpu: 0,
+        bytes: 14 * GIB,
+        priority: 0,
+        ttl_ms: 10_000,
+        granted_at_ms: 0,
+        expires_at_ms: 10_000,
+        pids: vec![7],
+        idle: false,
+        evict_by_ms: None,
+    };
+    let mut t = LeaseTable::new(gpus.clone(), Limits::default(), "t");
+    let out = t.reattach("mgr", vec![lease.clone()], 0).unwrap();
+    assert_eq!(out.restored.len(), 1, "{:?}", out.lost);
+    assert_eq!(t.account(0).foreign, 0);
+    assert_eq!(t.account(0).grantable(), 10 * GIB);
+    let mut t = LeaseTable::new(gpus, Limits::default(), "t");
+    let snap = Snapshot {
+        leases: vec![lease],
+        simulated_foreign: vec![],
+    };
+    assert!(
+        t.restore_snapshot(snap, 0).is_empty(),
+        "kept after a restart"
+    );
+    assert!(t.check_all().is_ok());
+}
