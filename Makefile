@@ -39,8 +39,9 @@ clippy:
 
 # The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
-unit:
-	@LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
+unit: pyenv
+	@SECURELLM_TEST_PYTHON="$(PYENV)/bin/python"; export SECURELLM_TEST_PYTHON; \
+	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	echo "llama-server: $$LLAMA_SERVER"; \
 	if command -v cargo-nextest >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast && $(CARGO) test --workspace --doc; \
@@ -60,10 +61,11 @@ bench-scheduler:
 llama-server:
 	./scripts/install-llama-server.sh
 
-# A Python venv outside the repo with the PyPI `gguf` package (the registry benchmark's baseline).
+# A Python venv outside the repo with the PyPI `openai` package (the gateway tests drive the gateway
+# with the official client) and `gguf` (the registry benchmark's baseline).
 pyenv:
 	@test -x "$(PYENV)/bin/python" || python3 -m venv "$(PYENV)"
-	@"$(PYENV)/bin/python" -c "import gguf" 2>/dev/null || "$(PYENV)/bin/pip" install -q gguf
+	@"$(PYENV)/bin/python" -c "import gguf, openai" 2>/dev/null || "$(PYENV)/bin/pip" install -q gguf openai
 
 bench-registry: pyenv
 	SECURELLM_BENCH_PYTHON="$(PYENV)/bin/python" $(CARGO) run --release -p securellm-bench -- registry

@@ -3,6 +3,7 @@
 //! Each subcommand is a thin gRPC client of one service; the addresses default to the loopback
 //! ports `make run` uses and can be set by flag or environment.
 
+mod audit;
 mod models;
 mod ps;
 mod vram;
@@ -65,6 +66,14 @@ enum Command {
     Load { model: String },
     /// Unload a model (drain, stop, release its lease).
     Unload { model: String },
+    /// The gateway's tamper-evident audit log: verify the chain, show the newest rows.
+    Audit {
+        /// The gateway's data directory.
+        #[arg(long, env = "SECURELLM_DATA_DIR")]
+        data_dir: Option<std::path::PathBuf>,
+        #[command(subcommand)]
+        action: audit::AuditAction,
+    },
     /// Models the registry found: table, details, rescan.
     Models {
         #[command(subcommand)]
@@ -102,6 +111,10 @@ async fn main() -> anyhow::Result<()> {
                 securellm_common::format_bytes(n)
             );
             Ok(())
+        }
+        Command::Audit { data_dir, action } => {
+            let dir = data_dir.unwrap_or_else(securellm_common::config::default_data_dir);
+            audit::run(&dir, action).await
         }
         Command::Ps => ps::ps(&endpoint(&cli.backend)).await,
         Command::Load { model } => ps::load(&endpoint(&cli.backend), &model).await,

@@ -1,0 +1,110 @@
+//! The gateway's configuration: `[gateway]` of the shared TOML file, overridden by flags.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use securellm_common::ByteSize;
+use securellm_common::config::ConfigError;
+use serde::Deserialize;
+
+/// `[gateway]` in the config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// gRPC (health, reflection; the Gateway / GatewayAdmin services are planned).
+    pub listen: String,
+    /// The OpenAI-compatible HTTP API.
+    pub http_listen: String,
+    pub data_dir: Option<PathBuf>,
+    /// The backend manager's gRPC address.
+    pub backend: String,
+    /// The registry's gRPC address.
+    pub registry: String,
+    /// Largest request body accepted (413 beyond).
+    pub max_body: ByteSize,
+    /// Whole-request time limit, load included.
+    pub request_timeout_ms: u64,
+    /// When no API key exists yet, create one (all models) and write its secret to this file
+    /// (mode 0600).
+    pub bootstrap_key_file: Option<PathBuf>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50054".into(),
+            http_listen: "127.0.0.1:8088".into(),
+            data_dir: None,
+            backend: "127.0.0.1:50053".into(),
+            registry: "127.0.0.1:50052".into(),
+            max_body: ByteSize(4 << 20),
+            request_timeout_ms: 600_000,
+            bootstrap_key_file: None,
+        }
+    }
+}
+
+/// The one external door: OpenAI-compatible HTTP in front of the local stack.
+#[derive(Debug, Parser)]
+#[command(name = "securellm-gateway", version, about)]
+pub struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "SECURELLM_GATEWAY_LISTEN")]
+    pub listen: Option<String>,
+    /// HTTP (OpenAI-compatible) listen address.
+    #[arg(long, env = "SECURELLM_GATEWAY_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Config file (TOML; this service reads [gateway]).
+    #[arg(long, env = "SECURELLM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the key store and the audit log live.
+    #[arg(long, env = "SECURELLM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The backend manager's address.
+    #[arg(long, env = "SECURELLM_BACKEND")]
+    pub backend: Option<String>,
+    /// The registry's address.
+    #[arg(long, env = "SECURELLM_REGISTRY")]
+    pub registry: Option<String>,
+    /// Create a first API key if none exists and write it to this file.
+    #[arg(long)]
+    pub bootstrap_key_file: Option<PathBuf>,
+}
+
+impl GatewayConfig {
+    pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
+        let mut c: GatewayConfig =
+            securellm_common::config::load_section(args.config.as_deref(), "gateway")?;
+        if let Some(v) = &args.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = &args.http_listen {
+            c.http_listen = v.clone();
+        }
+        if let Some(v) = &args.data_dir {
+            c.data_dir = Some(v.clone());
+        }
+        if let Some(v) = &args.backend {
+            c.backend = v.clone();
+        }
+        if let Some(v) = &args.registry {
+            c.registry = v.clone();
+        }
+        if let Some(v) = &args.bootstrap_key_file {
+            c.bootstrap_key_file = Some(v.clone());
+        }
+        if c.max_body.0 < 1024 {
+            return Err(ConfigError::Field {
+                field: "gateway.max_body".into(),
+                message: "must be at least 1KiB".into(),
+            });
+        }
+        if c.request_timeout_ms < 1000 {
+            return Err(ConfigError::Field {
+                field: "gateway.request_timeout_ms".into(),
+                message: "must be at least 1000".into(),
+            });
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,114 @@
+//! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the status code
+//! OpenAI uses for the same failure, so the official clients raise their matching exception
+//! (`AuthenticationError` for 401, `PermissionDeniedError` 403, `NotFoundError` 404,
+//! `BadRequestError` 400, `RateLimitError` 429, ...).
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<String>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            code: None,
+            param: None,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn param(mut self, p: impl Into<String>) -> Self {
+        self.param = Some(p.into());
+        self
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .code("invalid_api_key")
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+        .code("model_not_found")
+        .param("model")
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        for (k, v) in &self.headers {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                r.headers_mut().insert(HeaderName::from_static(k), v);
+            }
+        }
+        r
+    }
+}
+
+/// A backend-manager gRPC status as the HTTP error OpenAI clients expect.
+pub fn from_status(s: &tonic::Status) -> ApiError {
+    use tonic::Code;
+    let msg = s.message().to_string();
+    match s.code() {
+        Code::InvalidArgument => ApiError::bad_request(msg),
+        Code::NotFound => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg)
+            .code("model_not_found"),
+        Code::FailedPrecondition => ApiError::bad_request(msg),
+        Code::ResourceExhausted => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg)
+                .code("insufficient_gpu_memory")
+                .header("retry-after", "5")
+        }
+        Code::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg)
+            .header("retry-after", "1"),
+        Code::DeadlineExceeded => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", msg),
+        Code::Aborted => ApiError::new(StatusCode::BAD_GATEWAY, "server_error", msg),
+        Code::Cancelled => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "the request was cancelled",
+        ),
+        _ => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("upstream error: {msg}"),
+        ),
+    }
+}

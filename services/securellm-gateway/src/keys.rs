@@ -1,0 +1,332 @@
+//! API keys: `sk-slm-` + 64 hex characters (256 random bits), shown once at creation and stored
+//! only as a SHA-256 hash. Lookup hashes the presented secret and compares hashes in constant
+//! time. Each key carries a subject, model patterns (`*` wildcards) and limits.
+//!
+//! The key table lives in SQLite (`keys.db` in the data directory); an in-memory copy answers the
+//! hot path without touching the database.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use subtle::ConstantTimeEq;
+
+use securellm_common::time::now_ms;
+
+/// Key store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("invalid `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("no API key with id {0:?}")]
+    NotFound(String),
+    #[error("cannot read random bytes: {0}")]
+    Random(String),
+}
+
+/// A key's record (never its secret).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    /// First characters of the secret, for recognising it in listings.
+    pub prefix: String,
+    pub subject: String,
+    pub models: Vec<String>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub concurrent: Option<u32>,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub revoked_ms: Option<u64>,
+}
+
+impl KeyRecord {
+    /// May this key use `model`?
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.iter().any(|p| glob(p, model))
+    }
+
+    pub fn active(&self, now: u64) -> bool {
+        self.revoked_ms.is_none() && self.expires_ms.is_none_or(|e| e > now)
+    }
+}
+
+/// `*` matches any run of characters; everything else literally.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first)
+        || !text[first.len()..].ends_with(last)
+        || text.len() < first.len() + last.len()
+    {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// What a new key may do.
+#[derive(Clone, Debug, Default)]
+pub struct NewKey {
+    pub name: String,
+    pub subject: Option<String>,
+    pub models: Vec<String>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u32>,
+    pub concurrent: Option<u32>,
+    pub expires_ms: Option<u64>,
+}
+
+fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The key store.
+#[derive(Clone)]
+pub struct KeyStore {
+    pool: SqlitePool,
+    by_hash: Arc<RwLock<HashMap<[u8; 32], KeyRecord>>>,
+}
+
+impl KeyStore {
+    pub async fn open(path: &Path) -> Result<Self, KeyError> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts)
+            .await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS api_keys (
+                id TEXT PRIMARY KEY NOT NULL, hash BLOB NOT NULL UNIQUE, name TEXT NOT NULL,
+                prefix TEXT NOT NULL, subject TEXT NOT NULL, models TEXT NOT NULL,
+                rpm INTEGER, tpm INTEGER, concurrent INTEGER,
+                created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER)",
+        )
+        .execute(&pool)
+        .await?;
+        let s = Self {
+            pool,
+            by_hash: Arc::new(RwLock::new(HashMap::new())),
+        };
+        s.reload().await?;
+        Ok(s)
+    }
+
+    async fn reload(&self) -> Result<(), KeyError> {
+        let rows = sqlx::query("SELECT * FROM api_keys")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut map = HashMap::new();
+        for r in rows {
+            let h: Vec<u8> = r.try_get("hash")?;
+            let Ok(h): Result<[u8; 32], _> = h.try_into() else {
+                continue;
+            };
+            let models: String = r.try_get("models")?;
+            let opt = |k: &str| -> Result<Option<u32>, sqlx::Error> {
+                Ok(r.try_get::<Option<i64>, _>(k)?
+                    .and_then(|v| u32::try_from(v).ok()))
+            };
+            map.insert(
+                h,
+                KeyRecord {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    prefix: r.try_get("prefix")?,
+                    subject: r.try_get("subject")?,
+                    models: serde_json::from_str(&models).unwrap_or_default(),
+                    rpm: opt("rpm")?,
+                    tpm: opt("tpm")?,
+                    concurrent: opt("concurrent")?,
+                    created_ms: r.try_get::<i64, _>("created_ms")? as u64,
+                    expires_ms: r.try_get::<Option<i64>, _>("expires_ms")?.map(|v| v as u64),
+                    revoked_ms: r.try_get::<Option<i64>, _>("revoked_ms")?.map(|v| v as u64),
+                },
+            );
+        }
+        if let Ok(mut m) = self.by_hash.write() {
+            *m = map;
+        }
+        Ok(())
+    }
+
+    /// Create a key; returns the secret (shown once) and its record.
+    pub async fn create(&self, k: NewKey) -> Result<(String, KeyRecord), KeyError> {
+        if k.name.trim().is_empty() || k.name.len() > 128 {
+            return Err(KeyError::Invalid {
+                field: "name",
+                message: "must be 1..=128 bytes".into(),
+            });
+        }
+        if k.models.is_empty() || k.models.iter().any(|m| m.is_empty()) {
+            return Err(KeyError::Invalid {
+                field: "models",
+                message: "at least one non-empty model pattern is needed (`*` for all)".into(),
+            });
+        }
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| KeyError::Random(e.to_string()))?;
+        let secret = format!("sk-slm-{}", hex::encode(raw));
+        let mut idb = [0u8; 6];
+        getrandom::fill(&mut idb).map_err(|e| KeyError::Random(e.to_string()))?;
+        let id = format!("key_{}", hex::encode(idb));
+        let rec = KeyRecord {
+            id: id.clone(),
+            name: k.name.clone(),
+            prefix: secret[..14].to_string(),
+            subject: k
+                .subject
+                .clone()
+                .unwrap_or_else(|| format!("key:{}", k.name)),
+            models: k.models.clone(),
+            rpm: k.rpm.filter(|&v| v > 0),
+            tpm: k.tpm.filter(|&v| v > 0),
+            concurrent: k.concurrent.filter(|&v| v > 0),
+            created_ms: now_ms(),
+            expires_ms: k.expires_ms,
+            revoked_ms: None,
+        };
+        sqlx::query(
+            "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&rec.id)
+        .bind(hash(&secret).to_vec())
+        .bind(&rec.name)
+        .bind(&rec.prefix)
+        .bind(&rec.subject)
+        .bind(serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()))
+        .bind(rec.rpm.map(i64::from))
+        .bind(rec.tpm.map(i64::from))
+        .bind(rec.concurrent.map(i64::from))
+        .bind(rec.created_ms as i64)
+        .bind(rec.expires_ms.map(|v| v as i64))
+        .execute(&self.pool)
+        .await?;
+        self.reload().await?;
+        Ok((secret, rec))
+    }
+
+    /// Revoke a key (it stops working at once).
+    pub async fn revoke(&self, id: &str) -> Result<KeyRecord, KeyError> {
+        let n =
+            sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL")
+                .bind(now_ms() as i64)
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        self.reload().await?;
+        let rec = self.list().into_iter().find(|k| k.id == id);
+        match (n, rec) {
+            (_, Some(r)) => Ok(r),
+            (_, None) => Err(KeyError::NotFound(id.to_string())),
+        }
+    }
+
+    pub fn list(&self) -> Vec<KeyRecord> {
+        let mut v: Vec<KeyRecord> = self
+            .by_hash
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        v
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.read().map(|m| m.is_empty()).unwrap_or(true)
+    }
+
+    /// The record of a presented secret, if it is a known key (active or not).
+    pub fn lookup(&self, secret: &str) -> Option<KeyRecord> {
+        let h = hash(secret);
+        let map = self.by_hash.read().ok()?;
+        // The map finds the candidate by hash; the final comparison is constant-time.
+        let (stored, rec) = map.get_key_value(&h)?;
+        bool::from(stored.ct_eq(&h)).then(|| rec.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*", "anything"));
+        assert!(glob("llama*", "llama-3-8b"));
+        assert!(!glob("llama*", "qwen"));
+        assert!(glob("*-q4*", "x-q4_k_m"));
+        assert!(glob("tiny", "tiny"));
+        assert!(!glob("tiny", "tiny2"));
+        assert!(!glob("a*a", "a"));
+    }
+
+    #[tokio::test]
+    async fn keys_are_hashed_shown_once_and_revocable() {
+        let d = tempfile::tempdir().unwrap();
+        let s = KeyStore::open(&d.path().join("keys.db")).await.unwrap();
+        let (secret, rec) = s
+            .create(NewKey {
+                name: "ci".into(),
+                models: vec!["tiny*".into()],
+                rpm: Some(5),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(secret.starts_with("sk-slm-") && secret.len() == 7 + 64);
+        assert_eq!(s.lookup(&secret).unwrap().id, rec.id);
+        assert!(s.lookup("sk-slm-wrong").is_none());
+        assert!(rec.allows("tiny") && !rec.allows("big"));
+        let db = std::fs::read(d.path().join("keys.db")).unwrap();
+        assert!(
+            !db.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the secret is never stored"
+        );
+        s.revoke(&rec.id).await.unwrap();
+        assert!(!s.lookup(&secret).unwrap().active(now_ms()));
+        assert!(
+            s.create(NewKey {
+                name: "".into(),
+                models: vec!["*".into()],
+                ..Default::default()
+            })
+            .await
+            .is_err()
+        );
+        assert!(
+            s.create(NewKey {
+                name: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err()
+        );
+        let reopened = KeyStore::open(&d.path().join("keys.db")).await.unwrap();
+        assert_eq!(reopened.list().len(), 1);
+    }
+}

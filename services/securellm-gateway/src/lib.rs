@@ -1,0 +1,199 @@
+//! securellm-gateway: the one external door.
+//!
+//! - [`app`]: the OpenAI-compatible HTTP API and the request path as one visible stack.
+//! - [`keys`]: API keys (hashed, constant-time lookup, model patterns, limits).
+//! - [`ratelimit`]: requests / tokens per minute and concurrency per subject; failed-auth limits.
+//! - [`redact`]: secrets in prompts bound for cloud upstreams.
+//! - [`audit`]: the hash-chained, group-committed audit log.
+//! - [`upstream`]: the local backend manager over gRPC.
+//! - [`error`]: OpenAI-shaped errors.
+
+pub mod app;
+pub mod audit;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod ratelimit;
+pub mod redact;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use securellm_common::serve;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::GatewayConfig;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
+    #[error("invalid address {0}")]
+    Address(String),
+    #[error("cannot write the bootstrap key file {path}: {source}")]
+    Bootstrap {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub state: app::Shared,
+    stop: Option<oneshot::Sender<()>>,
+    http_stop: Option<oneshot::Sender<()>>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: JoinHandle<Result<(), std::io::Error>>,
+}
+
+impl RunningGateway {
+    /// Stop both listeners and flush the audit log.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(s) = self.http_stop.take() {
+            let _ = s.send(());
+        }
+        serve::finish(&mut self.grpc).await;
+        serve::finish(&mut self.http).await;
+        self.state.audit.flush().await;
+    }
+}
+
+fn channel(addr: &str) -> Result<tonic::transport::Channel, StartError> {
+    let url = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|_| StartError::Address(url))?
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// Open the key store and audit log, then serve HTTP and gRPC.
+pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
+    let data = cfg
+        .data_dir
+        .clone()
+        .unwrap_or_else(securellm_common::config::default_data_dir);
+    std::fs::create_dir_all(&data).map_err(|source| StartError::DataDir {
+        path: data.clone(),
+        source,
+    })?;
+    let keys = keys::KeyStore::open(&data.join("gateway-keys.db")).await?;
+    if let Some(path) = &cfg.bootstrap_key_file
+        && keys.is_empty()
+    {
+        let (secret, rec) = keys
+            .create(keys::NewKey {
+                name: "bootstrap".into(),
+                models: vec!["*".into()],
+                ..Default::default()
+            })
+            .await?;
+        write_secret(path, &secret).map_err(|source| StartError::Bootstrap {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!(key = %rec.id, "created the first API key; its secret is in {}", path.display());
+    }
+    let audit = audit::AuditLog::open(&data.join("gateway-audit.db")).await?;
+    let state = Arc::new(app::AppState {
+        keys,
+        local: upstream::Local::new(channel(&cfg.backend)?),
+        registry: securellm_proto::v1::model_registry_client::ModelRegistryClient::new(channel(
+            &cfg.registry,
+        )?),
+        audit,
+        limits: ratelimit::RateLimiter::new(),
+        request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+    });
+    {
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                st.limits.retain_recent();
+            }
+        });
+    }
+    let http_listener = tokio::net::TcpListener::bind(&cfg.http_listen)
+        .await
+        .map_err(|source| serve::ServeError::Bind {
+            addr: cfg.http_listen.clone(),
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| serve::ServeError::Bind {
+            addr: cfg.http_listen.clone(),
+            source,
+        })?;
+    let router = app::router(state.clone(), cfg.max_body.0 as usize);
+    let (http_stop, http_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        axum::serve(
+            http_listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = http_rx.await;
+        })
+        .await
+    });
+    let listener = serve::bind(&cfg.listen).await?;
+    let grpc_addr = listener.addr;
+    let health = serve::health_service(&[]).await;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(serve::reflection_v1()?)
+            .add_service(serve::reflection_v1alpha()?)
+            .serve_with_incoming_shutdown(listener.incoming(), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    Ok(RunningGateway {
+        grpc_addr,
+        http_addr,
+        state,
+        stop: Some(stop_tx),
+        http_stop: Some(http_stop),
+        grpc,
+        http,
+    })
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")
+}

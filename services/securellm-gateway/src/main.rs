@@ -1,0 +1,23 @@
+//! `securellm-gateway`: the OpenAI-compatible door to the local stack.
+
+use anyhow::Context;
+use clap::Parser;
+use securellm_gateway::config::{Args, GatewayConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    securellm_common::telemetry::init("info");
+    let args = Args::parse();
+    let cfg = GatewayConfig::resolve(&args)?;
+    let running = securellm_gateway::start(&cfg)
+        .await
+        .context("starting securellm-gateway")?;
+    securellm_common::serve::announce_ready(
+        "securellm-gateway",
+        running.grpc_addr,
+        Some(running.http_addr),
+    );
+    securellm_common::serve::shutdown_signal().await;
+    running.shutdown().await;
+    Ok(())
+}

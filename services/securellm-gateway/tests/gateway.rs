@@ -1,0 +1,284 @@
+//! The gateway in front of the real stack (scheduler, registry, backend manager with the real
+//! llama-server, all in-process over loopback gRPC), driven by the official `openai` Python client
+//! and by raw HTTP for what a client library hides.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use securellm_gateway::keys::NewKey;
+use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
+
+fn llama_server() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLAMA_SERVER") {
+        return p.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new(root.join("scripts/install-llama-server.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "llama-server is needed: run `make llama-server`"
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim(),
+    )
+}
+
+/// Python with the `openai` package: `$SECURELLM_TEST_PYTHON`, else the venv `make pyenv` makes.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("SECURELLM_TEST_PYTHON") {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let cache = std::env::var_os("SECURELLM_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(home.join(".cache/securellm"));
+    let p = cache.join("pyenv/bin/python");
+    assert!(
+        p.is_file(),
+        "{} missing: run `make pyenv` (a venv with the openai package)",
+        p.display()
+    );
+    p
+}
+
+struct Stack {
+    _dir: tempfile::TempDir,
+    _scheduler: vram_scheduler::RunningScheduler,
+    _registry: registry::RunningRegistry,
+    _manager: backend_manager::RunningManager,
+    gateway: securellm_gateway::RunningGateway,
+    data: PathBuf,
+}
+
+async fn stack() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    for (name, seed) in [("tiny", 1), ("other", 2)] {
+        write_tiny_llama(
+            models.join(format!("{name}.gguf")),
+            &TinyLlamaOptions {
+                name: name.into(),
+                seed,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
+        listen: "127.0.0.1:0".into(),
+        inventory: vram_scheduler::config::InventoryMode::Simulated,
+        simulate_gpus: vec![securellm_common::ByteSize(1 << 30)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let registry = registry::start(&registry::config::RegistryConfig {
+        registry: registry::config::RegistrySection {
+            listen: "127.0.0.1:0".into(),
+            watch: false,
+            ..Default::default()
+        },
+        roots: vec![models.clone()],
+        aliases: Default::default(),
+        data_dir: dir.path().join("registry"),
+    })
+    .await
+    .unwrap();
+    let manager = backend_manager::start(&backend_manager::config::BackendConfig {
+        listen: "127.0.0.1:0".into(),
+        scheduler: scheduler.addr.to_string(),
+        registry: registry.addr.to_string(),
+        llama_server: Some(llama_server()),
+        defaults: backend_manager::config::ModelSettings {
+            context: Some(512),
+            idle_ttl_ms: Some(0),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let data = dir.path().join("gateway");
+    let gateway = securellm_gateway::start(&securellm_gateway::config::GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        http_listen: "127.0.0.1:0".into(),
+        data_dir: Some(data.clone()),
+        backend: manager.addr.to_string(),
+        registry: registry.addr.to_string(),
+        max_body: securellm_common::ByteSize(64 << 10),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    Stack {
+        _dir: dir,
+        _scheduler: scheduler,
+        _registry: registry,
+        _manager: manager,
+        gateway,
+        data,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_works_unchanged() {
+    let s = stack().await;
+    let keys = &s.gateway.state.keys;
+    let (all, _) = keys
+        .create(NewKey {
+            name: "all".into(),
+            models: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (scoped, _) = keys
+        .create(NewKey {
+            name: "scoped".into(),
+            models: vec!["tiny".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (limited, _) = keys
+        .create(NewKey {
+            name: "limited".into(),
+            models: vec!["*".into()],
+            rpm: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = tokio::process::Command::new(python())
+        .arg(script)
+        .env("BASE_URL", format!("http://{}/v1", s.gateway.http_addr))
+        .env("API_KEY", &all)
+        .env("SCOPED_KEY", &scoped)
+        .env("LIMITED_KEY", &limited)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
+
+    // Every request left an audit row, denied ones included, and the chain verifies.
+    s.gateway.state.audit.flush().await;
+    let rows = s
+        .gateway
+        .state
+        .audit
+        .query(securellm_gateway::audit::AuditFilter {
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let statuses: Vec<u16> = rows.iter().map(|r| r.entry.status).collect();
+    for want in [200, 401, 404, 400, 429] {
+        assert!(
+            statuses.contains(&want),
+            "no audit row with status {want}: {statuses:?}"
+        );
+    }
+    assert!(
+        rows.iter().all(|r| !r.entry.key_id.starts_with("sk-")),
+        "never the key itself"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.entry.streamed && r.entry.completion_tokens == 12)
+    );
+    let report = s.gateway.state.audit.verify().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    assert!(s.data.join("gateway-audit.db").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_http_errors_are_openai_shaped() {
+    let s = stack().await;
+    let (key, _) = s
+        .gateway
+        .state
+        .keys
+        .create(NewKey {
+            name: "k".into(),
+            models: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", s.gateway.http_addr);
+    let post = |body: Vec<u8>| {
+        http.post(&url)
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // Malformed JSON.
+    let r = post(b"{not json".to_vec()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("JSON"));
+    // No model.
+    let r = post(br#"{"messages":[]}"#.to_vec()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]["param"],
+        "model"
+    );
+    // Too large (the test gateway accepts 64 KiB).
+    let big = format!(
+        r#"{{"model":"tiny","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(100 << 10)
+    );
+    let r = post(big.into_bytes()).await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "request_too_large"
+    );
+    // No key.
+    let r = http.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Health is open; ready checks the registry.
+    let r = http
+        .get(format!("http://{}/health", s.gateway.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("http://{}/ready", s.gateway.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A streamed answer is relayed as it comes and ends with [DONE].
+    let r = post(br#"{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":4,"stream":true}"#.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = tokio::time::timeout(Duration::from_secs(30), r.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.matches("data: ").count() >= 4);
+}
