@@ -10,7 +10,7 @@ SCHEDULER_LISTEN ?= 127.0.0.1:50051
 .PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend pyenv help
 
 help:
-	@echo "make run    - build (release) and start the stack (today: the vram-scheduler)"
+	@echo "make run    - build (release) and start the stack: 4 services, OpenAI API on 127.0.0.1:8088"
 	@echo "make test   - fmt check, clippy -D warnings, every test (what CI runs)"
 	@echo "make bench  - benchmark programs (see BENCHMARKS.md)"
 
@@ -18,13 +18,11 @@ build:
 	$(CARGO) build --workspace
 
 release:
-	$(CARGO) build --release -p vram-scheduler -p securellm -p securellm-bench
+	$(CARGO) build --release -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm
 
+# The whole stack as four processes on loopback (see scripts/run-stack.sh).
 run: release
-	@mkdir -p "$(DATA_DIR)"
-	@echo "data directory: $(DATA_DIR)"
-	@echo "try in another terminal: ./target/release/securellm vram   (and: securellm vram watch)"
-	./target/release/vram-scheduler --listen $(SCHEDULER_LISTEN) --data-dir "$(DATA_DIR)"
+	DATA_DIR="$(DATA_DIR)" ./scripts/run-stack.sh
 
 test: fmt-check clippy unit
 
