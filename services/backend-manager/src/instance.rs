@@ -880,6 +880,9 @@ impl Actor {
 }
 
 fn status_err(what: &str, s: tonic::Status) -> InstanceError {
+    if s.code() == tonic::Code::InvalidArgument && s.message().contains("can never fit") {
+        return InstanceError::ResourceExhausted(format!("{what}: {}", s.message()));
+    }
     match s.code() {
         tonic::Code::NotFound => InstanceError::NotFound(format!("{what}: {}", s.message())),
         tonic::Code::InvalidArgument => {
@@ -974,15 +977,27 @@ async fn load(
         gpu: lease.gpu_index,
     });
     // Simulated GPU: run on the CPU. The total is for engines that take a fraction of the GPU.
-    let (simulated, gpu_total) = match sched.get_status(pb::GetStatusRequest {}).await {
+    // If the scheduler cannot say, do not guess (a wrong guess would run a GPU lease on the CPU):
+    // give the lease back and fail the load.
+    let gpu = match sched.get_status(pb::GetStatusRequest {}).await {
         Ok(st) => st
             .into_inner()
             .gpus
-            .iter()
-            .find(|g| g.index == lease.gpu_index)
-            .map_or((true, 0), |g| (g.simulated, g.total_bytes)),
-        Err(_) => (true, 0),
+            .into_iter()
+            .find(|g| g.index == lease.gpu_index),
+        Err(e) => {
+            release(lease.id.clone()).await;
+            return Err(status_err("scheduler status", e));
+        }
     };
+    let Some(gpu) = gpu else {
+        release(lease.id.clone()).await;
+        return Err(InstanceError::Unavailable(format!(
+            "the scheduler granted GPU {} but does not list it",
+            lease.gpu_index
+        )));
+    };
+    let (simulated, gpu_total) = (gpu.simulated, gpu.total_bytes);
     let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
     let spec = StartSpec {
         model_path: model.path.clone(),

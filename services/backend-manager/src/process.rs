@@ -100,18 +100,30 @@ impl Supervised {
     }
 
     /// SIGTERM to the process group, SIGKILL after `grace`; returns once the child was reaped.
+    ///
+    /// Engines that fork workers (vLLM, TGI) keep GPU memory in other members of the group: once
+    /// the leader is gone the whole group is killed, and this waits (up to the grace) until no
+    /// member is left, so a lease released afterwards is really free.
     pub async fn stop(&self, grace: Duration) -> ExitInfo {
-        if let Some(e) = self.exited() {
-            return e;
-        }
-        signal_group(self.pid, libc::SIGTERM);
-        match tokio::time::timeout(grace, self.wait()).await {
-            Ok(e) => e,
-            Err(_) => {
-                signal_group(self.pid, libc::SIGKILL);
-                self.wait().await
+        let exit = match self.exited() {
+            Some(e) => e,
+            None => {
+                signal_group(self.pid, libc::SIGTERM);
+                match tokio::time::timeout(grace, self.wait()).await {
+                    Ok(e) => e,
+                    Err(_) => {
+                        signal_group(self.pid, libc::SIGKILL);
+                        self.wait().await
+                    }
+                }
             }
+        };
+        signal_group(self.pid, libc::SIGKILL);
+        let until = tokio::time::Instant::now() + grace;
+        while group_alive(self.pid) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        exit
     }
 
     /// SIGKILL the group now.
@@ -124,9 +136,18 @@ impl Supervised {
 
 impl Drop for Supervised {
     fn drop(&mut self) {
-        // A supervised child never outlives its handle.
-        self.kill();
+        // A supervised child, and anything it forked, never outlives its handle.
+        signal_group(self.pid, libc::SIGKILL);
     }
+}
+
+/// Does any process of the group led by `pid` still exist?
+fn group_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(-pid, 0) == 0 }
 }
 
 fn signal_group(pid: u32, sig: i32) {

@@ -42,10 +42,14 @@ pub fn command(cfg: &EngineConfig, default: &[&str]) -> (PathBuf, Vec<String>) {
 
 /// `CUDA_VISIBLE_DEVICES` for the leased GPU (empty on a simulated GPU), as for llama.cpp.
 pub fn cuda_env(spec: &StartSpec) -> Vec<(String, String)> {
-    vec![(
-        "CUDA_VISIBLE_DEVICES".into(),
-        spec.gpu.map(|g| g.to_string()).unwrap_or_default(),
-    )]
+    vec![
+        // NVML numbers GPUs in PCI bus order; CUDA's default is fastest first.
+        ("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()),
+        (
+            "CUDA_VISIBLE_DEVICES".into(),
+            spec.gpu.map(|g| g.to_string()).unwrap_or_default(),
+        ),
+    ]
 }
 
 async fn healthy(http: &reqwest::Client, endpoint: &str) -> bool {

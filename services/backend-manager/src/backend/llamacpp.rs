@@ -124,10 +124,7 @@ impl Backend for LlamaCpp {
         let child_spec = ChildSpec {
             program: self.binary.clone(),
             args: self.args(spec),
-            env: vec![(
-                "CUDA_VISIBLE_DEVICES".into(),
-                spec.gpu.map(|g| g.to_string()).unwrap_or_default(),
-            )],
+            env: super::engine::cuda_env(spec),
         };
         let (tx, mut lines) = mpsc::unbounded_channel();
         let child = process::spawn(&child_spec, Some(tx)).map_err(|e| BackendError::Spawn {
