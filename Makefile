@@ -45,7 +45,7 @@ unit: pyenv
 		$(CARGO) nextest run --workspace --no-fail-fast && $(CARGO) test --workspace --doc; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
-	fi
+	fi && "$(PYENV)/bin/python" tests/compose_check.py
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
@@ -60,10 +60,11 @@ llama-server:
 	./scripts/install-llama-server.sh
 
 # A Python venv outside the repo with the PyPI `openai` package (the gateway tests drive the gateway
-# with the official client) and `gguf` (the registry benchmark's baseline).
+# with the official client), `gguf` (the registry benchmark's baseline) and `pyyaml` (the
+# docker-compose check).
 pyenv:
 	@test -x "$(PYENV)/bin/python" || python3 -m venv "$(PYENV)"
-	@"$(PYENV)/bin/python" -c "import gguf, openai" 2>/dev/null || "$(PYENV)/bin/pip" install -q gguf openai
+	@"$(PYENV)/bin/python" -c "import gguf, openai, yaml" 2>/dev/null || "$(PYENV)/bin/pip" install -q gguf openai pyyaml
 
 bench-registry: pyenv
 	SECURELLM_BENCH_PYTHON="$(PYENV)/bin/python" $(CARGO) run --release -p securellm-bench -- registry

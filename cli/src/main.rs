@@ -4,6 +4,7 @@
 //! ports `make run` uses and can be set by flag or environment.
 
 mod audit;
+mod health;
 mod models;
 mod ps;
 mod vram;
@@ -74,6 +75,14 @@ enum Command {
         #[command(subcommand)]
         action: audit::AuditAction,
     },
+    /// gRPC health check of a service (exit 0 when SERVING), for container healthchecks.
+    Health {
+        /// HOST:PORT of the service.
+        addr: String,
+        /// A service name (e.g. securellm.v1.VramScheduler); empty = the server as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Models the registry found: table, details, rescan.
     Models {
         #[command(subcommand)]
@@ -116,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             let dir = data_dir.unwrap_or_else(securellm_common::config::default_data_dir);
             audit::run(&dir, action).await
         }
+        Command::Health { addr, service } => health::run(&endpoint(&addr), &service).await,
         Command::Ps => ps::ps(&endpoint(&cli.backend)).await,
         Command::Load { model } => ps::load(&endpoint(&cli.backend), &model).await,
         Command::Unload { model } => ps::unload(&endpoint(&cli.backend), &model).await,
