@@ -36,6 +36,8 @@ use crate::upstream::{Endpoint, Local, StreamAnswer, StreamItem, Usage};
 /// Everything the handlers share.
 pub struct AppState {
     pub keys: KeyStore,
+    /// JWT verification, when configured.
+    pub jwt: Option<crate::jwt::JwtVerifier>,
     pub local: Local,
     pub registry: ModelRegistryClient<Channel>,
     pub audit: AuditLog,
@@ -148,9 +150,24 @@ async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) ->
             ),
         );
     }
-    let Some(key) = st.keys.lookup(token) else {
-        st.limits.auth_failed(&client);
-        return deny(&st, ApiError::unauthorized("Incorrect API key provided."));
+    let key = match (&st.jwt, st.keys.lookup(token)) {
+        (_, Some(k)) => k,
+        (Some(v), None) if crate::jwt::JwtVerifier::looks_like_jwt(token) => {
+            match v.verify(token) {
+                Ok(k) => k,
+                Err(why) => {
+                    st.limits.auth_failed(&client);
+                    return deny(
+                        &st,
+                        ApiError::unauthorized(format!("Invalid bearer token: {why}.")),
+                    );
+                }
+            }
+        }
+        _ => {
+            st.limits.auth_failed(&client);
+            return deny(&st, ApiError::unauthorized("Incorrect API key provided."));
+        }
     };
     if !key.active(now_ms()) {
         st.limits.auth_failed(&client);
@@ -186,9 +203,11 @@ async fn ready(State(st): State<Shared>) -> Response {
 async fn models(
     State(st): State<Shared>,
     axum::Extension(caller): axum::Extension<Caller>,
+    headers: HeaderMap,
 ) -> Response {
+    let started = Instant::now();
     let mut reg = st.registry.clone();
-    match Local::models(&mut reg).await {
+    let (status, response) = match Local::models(&mut reg).await {
         Ok(ms) => {
             let data: Vec<Value> = ms
                 .iter()
@@ -197,10 +216,26 @@ async fn models(
                     serde_json::json!({"id": m.name, "object": "model", "created": m.first_seen_ms / 1000, "owned_by": "securellm"})
                 })
                 .collect();
-            axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+            (
+                200,
+                axum::Json(serde_json::json!({"object": "list", "data": data})).into_response(),
+            )
         }
-        Err(e) => e.into_response(),
-    }
+        Err(e) => (e.status.as_u16(), e.into_response()),
+    };
+    st.audit.append_nowait(AuditEntry {
+        time_ms: now_ms(),
+        request_id: request_id(&headers),
+        subject: caller.key.subject.clone(),
+        key_id: caller.key.id.clone(),
+        client_addr: caller.client.clone(),
+        endpoint: "/v1/models".into(),
+        upstream: "registry".into(),
+        status,
+        latency_us: started.elapsed().as_micros() as u64,
+        ..AuditEntry::default()
+    });
+    response
 }
 
 async fn chat(

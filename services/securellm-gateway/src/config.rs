@@ -27,6 +27,8 @@ pub struct GatewayConfig {
     /// When no API key exists yet, create one (all models) and write its secret to this file
     /// (mode 0600).
     pub bootstrap_key_file: Option<PathBuf>,
+    /// JWT bearer tokens (`[gateway.jwt]`); absent = API keys only.
+    pub jwt: Option<crate::jwt::JwtConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -40,6 +42,7 @@ impl Default for GatewayConfig {
             max_body: ByteSize(4 << 20),
             request_timeout_ms: 600_000,
             bootstrap_key_file: None,
+            jwt: None,
         }
     }
 }

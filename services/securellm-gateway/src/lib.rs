@@ -2,6 +2,7 @@
 //!
 //! - [`app`]: the OpenAI-compatible HTTP API and the request path as one visible stack.
 //! - [`keys`]: API keys (hashed, constant-time lookup, model patterns, limits).
+//! - [`jwt`]: JWT bearer tokens (algorithm pinned; exp, nbf, iss, aud checked).
 //! - [`ratelimit`]: requests / tokens per minute and concurrency per subject; failed-auth limits.
 //! - [`redact`]: secrets in prompts bound for cloud upstreams.
 //! - [`audit`]: the hash-chained, group-committed audit log.
@@ -12,6 +13,7 @@ pub mod app;
 pub mod audit;
 pub mod config;
 pub mod error;
+pub mod jwt;
 pub mod keys;
 pub mod ratelimit;
 pub mod redact;
@@ -39,6 +41,8 @@ pub enum StartError {
     Keys(#[from] keys::KeyError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Jwt(#[from] jwt::JwtConfigError),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
     #[error("invalid address {0}")]
@@ -115,9 +119,11 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         })?;
         tracing::info!(key = %rec.id, "created the first API key; its secret is in {}", path.display());
     }
+    let jwt = cfg.jwt.as_ref().map(jwt::JwtVerifier::new).transpose()?;
     let audit = audit::AuditLog::open(&data.join("gateway-audit.db")).await?;
     let state = Arc::new(app::AppState {
         keys,
+        jwt,
         local: upstream::Local::new(channel(&cfg.backend)?),
         registry: securellm_proto::v1::model_registry_client::ModelRegistryClient::new(channel(
             &cfg.registry,

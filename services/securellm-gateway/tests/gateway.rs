@@ -59,6 +59,10 @@ struct Stack {
 }
 
 async fn stack() -> Stack {
+    stack_with(None).await
+}
+
+async fn stack_with(jwt: Option<securellm_gateway::jwt::JwtConfig>) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
@@ -115,6 +119,7 @@ async fn stack() -> Stack {
         backend: manager.addr.to_string(),
         registry: registry.addr.to_string(),
         max_body: securellm_common::ByteSize(64 << 10),
+        jwt,
         ..Default::default()
     })
     .await
@@ -281,4 +286,92 @@ async fn raw_http_errors_are_openai_shaped() {
         .unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert!(text.matches("data: ").count() >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_bearer_tokens_are_verified_and_scoped() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let secret = "a-shared-secret-that-is-at-least-32-bytes-long";
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("jwt-secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let s = stack_with(Some(securellm_gateway::jwt::JwtConfig {
+        algorithm: "HS256".into(),
+        secret_file: Some(secret_file),
+        public_key_file: None,
+        issuer: Some("test-issuer".into()),
+        audience: Some("securellm".into()),
+        default_models: vec![],
+        leeway_s: 0,
+    }))
+    .await;
+    let now = securellm_common::time::now_ms() / 1000;
+    let token = |exp: u64, models: &[&str]| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "bob", "iss": "test-issuer", "aud": "securellm", "exp": exp, "models": models}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let http = reqwest::Client::new();
+    let models = format!("http://{}/v1/models", s.gateway.http_addr);
+    let r = http
+        .get(&models)
+        .bearer_auth(token(now + 300, &["tiny"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["tiny"],
+        "the token's model patterns scope the list"
+    );
+    let r = http
+        .get(&models)
+        .bearer_auth(token(now - 100, &["*"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let msg = r.json::<serde_json::Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("expired"), "{msg}");
+    // An out-of-scope model is 404 for a JWT caller too.
+    let r = http
+        .post(format!(
+            "http://{}/v1/chat/completions",
+            s.gateway.http_addr
+        ))
+        .bearer_auth(token(now + 300, &["tiny"]))
+        .json(
+            &serde_json::json!({"model": "other", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    s.gateway.state.audit.flush().await;
+    let rows = s
+        .gateway
+        .state
+        .audit
+        .query(Default::default())
+        .await
+        .unwrap();
+    assert!(
+        rows.iter().any(|r| r.entry.subject == "bob"
+            && r.entry.key_id == "jwt:bob"
+            && r.entry.status == 404)
+    );
 }
