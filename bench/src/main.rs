@@ -37,6 +37,7 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     securellm_common::telemetry::init("warn");
+    securellm_common::tls::install_crypto_provider();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -79,6 +79,7 @@ fn lazy_channel(addr: &str) -> Result<tonic::transport::Channel, StartError> {
 
 /// Start the manager with the llama.cpp backend and the Ollama / vLLM / TGI backends configured.
 pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
+    securellm_common::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)

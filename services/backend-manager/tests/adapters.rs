@@ -347,6 +347,7 @@ impl FakeOllama {
             .strip_prefix("fake ollama listening on ")
             .unwrap()
             .to_string();
+        securellm_common::tls::install_crypto_provider();
         Self {
             _child: child,
             url,

@@ -94,6 +94,7 @@ fn channel(addr: &str) -> Result<tonic::transport::Channel, StartError> {
 
 /// Open the key store and audit log, then serve HTTP and gRPC.
 pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
+    securellm_common::tls::install_crypto_provider();
     let data = cfg
         .data_dir
         .clone()

@@ -5,11 +5,13 @@
 //! - [`telemetry`]: logging to stderr, filtered by `RUST_LOG`.
 //! - [`serve`]: binding a gRPC listener, health + reflection, the `ready` line, graceful shutdown.
 //! - [`time`]: unix milliseconds, the time unit of every contract.
+//! - [`tls`]: the process-wide rustls crypto provider.
 
 pub mod bytesize;
 pub mod config;
 pub mod serve;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 pub use bytesize::{ByteSize, format_bytes, parse_bytes};
