@@ -38,6 +38,9 @@ pub struct AppState {
     pub keys: KeyStore,
     /// JWT verification, when configured.
     pub jwt: Option<crate::jwt::JwtVerifier>,
+    /// Cloud upstreams (checked before the local backend, by model name).
+    pub clouds: Vec<crate::cloud::Cloud>,
+    pub redactor: crate::redact::Redactor,
     pub local: Local,
     pub registry: ModelRegistryClient<Channel>,
     pub audit: AuditLog,
@@ -209,13 +212,22 @@ async fn models(
     let mut reg = st.registry.clone();
     let (status, response) = match Local::models(&mut reg).await {
         Ok(ms) => {
-            let data: Vec<Value> = ms
+            let mut data: Vec<Value> = ms
                 .iter()
                 .filter(|m| caller.key.allows(&m.name))
                 .map(|m| {
                     serde_json::json!({"id": m.name, "object": "model", "created": m.first_seen_ms / 1000, "owned_by": "securellm"})
                 })
                 .collect();
+            for c in &st.clouds {
+                for m in c
+                    .models
+                    .iter()
+                    .filter(|m| !m.contains('*') && caller.key.allows(m))
+                {
+                    data.push(serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": c.name}));
+                }
+            }
             (
                 200,
                 axum::Json(serde_json::json!({"object": "list", "data": data})).into_response(),
@@ -413,9 +425,72 @@ async fn infer(
             return fail(&mut audit, e);
         }
     };
-    // Redact: prompts to the local backend stay on this machine; cloud upstreams apply the
-    // configured policy (see redact.rs).
-    audit.entry.redactions = 0;
+    // Route: a cloud upstream if one serves the model, else the local backend manager.
+    if let Some(cloud) = crate::cloud::route(&st.clouds, &model) {
+        audit.entry.upstream = cloud.name.clone();
+        // Redact: prompts leaving the machine pass the upstream's policy first.
+        let mut v = v;
+        match st.redactor.apply_to_request(&mut v, cloud.policy) {
+            Ok(n) => audit.entry.redactions = u32::try_from(n).unwrap_or(u32::MAX),
+            Err(blocked) => {
+                return fail(
+                    &mut audit,
+                    ApiError::bad_request(format!(
+                        "The request was blocked: it contains secrets ({}) and upstream {} does not accept them.",
+                        blocked.kinds.join(", "),
+                        cloud.name
+                    ))
+                    .code("secret_detected"),
+                );
+            }
+        }
+        let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+        return match cloud
+            .call(endpoint, body, &rid, stream, st.request_timeout)
+            .await
+        {
+            Ok(crate::cloud::CloudAnswer::Complete {
+                status,
+                body,
+                usage,
+            }) => {
+                audit.entry.status = status;
+                audit.entry.prompt_tokens = usage.prompt;
+                audit.entry.completion_tokens = usage.completion;
+                st.limits.reconcile(
+                    &caller.key.subject,
+                    &limits,
+                    estimate,
+                    usage.prompt.saturating_add(usage.completion),
+                );
+                drop(permit);
+                let mut r = Response::new(Body::from(body));
+                *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                with_headers(r, &rl_headers)
+            }
+            Ok(crate::cloud::CloudAnswer::Stream { status, body }) => {
+                audit.entry.status = status;
+                audit.entry.streamed = true;
+                // Passed through as it arrives; the guard and permit live as long as the stream.
+                let guard = (audit, permit);
+                let bytes = body.bytes_stream().map(move |c| {
+                    let _ = &guard;
+                    c.map_err(std::io::Error::other)
+                });
+                let mut r = Response::new(Body::from_stream(bytes));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                );
+                with_headers(r, &rl_headers)
+            }
+            Err(e) => fail(&mut audit, e),
+        };
+    }
     // Route and forward.
     let deadline = now_ms() + st.request_timeout.as_millis() as u64;
     let caller_name = caller.key.subject.clone();

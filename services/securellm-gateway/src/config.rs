@@ -29,6 +29,10 @@ pub struct GatewayConfig {
     pub bootstrap_key_file: Option<PathBuf>,
     /// JWT bearer tokens (`[gateway.jwt]`); absent = API keys only.
     pub jwt: Option<crate::jwt::JwtConfig>,
+    /// Cloud upstreams by name (`[gateway.upstreams.<name>]`).
+    pub upstreams: std::collections::BTreeMap<String, crate::cloud::CloudConfig>,
+    /// Extra secret patterns for redaction: name → regex.
+    pub redact_patterns: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for GatewayConfig {
@@ -43,6 +47,8 @@ impl Default for GatewayConfig {
             request_timeout_ms: 600_000,
             bootstrap_key_file: None,
             jwt: None,
+            upstreams: Default::default(),
+            redact_patterns: Default::default(),
         }
     }
 }

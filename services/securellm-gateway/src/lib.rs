@@ -7,10 +7,12 @@
 //! - [`redact`]: secrets in prompts bound for cloud upstreams.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`upstream`]: the local backend manager over gRPC.
+//! - [`cloud`]: OpenAI-compatible cloud upstreams (redacted prompts).
 //! - [`error`]: OpenAI-shaped errors.
 
 pub mod app;
 pub mod audit;
+pub mod cloud;
 pub mod config;
 pub mod error;
 pub mod jwt;
@@ -43,6 +45,12 @@ pub enum StartError {
     Audit(#[from] audit::AuditError),
     #[error(transparent)]
     Jwt(#[from] jwt::JwtConfigError),
+    #[error(transparent)]
+    Cloud(#[from] cloud::CloudConfigError),
+    #[error("invalid `gateway.redact_patterns`: {0}")]
+    Redact(#[from] redact::RedactError),
+    #[error("HTTP client: {0}")]
+    Http(String),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
     #[error("invalid address {0}")]
@@ -121,10 +129,23 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         tracing::info!(key = %rec.id, "created the first API key; its secret is in {}", path.display());
     }
     let jwt = cfg.jwt.as_ref().map(jwt::JwtVerifier::new).transpose()?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| StartError::Http(e.to_string()))?;
+    let clouds = cloud::from_config(&cfg.upstreams, &http)?;
+    let patterns: Vec<(String, String)> = cfg
+        .redact_patterns
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let redactor = redact::Redactor::new(&patterns)?;
     let audit = audit::AuditLog::open(&data.join("gateway-audit.db")).await?;
     let state = Arc::new(app::AppState {
         keys,
         jwt,
+        clouds,
+        redactor,
         local: upstream::Local::new(channel(&cfg.backend)?),
         registry: securellm_proto::v1::model_registry_client::ModelRegistryClient::new(channel(
             &cfg.registry,

@@ -63,6 +63,13 @@ async fn stack() -> Stack {
 }
 
 async fn stack_with(jwt: Option<securellm_gateway::jwt::JwtConfig>) -> Stack {
+    stack_full(jwt, Default::default()).await
+}
+
+async fn stack_full(
+    jwt: Option<securellm_gateway::jwt::JwtConfig>,
+    upstreams: std::collections::BTreeMap<String, securellm_gateway::cloud::CloudConfig>,
+) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
@@ -120,6 +127,7 @@ async fn stack_with(jwt: Option<securellm_gateway::jwt::JwtConfig>) -> Stack {
         registry: registry.addr.to_string(),
         max_body: securellm_common::ByteSize(64 << 10),
         jwt,
+        upstreams,
         ..Default::default()
     })
     .await
@@ -373,5 +381,184 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         rows.iter().any(|r| r.entry.subject == "bob"
             && r.entry.key_id == "jwt:bob"
             && r.entry.status == 404)
+    );
+}
+
+/// A fake OpenAI server on loopback: records each request (headers and body) and answers a canned
+/// chat completion (or an SSE stream when asked).
+async fn fake_openai() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+) {
+    use axum::routing::post;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| {
+            let seen = s2.clone();
+            async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                seen.lock().unwrap().push((auth, body.0.clone()));
+                axum::Json(serde_json::json!({
+                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body.0["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from the cloud"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+                }))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (format!("http://{addr}/v1"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
+    use securellm_gateway::cloud::CloudConfig;
+    use securellm_gateway::redact::Policy;
+    let (base, seen) = fake_openai().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cloud-key");
+    std::fs::write(&key_file, "cloud-secret-key\n").unwrap();
+    let up = |models: &str, policy: Policy, base: &str| CloudConfig {
+        base_url: base.to_string(),
+        api_key_env: None,
+        api_key_file: Some(key_file.clone()),
+        models: vec![models.to_string()],
+        redaction: policy,
+    };
+    let upstreams = std::collections::BTreeMap::from([
+        ("cloudy".to_string(), up("gpt-fake", Policy::Redact, &base)),
+        ("strict".to_string(), up("gpt-strict", Policy::Block, &base)),
+        (
+            "down".to_string(),
+            up("gpt-down", Policy::Redact, "http://127.0.0.1:1/v1"),
+        ),
+    ]);
+    let s = stack_full(None, upstreams).await;
+    let (key, _) = s
+        .gateway
+        .state
+        .keys
+        .create(NewKey {
+            name: "k".into(),
+            models: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", s.gateway.http_addr);
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----",
+        "A".repeat(64)
+    );
+    let body = |model: &str| serde_json::json!({"model": model, "messages": [{"role": "user", "content": format!("here is my key {pem} please")}]});
+    let r = http
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&body("gpt-fake"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "hi from the cloud");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let (auth, sent) = &seen[0];
+        assert_eq!(
+            auth, "Bearer cloud-secret-key",
+            "the upstream's own key, not the caller's"
+        );
+        let content = sent["messages"][0]["content"].as_str().unwrap();
+        assert!(
+            !content.contains("BEGIN PRIVATE KEY") && !content.contains(&"A".repeat(64)),
+            "{content}"
+        );
+        assert!(content.contains("[REDACTED:"), "{content}");
+    }
+    // Block policy: refused before it leaves, kinds named, secret not echoed.
+    let r = http
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&body("gpt-strict"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let msg = r.json::<serde_json::Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("blocked") && !msg.contains("AAAA"), "{msg}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "nothing reached the upstream"
+    );
+    // Upstream down: 502 with a clear message.
+    let r = http
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&body("gpt-down"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable")
+    );
+    // The models list shows the cloud models; the audit counts redactions, never the secret.
+    let ids: Vec<String> = http
+        .get(format!("http://{}/v1/models", s.gateway.http_addr))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ids.contains(&"gpt-fake".to_string()) && ids.contains(&"tiny".to_string()),
+        "{ids:?}"
+    );
+    s.gateway.state.audit.flush().await;
+    let rows = s
+        .gateway
+        .state
+        .audit
+        .query(Default::default())
+        .await
+        .unwrap();
+    let cloudy = rows
+        .iter()
+        .find(|r| r.entry.upstream == "cloudy")
+        .expect("an audit row for the cloud call");
+    assert!(cloudy.entry.redactions >= 1);
+    assert_eq!(
+        (cloudy.entry.prompt_tokens, cloudy.entry.completion_tokens),
+        (7, 4)
+    );
+    assert!(
+        rows.iter().any(|r| r.entry.upstream == "strict"
+            && r.entry.status == 400
+            && r.entry.redactions == 0)
+    );
+    let db = std::fs::read(s.data.join("gateway-audit.db")).unwrap();
+    assert!(
+        !db.windows(20).any(|w| w == "A".repeat(20).as_bytes()),
+        "no secret in the audit file"
     );
 }
