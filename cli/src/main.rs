@@ -5,6 +5,7 @@
 
 mod audit;
 mod health;
+mod keys;
 mod models;
 mod ps;
 mod vram;
@@ -75,6 +76,17 @@ enum Command {
         #[command(subcommand)]
         action: audit::AuditAction,
     },
+    /// API keys through the gateway's admin API.
+    Keys {
+        /// The gateway's gRPC address.
+        #[arg(long, env = "SECURELLM_GATEWAY", default_value = "127.0.0.1:50054")]
+        gateway: String,
+        /// The admin token file (default <data dir>/gateway/admin-token).
+        #[arg(long)]
+        admin_token_file: Option<std::path::PathBuf>,
+        #[command(subcommand)]
+        action: keys::KeysAction,
+    },
     /// gRPC health check of a service (exit 0 when SERVING), for container healthchecks.
     Health {
         /// HOST:PORT of the service.
@@ -125,6 +137,11 @@ async fn main() -> anyhow::Result<()> {
             let dir = data_dir.unwrap_or_else(securellm_common::config::default_data_dir);
             audit::run(&dir, action).await
         }
+        Command::Keys {
+            gateway,
+            admin_token_file,
+            action,
+        } => keys::run(&endpoint(&gateway), admin_token_file, action).await,
         Command::Health { addr, service } => health::run(&endpoint(&addr), &service).await,
         Command::Ps => ps::ps(&endpoint(&cli.backend)).await,
         Command::Load { model } => ps::load(&endpoint(&cli.backend), &model).await,

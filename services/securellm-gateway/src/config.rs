@@ -27,6 +27,9 @@ pub struct GatewayConfig {
     /// When no API key exists yet, create one (all models) and write its secret to this file
     /// (mode 0600).
     pub bootstrap_key_file: Option<PathBuf>,
+    /// The admin token for the GatewayAdmin gRPC service (created with a random value if missing);
+    /// default `<data-dir>/admin-token`.
+    pub admin_token_file: Option<PathBuf>,
     /// JWT bearer tokens (`[gateway.jwt]`); absent = API keys only.
     pub jwt: Option<crate::jwt::JwtConfig>,
     /// Cloud upstreams by name (`[gateway.upstreams.<name>]`).
@@ -46,6 +49,7 @@ impl Default for GatewayConfig {
             max_body: ByteSize(4 << 20),
             request_timeout_ms: 600_000,
             bootstrap_key_file: None,
+            admin_token_file: None,
             jwt: None,
             upstreams: Default::default(),
             redact_patterns: Default::default(),

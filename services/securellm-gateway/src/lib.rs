@@ -1,5 +1,6 @@
 //! securellm-gateway: the one external door.
 //!
+//! - [`admin`]: the `GatewayAdmin` gRPC service (keys, audit), behind an admin token.
 //! - [`app`]: the OpenAI-compatible HTTP API and the request path as one visible stack.
 //! - [`keys`]: API keys (hashed, constant-time lookup, model patterns, limits).
 //! - [`jwt`]: JWT bearer tokens (algorithm pinned; exp, nbf, iss, aud checked).
@@ -10,6 +11,7 @@
 //! - [`cloud`]: OpenAI-compatible cloud upstreams (redacted prompts).
 //! - [`error`]: OpenAI-shaped errors.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod cloud;
@@ -187,15 +189,34 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         })
         .await
     });
+    let token_path = cfg
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| data.join("admin-token"));
+    let admin_token = match std::fs::read_to_string(&token_path) {
+        Ok(t) => t.trim().to_string(),
+        Err(_) => {
+            let mut raw = [0u8; 32];
+            getrandom::fill(&mut raw).map_err(|e| StartError::Http(e.to_string()))?;
+            let t = hex::encode(raw);
+            write_secret(&token_path, &t).map_err(|source| StartError::Bootstrap {
+                path: token_path.clone(),
+                source,
+            })?;
+            tracing::info!("created the admin token in {}", token_path.display());
+            t
+        }
+    };
     let listener = serve::bind(&cfg.listen).await?;
     let grpc_addr = listener.addr;
-    let health = serve::health_service(&[]).await;
+    let health = serve::health_service(&[securellm_proto::service_names::GATEWAY_ADMIN]).await;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(serve::reflection_v1()?)
             .add_service(serve::reflection_v1alpha()?)
+            .add_service(admin::AdminService::new(state.clone(), admin_token))
             .serve_with_incoming_shutdown(listener.incoming(), async {
                 let _ = stop_rx.await;
             }),

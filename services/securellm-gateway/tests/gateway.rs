@@ -562,3 +562,116 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         "no secret in the audit file"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
+    use securellm_proto::v1 as pb;
+    use securellm_proto::v1::gateway_admin_client::GatewayAdminClient;
+    let s = stack().await;
+    let token = std::fs::read_to_string(s.data.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut anon = GatewayAdminClient::new(ch.clone());
+    let e = anon
+        .list_api_keys(pb::ListApiKeysRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let mut admin = GatewayAdminClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", auth.clone());
+        Ok(r)
+    });
+    let e = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "no model pattern");
+    let created = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "ops".into(),
+            models: Some(pb::ApiKeyModelPatterns {
+                patterns: vec!["tiny".into()],
+            }),
+            limits: Some(pb::ApiKeyLimits {
+                requests_per_minute: Some(100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.secret.starts_with("sk-slm-"));
+    let key = created.key.unwrap();
+    let http = reqwest::Client::new();
+    let models = format!("http://{}/v1/models", s.gateway.http_addr);
+    assert_eq!(
+        http.get(&models)
+            .bearer_auth(&created.secret)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let listed = admin
+        .list_api_keys(pb::ListApiKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(
+        listed
+            .iter()
+            .any(|k| k.id == key.id && !k.secret_prefix.is_empty())
+    );
+    let revoked = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.state, pb::ApiKeyState::Revoked as i32);
+    assert_eq!(
+        http.get(&models)
+            .bearer_auth(&created.secret)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let e = admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            id: "key_nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    s.gateway.state.audit.flush().await;
+    let v = admin
+        .verify_audit(pb::VerifyAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok && v.rows_checked >= 2, "{v:?}");
+    let q = admin
+        .query_audit(pb::QueryAuditRequest {
+            status_min: Some(401),
+            status_max: Some(401),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(q.rows.iter().all(|r| r.status == 401) && !q.rows.is_empty());
+}

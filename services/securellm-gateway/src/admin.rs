@@ -1,0 +1,262 @@
+//! The `securellm.v1.GatewayAdmin` gRPC service: API keys and the audit log.
+//!
+//! Every call needs `authorization: Bearer <admin token>` metadata. The token lives in a file
+//! (`<data-dir>/admin-token`, created with a random value and mode 0600 on first start) and is
+//! compared in constant time. API keys never grant admin.
+
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::gateway_admin_server::{GatewayAdmin, GatewayAdminServer};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use crate::app::Shared;
+use crate::audit::{AuditFilter, TamperKind};
+use crate::keys::{KeyError, KeyRecord, NewKey};
+
+pub struct AdminService {
+    state: Shared,
+    token: String,
+}
+
+impl AdminService {
+    pub fn new(state: Shared, token: String) -> GatewayAdminServer<Self> {
+        GatewayAdminServer::new(Self { state, token })
+    }
+
+    fn check<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        let given = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if self.token.is_empty() || !bool::from(given.as_bytes().ct_eq(self.token.as_bytes())) {
+            return Err(Status::unauthenticated(
+                "an admin token is required (authorization: Bearer <admin token>)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn key_pb(k: &KeyRecord, now: u64) -> pb::ApiKey {
+    let state = if k.revoked_ms.is_some() {
+        pb::ApiKeyState::Revoked
+    } else if !k.active(now) {
+        pb::ApiKeyState::Expired
+    } else {
+        pb::ApiKeyState::Active
+    };
+    pb::ApiKey {
+        id: k.id.clone(),
+        name: k.name.clone(),
+        secret_prefix: k.prefix.clone(),
+        subject: k.subject.clone(),
+        models: Some(pb::ApiKeyModelPatterns {
+            patterns: k.models.clone(),
+        }),
+        limits: Some(pb::ApiKeyLimits {
+            requests_per_minute: k.rpm,
+            tokens_per_minute: k.tpm.map(u64::from),
+            max_concurrent: k.concurrent,
+        }),
+        state: state as i32,
+        created_at_ms: k.created_ms,
+        expires_at_ms: k.expires_ms,
+        revoked_at_ms: k.revoked_ms,
+        last_used_at_ms: None,
+    }
+}
+
+fn key_status(e: KeyError) -> Status {
+    match e {
+        KeyError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        KeyError::NotFound(_) => Status::not_found(e.to_string()),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl GatewayAdmin for AdminService {
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        let now = securellm_common::time::now_ms();
+        if r.expires_at_ms.is_some_and(|e| e <= now) {
+            return Err(Status::invalid_argument(
+                "invalid `expires_at_ms`: in the past",
+            ));
+        }
+        let limits = r.limits.unwrap_or_default();
+        let (secret, rec) = self
+            .state
+            .keys
+            .create(NewKey {
+                name: r.name,
+                subject: Some(r.subject).filter(|s| !s.is_empty()),
+                models: r.models.map(|m| m.patterns).unwrap_or_default(),
+                rpm: limits.requests_per_minute,
+                tpm: limits
+                    .tokens_per_minute
+                    .map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
+                concurrent: limits.max_concurrent,
+                expires_ms: r.expires_at_ms,
+            })
+            .await
+            .map_err(key_status)?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            secret,
+            key: Some(key_pb(&rec, now)),
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        self.check(&request)?;
+        let all = request.into_inner().include_inactive;
+        let now = securellm_common::time::now_ms();
+        let mut keys: Vec<pb::ApiKey> = self
+            .state
+            .keys
+            .list()
+            .iter()
+            .filter(|k| all || k.active(now))
+            .map(|k| key_pb(k, now))
+            .collect();
+        keys.reverse();
+        Ok(Response::new(pb::ListApiKeysResponse { keys }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        self.check(&request)?;
+        let rec = self
+            .state
+            .keys
+            .revoke(&request.into_inner().id)
+            .await
+            .map_err(key_status)?;
+        Ok(Response::new(key_pb(
+            &rec,
+            securellm_common::time::now_ms(),
+        )))
+    }
+
+    async fn update_api_key(
+        &self,
+        request: Request<pb::UpdateApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        self.check(&request)?;
+        Err(Status::unimplemented(
+            "updating a key is not supported yet: create a new key with the new scopes and revoke the old one",
+        ))
+    }
+
+    async fn query_audit(
+        &self,
+        request: Request<pb::QueryAuditRequest>,
+    ) -> Result<Response<pb::QueryAuditResponse>, Status> {
+        self.check(&request)?;
+        let r = request.into_inner();
+        if r.limit > 10_000 {
+            return Err(Status::invalid_argument("invalid `limit`: at most 10000"));
+        }
+        if let (Some(a), Some(b)) = (r.since_ms, r.until_ms)
+            && a > b
+        {
+            return Err(Status::invalid_argument(
+                "invalid `since_ms`: after `until_ms`",
+            ));
+        }
+        let opt = |s: String| Some(s).filter(|s| !s.is_empty());
+        let limit = if r.limit == 0 { 100 } else { r.limit };
+        let rows = self
+            .state
+            .audit
+            .query(AuditFilter {
+                since_ms: r.since_ms,
+                until_ms: r.until_ms.map(|u| u.saturating_add(1)),
+                subject: opt(r.subject),
+                key_id: opt(r.key_id),
+                model: opt(r.model),
+                status_min: r.status_min.map(|s| s.min(u32::from(u16::MAX)) as u16),
+                status_max: r.status_max.map(|s| s.min(u32::from(u16::MAX)) as u16),
+                after_id: r.after_id.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
+                limit: Some(limit),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let truncated = rows.len() as u32 >= limit.min(1000);
+        Ok(Response::new(pb::QueryAuditResponse {
+            rows: rows
+                .into_iter()
+                .map(|r| {
+                    let e = r.entry;
+                    pb::AuditRow {
+                        id: u64::try_from(r.id).unwrap_or(0),
+                        time_ms: e.time_ms,
+                        request_id: e.request_id,
+                        subject: e.subject,
+                        key_id: e.key_id,
+                        client_addr: e.client_addr,
+                        endpoint: e.endpoint,
+                        model: e.model,
+                        upstream: e.upstream,
+                        status: u32::from(e.status),
+                        error_code: e.error_code,
+                        prompt_tokens: Some(e.prompt_tokens),
+                        completion_tokens: Some(e.completion_tokens),
+                        latency_us: e.latency_us,
+                        redaction_count: e.redactions,
+                        streamed: e.streamed,
+                        prev_hash: r.prev_hash,
+                        row_hash: r.row_hash,
+                    }
+                })
+                .collect(),
+            truncated,
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        self.check(&request)?;
+        let v = self
+            .state
+            .audit
+            .verify()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let head = self
+            .state
+            .audit
+            .head()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let reason = match v.kind {
+            Some(TamperKind::Edited) => pb::AuditTamperKind::Edited,
+            Some(TamperKind::Inserted) => pb::AuditTamperKind::Inserted,
+            Some(TamperKind::Deleted | TamperKind::Truncated) => pb::AuditTamperKind::Deleted,
+            None => pb::AuditTamperKind::Unspecified,
+        };
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: v.ok,
+            rows_checked: v.rows_checked,
+            first_bad_row_id: v.first_bad_row_id.and_then(|i| u64::try_from(i).ok()),
+            reason: reason as i32,
+            detail: v.detail,
+            head_row_id: u64::try_from(head.last_id).unwrap_or(0),
+            head_hash: head.last_hash,
+        }))
+    }
+}
