@@ -4,6 +4,7 @@
 
 mod backend;
 mod estimate;
+mod gateway;
 mod registry;
 mod scheduler;
 mod stats;
@@ -33,6 +34,8 @@ enum Bench {
     /// Backend manager overhead: request latency via the manager vs direct to llama-server, and
     /// cold start vs a raw llama-server start.
     Backend(backend::Args),
+    /// Gateway overhead vs a direct mock OpenAI upstream, RSS, streaming time to first byte.
+    Gateway(gateway::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Registry(a) => rt.block_on(registry::run(a)),
         Bench::Estimate(a) => estimate::run(a),
         Bench::Backend(a) => rt.block_on(backend::run(a)),
+        Bench::Gateway(a) => rt.block_on(gateway::run(a)),
     }
 }
