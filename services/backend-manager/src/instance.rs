@@ -144,7 +144,8 @@ enum Msg {
         lease_id: String,
         reason: String,
     },
-    Renewed(Result<(), tonic::Code>),
+    /// The answer to renewing lease `0` (a late answer about an older lease is ignored).
+    Renewed(String, Result<(), tonic::Code>),
     /// The lease was granted (the process is starting): from now on it is renewed, and eviction
     /// notices for it reach this instance.
     Granted {
@@ -438,18 +439,16 @@ impl Actor {
                     self.drain(now_ms(), &format!("lease lost: {reason}"));
                 }
             }
-            Msg::Renewed(r) => {
+            Msg::Renewed(lease_id, r) => {
                 self.renewing = false;
                 match r {
                     Ok(()) => {}
                     Err(tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
-                        if let Some(l) = &self.lease {
-                            let id = l.id.clone();
-                            self.handle(Msg::LeaseLost {
-                                lease_id: id,
-                                reason: "the scheduler no longer knows it".into(),
-                            });
-                        }
+                        // LeaseLost ignores it unless it is the lease held now.
+                        self.handle(Msg::LeaseLost {
+                            lease_id,
+                            reason: "the scheduler no longer knows it".into(),
+                        });
                     }
                     Err(code) => {
                         tracing::warn!(instance = %self.id, ?code, "lease renewal failed; retrying")
@@ -806,6 +805,7 @@ impl Actor {
                 idle: self.in_flight == 0,
             };
             let tx = self.tx.clone();
+            let lease_id = l.id.clone();
             tokio::spawn(async move {
                 let r = tokio::time::timeout(Duration::from_secs(5), c.renew_lease(req)).await;
                 let r = match r {
@@ -813,7 +813,7 @@ impl Actor {
                     Ok(Err(s)) => Err(s.code()),
                     Err(_) => Err(tonic::Code::DeadlineExceeded),
                 };
-                let _ = tx.send(Msg::Renewed(r));
+                let _ = tx.send(Msg::Renewed(lease_id, r));
             });
         }
     }
