@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::app::Shared;
 use crate::audit::{AuditFilter, TamperKind};
-use crate::keys::{KeyError, KeyRecord, NewKey};
+use crate::keys::{KeyError, KeyRecord, KeyUpdate, NewKey};
 
 pub struct AdminService {
     state: Shared,
@@ -72,6 +72,7 @@ fn key_status(e: KeyError) -> Status {
     match e {
         KeyError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         KeyError::NotFound(_) => Status::not_found(e.to_string()),
+        KeyError::Revoked(_) => Status::failed_precondition(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
@@ -154,9 +155,32 @@ impl GatewayAdmin for AdminService {
         request: Request<pb::UpdateApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         self.check(&request)?;
-        Err(Status::unimplemented(
-            "updating a key is not supported yet: create a new key with the new scopes and revoke the old one",
-        ))
+        let r = request.into_inner();
+        let tpm = |t: Option<u64>| t.map(|t| u32::try_from(t).unwrap_or(u32::MAX));
+        let rec = self
+            .state
+            .keys
+            .update(
+                &r.id,
+                KeyUpdate {
+                    name: r.name,
+                    models: r.models.map(|m| m.patterns),
+                    limits: r.limits.map(|l| {
+                        (
+                            l.requests_per_minute,
+                            tpm(l.tokens_per_minute),
+                            l.max_concurrent,
+                        )
+                    }),
+                    expires_ms: r.expires_at_ms,
+                },
+            )
+            .await
+            .map_err(key_status)?;
+        Ok(Response::new(key_pb(
+            &rec,
+            securellm_common::time::now_ms(),
+        )))
     }
 
     async fn query_audit(

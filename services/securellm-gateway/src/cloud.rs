@@ -1,7 +1,9 @@
 //! Cloud upstreams: OpenAI-compatible HTTP(S) endpoints (`[gateway.upstreams.<name>]`), chosen by
 //! model name. The key comes from an environment variable or a file and is never logged. Prompts
 //! pass through the redactor with the upstream's policy before they leave (see `redact.rs`).
-//! Answers are relayed byte for byte; streams are passed through as they arrive.
+//! Answers are relayed byte for byte; streams are split into their SSE `data:` payloads as they
+//! arrive (never buffered beyond one event) so that the usage chunk can be counted in the audit
+//! row and the rate limiter, and each transport re-frames them (SSE for HTTP, messages for gRPC).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +15,8 @@ use serde::Deserialize;
 use crate::error::ApiError;
 use crate::keys::glob;
 use crate::redact::Policy;
-use crate::upstream::{Endpoint, Usage};
+use crate::upstream::{Endpoint, ItemStream, StreamItem, Usage};
+use futures::StreamExt;
 
 /// `[gateway.upstreams.<name>]`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -128,8 +131,145 @@ pub enum CloudAnswer {
     },
     Stream {
         status: u16,
-        body: reqwest::Response,
+        items: ItemStream,
     },
+}
+
+/// Splits an SSE byte stream into its `data:` payloads. Events end at a blank line (`\n\n` or
+/// `\r\n\r\n`); multi-line data is joined with `\n`; comments and other fields are dropped;
+/// `[DONE]` ends the stream.
+#[derive(Default)]
+pub struct SseSplitter {
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl SseSplitter {
+    /// Feed bytes; returns the complete payloads found so far.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        if self.done {
+            return out;
+        }
+        self.buf.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some((end, sep)) = find_event_end(&self.buf[start..]) {
+            let event = &self.buf[start..start + end];
+            start += end + sep;
+            let mut data: Vec<u8> = Vec::new();
+            for line in event.split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if let Some(d) = line.strip_prefix(b"data:") {
+                    if !data.is_empty() {
+                        data.push(b'\n');
+                    }
+                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            if data == b"[DONE]" {
+                self.done = true;
+                break;
+            }
+            out.push(Bytes::from(data));
+        }
+        self.buf.drain(..start);
+        out
+    }
+
+    /// Did the stream say `[DONE]`?
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
+fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(c)) => Some(if a.0 < c.0 { a } else { c }),
+        (a, c) => a.or(c),
+    }
+}
+
+/// The usage an SSE payload carries, and whether it is a usage-only chunk (empty `choices`).
+fn payload_usage(d: &[u8]) -> Option<(Usage, bool)> {
+    // Cheap test first: most chunks carry no usage.
+    if !d.windows(7).any(|w| w == b"\"usage\"") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(d).ok()?;
+    let u = v.get("usage").filter(|u| u.is_object())?;
+    let n = |k: &str| {
+        u.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .map_or(0, |x| x.min(u64::from(u32::MAX)) as u32)
+    };
+    let only = v
+        .get("choices")
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(Vec::is_empty);
+    Some((
+        Usage {
+            prompt: n("prompt_tokens"),
+            completion: n("completion_tokens"),
+        },
+        only,
+    ))
+}
+
+/// Turn an upstream SSE response into stream items. `relay_usage`: the client asked for the
+/// usage-only chunk (the gateway always asks the upstream for it, to count tokens).
+fn sse_items(name: String, resp: reqwest::Response, relay_usage: bool) -> ItemStream {
+    let bytes = resp.bytes_stream();
+    let s = futures::stream::unfold(
+        (
+            bytes,
+            SseSplitter::default(),
+            std::collections::VecDeque::new(),
+            false,
+        ),
+        move |(mut bytes, mut split, mut queue, ended)| {
+            let name = name.clone();
+            async move {
+                loop {
+                    if let Some(item) = queue.pop_front() {
+                        return Some((item, (bytes, split, queue, ended)));
+                    }
+                    if ended || split.done() {
+                        return None;
+                    }
+                    match bytes.next().await {
+                        Some(Ok(chunk)) => {
+                            for d in split.push(&chunk) {
+                                match payload_usage(&d) {
+                                    Some((u, only)) => {
+                                        queue.push_back(Ok(StreamItem::Usage(u)));
+                                        if !only || relay_usage {
+                                            queue.push_back(Ok(StreamItem::Data(d)));
+                                        }
+                                    }
+                                    None => queue.push_back(Ok(StreamItem::Data(d))),
+                                }
+                            }
+                        }
+                        Some(Err(_)) => {
+                            queue.push_back(Err(ApiError::new(
+                                axum::http::StatusCode::BAD_GATEWAY,
+                                "server_error",
+                                format!("upstream {name} broke the connection mid-stream"),
+                            )));
+                            return queue.pop_front().map(|i| (i, (bytes, split, queue, true)));
+                        }
+                        None => return None,
+                    }
+                }
+            }
+        },
+    );
+    Box::pin(s)
 }
 
 fn usage_of(body: &[u8]) -> Usage {
@@ -148,13 +288,14 @@ fn usage_of(body: &[u8]) -> Usage {
 }
 
 impl Cloud {
-    /// Forward a (redacted) body.
+    /// Forward a (redacted) body. `relay_usage` (streams): the client asked for the usage chunk.
     pub async fn call(
         &self,
         endpoint: Endpoint,
         body: Bytes,
         request_id: &str,
         stream: bool,
+        relay_usage: bool,
         timeout: Duration,
     ) -> Result<CloudAnswer, ApiError> {
         let path = endpoint.path().trim_start_matches("/v1");
@@ -188,7 +329,10 @@ impl Cloud {
         })?;
         let status = resp.status().as_u16();
         if stream && status < 400 {
-            return Ok(CloudAnswer::Stream { status, body: resp });
+            return Ok(CloudAnswer::Stream {
+                status,
+                items: sse_items(self.name.clone(), resp, relay_usage),
+            });
         }
         let body = resp.bytes().await.map_err(|_| {
             ApiError::new(
@@ -203,5 +347,58 @@ impl Cloud {
             body,
             usage,
         })
+    }
+}
+
+#[cfg(test)]
+mod sse_tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_split_at_blank_lines_whatever_the_chunking() {
+        let text = b"data: {\"a\":1}\n\n: comment\n\ndata: {\"b\":\r\ndata: 2}\r\n\r\nevent: x\ndata:{\"c\":3}\n\ndata: [DONE]\n\ndata: {\"late\":1}\n\n";
+        let want: Vec<&[u8]> = vec![b"{\"a\":1}", b"{\"b\":\n2}", b"{\"c\":3}"];
+        for step in [1, 2, 3, 7, text.len()] {
+            let mut s = SseSplitter::default();
+            let mut got = Vec::new();
+            for c in text.chunks(step) {
+                got.extend(s.push(c));
+            }
+            assert!(s.done(), "step {step}");
+            assert_eq!(
+                got.iter().map(|b| &b[..]).collect::<Vec<_>>(),
+                want,
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn usage_is_found_in_usage_chunks_only() {
+        assert_eq!(
+            payload_usage(br#"{"choices":[{"delta":{"content":"usage"}}]}"#),
+            None
+        );
+        assert_eq!(
+            payload_usage(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#),
+            Some((
+                Usage {
+                    prompt: 3,
+                    completion: 5
+                },
+                true
+            ))
+        );
+        assert_eq!(
+            payload_usage(br#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#),
+            Some((
+                Usage {
+                    prompt: 1,
+                    completion: 0
+                },
+                false
+            ))
+        );
+        assert_eq!(payload_usage(br#"{"choices":[],"usage":null}"#), None);
     }
 }

@@ -11,7 +11,8 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// gRPC (health, reflection; the Gateway / GatewayAdmin services are planned).
+    /// gRPC (Gateway, GatewayAdmin, health, reflection). Plain HTTP/2: keep it on loopback or a
+    /// trusted network (TLS is served on the HTTP API only).
     pub listen: String,
     /// The OpenAI-compatible HTTP API.
     pub http_listen: String,
@@ -24,6 +25,17 @@ pub struct GatewayConfig {
     pub max_body: ByteSize,
     /// Whole-request time limit, load included.
     pub request_timeout_ms: u64,
+    /// Serve the HTTP API over TLS (`[gateway.tls]` with `cert_file` and `key_file`).
+    pub tls: Option<crate::listener::TlsConfig>,
+    /// Most simultaneous HTTP connections; more wait to be accepted.
+    pub max_connections: u32,
+    /// A request's headers (and a TLS handshake) must arrive within this; also how long an idle
+    /// HTTP/1.1 keep-alive connection stays open.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (431 beyond).
+    pub max_header_bytes: ByteSize,
+    /// A request's whole body must arrive within this (408 beyond).
+    pub body_read_timeout_ms: u64,
     /// When no API key exists yet, create one (all models) and write its secret to this file
     /// (mode 0600).
     pub bootstrap_key_file: Option<PathBuf>,
@@ -48,6 +60,11 @@ impl Default for GatewayConfig {
             registry: "127.0.0.1:50052".into(),
             max_body: ByteSize(4 << 20),
             request_timeout_ms: 600_000,
+            tls: None,
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: ByteSize(64 << 10),
+            body_read_timeout_ms: 30_000,
             bootstrap_key_file: None,
             admin_token_file: None,
             jwt: None,
@@ -111,6 +128,22 @@ impl GatewayConfig {
                 field: "gateway.max_body".into(),
                 message: "must be at least 1KiB".into(),
             });
+        }
+        let field = |f: &str, m: &str| ConfigError::Field {
+            field: format!("gateway.{f}"),
+            message: m.into(),
+        };
+        if c.max_connections == 0 {
+            return Err(field("max_connections", "must be at least 1"));
+        }
+        if c.header_read_timeout_ms < 100 {
+            return Err(field("header_read_timeout_ms", "must be at least 100"));
+        }
+        if c.body_read_timeout_ms < 100 {
+            return Err(field("body_read_timeout_ms", "must be at least 100"));
+        }
+        if c.max_header_bytes.0 < 8192 || c.max_header_bytes.0 > (16 << 20) {
+            return Err(field("max_header_bytes", "must be between 8KiB and 16MiB"));
         }
         if c.request_timeout_ms < 1000 {
             return Err(ConfigError::Field {

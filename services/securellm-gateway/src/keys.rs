@@ -29,6 +29,8 @@ pub enum KeyError {
     },
     #[error("no API key with id {0:?}")]
     NotFound(String),
+    #[error("API key {0:?} is revoked")]
+    Revoked(String),
     #[error("cannot read random bytes: {0}")]
     Random(String),
 }
@@ -94,6 +96,40 @@ pub struct NewKey {
     pub tpm: Option<u32>,
     pub concurrent: Option<u32>,
     pub expires_ms: Option<u64>,
+}
+
+/// What [`KeyStore::update`] changes; `None` = unchanged.
+#[derive(Clone, Debug, Default)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub models: Option<Vec<String>>,
+    /// (requests/min, tokens/min, concurrent); `None` or 0 inside = no limit.
+    #[allow(clippy::type_complexity)]
+    pub limits: Option<(Option<u32>, Option<u32>, Option<u32>)>,
+    /// New expiry in unix ms; 0 = never.
+    pub expires_ms: Option<u64>,
+}
+
+fn check_name(name: &str) -> Result<(), KeyError> {
+    if name.trim().is_empty() || name.len() > 128 {
+        return Err(KeyError::Invalid {
+            field: "name",
+            message: "must be 1..=128 bytes".into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_models(models: &[String]) -> Result<(), KeyError> {
+    if models.is_empty() || models.iter().any(|m| m.is_empty() || m.len() > 256) {
+        return Err(KeyError::Invalid {
+            field: "models",
+            message:
+                "at least one non-empty model pattern (at most 256 bytes) is needed (`*` for all)"
+                    .into(),
+        });
+    }
+    Ok(())
 }
 
 fn hash(secret: &str) -> [u8; 32] {
@@ -174,18 +210,8 @@ impl KeyStore {
 
     /// Create a key; returns the secret (shown once) and its record.
     pub async fn create(&self, k: NewKey) -> Result<(String, KeyRecord), KeyError> {
-        if k.name.trim().is_empty() || k.name.len() > 128 {
-            return Err(KeyError::Invalid {
-                field: "name",
-                message: "must be 1..=128 bytes".into(),
-            });
-        }
-        if k.models.is_empty() || k.models.iter().any(|m| m.is_empty()) {
-            return Err(KeyError::Invalid {
-                field: "models",
-                message: "at least one non-empty model pattern is needed (`*` for all)".into(),
-            });
-        }
+        check_name(&k.name)?;
+        check_models(&k.models)?;
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| KeyError::Random(e.to_string()))?;
         let secret = format!("sk-slm-{}", hex::encode(raw));
@@ -246,6 +272,57 @@ impl KeyStore {
         }
     }
 
+    /// Change a key's name, patterns, limits or expiry. Takes effect for its next request (the
+    /// in-memory copy is reloaded before this returns).
+    pub async fn update(&self, id: &str, u: KeyUpdate) -> Result<KeyRecord, KeyError> {
+        let Some(mut rec) = self.list().into_iter().find(|k| k.id == id) else {
+            return Err(KeyError::NotFound(id.to_string()));
+        };
+        if rec.revoked_ms.is_some() {
+            return Err(KeyError::Revoked(id.to_string()));
+        }
+        if let Some(name) = u.name {
+            check_name(&name)?;
+            rec.name = name;
+        }
+        if let Some(models) = u.models {
+            check_models(&models)?;
+            rec.models = models;
+        }
+        if let Some((rpm, tpm, concurrent)) = u.limits {
+            rec.rpm = rpm.filter(|&v| v > 0);
+            rec.tpm = tpm.filter(|&v| v > 0);
+            rec.concurrent = concurrent.filter(|&v| v > 0);
+        }
+        if let Some(e) = u.expires_ms {
+            if e != 0 && e <= now_ms() {
+                return Err(KeyError::Invalid {
+                    field: "expires_at_ms",
+                    message: "in the past".into(),
+                });
+            }
+            rec.expires_ms = Some(e).filter(|&e| e != 0);
+        }
+        sqlx::query(
+            "UPDATE api_keys SET name = ?, models = ?, rpm = ?, tpm = ?, concurrent = ?, expires_ms = ?
+             WHERE id = ? AND revoked_ms IS NULL",
+        )
+        .bind(&rec.name)
+        .bind(serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()))
+        .bind(rec.rpm.map(i64::from))
+        .bind(rec.tpm.map(i64::from))
+        .bind(rec.concurrent.map(i64::from))
+        .bind(rec.expires_ms.map(|v| v as i64))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        self.reload().await?;
+        self.list()
+            .into_iter()
+            .find(|k| k.id == id)
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+    }
+
     pub fn list(&self) -> Vec<KeyRecord> {
         let mut v: Vec<KeyRecord> = self
             .by_hash
@@ -273,6 +350,68 @@ impl KeyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn updates_take_effect_at_once_and_bad_updates_change_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = KeyStore::open(&d.path().join("keys.db")).await.unwrap();
+        let (secret, rec) = s
+            .create(NewKey {
+                name: "app".into(),
+                models: vec!["tiny*".into()],
+                rpm: Some(5),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let up = s
+            .update(
+                &rec.id,
+                KeyUpdate {
+                    models: Some(vec!["big".into()]),
+                    limits: Some((Some(7), None, Some(0))),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (up.name.as_str(), up.rpm, up.concurrent),
+            ("app", Some(7), None)
+        );
+        let seen = s.lookup(&secret).unwrap();
+        assert!(seen.allows("big") && !seen.allows("tiny"));
+        for bad in [
+            KeyUpdate {
+                models: Some(vec![]),
+                ..Default::default()
+            },
+            KeyUpdate {
+                name: Some(" ".into()),
+                ..Default::default()
+            },
+            KeyUpdate {
+                expires_ms: Some(1),
+                ..Default::default()
+            },
+        ] {
+            assert!(matches!(
+                s.update(&rec.id, bad).await,
+                Err(KeyError::Invalid { .. })
+            ));
+        }
+        assert_eq!(
+            s.lookup(&secret).unwrap(),
+            seen,
+            "a refused update changes nothing"
+        );
+        assert!(matches!(
+            s.update("key_nope", KeyUpdate::default()).await,
+            Err(KeyError::NotFound(_))
+        ));
+        let reopened = KeyStore::open(&d.path().join("keys.db")).await.unwrap();
+        assert_eq!(reopened.lookup(&secret).unwrap(), seen);
+    }
 
     #[test]
     fn globs() {
@@ -326,6 +465,10 @@ mod tests {
             .await
             .is_err()
         );
+        assert!(matches!(
+            s.update(&rec.id, KeyUpdate::default()).await,
+            Err(KeyError::Revoked(_))
+        ));
         let reopened = KeyStore::open(&d.path().join("keys.db")).await.unwrap();
         assert_eq!(reopened.list().len(), 1);
     }

@@ -1,7 +1,11 @@
 //! securellm-gateway: the one external door.
 //!
 //! - [`admin`]: the `GatewayAdmin` gRPC service (keys, audit), behind an admin token.
-//! - [`app`]: the OpenAI-compatible HTTP API and the request path as one visible stack.
+//! - [`app`]: the OpenAI-compatible HTTP API (the tower stack in front of the pipeline).
+//! - [`listener`]: the HTTP listener (TLS, HTTP/1.1 + HTTP/2, connection and header limits).
+//! - [`grpc`]: the same API over gRPC (`securellm.v1.Gateway`).
+//! - [`pipeline`]: the request path both transports share: authenticate → authorize → rate-limit
+//!   → redact → audit → route → forward.
 //! - [`keys`]: API keys (hashed, constant-time lookup, model patterns, limits).
 //! - [`jwt`]: JWT bearer tokens (algorithm pinned; exp, nbf, iss, aud checked).
 //! - [`ratelimit`]: requests / tokens per minute and concurrency per subject; failed-auth limits.
@@ -17,8 +21,11 @@ pub mod audit;
 pub mod cloud;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod jwt;
 pub mod keys;
+pub mod listener;
+pub mod pipeline;
 pub mod ratelimit;
 pub mod redact;
 pub mod upstream;
@@ -55,6 +62,8 @@ pub enum StartError {
     Http(String),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
+    #[error(transparent)]
+    Tls(#[from] listener::TlsError),
     #[error("invalid address {0}")]
     Address(String),
     #[error("cannot write the bootstrap key file {path}: {source}")]
@@ -177,18 +186,25 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
             addr: cfg.http_listen.clone(),
             source,
         })?;
-    let router = app::router(state.clone(), cfg.max_body.0 as usize);
+    let tls = cfg.tls.as_ref().map(listener::tls_config).transpose()?;
+    let router = app::router(
+        state.clone(),
+        cfg.max_body.0 as usize,
+        Duration::from_millis(cfg.body_read_timeout_ms),
+    );
     let (http_stop, http_rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        axum::serve(
-            http_listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = http_rx.await;
-        })
-        .await
-    });
+    let http = tokio::spawn(listener::serve(
+        http_listener,
+        router,
+        tls,
+        listener::Limits {
+            max_connections: cfg.max_connections as usize,
+            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+            max_header_bytes: cfg.max_header_bytes.0 as usize,
+        },
+        http_rx,
+        Duration::from_secs(10),
+    ));
     let token_path = cfg
         .admin_token_file
         .clone()
@@ -209,13 +225,21 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     };
     let listener = serve::bind(&cfg.listen).await?;
     let grpc_addr = listener.addr;
-    let health = serve::health_service(&[securellm_proto::service_names::GATEWAY_ADMIN]).await;
+    let health = serve::health_service(&[
+        securellm_proto::service_names::GATEWAY,
+        securellm_proto::service_names::GATEWAY_ADMIN,
+    ])
+    .await;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(serve::reflection_v1()?)
             .add_service(serve::reflection_v1alpha()?)
+            .add_service(grpc::GatewayService::new(
+                state.clone(),
+                cfg.max_body.0 as usize,
+            ))
             .add_service(admin::AdminService::new(state.clone(), admin_token))
             .serve_with_incoming_shutdown(listener.incoming(), async {
                 let _ = stop_rx.await;

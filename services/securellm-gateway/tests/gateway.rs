@@ -398,13 +398,37 @@ async fn fake_openai() -> (
         post(move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| {
             let seen = s2.clone();
             async move {
+                use axum::response::IntoResponse;
                 let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                 seen.lock().unwrap().push((auth, body.0.clone()));
+                if body.0["stream"] == true {
+                    // Two content chunks, the usage chunk when asked for, then [DONE]; split at
+                    // odd places to exercise the gateway's SSE parsing.
+                    let mut sse = String::new();
+                    for word in ["hi ", "cloud"] {
+                        sse += &format!("data: {}\n\n", serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": word}}]}));
+                    }
+                    if body.0["stream_options"]["include_usage"] == true {
+                        sse += &format!("data: {}\n\n", serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}));
+                    }
+                    sse += "data: [DONE]\n\n";
+                    let parts: Vec<Result<String, std::io::Error>> = sse
+                        .as_bytes()
+                        .chunks(37)
+                        .map(|c| Ok(String::from_utf8_lossy(c).into_owned()))
+                        .collect();
+                    return (
+                        [("content-type", "text/event-stream")],
+                        axum::body::Body::from_stream(futures::stream::iter(parts)),
+                    )
+                        .into_response();
+                }
                 axum::Json(serde_json::json!({
                     "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body.0["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from the cloud"}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
                 }))
+                .into_response()
             }
         }),
     );
@@ -561,6 +585,69 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         !db.windows(20).any(|w| w == "A".repeat(20).as_bytes()),
         "no secret in the audit file"
     );
+
+    // Streams from a cloud upstream: passed through event by event; the gateway always asks for
+    // the usage chunk so the audit row has the token counts, and relays it only when asked.
+    for include_usage in [false, true] {
+        let mut b = body("gpt-fake");
+        b["stream"] = true.into();
+        if include_usage {
+            b["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let r = http
+            .post(&url)
+            .bearer_auth(&key)
+            .header("x-request-id", format!("cloud-stream-{include_usage}"))
+            .json(&b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.strip_prefix("data: ").unwrap())
+            .collect();
+        assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+        let content: String = events
+            .iter()
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(content, "hi cloud");
+        assert_eq!(
+            text.contains("\"usage\""),
+            include_usage,
+            "usage chunk relayed only when asked: {text}"
+        );
+        let sent = seen.lock().unwrap().last().unwrap().1.clone();
+        assert_eq!(sent["stream_options"]["include_usage"], true);
+    }
+    s.gateway.state.audit.flush().await;
+    let rows = s
+        .gateway
+        .state
+        .audit
+        .query(Default::default())
+        .await
+        .unwrap();
+    for include_usage in [false, true] {
+        let row = rows
+            .iter()
+            .find(|r| r.entry.request_id == format!("cloud-stream-{include_usage}"))
+            .expect("a row for the cloud stream");
+        assert!(row.entry.streamed && row.entry.status == 200);
+        assert_eq!(
+            (row.entry.prompt_tokens, row.entry.completion_tokens),
+            (9, 2),
+            "include_usage={include_usage}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -635,6 +722,65 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
             .iter()
             .any(|k| k.id == key.id && !k.secret_prefix.is_empty())
     );
+    // UpdateApiKey: new scopes take effect for the next request; a bad update changes nothing.
+    let model_ids = |secret: String| {
+        let http = http.clone();
+        let models = models.clone();
+        async move {
+            let v: serde_json::Value = http
+                .get(&models)
+                .bearer_auth(&secret)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(model_ids(created.secret.clone()).await, vec!["tiny"]);
+    let updated = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            id: key.id.clone(),
+            models: Some(pb::ApiKeyModelPatterns {
+                patterns: vec!["oth*".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.models.unwrap().patterns, vec!["oth*"]);
+    assert_eq!(
+        updated.limits.unwrap().requests_per_minute,
+        Some(100),
+        "limits absent from the update stay"
+    );
+    assert_eq!(model_ids(created.secret.clone()).await, vec!["other"]);
+    let e = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            id: key.id.clone(),
+            models: Some(pb::ApiKeyModelPatterns { patterns: vec![] }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(model_ids(created.secret.clone()).await, vec!["other"]);
+    let e = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            id: "key_nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
     let revoked = admin
         .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
         .await
@@ -649,6 +795,19 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
             .unwrap()
             .status(),
         401
+    );
+    let e = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            id: key.id.clone(),
+            name: Some("again".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::FailedPrecondition,
+        "a revoked key stays revoked"
     );
     let e = admin
         .revoke_api_key(pb::RevokeApiKeyRequest {
@@ -674,4 +833,266 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
         .unwrap()
         .into_inner();
     assert!(q.rows.iter().all(|r| r.status == 401) && !q.rows.is_empty());
+}
+
+/// A gRPC request with an OpenAI body and (optionally) a bearer credential.
+fn grpc_req<T>(msg: T, key: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(k) = key {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {k}").parse().unwrap());
+    }
+    r
+}
+
+fn body_req(v: serde_json::Value) -> securellm_proto::v1::GatewayInferenceRequest {
+    securellm_proto::v1::GatewayInferenceRequest {
+        body_json: serde_json::to_vec(&v).unwrap(),
+    }
+}
+
+/// The OpenAI error a failed gRPC call carries in its trailers.
+fn openai_error(s: &tonic::Status) -> (u16, serde_json::Value) {
+    let http: u16 = s
+        .metadata()
+        .get("x-http-status")
+        .expect("x-http-status trailer")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = s
+        .metadata()
+        .get_bin("x-openai-error-bin")
+        .expect("x-openai-error-bin trailer")
+        .to_bytes()
+        .unwrap();
+    (http, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_api_answers_like_the_http_api() {
+    use securellm_proto::v1 as pb;
+    use securellm_proto::v1::gateway_client::GatewayClient;
+    use tonic::Code;
+    let s = stack().await;
+    let keys = &s.gateway.state.keys;
+    let (key, _) = keys
+        .create(NewKey {
+            name: "grpc".into(),
+            models: vec!["*".into()],
+            rpm: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (scoped, _) = keys
+        .create(NewKey {
+            name: "scoped".into(),
+            models: vec!["other".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = GatewayClient::new(ch);
+    let chat = |stream_opts: Option<bool>| {
+        let mut b = serde_json::json!({"model": "tiny", "max_tokens": 4, "stream": true,
+            "messages": [{"role": "user", "content": "Say hi"}]});
+        if let Some(u) = stream_opts {
+            b["stream_options"] = serde_json::json!({"include_usage": u});
+        }
+        body_req(b)
+    };
+
+    // Models, filtered by scope, as the body and typed.
+    let m = c
+        .list_models(grpc_req(pb::GatewayListModelsRequest {}, Some(&scoped)))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = m.models.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, vec!["other"]);
+    assert!(!m.models[0].registry_id.is_empty() && m.models[0].upstream == "local");
+    let v: serde_json::Value = serde_json::from_slice(&m.body_json).unwrap();
+    assert_eq!(v["data"][0]["id"], "other");
+
+    // Non-streaming chat (the body's `stream` is ignored): the OpenAI body, usage, metadata.
+    let r = c
+        .chat_completions(grpc_req(chat(None), Some(&key)))
+        .await
+        .unwrap();
+    assert!(r.metadata().get("x-ratelimit-limit-requests").is_some());
+    let r = r.into_inner();
+    let v: serde_json::Value = serde_json::from_slice(&r.body_json).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    let u = r.usage.expect("usage");
+    assert!(u.prompt_tokens > 0 && u.completion_tokens > 0);
+    assert_eq!((r.model.as_str(), r.upstream.as_str()), ("tiny", "local"));
+    assert!(!r.request_id.is_empty());
+
+    // Streaming without include_usage: chunks, then one usage-only message.
+    let mut st = c
+        .chat_completions_stream(grpc_req(chat(None), Some(&key)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut msgs = Vec::new();
+    while let Some(m) = st.message().await.unwrap() {
+        msgs.push(m);
+    }
+    assert!(msgs.len() >= 2, "{msgs:?}");
+    assert!(!msgs[0].request_id.is_empty());
+    let last = msgs.last().unwrap();
+    assert!(last.data_json.is_empty() && last.usage.is_some_and(|u| u.completion_tokens > 0));
+    for m in &msgs[..msgs.len() - 1] {
+        let v: serde_json::Value = serde_json::from_slice(&m.data_json).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        assert!(v.get("usage").is_none_or(|u| u.is_null()), "{v}");
+    }
+    // With include_usage: the usage chunk itself carries it; no empty message.
+    let mut st = c
+        .chat_completions_stream(grpc_req(chat(Some(true)), Some(&key)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut msgs = Vec::new();
+    while let Some(m) = st.message().await.unwrap() {
+        msgs.push(m);
+    }
+    assert!(msgs.iter().all(|m| !m.data_json.is_empty()));
+    let last = msgs.last().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&last.data_json).unwrap();
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(last.usage.is_some());
+
+    // Embeddings and text completions.
+    let e = c
+        .embeddings(grpc_req(
+            body_req(serde_json::json!({"model": "tiny", "input": "hello"})),
+            Some(&key),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let v: serde_json::Value = serde_json::from_slice(&e.body_json).unwrap();
+    assert!(
+        v["data"][0]["embedding"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    );
+    let t = c
+        .completions(grpc_req(
+            body_req(serde_json::json!({"model": "tiny", "prompt": "Once", "max_tokens": 3})),
+            Some(&key),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let v: serde_json::Value = serde_json::from_slice(&t.body_json).unwrap();
+    assert_eq!(v["object"], "text_completion");
+
+    // Errors: the code the proto documents, the HTTP status and the OpenAI body in trailers.
+    type Case<'a> = (Option<&'a str>, Vec<u8>, Code, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            None,
+            serde_json::to_vec(&serde_json::json!({"model": "tiny"})).unwrap(),
+            Code::Unauthenticated,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            Some("sk-slm-nope"),
+            b"{}".to_vec(),
+            Code::Unauthenticated,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            Some(&scoped),
+            serde_json::to_vec(&serde_json::json!({"model": "tiny", "messages": []})).unwrap(),
+            Code::NotFound,
+            404,
+            "model_not_found",
+        ),
+        (
+            Some(&key),
+            b"{not json".to_vec(),
+            Code::InvalidArgument,
+            400,
+            "",
+        ),
+        (
+            Some(&key),
+            b"{\"model\": 5}".to_vec(),
+            Code::InvalidArgument,
+            400,
+            "",
+        ),
+        (
+            Some(&key),
+            vec![b' '; 100 << 10],
+            Code::ResourceExhausted,
+            413,
+            "request_too_large",
+        ),
+        (
+            Some(&key),
+            serde_json::to_vec(&serde_json::json!({"model": "nope", "messages": []})).unwrap(),
+            Code::NotFound,
+            404,
+            "model_not_found",
+        ),
+    ];
+    for (k, body, code, http, err_code) in cases {
+        let e = c
+            .chat_completions(grpc_req(pb::GatewayInferenceRequest { body_json: body }, k))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+        let (h, v) = openai_error(&e);
+        assert_eq!(h, http, "{v}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+        if !err_code.is_empty() {
+            assert_eq!(v["error"]["code"], err_code, "{v}");
+        }
+    }
+
+    // Every call left a row named after its method, denied ones included.
+    s.gateway.state.audit.flush().await;
+    let rows = s
+        .gateway
+        .state
+        .audit
+        .query(securellm_gateway::audit::AuditFilter {
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let count = |ep: &str, status: u16| {
+        rows.iter()
+            .filter(|r| {
+                r.entry.endpoint == format!("grpc:/securellm.v1.Gateway/{ep}")
+                    && r.entry.status == status
+            })
+            .count()
+    };
+    assert_eq!(count("ChatCompletionsStream", 200), 2);
+    assert_eq!(count("ChatCompletions", 200), 1);
+    assert_eq!(count("ChatCompletions", 401), 2);
+    assert_eq!(count("ChatCompletions", 404), 2);
+    assert_eq!(count("ChatCompletions", 413), 1);
+    assert_eq!(count("ListModels", 200), 1);
+    let streamed = rows
+        .iter()
+        .find(|r| r.entry.endpoint.ends_with("/ChatCompletionsStream"))
+        .unwrap();
+    assert!(streamed.entry.streamed && streamed.entry.completion_tokens > 0);
+    assert!(s.gateway.state.audit.verify().await.unwrap().ok);
 }

@@ -1,0 +1,546 @@
+//! The request path after the transport, shared by HTTP ([`crate::app`]) and gRPC
+//! ([`crate::grpc`]):
+//!
+//! ```text
+//! authenticate → authorize → rate-limit → redact → audit → route → forward
+//! ```
+//! Each step is a call into its own module (`keys` / `jwt`, `ratelimit`, `redact`, `audit`,
+//! `cloud` / `upstream`); this file only orders them. Every request, allowed or denied, leaves
+//! exactly one audit row ([`AuditGuard`] writes it on drop, also when the client goes away
+//! mid-stream).
+
+use std::pin::Pin;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use securellm_common::time::now_ms;
+use serde_json::Value;
+
+use crate::app::{AppState, Shared};
+use crate::audit::AuditEntry;
+use crate::error::ApiError;
+use crate::keys::KeyRecord;
+use crate::ratelimit::{Admission, Limits};
+use crate::upstream::{Endpoint, ItemStream, Local, StreamAnswer, StreamItem, Usage};
+
+/// Who is calling.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub key: KeyRecord,
+    /// The client's IP address (rate limits on failed authentication, audit).
+    pub client: String,
+}
+
+/// The request id a client sent, if usable (1..=128 printable ASCII bytes), else a new one.
+pub fn request_id(given: Option<&str>) -> String {
+    given
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// Authenticate `Authorization: Bearer <API key or JWT>`. A failure writes its audit row and
+/// counts against the client address's failed-authentication limit.
+pub fn authenticate(
+    st: &AppState,
+    client: &str,
+    request_id: &str,
+    endpoint: &str,
+    authorization: Option<&str>,
+) -> Result<Caller, ApiError> {
+    let deny = |e: ApiError| {
+        st.audit.append_nowait(AuditEntry {
+            time_ms: now_ms(),
+            request_id: request_id.to_string(),
+            client_addr: client.to_string(),
+            endpoint: endpoint.to_string(),
+            status: e.status.as_u16(),
+            error_code: e.code.unwrap_or("").to_string(),
+            ..AuditEntry::default()
+        });
+        e
+    };
+    if let Some(wait) = st.limits.auth_blocked(client) {
+        return Err(deny(
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too many failed authentication attempts",
+            )
+            .code("rate_limit_exceeded")
+            .header("retry-after", wait.as_secs().max(1).to_string()),
+        ));
+    }
+    let token = authorization
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .unwrap_or("");
+    if token.is_empty() {
+        st.limits.auth_failed(client);
+        return Err(deny(ApiError::unauthorized(
+            "You didn't provide an API key. Send it as `Authorization: Bearer sk-...`.",
+        )));
+    }
+    let key = match (&st.jwt, st.keys.lookup(token)) {
+        (_, Some(k)) => k,
+        (Some(v), None) if crate::jwt::JwtVerifier::looks_like_jwt(token) => {
+            match v.verify(token) {
+                Ok(k) => k,
+                Err(why) => {
+                    st.limits.auth_failed(client);
+                    return Err(deny(ApiError::unauthorized(format!(
+                        "Invalid bearer token: {why}."
+                    ))));
+                }
+            }
+        }
+        _ => {
+            st.limits.auth_failed(client);
+            return Err(deny(ApiError::unauthorized("Incorrect API key provided.")));
+        }
+    };
+    if !key.active(now_ms()) {
+        st.limits.auth_failed(client);
+        let why = if key.revoked_ms.is_some() {
+            "This API key has been revoked."
+        } else {
+            "This API key has expired."
+        };
+        return Err(deny(ApiError::unauthorized(why)));
+    }
+    Ok(Caller {
+        key,
+        client: client.to_string(),
+    })
+}
+
+/// One model the caller may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelEntry {
+    pub id: String,
+    pub owned_by: String,
+    pub created: u64,
+    /// "local" or the cloud upstream's name.
+    pub upstream: String,
+    /// Registry id for local models.
+    pub registry_id: String,
+}
+
+/// The models `caller` may use: local ones from the registry, then configured cloud ones (exact
+/// names only; patterns are not listable). Audited.
+pub async fn list_models(
+    st: &Shared,
+    caller: &Caller,
+    request_id: &str,
+    endpoint: &str,
+) -> Result<Vec<ModelEntry>, ApiError> {
+    let started = Instant::now();
+    let mut reg = st.registry.clone();
+    let out = Local::models(&mut reg).await.map(|ms| {
+        let mut data: Vec<ModelEntry> = ms
+            .into_iter()
+            .filter(|m| caller.key.allows(&m.name))
+            .map(|m| ModelEntry {
+                id: m.name,
+                owned_by: "securellm".into(),
+                created: m.first_seen_ms / 1000,
+                upstream: "local".into(),
+                registry_id: m.id,
+            })
+            .collect();
+        for c in &st.clouds {
+            for m in c
+                .models
+                .iter()
+                .filter(|m| !m.contains('*') && !m.contains('?') && caller.key.allows(m))
+            {
+                data.push(ModelEntry {
+                    id: m.clone(),
+                    owned_by: c.name.clone(),
+                    created: 0,
+                    upstream: c.name.clone(),
+                    registry_id: String::new(),
+                });
+            }
+        }
+        data
+    });
+    st.audit.append_nowait(AuditEntry {
+        time_ms: now_ms(),
+        request_id: request_id.to_string(),
+        subject: caller.key.subject.clone(),
+        key_id: caller.key.id.clone(),
+        client_addr: caller.client.clone(),
+        endpoint: endpoint.to_string(),
+        upstream: "registry".into(),
+        status: out.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200),
+        latency_us: started.elapsed().as_micros() as u64,
+        ..AuditEntry::default()
+    });
+    out
+}
+
+/// `{"object": "list", "data": [...]}` as OpenAI answers `GET /v1/models`.
+pub fn models_body(models: &[ModelEntry]) -> Value {
+    let data: Vec<Value> = models
+        .iter()
+        .map(|m| serde_json::json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}))
+        .collect();
+    serde_json::json!({"object": "list", "data": data})
+}
+
+/// One audit row in the making; written on drop, so every exit path (including a client that
+/// disconnects mid-stream) leaves exactly one row.
+pub struct AuditGuard {
+    st: Shared,
+    pub entry: AuditEntry,
+    started: Instant,
+}
+
+impl AuditGuard {
+    fn fail(&mut self, e: &ApiError) {
+        self.entry.status = e.status.as_u16();
+        self.entry.error_code = e.code.unwrap_or(e.kind).to_string();
+    }
+}
+
+impl Drop for AuditGuard {
+    fn drop(&mut self) {
+        self.entry.latency_us = self.started.elapsed().as_micros() as u64;
+        self.st.audit.append_nowait(std::mem::take(&mut self.entry));
+    }
+}
+
+/// Rough prompt size in tokens (bytes / 4) for the tokens-per-minute limit before the real count.
+fn estimate_prompt_tokens(v: &Value) -> u32 {
+    let n = ["messages", "prompt", "input"]
+        .iter()
+        .filter_map(|k| v.get(*k))
+        .map(|x| x.to_string().len())
+        .sum::<usize>();
+    u32::try_from(n / 4).unwrap_or(u32::MAX).max(1)
+}
+
+/// Streaming or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// As the body's `stream` member says (HTTP).
+    FromBody,
+    /// Forced (gRPC: the method decides; the body's `stream` member is ignored).
+    Complete,
+    Stream,
+}
+
+/// Stream items as the transports relay them; the stream ends after an error.
+pub type RelayStream = Pin<Box<dyn Stream<Item = Result<StreamItem, ApiError>> + Send>>;
+
+/// What the upstream answered.
+pub enum Reply {
+    /// A whole answer (also an upstream's refusal before a stream started: status ≥ 400).
+    Complete {
+        status: u16,
+        body: Bytes,
+        usage: Usage,
+    },
+    /// Payloads as they arrive. Dropping the stream cancels the upstream request.
+    Stream(RelayStream),
+}
+
+/// An answer with what the transports put in headers / metadata.
+pub struct Answer {
+    pub reply: Reply,
+    /// Rate-limit headers (`x-ratelimit-*`).
+    pub headers: Vec<(&'static str, String)>,
+    pub model: String,
+    pub upstream: String,
+}
+
+/// Run one inference request through the path. `body` is the raw body or the transport's reason
+/// for not having one (too large, unreadable), which is audited like every other failure.
+pub async fn infer(
+    st: &Shared,
+    caller: &Caller,
+    rid: &str,
+    endpoint_label: &str,
+    body: Result<Bytes, ApiError>,
+    endpoint: Endpoint,
+    mode: Mode,
+) -> Result<Answer, ApiError> {
+    let mut audit = AuditGuard {
+        st: st.clone(),
+        entry: AuditEntry {
+            time_ms: now_ms(),
+            request_id: rid.to_string(),
+            subject: caller.key.subject.clone(),
+            key_id: caller.key.id.clone(),
+            client_addr: caller.client.clone(),
+            endpoint: endpoint_label.to_string(),
+            upstream: "local".into(),
+            status: 200,
+            ..AuditEntry::default()
+        },
+        started: Instant::now(),
+    };
+    match infer_inner(st, caller, rid, body, endpoint, mode, &mut audit).await {
+        Ok((reply, headers, finish)) => {
+            let model = audit.entry.model.clone();
+            let upstream = audit.entry.upstream.clone();
+            let reply = match reply {
+                Reply::Stream(items) => Reply::Stream(account(items, audit, finish)),
+                complete => {
+                    if let Reply::Complete { status, usage, .. } = &complete {
+                        audit.entry.status = *status;
+                        audit.entry.prompt_tokens = usage.prompt;
+                        audit.entry.completion_tokens = usage.completion;
+                        finish.reconcile(*usage);
+                    }
+                    complete
+                }
+            };
+            Ok(Answer {
+                reply,
+                headers,
+                model,
+                upstream,
+            })
+        }
+        Err(e) => {
+            audit.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+/// What to settle when the answer is complete: the token count against the estimate, and the
+/// concurrency permit (held until then).
+struct Finish {
+    st: Shared,
+    subject: String,
+    limits: Limits,
+    estimate: u32,
+    _permit: crate::ratelimit::Permit,
+}
+
+impl Finish {
+    fn reconcile(&self, u: Usage) {
+        self.st.limits.reconcile(
+            &self.subject,
+            &self.limits,
+            self.estimate,
+            u.prompt.saturating_add(u.completion),
+        );
+    }
+}
+
+/// The audit row and the permit live as long as the stream; the row gets the usage (or the error)
+/// at the end.
+fn account(items: ItemStream, audit: AuditGuard, finish: Finish) -> RelayStream {
+    let mut audit = audit;
+    audit.entry.streamed = true;
+    let state = (audit, finish, Usage::default());
+    Box::pin(futures::stream::unfold(
+        (items, Some(state)),
+        |(mut items, state)| async move {
+            let (mut audit, finish, mut usage) = state?;
+            match items.next().await {
+                Some(Ok(StreamItem::Usage(u))) => {
+                    usage = u;
+                    Some((
+                        Ok(StreamItem::Usage(u)),
+                        (items, Some((audit, finish, usage))),
+                    ))
+                }
+                Some(Ok(d)) => Some((Ok(d), (items, Some((audit, finish, usage))))),
+                Some(Err(e)) => {
+                    audit.fail(&e);
+                    audit.entry.prompt_tokens = usage.prompt;
+                    audit.entry.completion_tokens = usage.completion;
+                    finish.reconcile(usage);
+                    Some((Err(e), (items, None)))
+                }
+                None => {
+                    audit.entry.prompt_tokens = usage.prompt;
+                    audit.entry.completion_tokens = usage.completion;
+                    finish.reconcile(usage);
+                    None
+                }
+            }
+        },
+    ))
+}
+
+type Inner = (Reply, Vec<(&'static str, String)>, Finish);
+
+async fn infer_inner(
+    st: &Shared,
+    caller: &Caller,
+    rid: &str,
+    body: Result<Bytes, ApiError>,
+    endpoint: Endpoint,
+    mode: Mode,
+    audit: &mut AuditGuard,
+) -> Result<Inner, ApiError> {
+    // Parse.
+    let body = body?;
+    let mut v: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return Err(ApiError::bad_request(
+                "The request body must be a JSON object.",
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "We could not parse the JSON body of your request: {e}"
+            )));
+        }
+    };
+    let model = match v.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) | None => {
+            return Err(ApiError::bad_request("you must provide a model parameter").param("model"));
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request("`model` must be a string").param("model"));
+        }
+    };
+    audit.entry.model = model.clone();
+    // Authorize: a model outside the key's scopes is answered like an unknown one (as OpenAI does).
+    if !caller.key.allows(&model) {
+        return Err(ApiError::model_not_found(&model));
+    }
+    let stream = endpoint != Endpoint::Embeddings
+        && match mode {
+            Mode::FromBody => match v.get("stream") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ApiError::bad_request("`stream` must be a boolean").param("stream"));
+                }
+            },
+            Mode::Complete => false,
+            Mode::Stream => true,
+        };
+    let relay_usage = v
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    // Rate-limit.
+    let limits = Limits {
+        rpm: caller.key.rpm,
+        tpm: caller.key.tpm,
+        concurrent: caller.key.concurrent,
+    };
+    let estimate = estimate_prompt_tokens(&v);
+    let (permit, rl_headers) = match st.limits.admit(&caller.key.subject, &limits, estimate) {
+        Admission::Allowed { permit, headers } => (permit, headers),
+        Admission::Limited {
+            retry_after,
+            which,
+            headers,
+        } => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "Rate limit reached for {} ({which:?}). Please try again in {}s.",
+                    caller.key.subject,
+                    retry_after.as_secs().max(1)
+                ),
+            )
+            .code("rate_limit_exceeded");
+            // The limiter's headers carry retry-after, retry-after-ms and x-ratelimit-*.
+            e.headers.extend(headers);
+            return Err(e);
+        }
+    };
+    let finish = Finish {
+        st: st.clone(),
+        subject: caller.key.subject.clone(),
+        limits,
+        estimate,
+        _permit: permit,
+    };
+    // Route: a cloud upstream if one serves the model, else the local backend manager.
+    if let Some(cloud) = crate::cloud::route(&st.clouds, &model) {
+        audit.entry.upstream = cloud.name.clone();
+        // Redact: prompts leaving the machine pass the upstream's policy first.
+        match st.redactor.apply_to_request(&mut v, cloud.policy) {
+            Ok(n) => audit.entry.redactions = u32::try_from(n).unwrap_or(u32::MAX),
+            Err(blocked) => {
+                return Err(ApiError::bad_request(format!(
+                    "The request was blocked: it contains secrets ({}) and upstream {} does not accept them.",
+                    blocked.kinds.join(", "),
+                    cloud.name
+                ))
+                .code("secret_detected"));
+            }
+        }
+        if let Value::Object(m) = &mut v
+            && endpoint != Endpoint::Embeddings
+        {
+            m.insert("stream".into(), Value::Bool(stream));
+            if stream {
+                // Always ask for the usage chunk, to count tokens; relayed only when asked for.
+                m.insert(
+                    "stream_options".into(),
+                    serde_json::json!({"include_usage": true}),
+                );
+            }
+        }
+        let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+        let reply = match cloud
+            .call(endpoint, body, rid, stream, relay_usage, st.request_timeout)
+            .await?
+        {
+            crate::cloud::CloudAnswer::Complete {
+                status,
+                body,
+                usage,
+            } => Reply::Complete {
+                status,
+                body,
+                usage,
+            },
+            crate::cloud::CloudAnswer::Stream { status, items } => {
+                audit.entry.status = status;
+                Reply::Stream(items)
+            }
+        };
+        return Ok((reply, rl_headers, finish));
+    }
+    // Forward to the backend manager (it sets `stream` / `stream_options` itself).
+    let deadline = now_ms() + st.request_timeout.as_millis() as u64;
+    let who = &caller.key.subject;
+    let reply = if !stream {
+        let a = st
+            .local
+            .call(endpoint, &model, body, rid, who, deadline)
+            .await?;
+        Reply::Complete {
+            status: a.status,
+            body: a.body,
+            usage: a.usage,
+        }
+    } else {
+        match st
+            .local
+            .stream(endpoint, &model, body, rid, who, deadline, relay_usage)
+            .await?
+        {
+            StreamAnswer::Refused { status, body } => Reply::Complete {
+                status,
+                body,
+                usage: Usage::default(),
+            },
+            StreamAnswer::Streaming(items) => Reply::Stream(items),
+        }
+    };
+    Ok((reply, rl_headers, finish))
+}

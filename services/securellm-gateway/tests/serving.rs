@@ -1,0 +1,324 @@
+//! The HTTP listener on its own (no backends needed): TLS with HTTP/1.1 and HTTP/2, and the limits
+//! that keep slow, idle or oversized clients from exhausting the gateway.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use securellm_gateway::config::GatewayConfig;
+use securellm_gateway::keys::NewKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn gateway(
+    dir: &Path,
+    tweak: impl FnOnce(&mut GatewayConfig),
+) -> securellm_gateway::RunningGateway {
+    let mut cfg = GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        http_listen: "127.0.0.1:0".into(),
+        data_dir: Some(dir.join("gw")),
+        // Nothing listens there: these tests never reach a backend.
+        backend: "127.0.0.1:1".into(),
+        registry: "127.0.0.1:1".into(),
+        ..Default::default()
+    };
+    tweak(&mut cfg);
+    securellm_gateway::start(&cfg).await.unwrap()
+}
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command is needed to make test certificates");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and a server certificate for 127.0.0.1 / localhost signed by it (made by the
+/// `openssl` command). Returns (ca.pem, cert.pem, key.pem).
+fn test_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-days",
+        "2",
+        "-subj",
+        "/CN=securellm test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&ca, dir);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(&csr, dir);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ],
+        dir,
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_http1_and_http2_and_refuses_plain_text() {
+    securellm_common::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, cert, key) = test_pki(dir.path());
+    let gw = gateway(dir.path(), |c| {
+        c.tls = Some(securellm_gateway::listener::TlsConfig {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        })
+    })
+    .await;
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_pem).unwrap()).unwrap();
+    let url = format!("https://127.0.0.1:{}/health", gw.http_addr.port());
+    for (h1, want) in [
+        (true, reqwest::Version::HTTP_11),
+        (false, reqwest::Version::HTTP_2),
+    ] {
+        let mut b = reqwest::Client::builder().add_root_certificate(ca.clone());
+        if h1 {
+            b = b.http1_only();
+        }
+        let r = b.build().unwrap().get(&url).send().await.unwrap();
+        assert_eq!((r.status().as_u16(), r.version()), (200, want));
+    }
+    // An unknown certificate authority is refused by the client, plain HTTP by the server.
+    assert!(reqwest::get(&url).await.is_err());
+    let plain = reqwest::get(format!("http://{}/health", gw.http_addr)).await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP on the TLS port must not work"
+    );
+    gw.shutdown().await;
+
+    // Bad certificate files fail the start with the field named.
+    let bad = GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        http_listen: "127.0.0.1:0".into(),
+        data_dir: Some(dir.path().join("gw2")),
+        tls: Some(securellm_gateway::listener::TlsConfig {
+            cert_file: dir.path().join("missing.pem"),
+            key_file: key.clone(),
+        }),
+        ..Default::default()
+    };
+    let e = securellm_gateway::start(&bad).await.err().unwrap();
+    assert!(e.to_string().contains("gateway.tls.cert_file"), "{e}");
+    let bad = GatewayConfig {
+        tls: Some(securellm_gateway::listener::TlsConfig {
+            cert_file: cert.clone(),
+            key_file: cert.clone(),
+        }),
+        ..bad
+    };
+    let e = securellm_gateway::start(&bad).await.err().unwrap();
+    assert!(e.to_string().contains("gateway.tls.key_file"), "{e}");
+}
+
+/// Read until the server closes the connection; returns what arrived and when it closed.
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (
+                    String::from_utf8_lossy(&got).into_owned(),
+                    Some(start.elapsed()),
+                );
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), None),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_oversized_clients_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), |c| {
+        c.header_read_timeout_ms = 400;
+        c.body_read_timeout_ms = 400;
+        c.max_header_bytes = securellm_common::ByteSize(16 << 10);
+    })
+    .await;
+    let addr = gw.http_addr;
+    let limit = Duration::from_secs(5);
+
+    // Slowloris on headers: half a request head, then silence → closed.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (_, closed) = read_until_closed(&mut s, limit).await;
+    let t = closed.expect("a connection stuck in its headers is closed");
+    assert!(t >= Duration::from_millis(300), "{t:?}");
+
+    // A connection that never sends anything → closed.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert!(read_until_closed(&mut s, limit).await.1.is_some());
+
+    // An idle keep-alive connection after a complete request → answered, then closed.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (text, closed) = read_until_closed(&mut s, limit).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(closed.is_some(), "an idle keep-alive connection is closed");
+
+    // A request head over the limit → 431 (or the connection closed), never served.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let big = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 << 10)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let (text, _) = read_until_closed(&mut s, limit).await;
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+
+    // Slowloris on the body: an authenticated request whose body stalls → 408, audited.
+    let (key, _) = gw
+        .state
+        .keys
+        .create(NewKey {
+            name: "k".into(),
+            models: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\nX-Request-Id: slow-body\r\n\r\n{{\"model\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let (text, _) = read_until_closed(&mut s, limit).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    gw.state.audit.flush().await;
+    let rows = gw.state.audit.query(Default::default()).await.unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.entry.request_id == "slow-body" && r.entry.status == 408),
+        "the stalled request has its audit row"
+    );
+
+    // The gateway still serves normal clients.
+    let r = reqwest::get(format!("http://{addr}/health")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_instead_of_piling_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), |c| {
+        c.max_connections = 1;
+        c.header_read_timeout_ms = 700;
+    })
+    .await;
+    let addr = gw.http_addr;
+    // One idle connection takes the only slot until the header timeout closes it.
+    let mut hog = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let r = reqwest::get(format!("http://{addr}/health")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the second connection was served while the first held the only slot ({waited:?})"
+    );
+    assert!(
+        read_until_closed(&mut hog, Duration::from_secs(1))
+            .await
+            .1
+            .is_some()
+    );
+    gw.shutdown().await;
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, field) in [
+        (
+            "[gateway]\nmax_connections = 0\n",
+            "gateway.max_connections",
+        ),
+        (
+            "[gateway]\nheader_read_timeout_ms = 1\n",
+            "gateway.header_read_timeout_ms",
+        ),
+        (
+            "[gateway]\nmax_header_bytes = \"1KiB\"\n",
+            "gateway.max_header_bytes",
+        ),
+        ("[gateway]\ntls = { cert_file = \"c.pem\" }\n", "key_file"),
+    ] {
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, toml).unwrap();
+        let args = <securellm_gateway::config::Args as clap::Parser>::parse_from([
+            "securellm-gateway",
+            "--config",
+            p.to_str().unwrap(),
+        ]);
+        let e = GatewayConfig::resolve(&args).unwrap_err().to_string();
+        assert!(e.contains(field), "{toml}: {e}");
+    }
+}
