@@ -1,27 +1,47 @@
 //! `securellm health ADDR [--service NAME]`: a gRPC health check (exit 0 when SERVING), for
-//! container healthchecks and scripts.
+//! container healthchecks and scripts. [`connect`] and [`check`] are shared with `securellm status`.
 
 use std::time::Duration;
 
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-pub async fn run(endpoint: &str, service: &str) -> anyhow::Result<()> {
-    let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("{endpoint}: cannot connect: {e}"))?;
-    let r = HealthClient::new(ch)
+/// A channel to `endpoint` that gives up connecting after `connect_timeout` and fails every call
+/// that takes longer than `call_timeout`.
+pub async fn connect(
+    endpoint: &str,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+) -> anyhow::Result<Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+            .connect_timeout(connect_timeout)
+            .timeout(call_timeout)
+            .connect()
+            .await?,
+    )
+}
+
+/// `grpc.health.v1.Health/Check` for `service` ("" = the server as a whole).
+pub async fn check(channel: Channel, service: &str) -> Result<ServingStatus, tonic::Status> {
+    let r = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_string(),
         })
-        .await
-        .map_err(|s| anyhow::anyhow!("{endpoint}: {}", s.message()))?
+        .await?
         .into_inner();
-    let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
+    Ok(ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown))
+}
+
+pub async fn run(endpoint: &str, service: &str) -> anyhow::Result<()> {
+    let ch = connect(endpoint, Duration::from_secs(2), Duration::from_secs(3))
+        .await
+        .map_err(|e| anyhow::anyhow!("{endpoint}: cannot connect: {e}"))?;
+    let status = check(ch, service)
+        .await
+        .map_err(|s| anyhow::anyhow!("{endpoint}: {}", s.message()))?;
     anyhow::ensure!(
         status == ServingStatus::Serving,
         "{endpoint}: {}",

@@ -6,10 +6,24 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::gateway_admin_client::GatewayAdminClient;
 use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// Where the gateway's admin API is and how to authenticate to it (`keys` and `status`).
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// The gateway's gRPC address.
+    #[arg(long, env = "SECURELLM_GATEWAY", default_value = "127.0.0.1:50054")]
+    pub gateway: String,
+    /// The admin token file (default <data dir>/gateway/admin-token).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysAction {
@@ -40,7 +54,9 @@ pub enum KeysAction {
     Revoke { id: String },
 }
 
-fn token(file: Option<PathBuf>) -> anyhow::Result<String> {
+/// The admin token: `$SECURELLM_ADMIN_TOKEN`, else the file (default
+/// `<data dir>/gateway/admin-token`).
+pub fn token(file: Option<PathBuf>) -> anyhow::Result<String> {
     if let Ok(t) = std::env::var("SECURELLM_ADMIN_TOKEN")
         && !t.is_empty()
     {
@@ -60,6 +76,23 @@ fn token(file: Option<PathBuf>) -> anyhow::Result<String> {
         .to_string())
 }
 
+/// A GatewayAdmin client that sends `authorization: Bearer <token>` with every call.
+pub fn admin_client(
+    channel: Channel,
+    token: &str,
+) -> anyhow::Result<GatewayAdminClient<InterceptedService<Channel, impl Interceptor + use<>>>> {
+    let auth: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the admin token is not a valid header value")?;
+    Ok(GatewayAdminClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", auth.clone());
+            Ok(r)
+        },
+    ))
+}
+
 pub async fn run(
     endpoint: &str,
     token_file: Option<PathBuf>,
@@ -70,11 +103,7 @@ pub async fn run(
         .connect()
         .await
         .with_context(|| format!("cannot reach the gateway at {endpoint}"))?;
-    let auth: MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let mut c = GatewayAdminClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", auth.clone());
-        Ok(r)
-    });
+    let mut c = admin_client(channel, &token)?;
     let msg = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
     match action {
         KeysAction::Create {

@@ -8,6 +8,7 @@ mod health;
 mod keys;
 mod models;
 mod ps;
+mod status;
 mod vram;
 
 use clap::{Parser, Subcommand};
@@ -78,14 +79,19 @@ enum Command {
     },
     /// API keys through the gateway's admin API.
     Keys {
-        /// The gateway's gRPC address.
-        #[arg(long, env = "SECURELLM_GATEWAY", default_value = "127.0.0.1:50054")]
-        gateway: String,
-        /// The admin token file (default <data dir>/gateway/admin-token).
-        #[arg(long)]
-        admin_token_file: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        gateway: keys::GatewayArgs,
         #[command(subcommand)]
         action: keys::KeysAction,
+    },
+    /// The whole stack at a glance: each service up or down, GPUs and leases, loaded models,
+    /// requests/s (exit 0 when all four services are up).
+    Status {
+        #[command(flatten)]
+        gateway: keys::GatewayArgs,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// gRPC health check of a service (exit 0 when SERVING), for container healthchecks.
     Health {
@@ -137,11 +143,26 @@ async fn main() -> anyhow::Result<()> {
             let dir = data_dir.unwrap_or_else(securellm_common::config::default_data_dir);
             audit::run(&dir, action).await
         }
-        Command::Keys {
-            gateway,
-            admin_token_file,
-            action,
-        } => keys::run(&endpoint(&gateway), admin_token_file, action).await,
+        Command::Keys { gateway, action } => {
+            keys::run(
+                &endpoint(&gateway.gateway),
+                gateway.admin_token_file,
+                action,
+            )
+            .await
+        }
+        Command::Status { gateway, json } => {
+            let addrs = status::Addresses {
+                scheduler: cli.scheduler,
+                registry: cli.registry,
+                backend: cli.backend,
+                gateway: gateway.gateway,
+            };
+            if !status::run(&addrs, gateway.admin_token_file, json).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Health { addr, service } => health::run(&endpoint(&addr), &service).await,
         Command::Ps => ps::ps(&endpoint(&cli.backend)).await,
         Command::Load { model } => ps::load(&endpoint(&cli.backend), &model).await,

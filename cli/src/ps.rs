@@ -14,7 +14,7 @@ async fn connect(endpoint: &str) -> anyhow::Result<BackendManagerClient<Channel>
         .with_context(|| format!("cannot reach the backend manager at {endpoint}"))
 }
 
-fn state(s: i32) -> &'static str {
+pub fn state(s: i32) -> &'static str {
     match pb::InstanceState::try_from(s) {
         Ok(pb::InstanceState::Unloaded) => "unloaded",
         Ok(pb::InstanceState::Leasing) => "leasing",

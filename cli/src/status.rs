@@ -1,0 +1,466 @@
+//! `securellm status [--json]`: the whole stack at a glance. Each of the four services is asked
+//! `grpc.health.v1.Health/Check` (with its latency); the services that answer are then asked for
+//! their state: the scheduler's GPUs and leases, the backend manager's instances, and the
+//! gateway's requests per second over the last minute (its audit log, through the admin API).
+//!
+//! Every call gives up after [`CALL_TIMEOUT`]; a service that does not answer is reported
+//! `down (reason)` and the others are still shown. Exit status 0 only when all four are up.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use securellm_common::format_bytes;
+use securellm_common::time::now_ms;
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::backend_manager_client::BackendManagerClient;
+use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::{endpoint, health, keys, ps, vram};
+
+/// The limit for connecting and for each call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The window requests per second are counted over.
+const WINDOW_MS: u64 = 60_000;
+
+/// At most this many audit rows are fetched (the admin API's maximum).
+const MAX_ROWS: u32 = 10_000;
+
+/// The services' addresses (as given: `HOST:PORT` or a URL).
+pub struct Addresses {
+    pub scheduler: String,
+    pub registry: String,
+    pub backend: String,
+    pub gateway: String,
+}
+
+/// One service's health: the check's latency, or why it is down.
+#[derive(Debug)]
+pub struct ServiceHealth {
+    pub name: &'static str,
+    pub address: String,
+    pub up: Result<Duration, String>,
+}
+
+/// Requests per second at the gateway, or why that is unknown.
+#[derive(Debug)]
+pub enum Requests {
+    /// Audit rows in the last [`WINDOW_MS`]; `truncated` when there were more than [`MAX_ROWS`].
+    Counted {
+        rows: usize,
+        truncated: bool,
+    },
+    Unknown(String),
+}
+
+/// Everything `securellm status` shows.
+#[derive(Debug)]
+pub struct Report {
+    pub services: Vec<ServiceHealth>,
+    pub scheduler: Result<pb::SchedulerStatus, String>,
+    pub models: Result<Vec<pb::BackendInstance>, String>,
+    pub requests: Requests,
+}
+
+impl Report {
+    pub fn all_up(&self) -> bool {
+        self.services.iter().all(|s| s.up.is_ok())
+    }
+}
+
+/// The innermost cause: "Connection refused (os error 111)" rather than "transport error".
+fn reason(e: &anyhow::Error) -> String {
+    e.root_cause().to_string()
+}
+
+fn status_reason(s: &tonic::Status) -> String {
+    let timed_out = s.code() == tonic::Code::DeadlineExceeded
+        || (s.code() == tonic::Code::Cancelled && s.message().contains("Timeout"));
+    if timed_out {
+        format!("no answer within {} s", CALL_TIMEOUT.as_secs())
+    } else if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        format!("{:?}: {}", s.code(), s.message())
+    }
+}
+
+/// Health-check the service at `addr`; when it is up, also ask `then` on the same channel.
+/// `Err(reason)` in the second place when the service is down or `then` failed.
+async fn probe<T, F, Fut>(
+    name: &'static str,
+    addr: &str,
+    then: F,
+) -> (ServiceHealth, Result<T, String>)
+where
+    F: FnOnce(Channel) -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let up = async {
+        let ch = health::connect(&endpoint(addr), CALL_TIMEOUT, CALL_TIMEOUT)
+            .await
+            .map_err(|e| reason(&e))?;
+        let t = Instant::now();
+        match health::check(ch.clone(), "").await {
+            Ok(ServingStatus::Serving) => Ok((t.elapsed(), ch)),
+            Ok(s) => Err(s.as_str_name().to_string()),
+            Err(s) => Err(status_reason(&s)),
+        }
+    }
+    .await;
+    let (up, detail) = match up {
+        Ok((latency, ch)) => (Ok(latency), then(ch).await),
+        Err(e) => (Err(e), Err(format!("{name} down"))),
+    };
+    let health = ServiceHealth {
+        name,
+        address: addr.to_string(),
+        up,
+    };
+    (health, detail)
+}
+
+/// Ask all four services at once.
+pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Report {
+    let token = keys::token(admin_token_file).ok().filter(|t| !t.is_empty());
+    let scheduler = probe("vram-scheduler", &addrs.scheduler, |ch| async move {
+        VramSchedulerClient::new(ch)
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| status_reason(&s))
+    });
+    let registry = probe("registry", &addrs.registry, |_| async { Ok(()) });
+    let backend = probe("backend-manager", &addrs.backend, |ch| async move {
+        BackendManagerClient::new(ch)
+            .list_instances(pb::ListInstancesRequest::default())
+            .await
+            .map(|r| r.into_inner().instances)
+            .map_err(|s| status_reason(&s))
+    });
+    let have_token = token.is_some();
+    let gateway = probe("securellm-gateway", &addrs.gateway, |ch| async move {
+        let token = token.ok_or_else(|| "no admin token".to_string())?;
+        let mut c = keys::admin_client(ch, &token).map_err(|e| reason(&e))?;
+        let r = c
+            .query_audit(pb::QueryAuditRequest {
+                since_ms: Some(now_ms().saturating_sub(WINDOW_MS)),
+                limit: MAX_ROWS,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| status_reason(&s))?
+            .into_inner();
+        Ok((r.rows.len(), r.truncated))
+    });
+    let ((s, scheduler), (r, _), (b, models), (g, requests)) =
+        tokio::join!(scheduler, registry, backend, gateway);
+    Report {
+        services: vec![s, r, b, g],
+        scheduler,
+        models,
+        requests: match requests {
+            _ if !have_token => Requests::Unknown("no admin token".into()),
+            Ok((rows, truncated)) => Requests::Counted { rows, truncated },
+            Err(e) => Requests::Unknown(e),
+        },
+    }
+}
+
+fn rate(rows: usize) -> f64 {
+    rows as f64 * 1000.0 / WINDOW_MS as f64
+}
+
+fn latency_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// The report as text.
+pub fn render_text(r: &Report) -> String {
+    let mut out = format!("{:<18} {:<22} {}\n", "SERVICE", "ADDRESS", "STATE");
+    for s in &r.services {
+        let state = match &s.up {
+            Ok(d) => format!("up ({:.1} ms)", latency_ms(*d)),
+            Err(e) => format!("down ({e})"),
+        };
+        out += &format!("{:<18} {:<22} {}\n", s.name, s.address, state);
+    }
+    out += "\n";
+    match &r.scheduler {
+        Ok(st) => {
+            out += &format!("GPUS (inventory: {})\n", st.inventory);
+            for g in &st.gpus {
+                out += &format!(
+                    "  GPU {} {}{} {}\n    total {}  used {}  leased {}  foreign {}  free {}  grantable {}{}\n",
+                    g.index,
+                    g.name,
+                    if g.simulated { " (simulated)" } else { "" },
+                    vram::bar(g),
+                    format_bytes(g.total_bytes),
+                    format_bytes(g.used_bytes),
+                    format_bytes(g.leased_bytes),
+                    format_bytes(g.foreign_bytes),
+                    format_bytes(g.free_bytes),
+                    format_bytes(g.grantable_bytes),
+                    if g.overcommitted {
+                        "  OVER-COMMITTED"
+                    } else {
+                        ""
+                    },
+                );
+            }
+            out += "LEASES\n";
+            if st.leases.is_empty() {
+                out += "  (none)\n";
+            } else {
+                out += &format!(
+                    "  {:<32} {:>10} {:>5} {:>4}\n",
+                    "HOLDER", "SIZE", "PRIO", "GPU"
+                );
+                for l in &st.leases {
+                    let holder = if l.label.is_empty() {
+                        l.holder.clone()
+                    } else {
+                        format!("{} ({})", l.holder, l.label)
+                    };
+                    out += &format!(
+                        "  {:<32} {:>10} {:>5} {:>4}\n",
+                        holder,
+                        format_bytes(l.bytes),
+                        l.priority,
+                        l.gpu_index
+                    );
+                }
+            }
+            if !st.queue.is_empty() {
+                out += &format!("  {} request(s) waiting in the queue\n", st.queue.len());
+            }
+        }
+        Err(e) => out += &format!("GPUS: unknown ({e})\n"),
+    }
+    out += "\n";
+    match &r.models {
+        Ok(instances) => out += &format!("MODELS\n{}", ps::render(instances, now_ms())),
+        Err(e) => out += &format!("MODELS: unknown ({e})\n"),
+    }
+    out += "\n";
+    out += &match &r.requests {
+        Requests::Counted { rows, truncated } => format!(
+            "requests/s: {}{:.2} ({}{} in the last {} s)\n",
+            if *truncated { ">= " } else { "" },
+            rate(*rows),
+            rows,
+            if *truncated { "+" } else { "" },
+            WINDOW_MS / 1000
+        ),
+        Requests::Unknown(e) => format!("requests/s: unknown ({e})\n"),
+    };
+    out
+}
+
+/// The report as one JSON object (byte counts in bytes, latencies in milliseconds; a part that
+/// could not be asked is `null`, with the reason under `unknown`).
+pub fn render_json(r: &Report) -> Value {
+    let mut unknown = serde_json::Map::new();
+    let services: serde_json::Map<String, Value> = r
+        .services
+        .iter()
+        .map(|s| {
+            let v = match &s.up {
+                Ok(d) => json!({"address": s.address, "up": true, "latency_ms": latency_ms(*d)}),
+                Err(e) => json!({"address": s.address, "up": false, "error": e}),
+            };
+            (s.name.to_string(), v)
+        })
+        .collect();
+    let (inventory, gpus, leases, queued) = match &r.scheduler {
+        Ok(st) => (
+            json!(st.inventory),
+            st.gpus
+                .iter()
+                .map(|g| {
+                    json!({
+                        "index": g.index,
+                        "uuid": g.uuid,
+                        "name": g.name,
+                        "simulated": g.simulated,
+                        "total_bytes": g.total_bytes,
+                        "used_bytes": g.used_bytes,
+                        "leased_bytes": g.leased_bytes,
+                        "foreign_bytes": g.foreign_bytes,
+                        "reserve_bytes": g.reserve_bytes,
+                        "free_bytes": g.free_bytes,
+                        "grantable_bytes": g.grantable_bytes,
+                        "overcommitted": g.overcommitted,
+                    })
+                })
+                .collect(),
+            st.leases
+                .iter()
+                .map(|l| {
+                    json!({
+                        "id": l.id,
+                        "holder": l.holder,
+                        "label": l.label,
+                        "gpu_index": l.gpu_index,
+                        "bytes": l.bytes,
+                        "priority": l.priority,
+                        "idle": l.idle,
+                        "evicting": l.evict_by_ms.is_some(),
+                    })
+                })
+                .collect(),
+            json!(st.queue.len()),
+        ),
+        Err(e) => {
+            unknown.insert("gpus".into(), json!(e));
+            (Value::Null, Value::Null, Value::Null, Value::Null)
+        }
+    };
+    let models = match &r.models {
+        Ok(instances) => instances
+            .iter()
+            .map(|i| {
+                json!({
+                    "id": i.id,
+                    "model_name": i.model_name,
+                    "state": ps::state(i.state),
+                    "gpu_index": i.gpu_index,
+                    "lease_bytes": i.lease_bytes,
+                    "measured_bytes": i.measured_bytes,
+                    "pid": i.pid,
+                    "in_flight": i.in_flight,
+                    "last_used_ms": i.last_used_ms,
+                    "crash_count": i.crash_count,
+                    "last_error": i.last_error,
+                })
+            })
+            .collect(),
+        Err(e) => {
+            unknown.insert("models".into(), json!(e));
+            Value::Null
+        }
+    };
+    let requests = match &r.requests {
+        Requests::Counted { rows, truncated } => json!({
+            "per_second": rate(*rows),
+            "count": rows,
+            "window_s": WINDOW_MS / 1000,
+            "truncated": truncated,
+        }),
+        Requests::Unknown(e) => {
+            unknown.insert("requests".into(), json!(e));
+            Value::Null
+        }
+    };
+    json!({
+        "up": r.all_up(),
+        "services": services,
+        "inventory": inventory,
+        "gpus": gpus,
+        "leases": leases,
+        "queued": queued,
+        "models": models,
+        "requests": requests,
+        "unknown": unknown,
+    })
+}
+
+/// Print the report; `Ok(true)` when all four services are up.
+pub async fn run(
+    addrs: &Addresses,
+    admin_token_file: Option<PathBuf>,
+    as_json: bool,
+) -> anyhow::Result<bool> {
+    let r = collect(addrs, admin_token_file).await;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&render_json(&r))?);
+    } else {
+        print!("{}", render_text(&r));
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    Ok(r.all_up())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        Report {
+            services: vec![
+                ServiceHealth {
+                    name: "vram-scheduler",
+                    address: "127.0.0.1:1".into(),
+                    up: Ok(Duration::from_micros(1_300)),
+                },
+                ServiceHealth {
+                    name: "registry",
+                    address: "127.0.0.1:2".into(),
+                    up: Err("Connection refused (os error 111)".into()),
+                },
+            ],
+            scheduler: Ok(pb::SchedulerStatus {
+                inventory: "simulated".into(),
+                gpus: vec![pb::GpuStatus {
+                    name: "Sim".into(),
+                    simulated: true,
+                    total_bytes: 8 << 30,
+                    used_bytes: 1 << 30,
+                    leased_bytes: 1 << 30,
+                    free_bytes: 7 << 30,
+                    ..Default::default()
+                }],
+                leases: vec![pb::Lease {
+                    holder: "mgr".into(),
+                    label: "tiny".into(),
+                    bytes: 1 << 30,
+                    priority: 7,
+                    ..Default::default()
+                }],
+                queue: vec![],
+            }),
+            models: Err("backend-manager down".into()),
+            requests: Requests::Counted {
+                rows: 30,
+                truncated: false,
+            },
+        }
+    }
+
+    #[test]
+    fn text_shows_services_gpus_leases_models_and_rate() {
+        let r = report();
+        assert!(!r.all_up());
+        let s = render_text(&r);
+        for want in [
+            "vram-scheduler     127.0.0.1:1",
+            "up (1.3 ms)",
+            "down (Connection refused (os error 111))",
+            "GPU 0 Sim (simulated)",
+            "total 8 GiB  used 1 GiB  leased 1 GiB  foreign 0 B  free 7 GiB",
+            "mgr (tiny)",
+            "MODELS: unknown (backend-manager down)",
+            "requests/s: 0.50 (30 in the last 60 s)",
+        ] {
+            assert!(s.contains(want), "{want:?} missing in\n{s}");
+        }
+    }
+
+    #[test]
+    fn json_has_the_same_facts() {
+        let v = render_json(&report());
+        assert_eq!(v["up"], false);
+        assert_eq!(v["services"]["vram-scheduler"]["latency_ms"], 1.3);
+        assert_eq!(v["services"]["registry"]["up"], false);
+        assert_eq!(v["gpus"][0]["free_bytes"], 7u64 << 30);
+        assert_eq!(v["leases"][0]["priority"], 7);
+        assert_eq!(v["models"], Value::Null);
+        assert_eq!(v["unknown"]["models"], "backend-manager down");
+        assert_eq!(v["requests"]["per_second"], 0.5);
+    }
+}

@@ -1,0 +1,219 @@
+//! `securellm status`, the built binary against real services on loopback: nothing listening,
+//! an in-process vram-scheduler (simulated GPU), an in-process gateway (admin token, audit).
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::acquire_lease_update::Update;
+use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+use vram_scheduler::config::{InventoryMode, SchedulerConfig};
+
+const GIB: u64 = 1 << 30;
+
+/// `n` distinct loopback addresses nothing listens on (bound together, then closed).
+fn dead_addrs(n: usize) -> Vec<String> {
+    let ls: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+/// Run `securellm --scheduler S --registry R --backend B status --gateway G --admin-token-file T
+/// [extra...]`.
+async fn status(addrs: &[String], token_file: &str, extra: &[&str]) -> (Output, Duration) {
+    let t = Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm"))
+        .env_remove("SECURELLM_ADMIN_TOKEN")
+        .args(["--scheduler", &addrs[0]])
+        .args(["--registry", &addrs[1]])
+        .args(["--backend", &addrs[2]])
+        .arg("status")
+        .args(["--gateway", &addrs[3]])
+        .args(["--admin-token-file", token_file])
+        .args(extra)
+        .output()
+        .await
+        .unwrap();
+    (out, t.elapsed())
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+}
+
+fn line<'a>(s: &'a str, service: &str) -> &'a str {
+    s.lines()
+        .map(str::trim_start)
+        .find(|l| l.starts_with(service))
+        .unwrap_or_else(|| panic!("no line for {service} in\n{s}"))
+}
+
+const SERVICES: [&str; 4] = [
+    "vram-scheduler",
+    "registry",
+    "backend-manager",
+    "securellm-gateway",
+];
+
+#[tokio::test]
+async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
+    let addrs = dead_addrs(4);
+    let (o, took) = status(&addrs, "/nonexistent/admin-token", &[]).await;
+    let s = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{s}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    for (name, addr) in SERVICES.iter().zip(&addrs) {
+        let l = line(&s, name);
+        assert!(l.contains(addr.as_str()) && l.contains("down ("), "{l}");
+    }
+    assert!(s.contains("GPUS: unknown (vram-scheduler down)"), "{s}");
+    assert!(s.contains("MODELS: unknown (backend-manager down)"), "{s}");
+    assert!(s.contains("requests/s: unknown (no admin token)"), "{s}");
+
+    let (o, _) = status(&addrs, "/nonexistent/admin-token", &["--json"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["up"], false);
+    for name in SERVICES {
+        assert_eq!(v["services"][name]["up"], false, "{v}");
+        assert!(v["services"][name]["error"].is_string(), "{v}");
+    }
+    assert_eq!(v["gpus"], Value::Null);
+    assert_eq!(v["unknown"]["requests"], "no admin token");
+}
+
+#[tokio::test]
+async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
+    let scheduler = vram_scheduler::start(&SchedulerConfig {
+        listen: "127.0.0.1:0".into(),
+        inventory: InventoryMode::Simulated,
+        simulate_gpus: vec![securellm_common::ByteSize(8 * GIB)],
+        ..SchedulerConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut c = VramSchedulerClient::connect(format!("http://{}", scheduler.addr))
+        .await
+        .unwrap();
+    let mut grant = c
+        .acquire_lease(pb::AcquireLeaseRequest {
+            holder: "status-test".into(),
+            bytes: GIB,
+            priority: 5,
+            gpu_index: None,
+            ttl_ms: 60_000,
+            wait_ms: 0,
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let u = grant.next().await.expect("no grant").unwrap();
+        if let Some(Update::Granted(_)) = u.update {
+            break;
+        }
+    }
+    let mut addrs = dead_addrs(3);
+    addrs.insert(0, scheduler.addr.to_string());
+
+    let (o, took) = status(&addrs, "/nonexistent/admin-token", &[]).await;
+    let s = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{s}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(line(&s, "vram-scheduler").contains("up ("), "{s}");
+    assert!(line(&s, "registry").contains("down ("), "{s}");
+    assert!(
+        s.contains("GPUS (inventory: simulated)") && s.contains("(simulated)"),
+        "{s}"
+    );
+    assert!(
+        s.contains("total 8 GiB") && s.contains("leased 1 GiB"),
+        "{s}"
+    );
+    let lease = line(s.split("LEASES\n").nth(1).unwrap(), "status-test");
+    assert!(lease.contains("1 GiB") && lease.contains(" 5 "), "{lease}");
+
+    let (o, _) = status(&addrs, "/nonexistent/admin-token", &["--json"]).await;
+    let v = json(&o);
+    assert_eq!(v["services"]["vram-scheduler"]["up"], true, "{v}");
+    assert!(v["services"]["vram-scheduler"]["latency_ms"].is_number());
+    assert_eq!(v["gpus"][0]["simulated"], true);
+    assert_eq!(v["gpus"][0]["total_bytes"], 8 * GIB);
+    assert_eq!(v["gpus"][0]["leased_bytes"], GIB);
+    assert_eq!(v["leases"][0]["holder"], "status-test");
+    assert_eq!(v["leases"][0]["priority"], 5);
+    scheduler.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_in_process_gateway_reports_requests_per_second_with_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dead_addrs(4);
+    let gateway = securellm_gateway::start(&securellm_gateway::config::GatewayConfig {
+        listen: "127.0.0.1:0".into(),
+        http_listen: "127.0.0.1:0".into(),
+        data_dir: Some(dir.path().to_path_buf()),
+        backend: dead[2].clone(),
+        registry: dead[1].clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // One unauthenticated request: answered 401 and audited.
+    let mut conn = tokio::net::TcpStream::connect(gateway.http_addr)
+        .await
+        .unwrap();
+    conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    let mut addrs = dead[..3].to_vec();
+    addrs.push(gateway.grpc_addr.to_string());
+    let token = dir.path().join("admin-token");
+    let token = token.to_str().unwrap();
+    // The audit row is committed by a writer task: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let (o, _) = status(&addrs, token, &["--json"]).await;
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let v = json(&o);
+        if v["requests"]["count"].as_u64().unwrap_or(0) >= 1 || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["services"]["securellm-gateway"]["up"], true, "{v}");
+    assert_eq!(v["requests"]["count"], 1, "{v}");
+    assert_eq!(v["requests"]["window_s"], 60, "{v}");
+
+    let (o, _) = status(&addrs, token, &[]).await;
+    let s = text(&o);
+    assert!(line(&s, "securellm-gateway").contains("up ("), "{s}");
+    assert!(s.contains("requests/s: 0.02 (1 in the last 60 s)"), "{s}");
+
+    // A wrong token: the gateway is up, the rate is unknown and says why.
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-token\n").unwrap();
+    let (o, _) = status(&addrs, wrong.to_str().unwrap(), &[]).await;
+    let s = text(&o);
+    assert!(s.contains("requests/s: unknown (Unauthenticated"), "{s}");
+    gateway.shutdown().await;
+}
