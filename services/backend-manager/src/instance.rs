@@ -443,8 +443,15 @@ impl Actor {
                 self.renewing = false;
                 match r {
                     Ok(()) => {}
-                    Err(tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
-                        // LeaseLost ignores it unless it is the lease held now.
+                    Err(tonic::Code::NotFound) => {
+                        // Never heard of: the scheduler restarted without its snapshot, and this
+                        // renewal came before the manager's re-attach. Present the lease again
+                        // (restored under its id if it still fits); lost only if that fails.
+                        self.reattach(lease_id);
+                    }
+                    Err(tonic::Code::FailedPrecondition) => {
+                        // It ended (expired, revoked, released). LeaseLost ignores it unless it is
+                        // the lease held now.
                         self.handle(Msg::LeaseLost {
                             lease_id,
                             reason: "the scheduler no longer knows it".into(),
@@ -816,6 +823,53 @@ impl Actor {
                 let _ = tx.send(Msg::Renewed(lease_id, r));
             });
         }
+    }
+
+    /// Re-attach the lease held now (`lease_id`) on its own; a lease the scheduler reports lost
+    /// stops the instance. Transient failures are left to the next renewal.
+    fn reattach(&mut self, lease_id: String) {
+        let Some(l) = self.lease.as_ref().filter(|l| l.id == lease_id) else {
+            return;
+        };
+        let holder = self.shared.cfg.holder.clone();
+        let lease = pb::Lease {
+            id: l.id.clone(),
+            holder: holder.clone(),
+            label: self.model.name.clone(),
+            gpu_index: l.gpu,
+            bytes: l.bytes,
+            priority: self.settings.priority,
+            ttl_ms: self.shared.cfg.lease_ttl_ms,
+            pids: self
+                .started
+                .as_ref()
+                .and_then(|s| s.process.as_ref())
+                .map(|p| vec![p.pid])
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut c = self.shared.scheduler.clone();
+        let tx = self.tx.clone();
+        let id = self.id.clone();
+        tokio::spawn(async move {
+            match c
+                .reattach(pb::ReattachRequest {
+                    holder,
+                    leases: vec![lease],
+                })
+                .await
+            {
+                Ok(r) => {
+                    for lost in r.into_inner().lost {
+                        let _ = tx.send(Msg::LeaseLost {
+                            lease_id: lost.lease_id,
+                            reason: lost.reason,
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(instance = %id, "re-attach failed: {}", e.message()),
+            }
+        });
     }
 
     fn view(&self) -> pb::BackendInstance {

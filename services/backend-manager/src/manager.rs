@@ -167,9 +167,24 @@ impl Manager {
         {
             return Ok(h.clone());
         }
-        let h = self
-            .instance_uncached(reference, embeddings, request)
-            .await?;
+        let h = match self.instance_uncached(reference, embeddings, request).await {
+            Ok(h) => h,
+            // The registry is unreachable: a reference resolved before keeps its instance (a
+            // loaded model goes on answering; an unloaded one fails at its estimate).
+            Err(InstanceError::Unavailable(why)) => {
+                let stale = default_settings
+                    .then(|| lock(&self.resolved).get(&key).map(|(_, h)| h.clone()))
+                    .flatten();
+                return match stale {
+                    Some(h) => {
+                        tracing::warn!(model = reference, "{why}; using the last resolution");
+                        Ok(h)
+                    }
+                    None => Err(InstanceError::Unavailable(why)),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         if default_settings {
             lock(&self.resolved).insert(key, (std::time::Instant::now(), h.clone()));
         }
