@@ -105,6 +105,15 @@ pub fn from_status(s: &tonic::Status) -> ApiError {
             "server_error",
             "the request was cancelled",
         ),
+        // The connection to the backend manager broke (it died or restarted): nothing answered,
+        // so this is "unreachable" (retryable), not an upstream failure.
+        Code::Unknown if msg.contains("transport error") => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!("the backend manager is unreachable ({msg})"),
+        )
+        .code("upstream_unreachable")
+        .header("retry-after", "1"),
         _ => ApiError::new(
             StatusCode::BAD_GATEWAY,
             "server_error",

@@ -151,7 +151,14 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let redactor = redact::Redactor::new(&patterns)?;
-    let audit = audit::AuditLog::open(&data.join("gateway-audit.db")).await?;
+    let audit = audit::AuditLog::open_with(
+        &data.join("gateway-audit.db"),
+        audit::AuditOptions {
+            linger: Duration::from_millis(cfg.audit_linger_ms),
+            ..Default::default()
+        },
+    )
+    .await?;
     let state = Arc::new(app::AppState {
         keys,
         jwt,

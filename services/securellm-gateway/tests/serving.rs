@@ -184,6 +184,7 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Optio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_idle_and_oversized_clients_are_cut_off() {
+    securellm_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(dir.path(), |c| {
         c.header_read_timeout_ms = 400;
@@ -266,6 +267,7 @@ async fn slow_idle_and_oversized_clients_are_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_wait_instead_of_piling_up() {
+    securellm_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(dir.path(), |c| {
         c.max_connections = 1;
@@ -321,4 +323,169 @@ fn config_errors_name_the_field() {
         let e = GatewayConfig::resolve(&args).unwrap_err().to_string();
         assert!(e.contains(field), "{toml}: {e}");
     }
+}
+
+/// The gateway binary on `data`, with a bootstrap key; returns the child and its addresses.
+async fn spawn_gateway(data: &Path) -> (tokio::process::Child, String, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm-gateway"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--backend", "127.0.0.1:1", "--registry", "127.0.0.1:1"])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--bootstrap-key-file")
+        .arg(data.join("api-key"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let word = |p: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(p))
+            .unwrap()
+            .to_string()
+    };
+    (child, word("grpc="), word("http="))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_audit_rows_survive_kill_9_of_the_gateway_and_the_chain_stays_valid() {
+    use securellm_proto::v1 as pb;
+    use securellm_proto::v1::gateway_admin_client::GatewayAdminClient;
+    securellm_common::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gw");
+    let (mut child, grpc, http_addr) = spawn_gateway(&data).await;
+    let key = std::fs::read_to_string(data.join("api-key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let token = std::fs::read_to_string(data.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let http = reqwest::Client::new();
+    let url = format!("http://{http_addr}/v1/chat/completions");
+    let (h, u, k) = (http.clone(), url.clone(), key.clone());
+    let send = move |rid: String| {
+        let http = h.clone();
+        let url = u.clone();
+        let key = k.clone();
+        async move {
+            // No backend runs: each request is answered 503 and audited.
+            let _ = http
+                .post(&url)
+                .bearer_auth(&key)
+                .header("x-request-id", rid)
+                .json(&serde_json::json!({"model": "tiny", "messages": []}))
+                .send()
+                .await;
+        }
+    };
+    for i in 0..100 {
+        send(format!("before-{i}")).await;
+    }
+    // Acknowledged = readable through the admin API (it reads the committed database).
+    let ch = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let mut admin = GatewayAdminClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", auth.clone());
+        Ok(r)
+    });
+    let mut committed = 0;
+    for _ in 0..100 {
+        committed = admin
+            .query_audit(pb::QueryAuditRequest {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows
+            .iter()
+            .filter(|r| r.request_id.starts_with("before-"))
+            .count();
+        if committed == 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(committed, 100);
+    // A flood in flight, then kill -9 in the middle of it.
+    let flood: Vec<_> = (0..8)
+        .map(|t| {
+            let send = send.clone();
+            tokio::spawn(async move {
+                for i in 0..10_000 {
+                    send(format!("during-{t}-{i}")).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    for f in flood {
+        f.abort();
+    }
+    let db = data.join("gateway-audit.db");
+    let v = securellm_gateway::audit::verify_file(&db).await.unwrap();
+    assert!(v.ok, "after kill -9: {v:?}");
+    assert!(v.rows_checked >= 100);
+    // Restarted on the same file, the gateway extends the same chain.
+    let (mut child, _, http_addr) = spawn_gateway(&data).await;
+    let r = reqwest::Client::new()
+        .get(format!("http://{http_addr}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let url2 = format!("http://{http_addr}/v1/chat/completions");
+    let _ = http
+        .post(&url2)
+        .bearer_auth(&key)
+        .header("x-request-id", "after-restart")
+        .json(&serde_json::json!({"model": "tiny", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    // SIGTERM: a graceful stop flushes the audit log.
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the gateway stops on SIGTERM")
+        .unwrap();
+    let v2 = securellm_gateway::audit::verify_file(&db).await.unwrap();
+    assert!(v2.ok, "{v2:?}");
+    assert!(v2.rows_checked > v.rows_checked, "the restart appended");
+    let conn = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit WHERE request_id LIKE 'before-%'")
+        .fetch_one(&conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 100, "every acknowledged row survived");
+    let n: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM audit WHERE request_id = 'after-restart'")
+            .fetch_one(&conn)
+            .await
+            .unwrap();
+    assert_eq!(n, 1, "the SIGTERM stop flushed the last row");
 }

@@ -294,8 +294,11 @@ impl Actor {
 
     fn handle(&mut self, msg: Msg) {
         let now = now_ms();
-        // Time-outs first, so nothing past its deadline can be renewed or counted.
-        self.table.tick(now);
+        // Time-outs first, so nothing past its deadline can be renewed or counted. An expiry
+        // marks the snapshot dirty even when the message itself (a status read) changes nothing.
+        if self.table.tick(now) {
+            self.dirty = true;
+        }
         match msg {
             Msg::Acquire {
                 req,

@@ -964,7 +964,8 @@ impl LeaseTable {
     }
 
     /// Expire unrenewed leases, revoke leases whose eviction deadline passed, time out waiters.
-    pub fn tick(&mut self, now_ms: u64) {
+    /// Returns whether anything changed (a lease or a waiter timed out).
+    pub fn tick(&mut self, now_ms: u64) -> bool {
         let mut changed = false;
         let expired: Vec<String> = self
             .leases
@@ -1002,6 +1003,7 @@ impl LeaseTable {
         if changed {
             self.schedule(now_ms);
         }
+        changed
     }
 
     /// Take in a fresh NVML reading. GPUs not in the reading keep their last values.
