@@ -10,7 +10,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::app::Shared;
-use crate::audit::{AuditFilter, TamperKind};
+use crate::audit::{AuditEntry, AuditFilter, TamperKind};
 use crate::keys::{KeyError, KeyRecord, KeyUpdate, NewKey};
 
 pub struct AdminService {
@@ -23,20 +23,117 @@ impl AdminService {
         GatewayAdminServer::new(Self { state, token })
     }
 
-    fn check<T>(&self, r: &Request<T>) -> Result<(), Status> {
+    /// Authenticate an admin call: the admin token, or a JWT whose `scope` includes `admin`.
+    /// A refusal is audited and counts against the client address's failed-authentication limit.
+    fn begin<T>(&self, r: &Request<T>, method: &'static str) -> Result<AdminCall, Status> {
+        let client = r
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let mut call = AdminCall {
+            method,
+            subject: String::new(),
+            client,
+            started: std::time::Instant::now(),
+        };
+        if let Some(wait) = self.state.limits.auth_blocked(&call.client) {
+            let mut st = Status::resource_exhausted("too many failed authentication attempts");
+            if let Ok(v) = wait.as_secs().max(1).to_string().parse() {
+                st.metadata_mut().insert("retry-after", v);
+            }
+            self.finish(&call, "", Err(&st));
+            return Err(st);
+        }
         let given = r
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if self.token.is_empty() || !bool::from(given.as_bytes().ct_eq(self.token.as_bytes())) {
-            return Err(Status::unauthenticated(
+            .unwrap_or("")
+            .trim();
+        let refused = if given.is_empty() {
+            Some(Status::unauthenticated(
                 "an admin token is required (authorization: Bearer <admin token>)",
-            ));
+            ))
+        } else if !self.token.is_empty()
+            && bool::from(given.as_bytes().ct_eq(self.token.as_bytes()))
+        {
+            call.subject = "admin".into();
+            None
+        } else {
+            match &self.state.jwt {
+                Some(v) if crate::jwt::JwtVerifier::looks_like_jwt(given) => {
+                    match v.verify(given) {
+                        Ok(k) if k.admin => {
+                            call.subject = k.subject;
+                            None
+                        }
+                        Ok(k) => {
+                            call.subject = k.subject;
+                            Some(Status::permission_denied(
+                                "this token's scope does not include `admin`",
+                            ))
+                        }
+                        Err(why) => Some(Status::unauthenticated(format!(
+                            "invalid bearer token: {why}"
+                        ))),
+                    }
+                }
+                _ => Some(Status::unauthenticated("invalid admin token")),
+            }
+        };
+        match refused {
+            None => Ok(call),
+            Some(st) => {
+                if st.code() == tonic::Code::Unauthenticated {
+                    self.state.limits.auth_failed(&call.client);
+                }
+                self.finish(&call, "", Err(&st));
+                Err(st)
+            }
         }
-        Ok(())
     }
+
+    /// The audit row of an admin call (the key concerned, never a secret).
+    fn finish(&self, call: &AdminCall, key_id: &str, outcome: Result<(), &Status>) {
+        use tonic::Code;
+        let (status, code) = match outcome {
+            Ok(()) => (200, String::new()),
+            Err(s) => (
+                match s.code() {
+                    Code::InvalidArgument => 400,
+                    Code::Unauthenticated => 401,
+                    Code::PermissionDenied => 403,
+                    Code::NotFound => 404,
+                    Code::FailedPrecondition => 409,
+                    Code::ResourceExhausted => 429,
+                    _ => 500,
+                },
+                format!("{:?}", s.code()),
+            ),
+        };
+        self.state.audit.append_nowait(AuditEntry {
+            time_ms: securellm_common::time::now_ms(),
+            request_id: String::new(),
+            subject: call.subject.clone(),
+            key_id: key_id.to_string(),
+            client_addr: call.client.clone(),
+            endpoint: format!("grpc:/securellm.v1.GatewayAdmin/{}", call.method),
+            upstream: "admin".into(),
+            status,
+            error_code: code,
+            latency_us: call.started.elapsed().as_micros() as u64,
+            ..AuditEntry::default()
+        });
+    }
+}
+
+/// An authenticated admin call in progress.
+struct AdminCall {
+    method: &'static str,
+    subject: String,
+    client: String,
+    started: std::time::Instant,
 }
 
 fn key_pb(k: &KeyRecord, now: u64) -> pb::ApiKey {
@@ -83,204 +180,245 @@ impl GatewayAdmin for AdminService {
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        self.check(&request)?;
-        let r = request.into_inner();
-        let now = securellm_common::time::now_ms();
-        if r.expires_at_ms.is_some_and(|e| e <= now) {
-            return Err(Status::invalid_argument(
-                "invalid `expires_at_ms`: in the past",
-            ));
+        let call = self.begin(&request, "CreateApiKey")?;
+        let key_id = String::new();
+        let out: Result<Response<pb::CreateApiKeyResponse>, Status> = async {
+            let r = request.into_inner();
+            let now = securellm_common::time::now_ms();
+            if r.expires_at_ms.is_some_and(|e| e <= now) {
+                return Err(Status::invalid_argument(
+                    "invalid `expires_at_ms`: in the past",
+                ));
+            }
+            let limits = r.limits.unwrap_or_default();
+            let (secret, rec) = self
+                .state
+                .keys
+                .create(NewKey {
+                    name: r.name,
+                    subject: Some(r.subject).filter(|s| !s.is_empty()),
+                    models: r.models.map(|m| m.patterns).unwrap_or_default(),
+                    rpm: limits.requests_per_minute,
+                    tpm: limits
+                        .tokens_per_minute
+                        .map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
+                    concurrent: limits.max_concurrent,
+                    expires_ms: r.expires_at_ms,
+                })
+                .await
+                .map_err(key_status)?;
+            Ok(Response::new(pb::CreateApiKeyResponse {
+                secret,
+                key: Some(key_pb(&rec, now)),
+            }))
         }
-        let limits = r.limits.unwrap_or_default();
-        let (secret, rec) = self
-            .state
-            .keys
-            .create(NewKey {
-                name: r.name,
-                subject: Some(r.subject).filter(|s| !s.is_empty()),
-                models: r.models.map(|m| m.patterns).unwrap_or_default(),
-                rpm: limits.requests_per_minute,
-                tpm: limits
-                    .tokens_per_minute
-                    .map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
-                concurrent: limits.max_concurrent,
-                expires_ms: r.expires_at_ms,
-            })
-            .await
-            .map_err(key_status)?;
-        Ok(Response::new(pb::CreateApiKeyResponse {
-            secret,
-            key: Some(key_pb(&rec, now)),
-        }))
+        .await;
+        let key_id = out
+            .as_ref()
+            .ok()
+            .and_then(|r| r.get_ref().key.as_ref())
+            .map_or(key_id, |k| k.id.clone());
+        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
+        out
     }
 
     async fn list_api_keys(
         &self,
         request: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        self.check(&request)?;
-        let all = request.into_inner().include_inactive;
-        let now = securellm_common::time::now_ms();
-        let mut keys: Vec<pb::ApiKey> = self
-            .state
-            .keys
-            .list()
-            .iter()
-            .filter(|k| all || k.active(now))
-            .map(|k| key_pb(k, now))
-            .collect();
-        keys.reverse();
-        Ok(Response::new(pb::ListApiKeysResponse { keys }))
+        let call = self.begin(&request, "ListApiKeys")?;
+        let key_id = String::new();
+        let out: Result<Response<pb::ListApiKeysResponse>, Status> = async {
+            let all = request.into_inner().include_inactive;
+            let now = securellm_common::time::now_ms();
+            let mut keys: Vec<pb::ApiKey> = self
+                .state
+                .keys
+                .list()
+                .iter()
+                .filter(|k| all || k.active(now))
+                .map(|k| key_pb(k, now))
+                .collect();
+            keys.reverse();
+            Ok(Response::new(pb::ListApiKeysResponse { keys }))
+        }
+        .await;
+        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
+        out
     }
 
     async fn revoke_api_key(
         &self,
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        self.check(&request)?;
-        let rec = self
-            .state
-            .keys
-            .revoke(&request.into_inner().id)
-            .await
-            .map_err(key_status)?;
-        Ok(Response::new(key_pb(
-            &rec,
-            securellm_common::time::now_ms(),
-        )))
+        let call = self.begin(&request, "RevokeApiKey")?;
+        let key_id = request.get_ref().id.clone();
+        let out: Result<Response<pb::ApiKey>, Status> = async {
+            let rec = self
+                .state
+                .keys
+                .revoke(&request.into_inner().id)
+                .await
+                .map_err(key_status)?;
+            Ok(Response::new(key_pb(
+                &rec,
+                securellm_common::time::now_ms(),
+            )))
+        }
+        .await;
+        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
+        out
     }
 
     async fn update_api_key(
         &self,
         request: Request<pb::UpdateApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        self.check(&request)?;
-        let r = request.into_inner();
-        let tpm = |t: Option<u64>| t.map(|t| u32::try_from(t).unwrap_or(u32::MAX));
-        let rec = self
-            .state
-            .keys
-            .update(
-                &r.id,
-                KeyUpdate {
-                    name: r.name,
-                    models: r.models.map(|m| m.patterns),
-                    limits: r.limits.map(|l| {
-                        (
-                            l.requests_per_minute,
-                            tpm(l.tokens_per_minute),
-                            l.max_concurrent,
-                        )
-                    }),
-                    expires_ms: r.expires_at_ms,
-                },
-            )
-            .await
-            .map_err(key_status)?;
-        Ok(Response::new(key_pb(
-            &rec,
-            securellm_common::time::now_ms(),
-        )))
+        let call = self.begin(&request, "UpdateApiKey")?;
+        let key_id = request.get_ref().id.clone();
+        let out: Result<Response<pb::ApiKey>, Status> = async {
+            let r = request.into_inner();
+            let tpm = |t: Option<u64>| t.map(|t| u32::try_from(t).unwrap_or(u32::MAX));
+            let rec = self
+                .state
+                .keys
+                .update(
+                    &r.id,
+                    KeyUpdate {
+                        name: r.name,
+                        models: r.models.map(|m| m.patterns),
+                        limits: r.limits.map(|l| {
+                            (
+                                l.requests_per_minute,
+                                tpm(l.tokens_per_minute),
+                                l.max_concurrent,
+                            )
+                        }),
+                        expires_ms: r.expires_at_ms,
+                    },
+                )
+                .await
+                .map_err(key_status)?;
+            Ok(Response::new(key_pb(
+                &rec,
+                securellm_common::time::now_ms(),
+            )))
+        }
+        .await;
+        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
+        out
     }
 
     async fn query_audit(
         &self,
         request: Request<pb::QueryAuditRequest>,
     ) -> Result<Response<pb::QueryAuditResponse>, Status> {
-        self.check(&request)?;
-        let r = request.into_inner();
-        if r.limit > 10_000 {
-            return Err(Status::invalid_argument("invalid `limit`: at most 10000"));
-        }
-        if let (Some(a), Some(b)) = (r.since_ms, r.until_ms)
-            && a > b
-        {
-            return Err(Status::invalid_argument(
-                "invalid `since_ms`: after `until_ms`",
-            ));
-        }
-        let opt = |s: String| Some(s).filter(|s| !s.is_empty());
-        let limit = if r.limit == 0 { 100 } else { r.limit };
-        let rows = self
-            .state
-            .audit
-            .query(AuditFilter {
-                since_ms: r.since_ms,
-                until_ms: r.until_ms.map(|u| u.saturating_add(1)),
-                subject: opt(r.subject),
-                key_id: opt(r.key_id),
-                model: opt(r.model),
-                status_min: r.status_min.map(|s| s.min(u32::from(u16::MAX)) as u16),
-                status_max: r.status_max.map(|s| s.min(u32::from(u16::MAX)) as u16),
-                after_id: r.after_id.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
-                limit: Some(limit),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let truncated = rows.len() as u32 >= limit.min(1000);
-        Ok(Response::new(pb::QueryAuditResponse {
-            rows: rows
-                .into_iter()
-                .map(|r| {
-                    let e = r.entry;
-                    pb::AuditRow {
-                        id: u64::try_from(r.id).unwrap_or(0),
-                        time_ms: e.time_ms,
-                        request_id: e.request_id,
-                        subject: e.subject,
-                        key_id: e.key_id,
-                        client_addr: e.client_addr,
-                        endpoint: e.endpoint,
-                        model: e.model,
-                        upstream: e.upstream,
-                        status: u32::from(e.status),
-                        error_code: e.error_code,
-                        prompt_tokens: Some(e.prompt_tokens),
-                        completion_tokens: Some(e.completion_tokens),
-                        latency_us: e.latency_us,
-                        redaction_count: e.redactions,
-                        streamed: e.streamed,
-                        prev_hash: r.prev_hash,
-                        row_hash: r.row_hash,
-                    }
+        let call = self.begin(&request, "QueryAudit")?;
+        let key_id = String::new();
+        let out: Result<Response<pb::QueryAuditResponse>, Status> = async {
+            let r = request.into_inner();
+            if r.limit > 10_000 {
+                return Err(Status::invalid_argument("invalid `limit`: at most 10000"));
+            }
+            if let (Some(a), Some(b)) = (r.since_ms, r.until_ms)
+                && a > b
+            {
+                return Err(Status::invalid_argument(
+                    "invalid `since_ms`: after `until_ms`",
+                ));
+            }
+            let opt = |s: String| Some(s).filter(|s| !s.is_empty());
+            let limit = if r.limit == 0 { 100 } else { r.limit };
+            let rows = self
+                .state
+                .audit
+                .query(AuditFilter {
+                    since_ms: r.since_ms,
+                    until_ms: r.until_ms.map(|u| u.saturating_add(1)),
+                    subject: opt(r.subject),
+                    key_id: opt(r.key_id),
+                    model: opt(r.model),
+                    status_min: r.status_min.map(|s| s.min(u32::from(u16::MAX)) as u16),
+                    status_max: r.status_max.map(|s| s.min(u32::from(u16::MAX)) as u16),
+                    after_id: r.after_id.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
+                    limit: Some(limit),
+                    ..Default::default()
                 })
-                .collect(),
-            truncated,
-        }))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let truncated = rows.len() as u32 >= limit.min(1000);
+            Ok(Response::new(pb::QueryAuditResponse {
+                rows: rows
+                    .into_iter()
+                    .map(|r| {
+                        let e = r.entry;
+                        pb::AuditRow {
+                            id: u64::try_from(r.id).unwrap_or(0),
+                            time_ms: e.time_ms,
+                            request_id: e.request_id,
+                            subject: e.subject,
+                            key_id: e.key_id,
+                            client_addr: e.client_addr,
+                            endpoint: e.endpoint,
+                            model: e.model,
+                            upstream: e.upstream,
+                            status: u32::from(e.status),
+                            error_code: e.error_code,
+                            prompt_tokens: Some(e.prompt_tokens),
+                            completion_tokens: Some(e.completion_tokens),
+                            latency_us: e.latency_us,
+                            redaction_count: e.redactions,
+                            streamed: e.streamed,
+                            prev_hash: r.prev_hash,
+                            row_hash: r.row_hash,
+                        }
+                    })
+                    .collect(),
+                truncated,
+            }))
+        }
+        .await;
+        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
+        out
     }
 
     async fn verify_audit(
         &self,
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        self.check(&request)?;
-        let v = self
-            .state
-            .audit
-            .verify()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let head = self
-            .state
-            .audit
-            .head()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let reason = match v.kind {
-            Some(TamperKind::Edited) => pb::AuditTamperKind::Edited,
-            Some(TamperKind::Inserted) => pb::AuditTamperKind::Inserted,
-            Some(TamperKind::Deleted | TamperKind::Truncated) => pb::AuditTamperKind::Deleted,
-            None => pb::AuditTamperKind::Unspecified,
-        };
-        Ok(Response::new(pb::VerifyAuditResponse {
-            ok: v.ok,
-            rows_checked: v.rows_checked,
-            first_bad_row_id: v.first_bad_row_id.and_then(|i| u64::try_from(i).ok()),
-            reason: reason as i32,
-            detail: v.detail,
-            head_row_id: u64::try_from(head.last_id).unwrap_or(0),
-            head_hash: head.last_hash,
-        }))
+        let call = self.begin(&request, "VerifyAudit")?;
+        let key_id = String::new();
+        let out: Result<Response<pb::VerifyAuditResponse>, Status> = async {
+            let v = self
+                .state
+                .audit
+                .verify()
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let head = self
+                .state
+                .audit
+                .head()
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let reason = match v.kind {
+                Some(TamperKind::Edited) => pb::AuditTamperKind::Edited,
+                Some(TamperKind::Inserted) => pb::AuditTamperKind::Inserted,
+                Some(TamperKind::Deleted | TamperKind::Truncated) => pb::AuditTamperKind::Deleted,
+                None => pb::AuditTamperKind::Unspecified,
+            };
+            Ok(Response::new(pb::VerifyAuditResponse {
+                ok: v.ok,
+                rows_checked: v.rows_checked,
+                first_bad_row_id: v.first_bad_row_id.and_then(|i| u64::try_from(i).ok()),
+                reason: reason as i32,
+                detail: v.detail,
+                head_row_id: u64::try_from(head.last_id).unwrap_or(0),
+                head_hash: head.last_hash,
+            }))
+        }
+        .await;
+        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
+        out
     }
 }

@@ -49,6 +49,8 @@ pub struct CloudConfigError {
 pub struct Cloud {
     pub name: String,
     base_url: String,
+    /// `base_url` + `/chat/completions`, `/completions`, `/embeddings`, parsed once.
+    urls: [reqwest::Url; 3],
     key: Option<String>,
     pub models: Vec<String>,
     pub policy: Policy,
@@ -103,9 +105,21 @@ pub fn from_config(
             ),
             (None, None) => None,
         };
+        let base_url = c.base_url.trim_end_matches('/').to_string();
+        let url = |e: Endpoint| {
+            let path = e.path().trim_start_matches("/v1");
+            reqwest::Url::parse(&format!("{base_url}{path}"))
+                .map_err(|e| err(format!("base_url {:?} is not a valid URL: {e}", c.base_url)))
+        };
+        let urls = [
+            url(Endpoint::Chat)?,
+            url(Endpoint::Completions)?,
+            url(Endpoint::Embeddings)?,
+        ];
         out.push(Cloud {
             name: name.clone(),
-            base_url: c.base_url.trim_end_matches('/').to_string(),
+            urls,
+            base_url,
             key,
             models: c.models.clone(),
             policy: c.redaction,
@@ -272,18 +286,27 @@ fn sse_items(name: String, resp: reqwest::Response, relay_usage: bool) -> ItemSt
     Box::pin(s)
 }
 
+/// The `usage` member of an OpenAI answer, read without building the whole document (only the
+/// usage numbers are kept; everything else is skipped by the parser).
 fn usage_of(body: &[u8]) -> Usage {
-    let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let n = |k: &str| {
-        v.as_ref()
-            .and_then(|v| v.get("usage"))
-            .and_then(|u| u.get(k))
-            .and_then(serde_json::Value::as_u64)
-            .map_or(0, |x| x.min(u64::from(u32::MAX)) as u32)
-    };
-    Usage {
-        prompt: n("prompt_tokens"),
-        completion: n("completion_tokens"),
+    #[derive(Deserialize)]
+    struct Doc {
+        usage: Option<Counts>,
+    }
+    #[derive(Deserialize)]
+    struct Counts {
+        #[serde(default)]
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: u64,
+    }
+    let clamp = |x: u64| x.min(u64::from(u32::MAX)) as u32;
+    match serde_json::from_slice::<Doc>(body) {
+        Ok(Doc { usage: Some(c) }) => Usage {
+            prompt: clamp(c.prompt_tokens),
+            completion: clamp(c.completion_tokens),
+        },
+        _ => Usage::default(),
     }
 }
 
@@ -298,10 +321,14 @@ impl Cloud {
         relay_usage: bool,
         timeout: Duration,
     ) -> Result<CloudAnswer, ApiError> {
-        let path = endpoint.path().trim_start_matches("/v1");
+        let url = match endpoint {
+            Endpoint::Chat => &self.urls[0],
+            Endpoint::Completions => &self.urls[1],
+            Endpoint::Embeddings => &self.urls[2],
+        };
         let mut req = self
             .http
-            .post(format!("{}{path}", self.base_url))
+            .post(url.clone())
             .header("content-type", "application/json")
             .header("x-request-id", request_id)
             .body(body);

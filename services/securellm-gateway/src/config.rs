@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     /// Larger batches cost less CPU under load; a `kill -9` can lose the rows of the batch being
     /// gathered (never an acknowledged one). 0 = commit whatever is queued at once.
     pub audit_linger_ms: u64,
+    /// Async worker threads; 0 = one per CPU core.
+    pub worker_threads: u32,
     /// When no API key exists yet, create one (all models) and write its secret to this file
     /// (mode 0600).
     pub bootstrap_key_file: Option<PathBuf>,
@@ -70,6 +72,7 @@ impl Default for GatewayConfig {
             max_header_bytes: ByteSize(64 << 10),
             body_read_timeout_ms: 30_000,
             audit_linger_ms: 5,
+            worker_threads: 0,
             bootstrap_key_file: None,
             admin_token_file: None,
             jwt: None,
@@ -104,6 +107,9 @@ pub struct Args {
     /// Create a first API key if none exists and write it to this file.
     #[arg(long)]
     pub bootstrap_key_file: Option<PathBuf>,
+    /// Async worker threads (0 = one per CPU core).
+    #[arg(long, env = "SECURELLM_GATEWAY_WORKER_THREADS")]
+    pub worker_threads: Option<u32>,
 }
 
 impl GatewayConfig {
@@ -127,6 +133,9 @@ impl GatewayConfig {
         }
         if let Some(v) = &args.bootstrap_key_file {
             c.bootstrap_key_file = Some(v.clone());
+        }
+        if let Some(v) = args.worker_threads {
+            c.worker_threads = v;
         }
         if c.max_body.0 < 1024 {
             return Err(ConfigError::Field {

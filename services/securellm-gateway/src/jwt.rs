@@ -77,6 +77,9 @@ struct Claims {
     tpm: Option<u32>,
     #[serde(default)]
     concurrent: Option<u32>,
+    /// OAuth-style space-separated scopes; `admin` grants the GatewayAdmin service.
+    #[serde(default)]
+    scope: Option<String>,
     exp: u64,
 }
 
@@ -192,6 +195,10 @@ impl JwtVerifier {
             created_ms: 0,
             expires_ms: Some(c.exp.saturating_mul(1000)),
             revoked_ms: None,
+            admin: c
+                .scope
+                .as_deref()
+                .is_some_and(|s| s.split_whitespace().any(|x| x == "admin")),
         })
     }
 }

@@ -50,6 +50,8 @@ pub struct KeyRecord {
     pub created_ms: u64,
     pub expires_ms: Option<u64>,
     pub revoked_ms: Option<u64>,
+    /// May call the GatewayAdmin service (JWTs whose `scope` includes `admin`; API keys never).
+    pub admin: bool,
 }
 
 impl KeyRecord {
@@ -199,6 +201,7 @@ impl KeyStore {
                     created_ms: r.try_get::<i64, _>("created_ms")? as u64,
                     expires_ms: r.try_get::<Option<i64>, _>("expires_ms")?.map(|v| v as u64),
                     revoked_ms: r.try_get::<Option<i64>, _>("revoked_ms")?.map(|v| v as u64),
+                    admin: false,
                 },
             );
         }
@@ -233,6 +236,7 @@ impl KeyStore {
             created_ms: now_ms(),
             expires_ms: k.expires_ms,
             revoked_ms: None,
+            admin: false,
         };
         sqlx::query(
             "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms)

@@ -4,20 +4,28 @@ use anyhow::Context;
 use clap::Parser;
 use securellm_gateway::config::{Args, GatewayConfig};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     securellm_common::telemetry::init("info");
     let args = Args::parse();
     let cfg = GatewayConfig::resolve(&args)?;
-    let running = securellm_gateway::start(&cfg)
-        .await
-        .context("starting securellm-gateway")?;
-    securellm_common::serve::announce_ready(
-        "securellm-gateway",
-        running.grpc_addr,
-        Some(running.http_addr),
-    );
-    securellm_common::serve::shutdown_signal().await;
-    running.shutdown().await;
-    Ok(())
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if cfg.worker_threads > 0 {
+        rt.worker_threads(cfg.worker_threads as usize);
+    }
+    rt.build()
+        .context("starting the async runtime")?
+        .block_on(async {
+            let running = securellm_gateway::start(&cfg)
+                .await
+                .context("starting securellm-gateway")?;
+            securellm_common::serve::announce_ready(
+                "securellm-gateway",
+                running.grpc_addr,
+                Some(running.http_addr),
+            );
+            securellm_common::serve::shutdown_signal().await;
+            running.shutdown().await;
+            Ok(())
+        })
 }

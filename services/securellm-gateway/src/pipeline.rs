@@ -38,7 +38,26 @@ pub fn request_id(given: Option<&str>) -> String {
     given
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
-        .unwrap_or_else(|| format!("req_{}", uuid::Uuid::new_v4().simple()))
+        .unwrap_or_else(new_request_id)
+}
+
+/// `req_` + a random per-process prefix + a counter: unique without a random draw per request.
+fn new_request_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut b = [0u8; 8];
+        if getrandom::fill(&mut b).is_err() {
+            b = now_ms().to_le_bytes();
+        }
+        u64::from_le_bytes(b)
+    });
+    format!(
+        "req_{prefix:016x}{:012x}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Authenticate `Authorization: Bearer <API key or JWT>`. A failure writes its audit row and
@@ -218,10 +237,25 @@ impl Drop for AuditGuard {
 
 /// Rough prompt size in tokens (bytes / 4) for the tokens-per-minute limit before the real count.
 fn estimate_prompt_tokens(v: &Value) -> u32 {
+    /// Bytes of text (strings and keys) in a JSON value, about what its serialisation weighs.
+    fn text_bytes(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len() + 2,
+            Value::Array(a) => a.iter().map(text_bytes).sum::<usize>() + a.len() + 1,
+            Value::Object(m) => {
+                m.iter()
+                    .map(|(k, v)| k.len() + 3 + text_bytes(v))
+                    .sum::<usize>()
+                    + 1
+            }
+            Value::Number(_) => 4,
+            Value::Bool(_) | Value::Null => 4,
+        }
+    }
     let n = ["messages", "prompt", "input"]
         .iter()
         .filter_map(|k| v.get(*k))
-        .map(|x| x.to_string().len())
+        .map(text_bytes)
         .sum::<usize>();
     u32::try_from(n / 4).unwrap_or(u32::MAX).max(1)
 }

@@ -382,6 +382,71 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
             && r.entry.key_id == "jwt:bob"
             && r.entry.status == 404)
     );
+
+    // Admin over gRPC: a JWT whose `scope` includes `admin` may; one without may not; API keys
+    // never do. Each attempt is audited with its subject.
+    use securellm_proto::v1 as pb;
+    use securellm_proto::v1::gateway_admin_client::GatewayAdminClient;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = GatewayAdminClient::new(ch);
+    let scoped = |scope: &str, sub: &str| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": sub, "iss": "test-issuer", "aud": "securellm", "exp": now + 300, "scope": scope}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let (api_key, _) = s
+        .gateway
+        .state
+        .keys
+        .create(NewKey {
+            name: "plain".into(),
+            models: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let list = |bearer: String| {
+        let mut r = tonic::Request::new(pb::ListApiKeysRequest::default());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+        r
+    };
+    assert!(
+        admin
+            .list_api_keys(list(scoped("openid admin", "ops")))
+            .await
+            .is_ok()
+    );
+    let e = admin
+        .list_api_keys(list(scoped("openid", "eve")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let e = admin.list_api_keys(list(api_key)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    s.gateway.state.audit.flush().await;
+    let rows = s
+        .gateway
+        .state
+        .audit
+        .query(Default::default())
+        .await
+        .unwrap();
+    let admin_rows: Vec<(&str, u16)> = rows
+        .iter()
+        .filter(|r| r.entry.endpoint == "grpc:/securellm.v1.GatewayAdmin/ListApiKeys")
+        .map(|r| (r.entry.subject.as_str(), r.entry.status))
+        .collect();
+    for want in [("ops", 200), ("eve", 403), ("", 401)] {
+        assert!(admin_rows.contains(&want), "{want:?} in {admin_rows:?}");
+    }
 }
 
 /// A fake OpenAI server on loopback: records each request (headers and body) and answers a canned
@@ -833,6 +898,40 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
         .unwrap()
         .into_inner();
     assert!(q.rows.iter().all(|r| r.status == 401) && !q.rows.is_empty());
+    // Every admin call has its row, naming the key concerned (never a secret).
+    let q = admin
+        .query_audit(pb::QueryAuditRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let admin_rows: Vec<(String, String, u32)> = q
+        .rows
+        .iter()
+        .filter_map(|r| {
+            r.endpoint
+                .strip_prefix("grpc:/securellm.v1.GatewayAdmin/")
+                .map(|m| (m.to_string(), r.key_id.clone(), r.status))
+        })
+        .collect();
+    for want in [
+        ("CreateApiKey".to_string(), key.id.clone(), 200),
+        ("CreateApiKey".to_string(), String::new(), 400),
+        ("RevokeApiKey".to_string(), key.id.clone(), 200),
+        ("UpdateApiKey".to_string(), key.id.clone(), 409),
+        ("RevokeApiKey".to_string(), "key_nope".to_string(), 404),
+        ("ListApiKeys".to_string(), String::new(), 401),
+    ] {
+        assert!(admin_rows.contains(&want), "{want:?} in {admin_rows:?}");
+    }
+    assert!(
+        q.rows
+            .iter()
+            .filter(|r| r.endpoint.contains("GatewayAdmin/") && r.status == 200)
+            .all(|r| r.subject == "admin")
+    );
 }
 
 /// A gRPC request with an OpenAI body and (optionally) a bearer credential.
