@@ -203,7 +203,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     let http = tokio::spawn(listener::serve(
         http_listener,
         router,
-        tls,
+        tls.clone(),
         listener::Limits {
             max_connections: cfg.max_connections as usize,
             header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
@@ -238,20 +238,30 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     ])
     .await;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(serve::reflection_v1()?)
-            .add_service(serve::reflection_v1alpha()?)
-            .add_service(grpc::GatewayService::new(
-                state.clone(),
-                cfg.max_body.0 as usize,
-            ))
-            .add_service(admin::AdminService::new(state.clone(), admin_token))
-            .serve_with_incoming_shutdown(listener.incoming(), async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let grpc_tls = tls.clone();
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(serve::reflection_v1()?)
+        .add_service(serve::reflection_v1alpha()?)
+        .add_service(grpc::GatewayService::new(
+            state.clone(),
+            cfg.max_body.0 as usize,
+        ))
+        .add_service(admin::AdminService::new(state.clone(), admin_token));
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let grpc = match grpc_tls {
+        None => tokio::spawn(router.serve_with_incoming_shutdown(listener.incoming(), stopped)),
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
+            listener::tls_incoming(
+                listener.into_listener(),
+                tls,
+                Duration::from_millis(cfg.header_read_timeout_ms),
+            ),
+            stopped,
+        )),
+    };
     Ok(RunningGateway {
         grpc_addr,
         http_addr,

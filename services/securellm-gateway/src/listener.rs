@@ -1,4 +1,4 @@
-//! The HTTP listener: plain or TLS (rustls, TLS 1.2 and 1.3, ALPN `h2` / `http/1.1`), HTTP/1.1 and
+//! The listeners. HTTP: plain or TLS (rustls, TLS 1.2 and 1.3, ALPN `h2` / `http/1.1`), HTTP/1.1 and
 //! HTTP/2 on the same port, with the limits that keep slow or idle clients from exhausting the
 //! gateway:
 //!
@@ -13,6 +13,9 @@
 //!   connection, keep-alive pings every 30 s (a dead peer is dropped after 20 s without an answer);
 //! - **request bodies**: `body_read_timeout` for the whole body (slowloris on bodies, see
 //!   `app::router`), at most `max_body` bytes.
+//!
+//! gRPC: with TLS configured, [`tls_incoming`] turns the gRPC port's TCP connections into TLS
+//! ones (same certificate, ALPN `h2`) before tonic sees them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -193,4 +196,105 @@ pub async fn serve(
         tracing::warn!("HTTP connections still open after {drain:?}; closing them");
     }
     Ok(())
+}
+
+/// A TLS connection for tonic (the gRPC port), carrying the peer address like a TCP one.
+pub struct TlsConn {
+    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    info: tonic::transport::server::TcpConnectInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// TLS connections accepted on `listener` for the gRPC server (ALPN `h2`). Handshakes run in
+/// their own tasks with `handshake` as their time limit, so a slow client never holds up the
+/// accept loop; failed handshakes are dropped. The accept task ends when the stream is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handshake: Duration,
+) -> impl futures::Stream<Item = std::io::Result<TlsConn>> + Send + 'static {
+    let mut cfg = (*tls).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let local = tcp.local_addr().ok();
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let info = tonic::transport::server::TcpConnectInfo {
+                            local_addr: local,
+                            remote_addr: Some(remote),
+                        };
+                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, "gRPC TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%remote, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

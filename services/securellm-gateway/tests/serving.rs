@@ -130,6 +130,47 @@ async fn tls_serves_http1_and_http2_and_refuses_plain_text() {
         let r = b.build().unwrap().get(&url).send().await.unwrap();
         assert_eq!((r.status().as_u16(), r.version()), (200, want));
     }
+    // The gRPC port speaks TLS too (ALPN h2): a raw gRPC health check over HTTP/2.
+    let grpc = reqwest::Client::builder()
+        .add_root_certificate(ca.clone())
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = grpc
+        .post(format!(
+            "https://127.0.0.1:{}/grpc.health.v1.Health/Check",
+            gw.grpc_addr.port()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        // One uncompressed message: HealthCheckRequest { service: "" } is zero bytes.
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, reqwest::Version::HTTP_2)
+    );
+    let body = r.bytes().await.unwrap();
+    // HealthCheckResponse { status: SERVING (1) } = field 1, varint 1.
+    assert_eq!(&body[..], &[0u8, 0, 0, 0, 2, 8, 1], "{body:?}");
+    assert!(
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap()
+            .post(format!(
+                "http://{}/grpc.health.v1.Health/Check",
+                gw.grpc_addr
+            ))
+            .header("content-type", "application/grpc")
+            .body(vec![0u8, 0, 0, 0, 0])
+            .send()
+            .await
+            .is_err(),
+        "plain-text gRPC on the TLS port must not work"
+    );
     // An unknown certificate authority is refused by the client, plain HTTP by the server.
     assert!(reqwest::get(&url).await.is_err());
     let plain = reqwest::get(format!("http://{}/health", gw.http_addr)).await;

@@ -29,6 +29,11 @@ pub struct BoundListener {
 }
 
 impl BoundListener {
+    /// The listener itself, for callers that accept connections their own way (e.g. TLS).
+    pub fn into_listener(self) -> TcpListener {
+        self.listener.into_inner()
+    }
+
     /// The accepted connections, with `TCP_NODELAY` set (without it, small gRPC frames wait for
     /// delayed ACKs: 40 ms stalls).
     pub fn incoming(
