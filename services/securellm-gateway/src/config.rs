@@ -11,8 +11,7 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// gRPC (Gateway, GatewayAdmin, health, reflection). Plain HTTP/2: keep it on loopback or a
-    /// trusted network (TLS is served on the HTTP API only).
+    /// gRPC (Gateway, GatewayAdmin, health, reflection); TLS when `tls` is set.
     pub listen: String,
     /// The OpenAI-compatible HTTP API.
     pub http_listen: String,
@@ -25,7 +24,8 @@ pub struct GatewayConfig {
     pub max_body: ByteSize,
     /// Whole-request time limit, load included.
     pub request_timeout_ms: u64,
-    /// Serve the HTTP API over TLS (`[gateway.tls]` with `cert_file` and `key_file`).
+    /// Serve the HTTP API and the gRPC port over TLS (`[gateway.tls]` with `cert_file` and
+    /// `key_file`).
     pub tls: Option<crate::listener::TlsConfig>,
     /// Most simultaneous HTTP connections; more wait to be accepted.
     pub max_connections: u32,
