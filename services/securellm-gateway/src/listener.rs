@@ -91,6 +91,23 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
+/// The next connection, with `TCP_NODELAY` set. Accept errors (EMFILE and friends) back off
+/// instead of spinning.
+async fn accept(listener: &TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, addr)) => {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, addr);
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serve `router` on `listener` until `stop` fires; then stop accepting, let requests in flight
 /// finish (at most `drain` long) and return.
 pub async fn serve(
@@ -131,17 +148,8 @@ pub async fn serve(
         };
         let (tcp, addr) = tokio::select! {
             _ = &mut stop => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = accept(&listener) => c,
         };
-        let _ = tcp.set_nodelay(true);
         let router = router.clone();
         let builder = builder.clone();
         let acceptor = acceptor.clone();
@@ -269,16 +277,8 @@ pub fn tls_incoming(
         loop {
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                c = accept(&listener) => c,
             };
-            let _ = tcp.set_nodelay(true);
             let local = tcp.local_addr().ok();
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {

@@ -49,6 +49,24 @@ fn python() -> PathBuf {
     p
 }
 
+/// A new API key's secret.
+async fn new_key(
+    keys: &securellm_gateway::keys::KeyStore,
+    name: &str,
+    models: &[&str],
+    rpm: Option<u32>,
+) -> String {
+    keys.create(NewKey {
+        name: name.into(),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        rpm,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .0
+}
+
 struct Stack {
     _dir: tempfile::TempDir,
     _scheduler: vram_scheduler::RunningScheduler,
@@ -146,31 +164,9 @@ async fn stack_full(
 async fn the_official_openai_client_works_unchanged() {
     let s = stack().await;
     let keys = &s.gateway.state.keys;
-    let (all, _) = keys
-        .create(NewKey {
-            name: "all".into(),
-            models: vec!["*".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (scoped, _) = keys
-        .create(NewKey {
-            name: "scoped".into(),
-            models: vec!["tiny".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (limited, _) = keys
-        .create(NewKey {
-            name: "limited".into(),
-            models: vec!["*".into()],
-            rpm: Some(2),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let all = new_key(keys, "all", &["*"], None).await;
+    let scoped = new_key(keys, "scoped", &["tiny"], None).await;
+    let limited = new_key(keys, "limited", &["*"], Some(2)).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let out = tokio::process::Command::new(python())
         .arg(script)
@@ -223,17 +219,7 @@ async fn the_official_openai_client_works_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_http_errors_are_openai_shaped() {
     let s = stack().await;
-    let (key, _) = s
-        .gateway
-        .state
-        .keys
-        .create(NewKey {
-            name: "k".into(),
-            models: vec!["*".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let key = new_key(&s.gateway.state.keys, "k", &["*"], None).await;
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", s.gateway.http_addr);
     let post = |body: Vec<u8>| {
@@ -401,17 +387,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         )
         .unwrap()
     };
-    let (api_key, _) = s
-        .gateway
-        .state
-        .keys
-        .create(NewKey {
-            name: "plain".into(),
-            models: vec!["*".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let api_key = new_key(&s.gateway.state.keys, "plain", &["*"], None).await;
     let list = |bearer: String| {
         let mut r = tonic::Request::new(pb::ListApiKeysRequest::default());
         r.metadata_mut()
@@ -527,17 +503,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         ),
     ]);
     let s = stack_full(None, upstreams).await;
-    let (key, _) = s
-        .gateway
-        .state
-        .keys
-        .create(NewKey {
-            name: "k".into(),
-            models: vec!["*".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let key = new_key(&s.gateway.state.keys, "k", &["*"], None).await;
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", s.gateway.http_addr);
     let pem = format!(
@@ -976,23 +942,8 @@ async fn the_grpc_api_answers_like_the_http_api() {
     use tonic::Code;
     let s = stack().await;
     let keys = &s.gateway.state.keys;
-    let (key, _) = keys
-        .create(NewKey {
-            name: "grpc".into(),
-            models: vec!["*".into()],
-            rpm: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (scoped, _) = keys
-        .create(NewKey {
-            name: "scoped".into(),
-            models: vec!["other".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let key = new_key(keys, "grpc", &["*"], Some(1000)).await;
+    let scoped = new_key(keys, "scoped", &["other"], None).await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
         .unwrap()
         .connect()
