@@ -354,12 +354,32 @@ impl VramScheduler for SchedulerService {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let holder = request.into_inner().holder;
-        let s = BroadcastStream::new(self.handle.subscribe()).filter_map(move |e| match e {
-            Ok(e) if holder.is_empty() || e.lease.holder == holder => Some(Ok(event_to_pb(&e))),
-            Ok(_) => None,
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                tracing::warn!("a WatchEvents client fell behind; {n} events skipped");
-                None
+        // A client too slow to keep up (its events no longer fit the buffer) gets DATA_LOSS and
+        // the end of the stream rather than a silent gap: it should re-read GetStatus (or
+        // Reattach) and watch again.
+        let events = BroadcastStream::new(self.handle.subscribe());
+        let s = futures::stream::unfold(Some(events), move |events| {
+            let holder = holder.clone();
+            async move {
+                let mut events = events?;
+                loop {
+                    match events.next().await? {
+                        Ok(e) if holder.is_empty() || e.lease.holder == holder => {
+                            return Some((Ok(event_to_pb(&e)), Some(events)));
+                        }
+                        Ok(_) => {}
+                        Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(
+                            n,
+                        )) => {
+                            tracing::warn!("a WatchEvents client fell behind by {n} events");
+                            let st = Status::data_loss(format!(
+                                "this watcher fell behind and {n} events were dropped; re-read \
+                                 GetStatus and watch again"
+                            ));
+                            return Some((Err(st), None));
+                        }
+                    }
+                }
             }
         });
         Ok(Response::new(Box::pin(s)))

@@ -627,3 +627,54 @@ async fn reflection_lists_every_contract_and_health_is_serving() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_falls_behind_gets_data_loss_not_a_silent_gap() {
+    let (s, mut c) = start(&[8 * GIB], 10_000).await;
+    let mut w = c
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // Far more events than the buffers hold (the event channel, HTTP/2 windows and send buffers)
+    // while the watcher reads nothing; made in-process, to be quick.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..20_000 {
+        let out = s
+            .handle
+            .acquire(
+                vram_scheduler::table::AcquireRequest {
+                    holder: format!("h{}", i % 7),
+                    label: String::new(),
+                    bytes: GIB,
+                    priority: 0,
+                    gpu: None,
+                    ttl_ms: 60_000,
+                    wait_ms: 0,
+                },
+                tx.clone(),
+            )
+            .await
+            .unwrap();
+        let vram_scheduler::table::AcquireOutcome::Granted(l) = out else {
+            panic!("not granted");
+        };
+        s.handle.release(l.id).await.unwrap();
+    }
+    let mut seen = 0;
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match w.next().await {
+                Some(Ok(_)) => seen += 1,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    let e = end.expect("an error, not a silent end");
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("fell behind"), "{e:?}");
+    assert!(seen > 0, "events before the gap were delivered");
+}
