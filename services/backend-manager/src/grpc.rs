@@ -122,12 +122,11 @@ impl BackendService {
                 "the request's deadline has already passed",
             ));
         }
-        let h = self
+        let (_, t) = self
             .manager
-            .instance(&model, embeddings, &ModelSettings::default())
+            .acquire(&model, embeddings, &ModelSettings::default(), deadline)
             .await
             .map_err(status_of)?;
-        let t = h.acquire(deadline).await.map_err(status_of)?;
         Ok((t, deadline))
     }
 
@@ -343,17 +342,21 @@ impl BackendManager for BackendService {
     ) -> Result<Response<pb::BackendInstance>, Status> {
         let r = request.into_inner();
         let settings = request_settings(r.settings)?;
-        let h = self
-            .manager
-            .instance(&r.model, settings.embeddings.unwrap_or(false), &settings)
-            .await
-            .map_err(status_of)?;
         let deadline = if r.deadline_ms == 0 {
             now_ms() + DEFAULT_DEADLINE_MS
         } else {
             r.deadline_ms
         };
-        let t = h.acquire(deadline).await.map_err(status_of)?;
+        let (h, t) = self
+            .manager
+            .acquire(
+                &r.model,
+                settings.embeddings.unwrap_or(false),
+                &settings,
+                deadline,
+            )
+            .await
+            .map_err(status_of)?;
         drop(t);
         let v = h
             .view()

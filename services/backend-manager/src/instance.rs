@@ -155,6 +155,9 @@ enum Msg {
     },
     View(oneshot::Sender<pb::BackendInstance>),
     LeaseId(oneshot::Sender<Option<HeldLease>>),
+    /// Retire if idle and unloaded (answers whether it did): later acquires are refused so the
+    /// manager can replace this instance with one of other settings.
+    Retire(oneshot::Sender<bool>),
     Tick,
 }
 
@@ -173,6 +176,8 @@ pub struct HeldLease {
 pub struct InstanceHandle {
     pub id: String,
     pub model: ModelRef,
+    /// The settings the instance was created with (fixed for its life).
+    pub settings: Effective,
     tx: mpsc::UnboundedSender<Msg>,
 }
 
@@ -194,6 +199,18 @@ impl InstanceHandle {
                 self.model.name
             ))),
         }
+    }
+
+    /// Do both handles lead to the same instance actor?
+    pub fn same(&self, other: &InstanceHandle) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+
+    /// Retire the instance if it is unloaded and nobody waits for it; true if it did.
+    pub async fn retire(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Retire(reply));
+        rx.await.unwrap_or(true)
     }
 
     /// Unload; resolves to whether it was loaded, after the lease was released.
@@ -243,6 +260,8 @@ struct Actor {
     state: State,
     generation: u64,
     waiters: Vec<Waiter>,
+    /// Replaced by an instance with other settings: acquires are refused.
+    retired: bool,
     started: Option<Started>,
     lease: Option<Lease>,
     estimated: u64,
@@ -287,6 +306,7 @@ pub fn spawn(
         state: State::Unloaded,
         generation: 0,
         waiters: Vec::new(),
+        retired: false,
         started: None,
         lease: None,
         estimated: 0,
@@ -310,8 +330,14 @@ pub fn spawn(
         next_renew_ms: 0,
         renewing: false,
     };
+    let fixed = actor.settings.clone();
     tokio::spawn(actor.run(rx));
-    InstanceHandle { id, model, tx }
+    InstanceHandle {
+        id,
+        model,
+        settings: fixed,
+        tx,
+    }
 }
 
 fn state_pb(s: State, in_flight: u32) -> pb::InstanceState {
@@ -373,7 +399,23 @@ impl Actor {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
+            Msg::Acquire { reply, .. } if self.retired => {
+                let _ = reply.send(Err(InstanceError::Unavailable(format!(
+                    "model {} was replaced to change its settings; retry",
+                    self.model.name
+                ))));
+            }
             Msg::Acquire { deadline_ms, reply } => self.acquire(deadline_ms, reply),
+            Msg::Retire(reply) => {
+                let idle = matches!(self.state, State::Unloaded | State::Stopped | State::Failed)
+                    && self.waiters.is_empty()
+                    && self.in_flight == 0
+                    && !self.stopping;
+                if idle {
+                    self.retired = true;
+                }
+                let _ = reply.send(idle);
+            }
             Msg::Done { generation } => {
                 if generation == self.generation && self.in_flight > 0 {
                     self.in_flight -= 1;

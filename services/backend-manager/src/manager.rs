@@ -212,6 +212,39 @@ impl Manager {
         } else {
             (model.id.clone(), base)
         };
+        let existing = lock(&self.instances).get(&id).cloned();
+        if let Some(h) = existing {
+            if *request == ModelSettings::default() || h.settings == settings {
+                return Ok(h);
+            }
+            // Explicit settings that differ from the instance's: an unloaded, idle instance is
+            // retired and replaced; a loaded one is refused (never silently ignored: the caller
+            // would get a model that is not what it asked for).
+            if !h.retire().await {
+                return Err(InstanceError::FailedPrecondition(format!(
+                    "`{reference}` is loaded with other settings ({}); unload it first",
+                    settings_diff(&h.settings, &settings)
+                )));
+            }
+            lock(&self.resolved).retain(|_, (_, r)| !r.same(&h));
+            let mut map = lock(&self.instances);
+            if let Some(cur) = map.get(&id)
+                && !cur.same(&h)
+            {
+                // Someone replaced it meanwhile.
+                return if cur.settings == settings {
+                    Ok(cur.clone())
+                } else {
+                    Err(InstanceError::FailedPrecondition(format!(
+                        "`{reference}` was just set up with other settings ({}); unload it first",
+                        settings_diff(&cur.settings, &settings)
+                    )))
+                };
+            }
+            let fresh = instance::spawn(id.clone(), model, settings, backend, self.shared.clone());
+            map.insert(id, fresh.clone());
+            return Ok(fresh);
+        }
         let mut map = lock(&self.instances);
         if let Some(h) = map.get(&id) {
             return Ok(h.clone());
@@ -219,6 +252,34 @@ impl Manager {
         let h = instance::spawn(id.clone(), model, settings, backend, self.shared.clone());
         map.insert(id, h.clone());
         Ok(h)
+    }
+
+    /// The instance for `reference` and a ticket on it (loading it if needed). An instance
+    /// retired between the lookup and the acquire (replaced to change its settings) is looked up
+    /// again once, so callers never see that race.
+    pub async fn acquire(
+        &self,
+        reference: &str,
+        embeddings: bool,
+        request: &ModelSettings,
+        deadline_ms: u64,
+    ) -> Result<(InstanceHandle, instance::Ticket), InstanceError> {
+        let mut retried = false;
+        loop {
+            let h = self.instance(reference, embeddings, request).await?;
+            match h.acquire(deadline_ms).await {
+                Ok(t) => return Ok((h, t)),
+                Err(InstanceError::Unavailable(_))
+                    if !retried
+                        && !lock(&self.instances)
+                            .get(&h.id)
+                            .is_some_and(|cur| cur.same(&h)) =>
+                {
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Known instances, optionally of one model (id or name).
@@ -346,4 +407,56 @@ impl Manager {
         let hs = self.handles();
         futures::future::join_all(hs.iter().map(|h| h.unload(1_000, false))).await;
     }
+}
+
+/// `field a → b` for each setting that differs.
+fn settings_diff(have: &Effective, want: &Effective) -> String {
+    let mut out = Vec::new();
+    let mut cmp = |name: &str, a: String, b: String| {
+        if a != b {
+            out.push(format!("{name} {a} → {b}"));
+        }
+    };
+    cmp(
+        "context",
+        have.context.to_string(),
+        want.context.to_string(),
+    );
+    cmp(
+        "parallel",
+        have.parallel.to_string(),
+        want.parallel.to_string(),
+    );
+    cmp("cache_type", have.cache_type.into(), want.cache_type.into());
+    cmp(
+        "gpu_layers",
+        format!("{:?}", have.gpu_layers),
+        format!("{:?}", want.gpu_layers),
+    );
+    cmp(
+        "embeddings",
+        have.embeddings.to_string(),
+        want.embeddings.to_string(),
+    );
+    cmp(
+        "flash_attention",
+        format!("{:?}", have.flash_attention),
+        format!("{:?}", want.flash_attention),
+    );
+    cmp(
+        "priority",
+        have.priority.to_string(),
+        want.priority.to_string(),
+    );
+    cmp(
+        "gpu_index",
+        format!("{:?}", have.gpu_index),
+        format!("{:?}", want.gpu_index),
+    );
+    cmp(
+        "idle_ttl_ms",
+        have.idle_ttl_ms.to_string(),
+        want.idle_ttl_ms.to_string(),
+    );
+    out.join(", ")
 }

@@ -697,3 +697,53 @@ async fn after_a_scheduler_restart_the_manager_reattaches_and_nothing_is_double_
     assert_eq!(r.load_wait_ms, 0, "no reload");
     manager.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_load_with_other_settings_is_refused_until_the_model_is_unloaded() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    let load = |ctx: i64| pb::LoadRequest {
+        model: "tiny".into(),
+        settings: Some(pb::InstanceSettings {
+            context: Some(ctx),
+            ..Default::default()
+        }),
+        deadline_ms: 0,
+    };
+    // The configured default context is 512: asking for it explicitly is the same instance.
+    s.client.load(load(512)).await.unwrap();
+    s.client.load(load(512)).await.unwrap();
+    let e = s.client.load(load(1024)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("context 512 → 1024"), "{e:?}");
+    assert!(e.message().contains("unload it first"), "{e:?}");
+    // A plain request (no explicit settings) uses what is loaded.
+    // Nothing changed: it still answers, on one lease.
+    let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
+    assert_eq!(r.http_status, 200);
+    assert_eq!(leases(&mut s.sched).await.len(), 1);
+    // After an unload the new settings apply.
+    s.client
+        .unload(pb::UnloadRequest {
+            model: "tiny".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let i = s.client.load(load(1024)).await.unwrap().into_inner();
+    assert_eq!(i.settings.unwrap().context, Some(1024));
+    assert_eq!(
+        leases(&mut s.sched).await.len(),
+        1,
+        "one instance, one lease"
+    );
+    let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
+    assert_eq!(r.http_status, 200);
+    let all = s
+        .client
+        .list_instances(pb::ListInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(all.len(), 1, "the replaced instance is gone: {all:?}");
+}
