@@ -5,7 +5,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm
+RUN cargo build --release -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm -p securellm-mcp
 ENV SECURELLM_CACHE_DIR=/opt/securellm
 RUN ./scripts/install-llama-server.sh
 
@@ -14,7 +14,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 ca-cer
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/vram-scheduler /src/target/release/registry \
      /src/target/release/backend-manager /src/target/release/securellm-gateway \
-     /src/target/release/securellm /usr/local/bin/
+     /src/target/release/securellm /src/target/release/securellm-mcp /usr/local/bin/
 COPY --from=build /opt/securellm/llama.cpp/bin/llama-server /usr/local/bin/llama-server
 RUN useradd --system --create-home --home-dir /data securellm
 USER securellm

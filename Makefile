@@ -18,7 +18,7 @@ build:
 	$(CARGO) build --workspace
 
 release:
-	$(CARGO) build --release -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm
+	$(CARGO) build --release -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm -p securellm-mcp
 
 # The whole stack as four processes on loopback (see scripts/run-stack.sh).
 run: release

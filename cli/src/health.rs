@@ -1,28 +1,13 @@
 //! `securellm health ADDR [--service NAME]`: a gRPC health check (exit 0 when SERVING), for
-//! container healthchecks and scripts. [`connect`] and [`check`] are shared with `securellm status`.
+//! container healthchecks and scripts. [`check`] is shared with `securellm status`.
 
 use std::time::Duration;
 
+use securellm_client::connect;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-/// A channel to `endpoint` that gives up connecting after `connect_timeout` and fails every call
-/// that takes longer than `call_timeout`.
-pub async fn connect(
-    endpoint: &str,
-    connect_timeout: Duration,
-    call_timeout: Duration,
-) -> anyhow::Result<Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(endpoint.to_string())?
-            .connect_timeout(connect_timeout)
-            .timeout(call_timeout)
-            .connect()
-            .await?,
-    )
-}
 
 /// `grpc.health.v1.Health/Check` for `service` ("" = the server as a whole).
 pub async fn check(channel: Channel, service: &str) -> Result<ServingStatus, tonic::Status> {
@@ -36,9 +21,13 @@ pub async fn check(channel: Channel, service: &str) -> Result<ServingStatus, ton
 }
 
 pub async fn run(endpoint: &str, service: &str) -> anyhow::Result<()> {
-    let ch = connect(endpoint, Duration::from_secs(2), Duration::from_secs(3))
-        .await
-        .map_err(|e| anyhow::anyhow!("{endpoint}: cannot connect: {e}"))?;
+    let ch = connect(
+        endpoint,
+        Duration::from_secs(2),
+        Some(Duration::from_secs(3)),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{endpoint}: cannot connect: {e}"))?;
     let status = check(ch, service)
         .await
         .map_err(|s| anyhow::anyhow!("{endpoint}: {}", s.message()))?;

@@ -1,29 +1,15 @@
 //! `securellm keys create|list|revoke`: API keys through the gateway's admin gRPC service.
 //!
 //! The admin token: `$SECURELLM_ADMIN_TOKEN`, else `--admin-token-file` (default
-//! `<data dir>/gateway/admin-token`, which the gateway writes on first start).
+//! `<data dir>/gateway/admin-token`, which the gateway writes on first start; see
+//! `securellm_client::admin`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::Subcommand;
+use securellm_client::admin::{admin_client, token};
 use securellm_proto::v1 as pb;
-use securellm_proto::v1::gateway_admin_client::GatewayAdminClient;
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-
-/// Where the gateway's admin API is and how to authenticate to it (`keys` and `status`).
-#[derive(Debug, Args)]
-pub struct GatewayArgs {
-    /// The gateway's gRPC address.
-    #[arg(long, env = "SECURELLM_GATEWAY", default_value = "127.0.0.1:50054")]
-    pub gateway: String,
-    /// The admin token file (default <data dir>/gateway/admin-token).
-    #[arg(long)]
-    pub admin_token_file: Option<PathBuf>,
-}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysAction {
@@ -52,45 +38,6 @@ pub enum KeysAction {
     },
     /// Revoke a key by id.
     Revoke { id: String },
-}
-
-/// The admin token: `$SECURELLM_ADMIN_TOKEN`, else the file (default
-/// `<data dir>/gateway/admin-token`).
-pub fn token(file: Option<PathBuf>) -> anyhow::Result<String> {
-    if let Ok(t) = std::env::var("SECURELLM_ADMIN_TOKEN")
-        && !t.is_empty()
-    {
-        return Ok(t);
-    }
-    let path = file.unwrap_or_else(|| {
-        securellm_common::config::default_data_dir().join("gateway/admin-token")
-    });
-    Ok(std::fs::read_to_string(&path)
-        .with_context(|| {
-            format!(
-                "cannot read the admin token {} (set --admin-token-file or SECURELLM_ADMIN_TOKEN)",
-                path.display()
-            )
-        })?
-        .trim()
-        .to_string())
-}
-
-/// A GatewayAdmin client that sends `authorization: Bearer <token>` with every call.
-pub fn admin_client(
-    channel: Channel,
-    token: &str,
-) -> anyhow::Result<GatewayAdminClient<InterceptedService<Channel, impl Interceptor + use<>>>> {
-    let auth: MetadataValue<_> = format!("Bearer {token}")
-        .parse()
-        .context("the admin token is not a valid header value")?;
-    Ok(GatewayAdminClient::with_interceptor(
-        channel,
-        move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", auth.clone());
-            Ok(r)
-        },
-    ))
 }
 
 pub async fn run(

@@ -12,6 +12,8 @@ mod status;
 mod vram;
 
 use clap::{Parser, Subcommand};
+use securellm_client::admin::GatewayArgs;
+use securellm_client::{ServiceArgs, endpoint};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,30 +22,8 @@ use clap::{Parser, Subcommand};
     about = "SecureLLM: a secure, VRAM-scheduled local LLM stack"
 )]
 struct Cli {
-    /// The vram-scheduler's gRPC address.
-    #[arg(
-        long,
-        global = true,
-        env = "SECURELLM_SCHEDULER",
-        default_value = "127.0.0.1:50051"
-    )]
-    scheduler: String,
-    /// The registry's gRPC address.
-    #[arg(
-        long,
-        global = true,
-        env = "SECURELLM_REGISTRY",
-        default_value = "127.0.0.1:50052"
-    )]
-    registry: String,
-    /// The backend manager's gRPC address.
-    #[arg(
-        long,
-        global = true,
-        env = "SECURELLM_BACKEND",
-        default_value = "127.0.0.1:50053"
-    )]
-    backend: String,
+    #[command(flatten)]
+    services: ServiceArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,7 +60,7 @@ enum Command {
     /// API keys through the gateway's admin API.
     Keys {
         #[command(flatten)]
-        gateway: keys::GatewayArgs,
+        gateway: GatewayArgs,
         #[command(subcommand)]
         action: keys::KeysAction,
     },
@@ -88,7 +68,7 @@ enum Command {
     /// requests/s (exit 0 when all four services are up).
     Status {
         #[command(flatten)]
-        gateway: keys::GatewayArgs,
+        gateway: GatewayArgs,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -108,19 +88,11 @@ enum Command {
     },
 }
 
-fn endpoint(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Vram { action } => vram::run(&endpoint(&cli.scheduler), action).await,
+        Command::Vram { action } => vram::run(&endpoint(&cli.services.scheduler), action).await,
         Command::DemoModel { path, bigger } => {
             use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
             let opts = if bigger {
@@ -153,9 +125,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { gateway, json } => {
             let addrs = status::Addresses {
-                scheduler: cli.scheduler,
-                registry: cli.registry,
-                backend: cli.backend,
+                scheduler: cli.services.scheduler,
+                registry: cli.services.registry,
+                backend: cli.services.backend,
                 gateway: gateway.gateway,
             };
             if !status::run(&addrs, gateway.admin_token_file, json).await? {
@@ -164,9 +136,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health { addr, service } => health::run(&endpoint(&addr), &service).await,
-        Command::Ps => ps::ps(&endpoint(&cli.backend)).await,
-        Command::Load { model } => ps::load(&endpoint(&cli.backend), &model).await,
-        Command::Unload { model } => ps::unload(&endpoint(&cli.backend), &model).await,
-        Command::Models { action } => models::run(&endpoint(&cli.registry), action).await,
+        Command::Ps => ps::ps(&endpoint(&cli.services.backend)).await,
+        Command::Load { model } => ps::load(&endpoint(&cli.services.backend), &model).await,
+        Command::Unload { model } => ps::unload(&endpoint(&cli.services.backend), &model).await,
+        Command::Models { action } => models::run(&endpoint(&cli.services.registry), action).await,
     }
 }

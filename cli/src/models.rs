@@ -3,9 +3,8 @@
 
 use std::io::Write;
 
-use anyhow::Context;
 use clap::Subcommand;
-use securellm_common::format_bytes;
+use securellm_client::{connect_to, models};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use tokio_stream::StreamExt;
@@ -26,13 +25,8 @@ pub enum ModelsAction {
     },
 }
 
-/// Context used for the table's estimate column.
-const DEFAULT_CONTEXT: i64 = 4096;
-
 pub async fn run(endpoint: &str, action: Option<ModelsAction>) -> anyhow::Result<()> {
-    let mut c = ModelRegistryClient::connect(endpoint.to_string())
-        .await
-        .with_context(|| format!("cannot reach the registry at {endpoint}"))?;
+    let mut c = ModelRegistryClient::new(connect_to("registry", endpoint, None).await?);
     match action {
         None => table(&mut c).await,
         Some(ModelsAction::Show { name }) => show(&mut c, &name).await,
@@ -40,181 +34,16 @@ pub async fn run(endpoint: &str, action: Option<ModelsAction>) -> anyhow::Result
     }
 }
 
-fn format_name(f: i32) -> &'static str {
-    match pb::ModelFormat::try_from(f) {
-        Ok(pb::ModelFormat::Gguf) => "gguf",
-        Ok(pb::ModelFormat::GgufSplit) => "gguf-split",
-        Ok(pb::ModelFormat::Ollama) => "ollama",
-        Ok(pb::ModelFormat::Safetensors) => "safetensors",
-        _ => "?",
-    }
-}
-
-fn status_word(s: i32) -> &'static str {
-    match pb::ModelStatus::try_from(s) {
-        Ok(pb::ModelStatus::Ok) => "ok",
-        Ok(pb::ModelStatus::Incomplete) => "incomplete",
-        Ok(pb::ModelStatus::Error) => "error",
-        _ => "?",
-    }
-}
-
-fn params(n: Option<u64>) -> String {
-    match n {
-        None => "-".into(),
-        Some(n) if n >= 1_000_000_000 => format!("{:.1}B", n as f64 / 1e9),
-        Some(n) if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
-        Some(n) if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
-        Some(n) => n.to_string(),
-    }
-}
-
-async fn estimate(
-    c: &mut ModelRegistryClient<Channel>,
-    id: &str,
-    context: i64,
-) -> Option<pb::MemoryEstimate> {
-    c.estimate(pb::EstimateRequest {
-        model: id.to_string(),
-        context,
-        parallel: 1,
-        cache_type: pb::KvCacheType::F16 as i32,
-        gpu_layers: None,
-    })
-    .await
-    .ok()
-    .map(|r| r.into_inner())
-}
-
 async fn table(c: &mut ModelRegistryClient<Channel>) -> anyhow::Result<()> {
-    let models = c
-        .list_models(pb::ListModelsRequest::default())
-        .await?
-        .into_inner()
-        .models;
-    if models.is_empty() {
-        println!("no models (configure roots with --models DIR, SECURELLM_MODELS or models.roots)");
-        return Ok(());
-    }
-    println!(
-        "{:<32} {:<11} {:>7} {:<8} {:>10} {:>8} {:>12}  STATUS",
-        "NAME", "FORMAT", "PARAMS", "QUANT", "SIZE", "CONTEXT", "EST@4096"
-    );
-    for m in &models {
-        let est = if m.status == pb::ModelStatus::Ok as i32 {
-            estimate(c, &m.id, DEFAULT_CONTEXT)
-                .await
-                .map_or("-".to_string(), |e| format_bytes(e.total_bytes))
-        } else {
-            "-".into()
-        };
-        let status = match pb::ModelStatus::try_from(m.status) {
-            Ok(pb::ModelStatus::Ok) => "ok".to_string(),
-            _ => format!("{}: {}", status_word(m.status), m.status_reason),
-        };
-        let mut name = m.name.clone();
-        if !m.aliases.is_empty() {
-            name = format!("{name} ({})", m.aliases.join(", "));
-        }
-        println!(
-            "{:<32} {:<11} {:>7} {:<8} {:>10} {:>8} {:>12}  {}",
-            name,
-            format_name(m.format),
-            params(m.parameter_count),
-            if m.quantization.is_empty() {
-                "-"
-            } else {
-                &m.quantization
-            },
-            format_bytes(m.size_bytes),
-            m.context_length.map_or("-".into(), |c| c.to_string()),
-            est,
-            status
-        );
-    }
+    print!("{}", models::table(c).await?);
     Ok(())
 }
 
 async fn show(c: &mut ModelRegistryClient<Channel>, name: &str) -> anyhow::Result<()> {
-    let m = c
-        .get_model(pb::GetModelRequest {
-            model: name.to_string(),
-        })
+    let text = models::detail(c, name)
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
-    let opt = |v: Option<u64>| v.map_or("-".to_string(), |x| x.to_string());
-    println!("id            {}", m.id);
-    println!("name          {}", m.name);
-    if !m.aliases.is_empty() {
-        println!("aliases       {}", m.aliases.join(", "));
-    }
-    println!("format        {}", format_name(m.format));
-    println!(
-        "status        {}{}",
-        status_word(m.status),
-        if m.status_reason.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", m.status_reason)
-        }
-    );
-    println!("path          {}", m.path);
-    println!("size          {}", format_bytes(m.size_bytes));
-    println!("architecture  {}", m.architecture);
-    println!("parameters    {}", params(m.parameter_count));
-    println!("quantization  {}", m.quantization);
-    println!("context       {}", opt(m.context_length));
-    println!("layers        {}", opt(m.block_count.map(u64::from)));
-    println!("embedding     {}", opt(m.embedding_length));
-    println!(
-        "heads / kv    {} / {}",
-        opt(m.head_count.map(u64::from)),
-        opt(m.head_count_kv.map(u64::from))
-    );
-    println!("vocabulary    {}", opt(m.vocab_size));
-    println!(
-        "chat template {}",
-        if m.chat_template_present { "yes" } else { "no" }
-    );
-    println!(
-        "tensors       {} ({})",
-        opt(m.tensor_count),
-        format_bytes(m.tensor_bytes.unwrap_or(0))
-    );
-    if let Some(s) = &m.split {
-        println!("split         {}/{} parts present", s.present, s.count);
-    }
-    if let Some(o) = &m.ollama {
-        println!("ollama        {} ({})", o.name_tag, o.model_digest);
-    }
-    for f in &m.files {
-        println!("file          {} ({})", f.path, format_bytes(f.size_bytes));
-    }
-    if m.status == pb::ModelStatus::Ok as i32 {
-        println!("\nestimates (1 slot, f16 KV cache, all layers on GPU):");
-        println!(
-            "  {:>8} {:>10} {:>10} {:>10} {:>10}",
-            "CONTEXT", "WEIGHTS", "KV", "COMPUTE", "TOTAL"
-        );
-        for ctx in [2048, 4096, 8192, 32768] {
-            if let Some(e) = estimate(c, &m.id, ctx).await {
-                println!(
-                    "  {:>8} {:>10} {:>10} {:>10} {:>10}{}",
-                    ctx,
-                    format_bytes(e.weights_gpu_bytes + e.weights_host_bytes),
-                    format_bytes(e.kv_cache_bytes),
-                    format_bytes(e.compute_buffer_bytes),
-                    format_bytes(e.total_bytes),
-                    if e.from_measurement {
-                        "  (measured)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-        }
-    }
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    print!("{text}");
     Ok(())
 }
 
@@ -283,12 +112,5 @@ mod tests {
             format!("[{}{}] 5/10 files", "#".repeat(15), ".".repeat(15))
         );
         assert!(progress_bar(3, 0).starts_with(&format!("[{}]", "#".repeat(30))));
-    }
-
-    #[test]
-    fn parameter_counts_read_like_model_cards() {
-        assert_eq!(params(Some(8_030_000_000)), "8.0B");
-        assert_eq!(params(Some(1_500_000)), "1.5M");
-        assert_eq!(params(None), "-");
     }
 }

@@ -18,7 +18,10 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::{endpoint, health, keys, ps, vram};
+use securellm_client::admin::{admin_client, token};
+use securellm_client::{connect, endpoint, instances, status_text, vram};
+
+use crate::health;
 
 /// The limit for connecting and for each call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,15 +80,7 @@ fn reason(e: &anyhow::Error) -> String {
 }
 
 fn status_reason(s: &tonic::Status) -> String {
-    let timed_out = s.code() == tonic::Code::DeadlineExceeded
-        || (s.code() == tonic::Code::Cancelled && s.message().contains("Timeout"));
-    if timed_out {
-        format!("no answer within {} s", CALL_TIMEOUT.as_secs())
-    } else if s.message().is_empty() {
-        format!("{:?}", s.code())
-    } else {
-        format!("{:?}: {}", s.code(), s.message())
-    }
+    status_text(s, CALL_TIMEOUT)
 }
 
 /// Health-check the service at `addr`; when it is up, also ask `then` on the same channel.
@@ -100,7 +95,7 @@ where
     Fut: Future<Output = Result<T, String>>,
 {
     let up = async {
-        let ch = health::connect(&endpoint(addr), CALL_TIMEOUT, CALL_TIMEOUT)
+        let ch = connect(&endpoint(addr), CALL_TIMEOUT, Some(CALL_TIMEOUT))
             .await
             .map_err(|e| reason(&e))?;
         let t = Instant::now();
@@ -125,7 +120,7 @@ where
 
 /// Ask all four services at once.
 pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Report {
-    let token = keys::token(admin_token_file).ok().filter(|t| !t.is_empty());
+    let token = token(admin_token_file).ok().filter(|t| !t.is_empty());
     let scheduler = probe("vram-scheduler", &addrs.scheduler, |ch| async move {
         VramSchedulerClient::new(ch)
             .get_status(pb::GetStatusRequest {})
@@ -144,7 +139,7 @@ pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Re
     let have_token = token.is_some();
     let gateway = probe("securellm-gateway", &addrs.gateway, |ch| async move {
         let token = token.ok_or_else(|| "no admin token".to_string())?;
-        let mut c = keys::admin_client(ch, &token).map_err(|e| reason(&e))?;
+        let mut c = admin_client(ch, &token).map_err(|e| reason(&e))?;
         let r = c
             .query_audit(pb::QueryAuditRequest {
                 since_ms: Some(now_ms().saturating_sub(WINDOW_MS)),
@@ -154,7 +149,13 @@ pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Re
             .await
             .map_err(|s| status_reason(&s))?
             .into_inner();
-        Ok((r.rows.len(), r.truncated))
+        // Client requests only: the admin calls (this one included) are audited too.
+        let served = r
+            .rows
+            .iter()
+            .filter(|row| !row.endpoint.starts_with("grpc:/securellm.v1.GatewayAdmin/"))
+            .count();
+        Ok((served, r.truncated))
     });
     let ((s, scheduler), (r, _), (b, models), (g, requests)) =
         tokio::join!(scheduler, registry, backend, gateway);
@@ -243,7 +244,7 @@ pub fn render_text(r: &Report) -> String {
     }
     out += "\n";
     match &r.models {
-        Ok(instances) => out += &format!("MODELS\n{}", ps::render(instances, now_ms())),
+        Ok(instances) => out += &format!("MODELS\n{}", instances::render(instances, now_ms())),
         Err(e) => out += &format!("MODELS: unknown ({e})\n"),
     }
     out += "\n";
@@ -327,7 +328,7 @@ pub fn render_json(r: &Report) -> Value {
                 json!({
                     "id": i.id,
                     "model_name": i.model_name,
-                    "state": ps::state(i.state),
+                    "state": instances::state(i.state),
                     "gpu_index": i.gpu_index,
                     "lease_bytes": i.lease_bytes,
                     "measured_bytes": i.measured_bytes,

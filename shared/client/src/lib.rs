@@ -1,0 +1,170 @@
+//! Thin clients of the SecureLLM services, shared by the `securellm` CLI and the `securellm-mcp`
+//! server so that both find the services the same way and show the same text:
+//!
+//! - the services' default addresses and their flags ([`ServiceArgs`], [`admin::GatewayArgs`]),
+//! - channels with connect and call timeouts ([`connect`], [`connect_to`]) and readable errors
+//!   ([`status_text`]),
+//! - the gateway's admin token and an authenticated admin client ([`admin`]),
+//! - the text of GPUs and leases ([`vram`]), loaded models ([`instances`]) and the model catalogue
+//!   ([`models`]).
+
+pub mod admin;
+pub mod instances;
+pub mod models;
+pub mod vram;
+
+use std::time::Duration;
+
+use clap::Args;
+use tonic::transport::Channel;
+
+/// The loopback ports `make run` uses.
+pub const DEFAULT_SCHEDULER: &str = "127.0.0.1:50051";
+pub const DEFAULT_REGISTRY: &str = "127.0.0.1:50052";
+pub const DEFAULT_BACKEND: &str = "127.0.0.1:50053";
+pub const DEFAULT_GATEWAY: &str = "127.0.0.1:50054";
+pub const DEFAULT_GATEWAY_HTTP: &str = "127.0.0.1:8088";
+
+/// How long [`connect_to`] waits for a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The internal services' gRPC addresses (`HOST:PORT` or a URL), from flags or the environment.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceArgs {
+    /// The vram-scheduler's gRPC address.
+    #[arg(long, global = true, env = "SECURELLM_SCHEDULER", default_value = DEFAULT_SCHEDULER)]
+    pub scheduler: String,
+    /// The registry's gRPC address.
+    #[arg(long, global = true, env = "SECURELLM_REGISTRY", default_value = DEFAULT_REGISTRY)]
+    pub registry: String,
+    /// The backend manager's gRPC address.
+    #[arg(long, global = true, env = "SECURELLM_BACKEND", default_value = DEFAULT_BACKEND)]
+    pub backend: String,
+}
+
+/// `HOST:PORT` → `http://HOST:PORT`; a URL is kept as it is.
+pub fn endpoint(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// A channel to `endpoint` (a URL) that gives up connecting after `connect_timeout` and fails
+/// every call that takes longer than `call_timeout` (`None`: no limit, for streams).
+pub async fn connect(
+    endpoint: &str,
+    connect_timeout: Duration,
+    call_timeout: Option<Duration>,
+) -> anyhow::Result<Channel> {
+    let mut e = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(connect_timeout);
+    if let Some(t) = call_timeout {
+        e = e.timeout(t);
+    }
+    Ok(e.connect().await?)
+}
+
+/// [`connect`] to `service` at `addr` (`HOST:PORT` or a URL) within [`CONNECT_TIMEOUT`]; the error
+/// names the service, the address and the innermost cause ("Connection refused ...").
+pub async fn connect_to(
+    service: &str,
+    addr: &str,
+    call_timeout: Option<Duration>,
+) -> anyhow::Result<Channel> {
+    let url = endpoint(addr);
+    connect(&url, CONNECT_TIMEOUT, call_timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the {service} at {url}: {}", e.root_cause()))
+}
+
+/// A gRPC error as a person reads it: "no answer within 5 s" for a call that ran past
+/// `timeout`, else the code and the service's message ("NotFound: no model named x").
+pub fn status_text(s: &tonic::Status, timeout: Duration) -> String {
+    let timed_out = s.code() == tonic::Code::DeadlineExceeded
+        || (s.code() == tonic::Code::Cancelled && s.message().contains("Timeout"));
+    if timed_out {
+        format!("no answer within {}", seconds(timeout))
+    } else if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        format!("{:?}: {}", s.code(), s.message())
+    }
+}
+
+/// `2 s`, `0.5 s`.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} s", d.as_secs_f64())
+    }
+}
+
+/// An age or a wait in whole units: `42s`, `3m`, `2h`.
+pub fn age(ms: u64) -> String {
+    let s = ms / 1000;
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{}h", s / 3600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_become_urls() {
+        assert_eq!(endpoint("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(endpoint("https://h:2"), "https://h:2");
+    }
+
+    #[test]
+    fn errors_read_like_sentences() {
+        let t = Duration::from_secs(2);
+        assert_eq!(
+            status_text(&tonic::Status::deadline_exceeded("x"), t),
+            "no answer within 2 s"
+        );
+        assert_eq!(
+            status_text(
+                &tonic::Status::cancelled("Timeout expired"),
+                Duration::from_millis(500)
+            ),
+            "no answer within 0.5 s"
+        );
+        assert_eq!(
+            status_text(&tonic::Status::not_found("no model named x"), t),
+            "NotFound: no model named x"
+        );
+        assert_eq!(
+            status_text(&tonic::Status::unavailable(""), t),
+            "Unavailable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_named_with_its_cause() {
+        let e = connect_to("registry", "127.0.0.1:1", None)
+            .await
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.starts_with("cannot reach the registry at http://127.0.0.1:1: ")
+                && s.contains("refused"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn ages_use_whole_units() {
+        assert_eq!(age(42_000), "42s");
+        assert_eq!(age(180_000), "3m");
+        assert_eq!(age(7_200_000), "2h");
+    }
+}
