@@ -5,6 +5,14 @@
 #   DATA_DIR            data directory (default ~/.local/share/securellm)
 #   SECURELLM_MODELS    model roots, colon-separated (default: a generated tiny demo model)
 #   BIN                 where the release binaries are (default ./target/release)
+#   SCHEDULER_LISTEN    vram-scheduler's gRPC address (default 127.0.0.1:50051)
+#   REGISTRY_LISTEN     registry's gRPC address (default 127.0.0.1:50052)
+#   BACKEND_LISTEN      backend-manager's gRPC address (default 127.0.0.1:50053)
+#   GATEWAY_LISTEN      securellm-gateway's gRPC address (default 127.0.0.1:50054)
+#   GATEWAY_HTTP_LISTEN securellm-gateway's OpenAI HTTP address (default 127.0.0.1:8088)
+#
+# A port of 0 picks a free one (the services print the address they got; the rest of the stack
+# and the printed examples use it).
 #
 # Prints the OpenAI base URL, an API key and working curl / Python examples once ready. Ctrl-C
 # stops everything (children first, leases released, audit flushed).
@@ -13,6 +21,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="${BIN:-$ROOT/target/release}"
 DATA_DIR="${DATA_DIR:-${SECURELLM_DATA_DIR:-$HOME/.local/share/securellm}}"
+SCHEDULER_LISTEN="${SCHEDULER_LISTEN:-127.0.0.1:50051}"
+REGISTRY_LISTEN="${REGISTRY_LISTEN:-127.0.0.1:50052}"
+BACKEND_LISTEN="${BACKEND_LISTEN:-127.0.0.1:50053}"
+GATEWAY_LISTEN="${GATEWAY_LISTEN:-127.0.0.1:50054}"
+GATEWAY_HTTP_LISTEN="${GATEWAY_HTTP_LISTEN:-127.0.0.1:8088}"
 mkdir -p "$DATA_DIR/logs"
 
 LLAMA_SERVER="${LLAMA_SERVER:-$("$ROOT/scripts/install-llama-server.sh" | tail -n 1)}"
@@ -29,30 +42,57 @@ fi
 export SECURELLM_MODELS
 
 PIDS=()
+# stop PID: SIGTERM, then SIGKILL if it is still running after 30 s.
+stop() {
+  local pid="$1"
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 300); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "process $pid did not stop within 30 s of SIGTERM; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
 cleanup() {
-  trap - INT TERM EXIT
+  # Once: a second Ctrl-C does not interrupt the stop (every step is bounded), nor does a failed
+  # echo (a closed terminal).
+  trap '' INT TERM HUP
+  trap - EXIT
+  set +e
   echo
   echo "stopping..."
   # The gateway first (flushes the audit log), then the manager (stops llama-server children and
-  # releases leases), then the registry and the scheduler.
+  # releases leases), then the registry and the scheduler (writes its lease snapshot).
   for (( i=${#PIDS[@]}-1; i>=0; i-- )); do
-    kill -TERM "${PIDS[$i]}" 2>/dev/null || true
-    wait "${PIDS[$i]}" 2>/dev/null || true
+    stop "${PIDS[$i]}"
   done
   echo "stopped"
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
+trap 'cleanup; exit 129' HUP
+trap cleanup EXIT
 
-# start NAME ARGS...: run a service, wait for its `ready` line.
+# start NAME ARGS...: run a service, wait for its `ready` line; READY is set to that line.
+# Each service runs in its own process group (set -m), so the terminal's Ctrl-C reaches only this
+# script, which then stops the services one by one in the order above; were they in the
+# terminal's process group, all four would get SIGINT at once and e.g. the scheduler could write
+# its lease snapshot before the manager has released its leases.
 start() {
   local name="$1"; shift
   local out="$DATA_DIR/logs/$name.out"
   : > "$out"
-  "$BIN/$name" "$@" > "$out" 2> "$DATA_DIR/logs/$name.log" &
+  set -m
+  "$BIN/$name" "$@" < /dev/null > "$out" 2> "$DATA_DIR/logs/$name.log" &
   PIDS+=("$!")
+  set +m
   for _ in $(seq 1 200); do
     if grep -q "^ready $name" "$out"; then
-      grep "^ready $name" "$out"
+      READY="$(grep -m 1 "^ready $name" "$out")"
+      echo "$READY"
       return 0
     fi
     if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
@@ -66,32 +106,54 @@ start() {
   exit 1
 }
 
-start vram-scheduler --listen 127.0.0.1:50051 --data-dir "$DATA_DIR/scheduler"
+# ready_addr KEY: the address after KEY= in the last ready line (the actual one, for port 0).
+ready_addr() {
+  local word
+  for word in $READY; do
+    case "$word" in "$1="*) echo "${word#"$1="}"; return 0 ;; esac
+  done
+  echo "no $1= in: $READY" >&2
+  exit 1
+}
+
+start vram-scheduler --listen "$SCHEDULER_LISTEN" --data-dir "$DATA_DIR/scheduler"
+SCHEDULER="$(ready_addr grpc)"
 grep -h "inventory:" "$DATA_DIR/logs/vram-scheduler.log" | sed 's/^.*inventory:/inventory:/' | head -n 3 || true
-start registry --listen 127.0.0.1:50052 --data-dir "$DATA_DIR/registry"
-start backend-manager --listen 127.0.0.1:50053 --scheduler 127.0.0.1:50051 --registry 127.0.0.1:50052 \
+start registry --listen "$REGISTRY_LISTEN" --data-dir "$DATA_DIR/registry"
+REGISTRY="$(ready_addr grpc)"
+start backend-manager --listen "$BACKEND_LISTEN" --scheduler "$SCHEDULER" --registry "$REGISTRY" \
   --llama-server "$LLAMA_SERVER"
-start securellm-gateway --listen 127.0.0.1:50054 --http-listen 127.0.0.1:8088 \
-  --backend 127.0.0.1:50053 --registry 127.0.0.1:50052 --data-dir "$DATA_DIR/gateway" \
+BACKEND="$(ready_addr grpc)"
+start securellm-gateway --listen "$GATEWAY_LISTEN" --http-listen "$GATEWAY_HTTP_LISTEN" \
+  --backend "$BACKEND" --registry "$REGISTRY" --data-dir "$DATA_DIR/gateway" \
   --bootstrap-key-file "$DATA_DIR/api-key"
+GATEWAY="$(ready_addr grpc)"
+HTTP="$(ready_addr http)"
 
 KEY="$(head -n 1 "$DATA_DIR/api-key")"
-MODEL="$("$BIN/securellm" models 2>/dev/null | awk 'NR==2 {print $1}')"
+MODEL="$("$BIN/securellm" --registry "$REGISTRY" models 2>/dev/null | awk 'NR==2 {print $1}' || true)"
 MODEL="${MODEL:-tiny}"
+# The CLI's defaults are the default addresses; name the others.
+CLI_EXPORT=""
+if [ "$SCHEDULER $REGISTRY $BACKEND $GATEWAY" != \
+     "127.0.0.1:50051 127.0.0.1:50052 127.0.0.1:50053 127.0.0.1:50054" ]; then
+  CLI_EXPORT="  export SECURELLM_SCHEDULER=$SCHEDULER SECURELLM_REGISTRY=$REGISTRY"
+  CLI_EXPORT+=" SECURELLM_BACKEND=$BACKEND SECURELLM_GATEWAY=$GATEWAY"$'\n'
+fi
 cat <<EOF
 
 SecureLLM is up.
-  OpenAI base URL: http://127.0.0.1:8088/v1
+  OpenAI base URL: http://$HTTP/v1
   API key:         $KEY   (also in $DATA_DIR/api-key)
   logs:            $DATA_DIR/logs/
 
-  curl http://127.0.0.1:8088/v1/chat/completions \\
+  curl http://$HTTP/v1/chat/completions \\
     -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" \\
     -d '{"model": "$MODEL", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32}'
 
-  python3 -c 'from openai import OpenAI; c = OpenAI(base_url="http://127.0.0.1:8088/v1", api_key="$KEY"); print(c.chat.completions.create(model="$MODEL", messages=[{"role": "user", "content": "Hello"}], max_tokens=32).choices[0].message.content)'
+  python3 -c 'from openai import OpenAI; c = OpenAI(base_url="http://$HTTP/v1", api_key="$KEY"); print(c.chat.completions.create(model="$MODEL", messages=[{"role": "user", "content": "Hello"}], max_tokens=32).choices[0].message.content)'
 
-  ./target/release/securellm vram | ps | models | audit tail --data-dir $DATA_DIR/gateway
+${CLI_EXPORT}  ./target/release/securellm vram | ps | models | audit tail --data-dir $DATA_DIR/gateway
 Ctrl-C stops everything.
 EOF
 wait
