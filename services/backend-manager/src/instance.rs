@@ -371,10 +371,7 @@ impl Actor {
                 .await;
         }
         if let Some(l) = self.lease.take() {
-            let mut c = self.shared.scheduler.clone();
-            let _ = c
-                .release_lease(pb::ReleaseLeaseRequest { lease_id: l.id })
-                .await;
+            release_lease(&self.shared, &self.id, l.id).await;
         }
     }
 
@@ -718,12 +715,10 @@ impl Actor {
         let shared = self.shared.clone();
         let lease = self.lease.take();
         let tx = self.tx.clone();
+        let id = self.id.clone();
         tokio::spawn(async move {
             if let Some(l) = lease {
-                let mut c = shared.scheduler.clone();
-                let _ = c
-                    .release_lease(pb::ReleaseLeaseRequest { lease_id: l.id })
-                    .await;
+                release_lease(&shared, &id, l.id).await;
             }
             let _ = tx.send(Msg::StopDone);
         });
@@ -770,6 +765,7 @@ impl Actor {
         let shared = self.shared.clone();
         let backend = self.backend.clone();
         let tx = self.tx.clone();
+        let id = self.id.clone();
         tracing::info!(instance = %self.id, "stopping: {reason}");
         tokio::spawn(async move {
             if let Some(s) = started {
@@ -779,10 +775,7 @@ impl Actor {
             }
             // Only after the process has exited.
             if let Some(l) = lease {
-                let mut c = shared.scheduler.clone();
-                let _ = c
-                    .release_lease(pb::ReleaseLeaseRequest { lease_id: l.id })
-                    .await;
+                release_lease(&shared, &id, l.id).await;
             }
             let _ = tx.send(Msg::StopDone);
         });
@@ -795,7 +788,7 @@ impl Actor {
         self.drain_deadline_ms = None;
         self.evict_by_ms = None;
         if self.state != State::Failed {
-            self.set_state(State::Stopped, "stopped; lease released");
+            self.set_state(State::Stopped, "stopped");
         }
         for r in std::mem::take(&mut self.unload_replies) {
             let _ = r.send(true);
@@ -1184,5 +1177,28 @@ async fn settle(
         .await;
     if let Err(e) = r {
         tracing::debug!("could not record the measurement: {}", e.message());
+    }
+}
+
+/// Give a lease back. A lease the scheduler no longer knows is already free; any other failure
+/// is logged: the lease then ends by its TTL.
+async fn release_lease(shared: &Shared, instance: &str, lease_id: String) {
+    let mut c = shared.scheduler.clone();
+    match c
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: lease_id.clone(),
+        })
+        .await
+    {
+        Ok(_) => tracing::debug!(%instance, lease = %lease_id, "lease released"),
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            tracing::debug!(%instance, lease = %lease_id, "lease already gone")
+        }
+        Err(s) => tracing::warn!(
+            %instance,
+            lease = %lease_id,
+            "could not release the lease ({}); it ends by its TTL",
+            s.message()
+        ),
     }
 }

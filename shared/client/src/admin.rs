@@ -29,15 +29,20 @@ pub struct GatewayArgs {
 }
 
 /// The admin token: `$SECURELLM_ADMIN_TOKEN`, else the file (default
-/// `<data dir>/gateway/admin-token`).
+/// `<data dir>/gateway/admin-token`, the data dir being `$SECURELLM_DATA_DIR` when set).
 pub fn token(file: Option<PathBuf>) -> anyhow::Result<String> {
     if let Ok(t) = std::env::var("SECURELLM_ADMIN_TOKEN")
         && !t.is_empty()
     {
         return Ok(t);
     }
+    // The stack's data directory: `$SECURELLM_DATA_DIR` (as `make run` uses it), else the default.
     let path = file.unwrap_or_else(|| {
-        securellm_common::config::default_data_dir().join("gateway/admin-token")
+        std::env::var_os("SECURELLM_DATA_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(securellm_common::config::default_data_dir)
+            .join("gateway/admin-token")
     });
     Ok(std::fs::read_to_string(&path)
         .with_context(|| {
