@@ -105,8 +105,17 @@ pub const MAX_QUERY_LIMIT: u32 = 1000;
 /// Rows a [`AuditLog::query`] returns when its filter names no limit.
 pub const DEFAULT_QUERY_LIMIT: u32 = 100;
 
-/// Rows per INSERT statement inside a batch.
+/// Most rows per INSERT statement inside a batch (a power of two).
 const ROWS_PER_INSERT: usize = 64;
+
+/// The next INSERT's row count: the largest power of two ≤ `left`, at most [`ROWS_PER_INSERT`].
+fn chunk_len(left: usize) -> usize {
+    if left >= ROWS_PER_INSERT {
+        ROWS_PER_INSERT
+    } else {
+        1 << (usize::BITS - 1 - left.leading_zeros())
+    }
+}
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -852,11 +861,15 @@ async fn write_batch(
         })?;
         links.push((id, std::mem::replace(&mut hash, row_hash.clone()), row_hash));
     }
-    // Multi-row INSERTs (18 parameters a row, well under SQLite's 32766).
-    for (rows, chain) in batch
-        .chunks(ROWS_PER_INSERT)
-        .zip(links.chunks(ROWS_PER_INSERT))
-    {
+    // Multi-row INSERTs (18 parameters a row, well under SQLite's 32766) of power-of-two sizes
+    // up to ROWS_PER_INSERT: at most seven distinct statements, so each is prepared once and then
+    // comes from the connection's statement cache (a statement per batch size would be prepared
+    // on almost every batch).
+    let mut start = 0;
+    while start < batch.len() {
+        let n = chunk_len(batch.len() - start);
+        let (rows, chain) = (&batch[start..start + n], &links[start..start + n]);
+        start += n;
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO audit (id, time_ms, request_id, subject, key_id, client_addr, endpoint, \
              model, upstream, status, error_code, prompt_tokens, completion_tokens, latency_us, \
@@ -1170,6 +1183,21 @@ impl Walker {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn insert_chunks_are_powers_of_two_covering_the_batch() {
+        for total in 1..300 {
+            let (mut left, mut sizes) = (total, Vec::new());
+            while left > 0 {
+                let n = chunk_len(left);
+                assert!(n.is_power_of_two() && n <= ROWS_PER_INSERT && n <= left);
+                sizes.push(n);
+                left -= n;
+            }
+            assert_eq!(sizes.iter().sum::<usize>(), total);
+        }
+    }
+
     use super::*;
     use std::process::Stdio;
     use std::time::Instant;
