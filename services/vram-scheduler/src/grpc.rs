@@ -173,6 +173,7 @@ fn kind_to_pb(k: EventKind) -> pb::lease_event::Kind {
         EventKind::WaitTimedOut => K::WaitTimedOut,
         EventKind::Reattached => K::Reattached,
         EventKind::Overcommitted => K::Overcommitted,
+        EventKind::EvictionWithdrawn => K::EvictionWithdrawn,
     }
 }
 

@@ -254,6 +254,9 @@ pub enum EventKind {
     WaitTimedOut,
     Reattached,
     Overcommitted,
+    /// The request an eviction notice was for is gone (granted, withdrawn, timed out): the lease
+    /// is no longer asked to go.
+    EvictionWithdrawn,
 }
 
 /// One lease event.
@@ -806,8 +809,40 @@ impl LeaseTable {
         for idx in 0..self.queue.len() {
             self.preempt_for(idx, now_ms);
         }
+        self.withdraw_stale_notices(now_ms);
         self.refresh_positions();
         self.note_overcommit(now_ms);
+    }
+
+    /// A lease under an eviction notice keeps it only while some waiting request that asked for
+    /// evictions could use its memory (higher priority, same GPU or any GPU). When the request it
+    /// was for is gone, the notice is withdrawn, so the holder is not revoked for nothing.
+    fn withdraw_stale_notices(&mut self, now_ms: u64) {
+        let stale: Vec<String> = self
+            .leases
+            .values()
+            .filter(|l| l.evict_by_ms.is_some())
+            .filter(|l| {
+                !self.queue.iter().any(|w| {
+                    w.evictions_requested
+                        && w.req.priority > l.priority
+                        && w.req.gpu.is_none_or(|g| g == l.gpu)
+                })
+            })
+            .map(|l| l.id.clone())
+            .collect();
+        for id in stale {
+            if let Some(l) = self.leases.get_mut(&id) {
+                l.evict_by_ms = None;
+                let l = l.clone();
+                self.emit(
+                    EventKind::EvictionWithdrawn,
+                    l,
+                    now_ms,
+                    "the request that needed the memory is gone",
+                );
+            }
+        }
     }
 
     fn note_overcommit(&mut self, now_ms: u64) {

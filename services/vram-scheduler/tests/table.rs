@@ -589,3 +589,59 @@ fn a_restored_lease_counts_its_own_process_as_leased_not_foreign() {
     );
     assert!(t.check_all().is_ok());
 }
+
+#[test]
+fn a_notice_is_withdrawn_when_the_request_it_was_for_goes_away() {
+    for how in ["cancel", "timeout"] {
+        let mut t = table(&[8 * GIB]);
+        let low = granted(t.acquire(
+            AcquireRequest {
+                ttl_ms: 3_600_000,
+                ..req("low", 6 * GIB, 0)
+            },
+            0,
+        ));
+        let pos = queued(t.acquire(
+            AcquireRequest {
+                wait_ms: 1_000,
+                ..req("high", 6 * GIB, 5)
+            },
+            0,
+        ));
+        let deadline = t.lease(&low.id).unwrap().evict_by_ms.expect("noticed");
+        t.take_events();
+        if how == "cancel" {
+            assert!(t.cancel_waiter(&pos.ticket, 10));
+        } else {
+            t.tick(1_000);
+        }
+        assert_eq!(t.lease(&low.id).unwrap().evict_by_ms, None, "{how}");
+        assert!(
+            kinds(&mut t).contains(&EventKind::EvictionWithdrawn),
+            "{how}"
+        );
+        // Past the old deadline the holder keeps its lease.
+        t.tick(deadline + 1);
+        assert!(t.lease(&low.id).is_some(), "{how}");
+    }
+}
+
+#[test]
+fn a_notice_stays_while_another_waiter_still_needs_the_memory() {
+    let mut t = table(&[8 * GIB]);
+    let low = granted(t.acquire(
+        AcquireRequest {
+            ttl_ms: 3_600_000,
+            ..req("low", 6 * GIB, 0)
+        },
+        0,
+    ));
+    let a = queued(t.acquire(waiting("a", 6 * GIB, 5), 0));
+    queued(t.acquire(waiting("b", 6 * GIB, 5), 1));
+    assert!(t.lease(&low.id).unwrap().evict_by_ms.is_some());
+    assert!(t.cancel_waiter(&a.ticket, 2));
+    assert!(
+        t.lease(&low.id).unwrap().evict_by_ms.is_some(),
+        "b still needs the memory"
+    );
+}
