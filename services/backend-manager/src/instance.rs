@@ -139,6 +139,10 @@ enum Msg {
         lease_id: String,
         deadline_ms: u64,
     },
+    /// The scheduler withdrew its eviction notice for this lease.
+    EvictionWithdrawn {
+        lease_id: String,
+    },
     /// The scheduler no longer has our lease (expired, revoked, lost in a restart).
     LeaseLost {
         lease_id: String,
@@ -230,6 +234,10 @@ impl InstanceHandle {
             lease_id,
             deadline_ms,
         });
+    }
+
+    pub fn eviction_withdrawn(&self, lease_id: String) {
+        let _ = self.tx.send(Msg::EvictionWithdrawn { lease_id });
     }
 
     pub fn lease_lost(&self, lease_id: String, reason: String) {
@@ -468,6 +476,30 @@ impl Actor {
                     let margin = self.shared.cfg.stop_grace_ms + 1_000;
                     let by = deadline_ms.saturating_sub(margin).max(now_ms());
                     self.drain(by, "eviction notice");
+                }
+            }
+            Msg::EvictionWithdrawn { lease_id } => {
+                // Only a drain the notice caused is called off: not an unload someone asked
+                // for, not a stop already under way.
+                if self.lease.as_ref().is_some_and(|l| l.id == lease_id)
+                    && self.unload_replies.is_empty()
+                    && !self.stopping
+                    && self.evict_by_ms.take().is_some()
+                {
+                    match self.state {
+                        State::Draining => {
+                            self.drain_deadline_ms = None;
+                            self.set_state(State::Ready, "eviction notice withdrawn");
+                            for (_, w) in std::mem::take(&mut self.waiters) {
+                                let t = self.ticket();
+                                if let Err(Ok(t)) = w.send(Ok(t)) {
+                                    drop(t);
+                                }
+                            }
+                        }
+                        State::Leasing | State::Starting => self.drain_deadline_ms = None,
+                        _ => {}
+                    }
                 }
             }
             Msg::LeaseLost { lease_id, reason } => {

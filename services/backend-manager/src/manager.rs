@@ -340,6 +340,12 @@ impl Manager {
                             h.evict(lease.id, lease.evict_by_ms.unwrap_or_else(now_ms));
                         }
                     }
+                    pb::lease_event::Kind::EvictionWithdrawn => {
+                        if let Some(h) = self.by_lease(&lease.id).await {
+                            tracing::info!(instance = %h.id, "eviction notice withdrawn");
+                            h.eviction_withdrawn(lease.id);
+                        }
+                    }
                     pb::lease_event::Kind::Revoked | pb::lease_event::Kind::Expired => {
                         if let Some(h) = self.by_lease(&lease.id).await {
                             h.lease_lost(lease.id, e.detail);

@@ -747,3 +747,75 @@ async fn a_load_with_other_settings_is_refused_until_the_model_is_unloaded() {
         .instances;
     assert_eq!(all.len(), 1, "the replaced instance is gone: {all:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_eviction_notice_calls_the_drain_off_and_the_model_stays() {
+    let mut s = stack(1 << 30, 30_000, |c| {
+        c.defaults.context = Some(8192);
+    })
+    .await;
+    // A long request keeps the instance busy (draining waits for it).
+    let mut body: serde_json::Value =
+        serde_json::from_slice(&chat("tiny", 6000).body_json).unwrap();
+    body["ignore_eos"] = true.into();
+    let mut st = s
+        .client
+        .chat_stream(pb::InferenceRequest {
+            model: "tiny".into(),
+            body_json: serde_json::to_vec(&body).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.next().await.unwrap().unwrap().start.unwrap().http_status,
+        200
+    );
+    let lease = leases(&mut s.sched).await.pop().expect("a lease");
+    let gpu = s
+        .sched
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .gpus
+        .remove(0);
+    // A higher-priority request that fits only if the instance goes; it gives up after 0.3 s.
+    let mut want = s
+        .sched
+        .acquire_lease(pb::AcquireLeaseRequest {
+            holder: "other".into(),
+            bytes: gpu.free_bytes + lease.bytes / 2,
+            priority: 10,
+            gpu_index: None,
+            ttl_ms: 60_000,
+            wait_ms: 300,
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for(&mut s.client, "tiny", |i| {
+        i.state == pb::InstanceState::Draining as i32
+    })
+    .await;
+    // The request times out at the scheduler; the notice is withdrawn; the instance is ready again.
+    while let Some(Ok(_)) = want.next().await {}
+    let i = wait_for(&mut s.client, "tiny", |i| {
+        i.state == pb::InstanceState::Ready as i32 || i.state == pb::InstanceState::Busy as i32
+    })
+    .await;
+    assert_eq!(i.lease_id, lease.id, "same lease, never released");
+    let mut tokens = 0;
+    while let Some(c) = st.next().await {
+        let c = c.expect("the in-flight request finishes");
+        if let Some(u) = c.usage {
+            tokens = u.completion_tokens;
+        }
+    }
+    assert!(tokens > 0);
+    assert_eq!(leases(&mut s.sched).await.len(), 1);
+    let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
+    assert_eq!((r.http_status, r.load_wait_ms), (200, 0), "still loaded");
+}
