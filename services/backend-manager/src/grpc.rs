@@ -209,14 +209,45 @@ impl BackendService {
         };
         let _ = tx.send(Ok(start)).await;
         let mut events = answer.events;
+        // After the first byte the stream still ends at the request's deadline, and when the
+        // engine, once it has begun sending tokens, sends nothing for `stall_timeout_ms` (a
+        // wedged child must not hold the caller, the in-flight slot and the lease forever).
+        let stall = Duration::from_millis(self.manager.shared.cfg.stall_timeout_ms.max(1));
+        let end =
+            tokio::time::Instant::now() + Duration::from_millis(deadline.saturating_sub(now_ms()));
         tokio::spawn(async move {
             let t = t; // held until the stream ends: in-flight accounting
             let mut abort = t.abort.clone();
+            let deadline = tokio::time::sleep_until(end);
+            tokio::pin!(deadline);
+            // The stall clock starts at the first token: prompt processing before it can take
+            // long on a CPU and is bounded by the deadline alone.
+            let mut streaming = false;
             loop {
+                let quiet = tokio::time::sleep(stall);
                 tokio::select! {
+                    () = &mut deadline => {
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(
+                                "the request's deadline passed while the answer was streaming",
+                            )))
+                            .await;
+                        return;
+                    }
+                    () = quiet, if streaming => {
+                        let _ = tx
+                            .send(Err(Status::aborted(format!(
+                                "model {} sent nothing for {} ms mid-stream",
+                                t.served_name,
+                                stall.as_millis()
+                            ))))
+                            .await;
+                        return;
+                    }
                     ev = events.next() => match ev {
                         None => return,
                         Some(Ok(data)) => {
+                            streaming = true;
                             let v: Option<serde_json::Value> = serde_json::from_slice(&data).ok();
                             let usage = v.as_ref().and_then(forward::usage_of);
                             let usage_only = !caller_wants_usage

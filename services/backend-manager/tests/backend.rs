@@ -819,3 +819,85 @@ async fn a_withdrawn_eviction_notice_calls_the_drain_off_and_the_model_stays() {
     let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
     assert_eq!((r.http_status, r.load_wait_ms), (200, 0), "still loaded");
 }
+
+/// A long streaming request for `tiny` (≈ 2 s of tokens here) with an absolute deadline.
+fn long_stream(deadline_ms: u64) -> pb::InferenceRequest {
+    let mut body: serde_json::Value =
+        serde_json::from_slice(&chat("tiny", 12000).body_json).unwrap();
+    body["ignore_eos"] = true.into();
+    pb::InferenceRequest {
+        model: "tiny".into(),
+        body_json: serde_json::to_vec(&body).unwrap(),
+        deadline_ms,
+        ..Default::default()
+    }
+}
+
+/// Read a stream to its end: (data chunks, the error that ended it).
+async fn drain_stream(
+    st: &mut tonic::Streaming<pb::InferenceChunk>,
+) -> (usize, Option<tonic::Status>) {
+    let mut n = 0;
+    while let Some(c) = st.next().await {
+        match c {
+            Ok(_) => n += 1,
+            Err(e) => return (n, Some(e)),
+        }
+    }
+    (n, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_at_its_deadline_and_when_the_engine_stalls() {
+    let mut s = stack(1 << 30, 10_000, |c| {
+        c.defaults.context = Some(16384);
+        c.stall_timeout_ms = 800;
+    })
+    .await;
+    s.client
+        .load(pb::LoadRequest {
+            model: "tiny".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The deadline passes mid-stream: DEADLINE_EXCEEDED after some tokens, the slot is freed.
+    let now = securellm_common::time::now_ms();
+    let mut st = s
+        .client
+        .chat_stream(long_stream(now + 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let (chunks, end) = drain_stream(&mut st).await;
+    let e = end.expect("ended by the deadline");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(chunks > 1, "it had started streaming");
+    wait_for(&mut s.client, "tiny", |i| {
+        i.in_flight == 0 && i.state == pb::InstanceState::Ready as i32
+    })
+    .await;
+    // The engine stops producing (SIGSTOP): ABORTED after the stall timeout, not a hang.
+    let pid = instance(&mut s.client, "tiny").await.pid as i32;
+    let mut st = s
+        .client
+        .chat_stream(long_stream(0))
+        .await
+        .unwrap()
+        .into_inner();
+    st.next().await.unwrap().unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status();
+    let started = std::time::Instant::now();
+    let (_, end) = tokio::time::timeout(Duration::from_secs(20), drain_stream(&mut st))
+        .await
+        .expect("the stall is noticed");
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status();
+    let e = end.expect("ended by the stall");
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(e.message().contains("sent nothing"), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
