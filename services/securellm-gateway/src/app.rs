@@ -113,21 +113,34 @@ async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) ->
     }
 }
 
+/// Ready when the registry and the backend manager both answer (within 2 s each); the error
+/// names what is unreachable. Cloud upstreams are not probed (that would spend their quota).
 async fn ready(State(st): State<Shared>) -> Response {
+    let limit = Duration::from_secs(2);
     let mut reg = st.registry.clone();
-    match tokio::time::timeout(
-        Duration::from_secs(2),
-        reg.list_models(securellm_proto::v1::ListModelsRequest::default()),
-    )
-    .await
-    {
-        Ok(Ok(_)) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
-        _ => ApiError::new(
+    let (registry, backend) = tokio::join!(
+        tokio::time::timeout(
+            limit,
+            reg.list_models(securellm_proto::v1::ListModelsRequest::default()),
+        ),
+        tokio::time::timeout(limit, st.local.ping()),
+    );
+    let mut down = Vec::new();
+    if !matches!(registry, Ok(Ok(_))) {
+        down.push("the model registry");
+    }
+    if !matches!(backend, Ok(Ok(()))) {
+        down.push("the backend manager");
+    }
+    if down.is_empty() {
+        axum::Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
-            "the model registry is unreachable",
+            format!("not ready: {} unreachable", down.join(" and ")),
         )
-        .into_response(),
+        .into_response()
     }
 }
 

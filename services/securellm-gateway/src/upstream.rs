@@ -180,6 +180,17 @@ impl Local {
         Ok(StreamAnswer::Streaming(Box::pin(items)))
     }
 
+    /// Is the backend manager answering? (For `/ready`.)
+    pub async fn ping(&self) -> Result<(), tonic::Status> {
+        let mut c = self.client.clone();
+        c.list_instances(pb::ListInstancesRequest {
+            model: String::new(),
+            states: vec![pb::InstanceState::Ready as i32],
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Local models from the registry, for `/v1/models`.
     pub async fn models(
         registry: &mut securellm_proto::v1::model_registry_client::ModelRegistryClient<Channel>,

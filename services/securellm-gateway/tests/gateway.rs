@@ -256,7 +256,7 @@ async fn raw_http_errors_are_openai_shaped() {
     // No key.
     let r = http.post(&url).body("{}").send().await.unwrap();
     assert_eq!(r.status(), 401);
-    // Health is open; ready checks the registry.
+    // Health is open; ready checks the registry and the backend manager.
     let r = http
         .get(format!("http://{}/health", s.gateway.http_addr))
         .send()

@@ -530,3 +530,26 @@ async fn committed_audit_rows_survive_kill_9_of_the_gateway_and_the_chain_stays_
             .unwrap();
     assert_eq!(n, 1, "the SIGTERM stop flushed the last row");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_names_the_backends_it_cannot_reach() {
+    securellm_common::tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = gateway(dir.path(), |_| {}).await;
+    let r = reqwest::get(format!("http://{}/ready", gw.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("registry") && msg.contains("backend manager"),
+        "{msg}"
+    );
+    // Liveness does not depend on them.
+    let r = reqwest::get(format!("http://{}/health", gw.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    gw.shutdown().await;
+}
