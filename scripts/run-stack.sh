@@ -97,7 +97,9 @@ start() {
     fi
     if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
       echo "$name failed to start; see $DATA_DIR/logs/$name.log" >&2
-      tail -n 20 "$DATA_DIR/logs/$name.log" >&2
+      # The cause first (a backtrace, with RUST_BACKTRACE set, would push it out of a tail).
+      grep -m 5 -E "^Error|ERROR| error" "$DATA_DIR/logs/$name.log" >&2 \
+        || tail -n 20 "$DATA_DIR/logs/$name.log" >&2
       exit 1
     fi
     sleep 0.1
