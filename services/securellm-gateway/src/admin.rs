@@ -36,14 +36,6 @@ impl AdminService {
             client,
             started: std::time::Instant::now(),
         };
-        if let Some(wait) = self.state.limits.auth_blocked(&call.client) {
-            let mut st = Status::resource_exhausted("too many failed authentication attempts");
-            if let Ok(v) = wait.as_secs().max(1).to_string().parse() {
-                st.metadata_mut().insert("retry-after", v);
-            }
-            self.finish(&call, "", Err(&st));
-            return Err(st);
-        }
         let given = r
             .metadata()
             .get("authorization")
@@ -84,6 +76,15 @@ impl AdminService {
         };
         match refused {
             None => Ok(call),
+            // Failed attempts from an address past its limit: refused without saying why.
+            Some(_) if let Some(wait) = self.state.limits.auth_blocked(&call.client) => {
+                let mut st = Status::resource_exhausted("too many failed authentication attempts");
+                if let Ok(v) = wait.as_secs().max(1).to_string().parse() {
+                    st.metadata_mut().insert("retry-after", v);
+                }
+                self.finish(&call, "", Err(&st));
+                Err(st)
+            }
             Some(st) => {
                 if st.code() == tonic::Code::Unauthenticated {
                     self.state.limits.auth_failed(&call.client);
@@ -327,7 +328,15 @@ impl GatewayAdmin for AdminService {
                     "invalid `since_ms`: after `until_ms`",
                 ));
             }
+            if let (Some(a), Some(b)) = (r.status_min, r.status_max)
+                && a > b
+            {
+                return Err(Status::invalid_argument(
+                    "invalid `status_min`: above `status_max`",
+                ));
+            }
             let opt = |s: String| Some(s).filter(|s| !s.is_empty());
+            // One row more than asked tells whether there are more.
             let limit = if r.limit == 0 { 100 } else { r.limit };
             let rows = self
                 .state
@@ -341,12 +350,14 @@ impl GatewayAdmin for AdminService {
                     status_min: r.status_min.map(|s| s.min(u32::from(u16::MAX)) as u16),
                     status_max: r.status_max.map(|s| s.min(u32::from(u16::MAX)) as u16),
                     after_id: r.after_id.map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
-                    limit: Some(limit),
+                    limit: Some(limit + 1),
                     ..Default::default()
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
-            let truncated = rows.len() as u32 >= limit.min(1000);
+            let truncated = rows.len() as u32 > limit;
+            let mut rows = rows;
+            rows.truncate(limit as usize);
             Ok(Response::new(pb::QueryAuditResponse {
                 rows: rows
                     .into_iter()

@@ -100,7 +100,7 @@ pub const ENCODING_TAG: &[u8; 8] = b"SLAUDIT1";
 pub const MAX_FIELD_BYTES: usize = 1024;
 
 /// Most rows one [`AuditLog::query`] returns.
-pub const MAX_QUERY_LIMIT: u32 = 1000;
+pub const MAX_QUERY_LIMIT: u32 = 10_001;
 
 /// Rows a [`AuditLog::query`] returns when its filter names no limit.
 pub const DEFAULT_QUERY_LIMIT: u32 = 100;
@@ -1373,7 +1373,7 @@ mod tests {
         };
         let f = Fields::from_entry(long);
         assert_eq!(f.model.len(), MAX_FIELD_BYTES);
-        assert_eq!(effective_limit(Some(5000)), MAX_QUERY_LIMIT);
+        assert_eq!(effective_limit(Some(50_000)), MAX_QUERY_LIMIT);
         assert_eq!(effective_limit(None), DEFAULT_QUERY_LIMIT);
     }
 

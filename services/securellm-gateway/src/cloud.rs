@@ -347,14 +347,49 @@ impl Cloud {
                 )
             } else {
                 ApiError::new(
-                    axum::http::StatusCode::BAD_GATEWAY,
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
                     "server_error",
                     format!("upstream {} is unreachable", self.name),
                 )
                 .code("upstream_unreachable")
+                .header("retry-after", "1")
             }
         })?;
         let status = resp.status().as_u16();
+        // The upstream refusing the *gateway's* credentials or quota is not the caller's 401 /
+        // 429: say so in our words (its body may name the provider account).
+        match status {
+            401 | 403 | 407 => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    format!(
+                        "upstream {} refused the gateway's credentials (HTTP {status})",
+                        self.name
+                    ),
+                )
+                .code("upstream_auth_failed"));
+            }
+            429 => {
+                let retry = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(1);
+                return Err(ApiError::new(
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    format!(
+                        "upstream {} is rate-limiting the gateway; retry later",
+                        self.name
+                    ),
+                )
+                .code("upstream_rate_limited")
+                .header("retry-after", retry.to_string()));
+            }
+            _ => {}
+        }
         if stream && status < 400 {
             return Ok(CloudAnswer::Stream {
                 status,

@@ -67,6 +67,22 @@ pub struct JwtVerifier {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scopes {
+    Words(String),
+    List(Vec<String>),
+}
+
+impl Scopes {
+    fn has(&self, want: &str) -> bool {
+        match self {
+            Scopes::Words(s) => s.split_whitespace().any(|x| x == want),
+            Scopes::List(l) => l.iter().any(|x| x == want),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
     #[serde(default)]
@@ -77,9 +93,10 @@ struct Claims {
     tpm: Option<u32>,
     #[serde(default)]
     concurrent: Option<u32>,
-    /// OAuth-style space-separated scopes; `admin` grants the GatewayAdmin service.
+    /// Scopes: an OAuth-style space-separated string or a list; `admin` grants the GatewayAdmin
+    /// service.
     #[serde(default)]
-    scope: Option<String>,
+    scope: Option<Scopes>,
     exp: u64,
 }
 
@@ -195,10 +212,7 @@ impl JwtVerifier {
             created_ms: 0,
             expires_ms: Some(c.exp.saturating_mul(1000)),
             revoked_ms: None,
-            admin: c
-                .scope
-                .as_deref()
-                .is_some_and(|s| s.split_whitespace().any(|x| x == "admin")),
+            admin: c.scope.as_ref().is_some_and(|s| s.has("admin")),
         })
     }
 }

@@ -216,7 +216,14 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         .admin_token_file
         .clone()
         .unwrap_or_else(|| data.join("admin-token"));
-    let admin_token = match std::fs::read_to_string(&token_path) {
+    let from_env = std::env::var("SECURELLM_ADMIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let admin_token = match from_env
+        .map(Ok)
+        .unwrap_or_else(|| std::fs::read_to_string(&token_path))
+    {
         Ok(t) => t.trim().to_string(),
         Err(_) => {
             let mut raw = [0u8; 32];

@@ -81,17 +81,8 @@ pub fn authenticate(
         });
         e
     };
-    if let Some(wait) = st.limits.auth_blocked(client) {
-        return Err(deny(
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "too many failed authentication attempts",
-            )
-            .code("rate_limit_exceeded")
-            .header("retry-after", wait.as_secs().max(1).to_string()),
-        ));
-    }
+    // The credential first: a valid one is never locked out by someone else's failures from the
+    // same address (on loopback every local process shares one); only failures are limited.
     let token = authorization
         .and_then(|v| {
             v.strip_prefix("Bearer ")
@@ -99,39 +90,46 @@ pub fn authenticate(
         })
         .map(str::trim)
         .unwrap_or("");
-    if token.is_empty() {
-        st.limits.auth_failed(client);
-        return Err(deny(ApiError::unauthorized(
+    let verdict: Result<KeyRecord, ApiError> = if token.is_empty() {
+        Err(ApiError::unauthorized(
             "You didn't provide an API key. Send it as `Authorization: Bearer sk-...`.",
-        )));
-    }
-    let key = match (&st.jwt, st.keys.lookup(token)) {
-        (_, Some(k)) => k,
-        (Some(v), None) if crate::jwt::JwtVerifier::looks_like_jwt(token) => {
-            match v.verify(token) {
-                Ok(k) => k,
-                Err(why) => {
-                    st.limits.auth_failed(client);
-                    return Err(deny(ApiError::unauthorized(format!(
-                        "Invalid bearer token: {why}."
-                    ))));
-                }
-            }
+        ))
+    } else {
+        match (&st.jwt, st.keys.lookup(token)) {
+            (_, Some(k)) => Ok(k),
+            (Some(v), None) if crate::jwt::JwtVerifier::looks_like_jwt(token) => v
+                .verify(token)
+                .map_err(|why| ApiError::unauthorized(format!("Invalid bearer token: {why}."))),
+            _ => Err(ApiError::unauthorized("Incorrect API key provided.")),
         }
-        _ => {
+        .and_then(|k| {
+            if k.active(now_ms()) {
+                Ok(k)
+            } else if k.revoked_ms.is_some() {
+                Err(ApiError::unauthorized("This API key has been revoked."))
+            } else {
+                Err(ApiError::unauthorized("This API key has expired."))
+            }
+        })
+    };
+    let key = match verdict {
+        Ok(k) => k,
+        Err(e) => {
+            if let Some(wait) = st.limits.auth_blocked(client) {
+                return Err(deny(
+                    ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        "too many failed authentication attempts",
+                    )
+                    .code("rate_limit_exceeded")
+                    .header("retry-after", wait.as_secs().max(1).to_string()),
+                ));
+            }
             st.limits.auth_failed(client);
-            return Err(deny(ApiError::unauthorized("Incorrect API key provided.")));
+            return Err(deny(e));
         }
     };
-    if !key.active(now_ms()) {
-        st.limits.auth_failed(client);
-        let why = if key.revoked_ms.is_some() {
-            "This API key has been revoked."
-        } else {
-            "This API key has expired."
-        };
-        return Err(deny(ApiError::unauthorized(why)));
-    }
     Ok(Caller {
         key,
         client: client.to_string(),
@@ -214,14 +212,27 @@ pub fn models_body(models: &[ModelEntry]) -> Value {
 }
 
 /// One audit row in the making; written on drop, so every exit path (including a client that
-/// disconnects mid-stream) leaves exactly one row.
+/// disconnects mid-stream) leaves exactly one row. It starts as 499 `client_closed_request`: a
+/// request whose future is dropped before an answer (the caller went away) is recorded as such,
+/// never as a success.
 pub struct AuditGuard {
     st: Shared,
     pub entry: AuditEntry,
     started: Instant,
 }
 
+const CLIENT_CLOSED: u16 = 499;
+
 impl AuditGuard {
+    fn succeed(&mut self, status: u16) {
+        self.entry.status = status;
+        self.entry.error_code = if status < 400 {
+            String::new()
+        } else {
+            "upstream_error".into()
+        };
+    }
+
     fn fail(&mut self, e: &ApiError) {
         self.entry.status = e.status.as_u16();
         self.entry.error_code = e.code.unwrap_or(e.kind).to_string();
@@ -315,23 +326,43 @@ pub async fn infer(
             client_addr: caller.client.clone(),
             endpoint: endpoint_label.to_string(),
             upstream: "local".into(),
-            status: 200,
+            status: CLIENT_CLOSED,
+            error_code: "client_closed_request".into(),
             ..AuditEntry::default()
         },
         started: Instant::now(),
     };
-    match infer_inner(st, caller, rid, body, endpoint, mode, &mut audit).await {
-        Ok((reply, headers, finish)) => {
+    // The whole request until its answer starts (a model load included) is bounded here, so a
+    // time-out is audited as the 504 the caller gets.
+    let out = match tokio::time::timeout(
+        st.request_timeout,
+        infer_inner(st, caller, rid, body, endpoint, mode, &mut audit),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            format!(
+                "The request timed out: no answer within {} s.",
+                st.request_timeout.as_secs()
+            ),
+        )
+        .code("timeout")),
+    };
+    match out {
+        Ok((reply, headers, mut finish)) => {
             let model = audit.entry.model.clone();
             let upstream = audit.entry.upstream.clone();
             let reply = match reply {
                 Reply::Stream(items) => Reply::Stream(account(items, audit, finish)),
                 complete => {
                     if let Reply::Complete { status, usage, .. } = &complete {
-                        audit.entry.status = *status;
+                        audit.succeed(*status);
                         audit.entry.prompt_tokens = usage.prompt;
                         audit.entry.completion_tokens = usage.completion;
-                        finish.reconcile(*usage);
+                        finish.settle(*usage);
                     }
                     complete
                 }
@@ -358,10 +389,14 @@ struct Finish {
     limits: Limits,
     estimate: u32,
     _permit: crate::ratelimit::Permit,
+    settled: bool,
+    /// Payloads relayed so far (a stream cut short is charged about one token each).
+    relayed: u32,
 }
 
 impl Finish {
-    fn reconcile(&self, u: Usage) {
+    fn settle(&mut self, u: Usage) {
+        self.settled = true;
         self.st.limits.reconcile(
             &self.subject,
             &self.limits,
@@ -371,16 +406,33 @@ impl Finish {
     }
 }
 
+impl Drop for Finish {
+    /// A caller that leaves before the usage arrives still pays for what it got: the prompt
+    /// estimate plus about a token per relayed payload.
+    fn drop(&mut self) {
+        if !self.settled {
+            let u = Usage {
+                prompt: self.estimate,
+                completion: self.relayed,
+            };
+            self.settle(u);
+        }
+    }
+}
+
 /// The audit row and the permit live as long as the stream; the row gets the usage (or the error)
 /// at the end.
 fn account(items: ItemStream, audit: AuditGuard, finish: Finish) -> RelayStream {
     let mut audit = audit;
     audit.entry.streamed = true;
+    // Until the stream ends one way or the other, a drop means the caller left mid-stream.
+    audit.entry.status = CLIENT_CLOSED;
+    audit.entry.error_code = "client_closed_request".into();
     let state = (audit, finish, Usage::default());
     Box::pin(futures::stream::unfold(
         (items, Some(state)),
         |(mut items, state)| async move {
-            let (mut audit, finish, mut usage) = state?;
+            let (mut audit, mut finish, mut usage) = state?;
             match items.next().await {
                 Some(Ok(StreamItem::Usage(u))) => {
                     usage = u;
@@ -389,18 +441,24 @@ fn account(items: ItemStream, audit: AuditGuard, finish: Finish) -> RelayStream 
                         (items, Some((audit, finish, usage))),
                     ))
                 }
-                Some(Ok(d)) => Some((Ok(d), (items, Some((audit, finish, usage))))),
+                Some(Ok(d)) => {
+                    finish.relayed = finish.relayed.saturating_add(1);
+                    Some((Ok(d), (items, Some((audit, finish, usage)))))
+                }
                 Some(Err(e)) => {
                     audit.fail(&e);
                     audit.entry.prompt_tokens = usage.prompt;
                     audit.entry.completion_tokens = usage.completion;
-                    finish.reconcile(usage);
+                    if usage != Usage::default() {
+                        finish.settle(usage);
+                    }
                     Some((Err(e), (items, None)))
                 }
                 None => {
+                    audit.succeed(200);
                     audit.entry.prompt_tokens = usage.prompt;
                     audit.entry.completion_tokens = usage.completion;
-                    finish.reconcile(usage);
+                    finish.settle(usage);
                     None
                 }
             }
@@ -500,6 +558,8 @@ async fn infer_inner(
         limits,
         estimate,
         _permit: permit,
+        settled: false,
+        relayed: 0,
     };
     // Route: a cloud upstream if one serves the model, else the local backend manager.
     if let Some(cloud) = crate::cloud::route(&st.clouds, &model) {

@@ -555,7 +555,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         1,
         "nothing reached the upstream"
     );
-    // Upstream down: 502 with a clear message.
+    // Upstream down: 503 with a clear message (as the proto says for an unreachable upstream).
     let r = http
         .post(&url)
         .bearer_auth(&key)
@@ -563,7 +563,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 502);
+    assert_eq!(r.status(), 503);
     assert!(
         r.json::<serde_json::Value>().await.unwrap()["error"]["message"]
             .as_str()
@@ -1113,6 +1113,19 @@ async fn the_grpc_api_answers_like_the_http_api() {
         }
     }
 
+    // A caller that leaves mid-stream is audited as 499 client_closed_request, not as a success.
+    let mut r = grpc_req(
+        body_req(serde_json::json!({"model": "tiny", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Count to ten"}]})),
+        Some(&key),
+    );
+    r.metadata_mut()
+        .insert("x-request-id", "left-mid-stream".parse().unwrap());
+    let mut st = c.chat_completions_stream(r).await.unwrap().into_inner();
+    st.message().await.unwrap().unwrap();
+    drop(st);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     // Every call left a row named after its method, denied ones included.
     s.gateway.state.audit.flush().await;
     let rows = s
@@ -1144,5 +1157,13 @@ async fn the_grpc_api_answers_like_the_http_api() {
         .find(|r| r.entry.endpoint.ends_with("/ChatCompletionsStream"))
         .unwrap();
     assert!(streamed.entry.streamed && streamed.entry.completion_tokens > 0);
+    let left = rows
+        .iter()
+        .find(|r| r.entry.request_id == "left-mid-stream")
+        .expect("a row for the abandoned stream");
+    assert_eq!(
+        (left.entry.status, left.entry.error_code.as_str()),
+        (499, "client_closed_request")
+    );
     assert!(s.gateway.state.audit.verify().await.unwrap().ok);
 }
