@@ -247,6 +247,10 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let grpc_tls = tls.clone();
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(256)
+        .http2_max_header_list_size(u32::try_from(cfg.max_header_bytes.0).unwrap_or(u32::MAX))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
         .add_service(serve::reflection_v1()?)
         .add_service(serve::reflection_v1alpha()?)
@@ -258,17 +262,15 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     let stopped = async {
         let _ = stop_rx.await;
     };
-    let grpc = match grpc_tls {
-        None => tokio::spawn(router.serve_with_incoming_shutdown(listener.incoming(), stopped)),
-        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
-            listener::tls_incoming(
-                listener.into_listener(),
-                tls,
-                Duration::from_millis(cfg.header_read_timeout_ms),
-            ),
-            stopped,
-        )),
-    };
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+        listener::grpc_incoming(
+            listener.into_listener(),
+            grpc_tls,
+            cfg.max_connections as usize,
+            Duration::from_millis(cfg.header_read_timeout_ms),
+        ),
+        stopped,
+    ));
     Ok(RunningGateway {
         grpc_addr,
         http_addr,

@@ -5,6 +5,8 @@
 //! - **connections**: at most `max_connections` at once; beyond that new connections wait in the
 //!   kernel's accept queue (back-pressure) instead of costing a task and buffers each;
 //! - **first bytes / TLS handshake**: must arrive (finish) within `header_read_timeout`;
+//! - **idle connections** (HTTP/1.1 and HTTP/2, an unfinished HTTP/2 preface included): closed
+//!   after `header_read_timeout` with no request in progress or started;
 //! - **request headers** (HTTP/1.1): must arrive completely within `header_read_timeout` of the
 //!   connection opening or of the previous response ending, so an idle keep-alive connection is
 //!   closed after that long too (slowloris on headers, idle connections); at most
@@ -14,8 +16,9 @@
 //! - **request bodies**: `body_read_timeout` for the whole body (slowloris on bodies, see
 //!   `app::router`), at most `max_body` bytes.
 //!
-//! gRPC: with TLS configured, [`tls_incoming`] turns the gRPC port's TCP connections into TLS
-//! ones (same certificate, ALPN `h2`) before tonic sees them.
+//! gRPC: [`grpc_incoming`] caps the gRPC port's connections the same way and, with TLS
+//! configured, turns them into TLS ones (same certificate, ALPN `h2`) before tonic sees them;
+//! tonic itself limits streams per connection, header size and keeps connections alive by ping.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -157,38 +160,65 @@ pub async fn serve(
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
+            let activity = Activity::new();
+            let act = activity.clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
-                router.clone().oneshot(req)
-            });
-            let result = match acceptor {
-                None => {
-                    // The first bytes decide HTTP/1.1 vs HTTP/2 and hyper's header timer only
-                    // starts after them: a connection that sends nothing at all is closed here.
-                    let mut probe = [0u8; 1];
-                    if !matches!(
-                        tokio::time::timeout(handshake, tcp.peek(&mut probe)).await,
-                        Ok(Ok(n)) if n > 0
-                    ) {
-                        return;
-                    }
-                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                    watcher.watch(conn.into_owned()).await
+                // Counted from the request until its response body is done (or dropped).
+                let busy = Busy::new(act.clone());
+                let answer = router.clone().oneshot(req);
+                async move {
+                    let r = answer.await?;
+                    Ok::<_, std::convert::Infallible>(r.map(|b| {
+                        axum::body::Body::new(Counted {
+                            inner: b,
+                            _busy: busy,
+                        })
+                    }))
                 }
-                Some(acceptor) => {
-                    let stream = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%addr, "TLS handshake failed: {e}");
-                            return;
+            });
+            let idle = idle_for(activity, handshake);
+            let served = async move {
+                match acceptor {
+                    None => {
+                        // The first bytes decide HTTP/1.1 vs HTTP/2 and hyper's header timer only
+                        // starts after them: a connection that sends nothing at all is closed here.
+                        let mut probe = [0u8; 1];
+                        if !matches!(
+                            tokio::time::timeout(handshake, tcp.peek(&mut probe)).await,
+                            Ok(Ok(n)) if n > 0
+                        ) {
+                            return Ok(());
                         }
-                        Err(_) => {
-                            tracing::debug!(%addr, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
+                        let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Some(acceptor) => {
+                        let stream =
+                            match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%addr, "TLS handshake failed: {e}");
+                                    return Ok(());
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%addr, "TLS handshake timed out");
+                                    return Ok(());
+                                }
+                            };
+                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                }
+            };
+            // A connection with no request in progress and none started for the idle time is
+            // closed, whatever the protocol stage: an unfinished HTTP/2 preface, an idle HTTP/2
+            // connection kept up by pings, an idle HTTP/1.1 keep-alive.
+            let result = tokio::select! {
+                r = served => r,
+                () = idle => {
+                    tracing::debug!(%addr, "idle connection closed");
+                    return;
                 }
             };
             if let Err(e) = result {
@@ -206,89 +236,121 @@ pub async fn serve(
     Ok(())
 }
 
-/// A TLS connection for tonic (the gRPC port), carrying the peer address like a TCP one.
-pub struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+/// Anything a gRPC connection can run over (TCP, TLS over TCP).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connection of the gRPC port: plain or TLS, carrying the peer address like a TCP one and
+/// a connection slot that is given back when tonic drops it.
+pub struct GrpcConn {
+    io: Box<dyn Io>,
     info: tonic::transport::server::TcpConnectInfo,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl tonic::transport::server::Connected for TlsConn {
+impl tonic::transport::server::Connected for GrpcConn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
         self.info.clone()
     }
 }
 
-impl tokio::io::AsyncRead for TlsConn {
+impl tokio::io::AsyncRead for GrpcConn {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for TlsConn {
+impl tokio::io::AsyncWrite for GrpcConn {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
     fn poll_write_vectored(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.io.is_write_vectored()
     }
 }
 
-/// TLS connections accepted on `listener` for the gRPC server (ALPN `h2`). Handshakes run in
-/// their own tasks with `handshake` as their time limit, so a slow client never holds up the
-/// accept loop; failed handshakes are dropped. The accept task ends when the stream is dropped.
-pub fn tls_incoming(
+/// Connections of the gRPC port for tonic: at most `max_connections` at once (more wait in the
+/// accept queue), TLS when configured (ALPN `h2`; handshakes in their own tasks, each holding a
+/// slot, within `handshake`). The accept task ends when the stream is dropped.
+pub fn grpc_incoming(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_connections: usize,
     handshake: Duration,
-) -> impl futures::Stream<Item = std::io::Result<TlsConn>> + Send + 'static {
-    let mut cfg = (*tls).clone();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsConn>>(64);
+) -> impl futures::Stream<Item = std::io::Result<GrpcConn>> + Send + 'static {
+    let acceptor = tls.map(|tls| {
+        let mut cfg = (*tls).clone();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    });
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<GrpcConn>>(64);
     tokio::spawn(async move {
         loop {
+            let slot = tokio::select! {
+                _ = tx.closed() => return,
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+            };
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
                 c = accept(&listener) => c,
             };
-            let local = tcp.local_addr().ok();
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let info = tonic::transport::server::TcpConnectInfo {
+                local_addr: tcp.local_addr().ok(),
+                remote_addr: Some(remote),
+            };
+            let Some(acceptor) = acceptor.clone() else {
+                let conn = GrpcConn {
+                    io: Box::new(tcp),
+                    info,
+                    _slot: slot,
+                };
+                if tx.send(Ok(conn)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let info = tonic::transport::server::TcpConnectInfo {
-                            local_addr: local,
-                            remote_addr: Some(remote),
+                        let conn = GrpcConn {
+                            io: Box::new(stream),
+                            info,
+                            _slot: slot,
                         };
-                        let _ = tx.send(Ok(TlsConn { stream, info })).await;
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, "gRPC TLS handshake failed: {e}"),
                     Err(_) => tracing::debug!(%remote, "gRPC TLS handshake timed out"),
@@ -297,4 +359,94 @@ pub fn tls_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Requests in progress on one connection and when that count last changed.
+struct Activity {
+    active: std::sync::atomic::AtomicUsize,
+    changed: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            active: std::sync::atomic::AtomicUsize::new(0),
+            changed: std::sync::Mutex::new(tokio::time::Instant::now()),
+        })
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.changed.lock() {
+            *t = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// One request in progress (from its head to the end of its response body).
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(a: Arc<Activity>) -> Self {
+        a.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        a.touch();
+        Self(a)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it is done.
+struct Counted {
+    inner: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Resolves once the connection has had no request in progress for `limit`.
+async fn idle_for(a: Arc<Activity>, limit: Duration) {
+    loop {
+        let since = a
+            .changed
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|_| tokio::time::Instant::now());
+        let deadline = since + limit;
+        if a.active.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && tokio::time::Instant::now() >= deadline
+        {
+            return;
+        }
+        let next = if tokio::time::Instant::now() >= deadline {
+            tokio::time::Instant::now() + limit
+        } else {
+            deadline
+        };
+        tokio::time::sleep_until(next).await;
+    }
 }

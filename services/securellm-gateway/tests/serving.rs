@@ -258,6 +258,22 @@ async fn slow_idle_and_oversized_clients_are_cut_off() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(closed.is_some(), "an idle keep-alive connection is closed");
 
+    // Half an HTTP/2 preface, then silence → closed.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert!(
+        read_until_closed(&mut s, limit).await.1.is_some(),
+        "a stalled HTTP/2 preface is closed"
+    );
+
+    // A complete HTTP/2 connection (preface + empty SETTINGS) that never sends a request → closed.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let (_, closed) = read_until_closed(&mut s, limit).await;
+    assert!(closed.is_some(), "an idle HTTP/2 connection is closed");
+
     // A request head over the limit → 431 (or the connection closed), never served.
     let mut s = TcpStream::connect(addr).await.unwrap();
     let big = format!(
@@ -332,6 +348,36 @@ async fn connections_beyond_the_limit_wait_instead_of_piling_up() {
             .await
             .1
             .is_some()
+    );
+    // The gRPC port has its own cap: a held connection makes the next one wait.
+    let hog = TcpStream::connect(gw.grpc_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.grpc_addr))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_millis(300));
+    let waited = async {
+        let ch = ch.connect().await?;
+        let mut c = securellm_proto::v1::gateway_client::GatewayClient::new(ch);
+        c.list_models(securellm_proto::v1::GatewayListModelsRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| e.into())
+    };
+    let r: Result<(), Box<dyn std::error::Error>> = waited.await;
+    assert!(r.is_err(), "served while the only gRPC slot was taken");
+    drop(hog);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ch = ch.connect().await.unwrap();
+    let mut c = securellm_proto::v1::gateway_client::GatewayClient::new(ch);
+    let e = c
+        .list_models(securellm_proto::v1::GatewayListModelsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::Unauthenticated,
+        "served once the slot was free"
     );
     gw.shutdown().await;
 }
