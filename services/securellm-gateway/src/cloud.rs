@@ -149,30 +149,56 @@ pub enum CloudAnswer {
     },
 }
 
-/// Splits an SSE byte stream into its `data:` payloads. Events end at a blank line (`\n\n` or
-/// `\r\n\r\n`); multi-line data is joined with `\n`; comments and other fields are dropped;
-/// `[DONE]` ends the stream.
+/// Largest SSE event accepted from an upstream (a stream whose event grows past it fails).
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// Splits an SSE byte stream into its `data:` payloads. Line ends `\n`, `\r\n` and `\r` are
+/// all accepted (normalised to `\n` as bytes arrive, also across chunk boundaries); events end at
+/// a blank line; multi-line data is joined with `\n`; comments and other fields are dropped;
+/// `[DONE]` ends the stream. Each byte is scanned once; an event longer than
+/// [`MAX_EVENT_BYTES`] is an error.
 #[derive(Default)]
 pub struct SseSplitter {
     buf: Vec<u8>,
+    /// Bytes of `buf` already searched for a blank line.
+    scanned: usize,
+    /// The last byte seen was `\r` (a following `\n` belongs to it).
+    after_cr: bool,
     done: bool,
 }
 
+/// An upstream event over [`MAX_EVENT_BYTES`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct EventTooLarge;
+
 impl SseSplitter {
     /// Feed bytes; returns the complete payloads found so far.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<Bytes> {
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Bytes>, EventTooLarge> {
         let mut out = Vec::new();
         if self.done {
-            return out;
+            return Ok(out);
         }
-        self.buf.extend_from_slice(bytes);
+        for &b in bytes {
+            match b {
+                b'\r' => {
+                    self.buf.push(b'\n');
+                    self.after_cr = true;
+                }
+                b'\n' if self.after_cr => self.after_cr = false,
+                _ => {
+                    self.buf.push(b);
+                    self.after_cr = false;
+                }
+            }
+        }
         let mut start = 0;
-        while let Some((end, sep)) = find_event_end(&self.buf[start..]) {
-            let event = &self.buf[start..start + end];
-            start += end + sep;
+        // Resume one byte back: a blank line may straddle the previous push.
+        let mut from = self.scanned.saturating_sub(1).max(start);
+        while let Some(pos) = self.buf[from..].windows(2).position(|w| w == b"\n\n") {
+            let end = from + pos;
+            let event = &self.buf[start..end];
             let mut data: Vec<u8> = Vec::new();
             for line in event.split(|&b| b == b'\n') {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if let Some(d) = line.strip_prefix(b"data:") {
                     if !data.is_empty() {
                         data.push(b'\n');
@@ -180,6 +206,8 @@ impl SseSplitter {
                     data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
                 }
             }
+            start = end + 2;
+            from = start;
             if data.is_empty() {
                 continue;
             }
@@ -190,21 +218,16 @@ impl SseSplitter {
             out.push(Bytes::from(data));
         }
         self.buf.drain(..start);
-        out
+        self.scanned = self.buf.len();
+        if self.buf.len() > MAX_EVENT_BYTES {
+            return Err(EventTooLarge);
+        }
+        Ok(out)
     }
 
     /// Did the stream say `[DONE]`?
     pub fn done(&self) -> bool {
         self.done
-    }
-}
-
-fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
-    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
-    match (lf, crlf) {
-        (Some(a), Some(c)) => Some(if a.0 < c.0 { a } else { c }),
-        (a, c) => a.or(c),
     }
 }
 
@@ -236,8 +259,23 @@ fn payload_usage(d: &[u8]) -> Option<(Usage, bool)> {
 
 /// Turn an upstream SSE response into stream items. `relay_usage`: the client asked for the
 /// usage-only chunk (the gateway always asks the upstream for it, to count tokens).
-fn sse_items(name: String, resp: reqwest::Response, relay_usage: bool) -> ItemStream {
+/// How long a cloud stream may go without a byte once it has started.
+const CLOUD_STALL: Duration = Duration::from_secs(60);
+
+fn sse_items(
+    name: String,
+    resp: reqwest::Response,
+    relay_usage: bool,
+    deadline: tokio::time::Instant,
+) -> ItemStream {
     let bytes = resp.bytes_stream();
+    let fail = move |name: &str, why: &str| {
+        Err(ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "server_error",
+            format!("upstream {name} {why}"),
+        ))
+    };
     let s = futures::stream::unfold(
         (
             bytes,
@@ -255,30 +293,39 @@ fn sse_items(name: String, resp: reqwest::Response, relay_usage: bool) -> ItemSt
                     if ended || split.done() {
                         return None;
                     }
-                    match bytes.next().await {
-                        Some(Ok(chunk)) => {
-                            for d in split.push(&chunk) {
-                                match payload_usage(&d) {
-                                    Some((u, only)) => {
-                                        queue.push_back(Ok(StreamItem::Usage(u)));
-                                        if !only || relay_usage {
-                                            queue.push_back(Ok(StreamItem::Data(d)));
+                    let next = tokio::time::timeout_at(
+                        deadline.min(tokio::time::Instant::now() + CLOUD_STALL),
+                        bytes.next(),
+                    )
+                    .await;
+                    let why = match next {
+                        Ok(Some(Ok(chunk))) => match split.push(&chunk) {
+                            Ok(payloads) => {
+                                for d in payloads {
+                                    match payload_usage(&d) {
+                                        Some((u, only)) => {
+                                            queue.push_back(Ok(StreamItem::Usage(u)));
+                                            if !only || relay_usage {
+                                                queue.push_back(Ok(StreamItem::Data(d)));
+                                            }
                                         }
+                                        None => queue.push_back(Ok(StreamItem::Data(d))),
                                     }
-                                    None => queue.push_back(Ok(StreamItem::Data(d))),
                                 }
+                                continue;
                             }
+                            Err(EventTooLarge) => "sent an event over the size limit",
+                        },
+                        Ok(Some(Err(_))) => "broke the connection mid-stream",
+                        // A stream that ends without `[DONE]` was cut short.
+                        Ok(None) => "ended the stream before [DONE]",
+                        Err(_) if tokio::time::Instant::now() >= deadline => {
+                            "did not finish the stream within the request timeout"
                         }
-                        Some(Err(_)) => {
-                            queue.push_back(Err(ApiError::new(
-                                axum::http::StatusCode::BAD_GATEWAY,
-                                "server_error",
-                                format!("upstream {name} broke the connection mid-stream"),
-                            )));
-                            return queue.pop_front().map(|i| (i, (bytes, split, queue, true)));
-                        }
-                        None => return None,
-                    }
+                        Err(_) => "sent nothing for 60 s mid-stream",
+                    };
+                    queue.push_back(fail(&name, why));
+                    return queue.pop_front().map(|i| (i, (bytes, split, queue, true)));
                 }
             }
         },
@@ -393,7 +440,12 @@ impl Cloud {
         if stream && status < 400 {
             return Ok(CloudAnswer::Stream {
                 status,
-                items: sse_items(self.name.clone(), resp, relay_usage),
+                items: sse_items(
+                    self.name.clone(),
+                    resp,
+                    relay_usage,
+                    tokio::time::Instant::now() + timeout,
+                ),
             });
         }
         let body = resp.bytes().await.map_err(|_| {
@@ -424,7 +476,7 @@ mod sse_tests {
             let mut s = SseSplitter::default();
             let mut got = Vec::new();
             for c in text.chunks(step) {
-                got.extend(s.push(c));
+                got.extend(s.push(c).unwrap());
             }
             assert!(s.done(), "step {step}");
             assert_eq!(
@@ -433,6 +485,23 @@ mod sse_tests {
                 "step {step}"
             );
         }
+    }
+
+    #[test]
+    fn cr_only_line_ends_and_oversized_events() {
+        let mut s = SseSplitter::default();
+        let got = s.push(b"data: a\r\rdata: b\n\r\n").unwrap();
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
+        );
+        let mut s = SseSplitter::default();
+        let big = vec![b'x'; MAX_EVENT_BYTES / 4 + 1];
+        let mut r = Ok(vec![]);
+        for _ in 0..4 {
+            r = s.push(&big);
+        }
+        assert_eq!(r, Err(EventTooLarge));
     }
 
     #[test]

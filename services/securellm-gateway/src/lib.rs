@@ -93,8 +93,13 @@ impl RunningGateway {
         if let Some(s) = self.http_stop.take() {
             let _ = s.send(());
         }
-        serve::finish(&mut self.grpc).await;
-        serve::finish(&mut self.http).await;
+        // Both listeners drain their requests in flight concurrently (the HTTP one for up to
+        // 10 s); the audit rows those requests write on their way out are flushed after.
+        let grace = Duration::from_secs(12);
+        tokio::join!(
+            serve::finish_within(&mut self.grpc, grace),
+            serve::finish_within(&mut self.http, grace),
+        );
         self.state.audit.flush().await;
     }
 }

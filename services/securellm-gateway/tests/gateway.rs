@@ -452,7 +452,9 @@ async fn fake_openai() -> (
                     if body.0["stream_options"]["include_usage"] == true {
                         sse += &format!("data: {}\n\n", serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}));
                     }
-                    sse += "data: [DONE]\n\n";
+                    if body.0["model"] != "gpt-cut" {
+                        sse += "data: [DONE]\n\n";
+                    }
                     let parts: Vec<Result<String, std::io::Error>> = sse
                         .as_bytes()
                         .chunks(37)
@@ -496,6 +498,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
     };
     let upstreams = std::collections::BTreeMap::from([
         ("cloudy".to_string(), up("gpt-fake", Policy::Redact, &base)),
+        ("cut".to_string(), up("gpt-cut", Policy::Allow, &base)),
         ("strict".to_string(), up("gpt-strict", Policy::Block, &base)),
         (
             "down".to_string(),
@@ -659,6 +662,24 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         let sent = seen.lock().unwrap().last().unwrap().1.clone();
         assert_eq!(sent["stream_options"]["include_usage"], true);
     }
+    // A cloud stream cut off before [DONE] ends with an error event, audited as 502.
+    let mut b = body("gpt-cut");
+    b["stream"] = true.into();
+    let text = http
+        .post(&url)
+        .bearer_auth(&key)
+        .header("x-request-id", "cloud-cut")
+        .json(&b)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("data: [DONE]") && text.contains("before [DONE]"),
+        "{text}"
+    );
     s.gateway.state.audit.flush().await;
     let rows = s
         .gateway
@@ -667,6 +688,10 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         .query(Default::default())
         .await
         .unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.entry.request_id == "cloud-cut" && r.entry.status == 502)
+    );
     for include_usage in [false, true] {
         let row = rows
             .iter()

@@ -151,10 +151,12 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2
 /// Wait for a server task that was told to stop; long-lived streams (event watchers) would keep a
 /// graceful shutdown waiting forever, so after [`SHUTDOWN_GRACE`] the task is aborted.
 pub async fn finish<T>(server: &mut tokio::task::JoinHandle<T>) {
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut *server)
-        .await
-        .is_err()
-    {
+    finish_within(server, SHUTDOWN_GRACE).await;
+}
+
+/// [`finish`] with another grace period (for servers that drain long requests first).
+pub async fn finish_within<T>(server: &mut tokio::task::JoinHandle<T>, grace: std::time::Duration) {
+    if tokio::time::timeout(grace, &mut *server).await.is_err() {
         server.abort();
         let _ = server.await;
     }
