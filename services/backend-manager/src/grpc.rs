@@ -227,21 +227,17 @@ impl BackendService {
                 let quiet = tokio::time::sleep(stall);
                 tokio::select! {
                     () = &mut deadline => {
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded(
-                                "the request's deadline passed while the answer was streaming",
-                            )))
-                            .await;
+                        let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(Status::deadline_exceeded(
+                            "the request's deadline passed while the answer was streaming",
+                        )))).await;
                         return;
                     }
                     () = quiet, if streaming => {
-                        let _ = tx
-                            .send(Err(Status::aborted(format!(
-                                "model {} sent nothing for {} ms mid-stream",
-                                t.served_name,
-                                stall.as_millis()
-                            ))))
-                            .await;
+                        let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(Status::aborted(format!(
+                            "model {} sent nothing for {} ms mid-stream",
+                            t.served_name,
+                            stall.as_millis()
+                        ))))).await;
                         return;
                     }
                     ev = events.next() => match ev {
@@ -259,19 +255,25 @@ impl BackendService {
                                 usage: usage.map(usage_pb),
                                 usage_only,
                             };
-                            if tx.send(Ok(chunk)).await.is_err() {
-                                // The caller went away: dropping `events` cancels the upstream.
-                                return;
+                            // A caller that stops reading cannot hold the task (and the
+                            // in-flight slot, and the lease) past the deadline or the stall
+                            // time: the send is bounded by both.
+                            let limit = (*deadline).deadline().min(tokio::time::Instant::now() + stall);
+                            match tokio::time::timeout_at(limit, tx.send(Ok(chunk))).await {
+                                Ok(Ok(())) => {}
+                                // The caller went away (or stopped reading): dropping `events`
+                                // cancels the upstream.
+                                Ok(Err(_)) | Err(_) => return,
                             }
                         }
                         Some(Err(e)) => {
-                            let _ = tx.send(Err(upstream_failure(e, &t).await)).await;
+                            let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(upstream_failure(e, &t).await))).await;
                             return;
                         }
                     },
                     _ = abort.changed() => {
                         let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
-                        let _ = tx.send(Err(Status::aborted(reason))).await;
+                        let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(Status::aborted(reason)))).await;
                         return;
                     }
                     () = tx.closed() => return,
@@ -281,6 +283,9 @@ impl BackendService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+/// How long a stream's final error may wait for a slow reader before it is given up.
+const FINAL_SEND: Duration = Duration::from_secs(5);
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::InferenceChunk, Status>> + Send>>;
 

@@ -371,6 +371,11 @@ impl Actor {
                 _ = tick.tick() => Msg::Tick,
             };
             self.handle(msg);
+            if self.retired {
+                // Replaced: nothing to stop or release (it was idle); a late request sees the
+                // channel closed and the manager looks the model up again.
+                return;
+            }
         }
         // The manager is going away: stop the backend and release the lease.
         if let Some(s) = self.started.take() {

@@ -403,6 +403,16 @@ impl Manager {
                         h.lease_lost(lost.lease_id.clone(), lost.reason);
                     }
                 }
+                // Notices (and withdrawals) sent while the event stream was down are not
+                // replayed: the confirmed leases carry the current state, so act on that.
+                for l in r.confirmed.into_iter().chain(r.restored) {
+                    if let Some((_, h)) = owners.iter().find(|(id, _)| *id == l.id) {
+                        match l.evict_by_ms {
+                            Some(by) => h.evict(l.id.clone(), by),
+                            None => h.eviction_withdrawn(l.id.clone()),
+                        }
+                    }
+                }
             }
             Err(e) => tracing::warn!("re-attach failed: {}", e.message()),
         }

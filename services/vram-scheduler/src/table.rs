@@ -736,7 +736,7 @@ impl LeaseTable {
             let pending: u128 = self
                 .leases
                 .values()
-                .filter(|l| l.gpu == gpu.index && l.evict_by_ms.is_some())
+                .filter(|l| l.gpu == gpu.index && l.evict_by_ms.is_some() && l.priority < prio)
                 .map(|l| u128::from(l.bytes))
                 .sum();
             if need <= pending {
@@ -806,10 +806,10 @@ impl LeaseTable {
     /// still waiting, then tell waiters their new positions.
     fn schedule(&mut self, now_ms: u64) {
         self.grant_pass(now_ms);
+        self.withdraw_stale_notices(now_ms);
         for idx in 0..self.queue.len() {
             self.preempt_for(idx, now_ms);
         }
-        self.withdraw_stale_notices(now_ms);
         self.refresh_positions();
         self.note_overcommit(now_ms);
     }
@@ -1181,6 +1181,8 @@ impl LeaseTable {
                 continue;
             };
             l.expires_at_ms = l.expires_at_ms.max(now_ms.saturating_add(l.ttl_ms));
+            // The queue is not persisted: the requests these notices were for are gone.
+            l.evict_by_ms = None;
             self.leases.insert(l.id.clone(), l.clone());
             if !self.fits_after_insert(p, l.bytes) {
                 self.leases.remove(&l.id);

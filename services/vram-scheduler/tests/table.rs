@@ -645,3 +645,27 @@ fn a_notice_stays_while_another_waiter_still_needs_the_memory() {
         "b still needs the memory"
     );
 }
+
+#[test]
+fn a_restored_table_drops_notices_whose_requests_were_not_persisted() {
+    let mut t = table(&[8 * GIB]);
+    let low = granted(t.acquire(
+        AcquireRequest {
+            ttl_ms: 3_600_000,
+            ..req("low", 6 * GIB, 0)
+        },
+        0,
+    ));
+    queued(t.acquire(waiting("high", 6 * GIB, 5), 0));
+    assert!(t.lease(&low.id).unwrap().evict_by_ms.is_some());
+    let mut fresh = table(&[8 * GIB]);
+    let dropped = fresh.restore_snapshot(t.snapshot(), 10);
+    assert!(dropped.is_empty());
+    assert_eq!(fresh.lease(&low.id).unwrap().evict_by_ms, None);
+    let deadline = t.lease(&low.id).unwrap().evict_by_ms.unwrap();
+    fresh.tick(deadline + 1);
+    assert!(
+        fresh.lease(&low.id).is_some(),
+        "not revoked for a request nobody remembers"
+    );
+}
