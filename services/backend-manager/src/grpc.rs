@@ -178,6 +178,7 @@ impl BackendService {
         let rid = request_id(&r)?;
         let (body, caller_wants_usage) = forward::validate_body(&r.body_json, endpoint, true)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let no_deadline = r.deadline_ms == 0;
         let (t, deadline) = self.ticket(&r, false).await?;
         let body = body
             .finish(&t.served_name)
@@ -213,8 +214,14 @@ impl BackendService {
         // engine, once it has begun sending tokens, sends nothing for `stall_timeout_ms` (a
         // wedged child must not hold the caller, the in-flight slot and the lease forever).
         let stall = Duration::from_millis(self.manager.shared.cfg.stall_timeout_ms.max(1));
-        let end =
-            tokio::time::Instant::now() + Duration::from_millis(deadline.saturating_sub(now_ms()));
+        // A request without a deadline (0: "the gRPC deadline only") keeps streaming as long as
+        // tokens come; the default deadline bounded only its load and first byte.
+        let end = tokio::time::Instant::now()
+            + if no_deadline {
+                Duration::from_secs(365 * 24 * 3600)
+            } else {
+                Duration::from_millis(deadline.saturating_sub(now_ms()))
+            };
         tokio::spawn(async move {
             let t = t; // held until the stream ends: in-flight accounting
             let mut abort = t.abort.clone();

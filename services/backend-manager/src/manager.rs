@@ -162,19 +162,23 @@ impl Manager {
         let default_settings = *request == ModelSettings::default();
         let key = (reference.to_string(), embeddings);
         if default_settings
-            && let Some((at, h)) = lock(&self.resolved).get(&key)
+            && let Some((at, h)) = lock(&self.resolved).get(&key).cloned()
             && at.elapsed() < RESOLVE_TTL
+            && self.current(&h)
         {
-            return Ok(h.clone());
+            return Ok(h);
         }
         let h = match self.instance_uncached(reference, embeddings, request).await {
             Ok(h) => h,
             // The registry is unreachable: a reference resolved before keeps its instance (a
             // loaded model goes on answering; an unloaded one fails at its estimate).
             Err(InstanceError::Unavailable(why)) => {
-                let stale = default_settings
-                    .then(|| lock(&self.resolved).get(&key).map(|(_, h)| h.clone()))
+                // The instance now tracked under the id resolved before (a replaced one is not
+                // handed out).
+                let id = default_settings
+                    .then(|| lock(&self.resolved).get(&key).map(|(_, h)| h.id.clone()))
                     .flatten();
+                let stale = id.and_then(|id| lock(&self.instances).get(&id).cloned());
                 return match stale {
                     Some(h) => {
                         tracing::warn!(model = reference, "{why}; using the last resolution");
@@ -185,7 +189,7 @@ impl Manager {
             }
             Err(e) => return Err(e),
         };
-        if default_settings {
+        if default_settings && self.current(&h) {
             lock(&self.resolved).insert(key, (std::time::Instant::now(), h.clone()));
         }
         Ok(h)
@@ -247,11 +251,26 @@ impl Manager {
         }
         let mut map = lock(&self.instances);
         if let Some(h) = map.get(&id) {
+            // Another first use won the race: its settings must be these, or the caller asked
+            // for something else.
+            if *request != ModelSettings::default() && h.settings != settings {
+                return Err(InstanceError::FailedPrecondition(format!(
+                    "`{reference}` was just set up with other settings ({}); unload it first",
+                    settings_diff(&h.settings, &settings)
+                )));
+            }
             return Ok(h.clone());
         }
         let h = instance::spawn(id.clone(), model, settings, backend, self.shared.clone());
         map.insert(id, h.clone());
         Ok(h)
+    }
+
+    /// Is `h` still the instance the manager tracks under its id (not replaced)?
+    fn current(&self, h: &InstanceHandle) -> bool {
+        lock(&self.instances)
+            .get(&h.id)
+            .is_some_and(|cur| cur.same(h))
     }
 
     /// The instance for `reference` and a ticket on it (loading it if needed). An instance
@@ -269,12 +288,8 @@ impl Manager {
             let h = self.instance(reference, embeddings, request).await?;
             match h.acquire(deadline_ms).await {
                 Ok(t) => return Ok((h, t)),
-                Err(InstanceError::Unavailable(_))
-                    if !retried
-                        && !lock(&self.instances)
-                            .get(&h.id)
-                            .is_some_and(|cur| cur.same(&h)) =>
-                {
+                Err(InstanceError::Unavailable(_)) if !retried && !self.current(&h) => {
+                    lock(&self.resolved).retain(|_, (_, r)| !r.same(&h));
                     retried = true;
                 }
                 Err(e) => return Err(e),
