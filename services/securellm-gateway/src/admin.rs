@@ -175,9 +175,16 @@ fn key_status(e: KeyError) -> Status {
     }
 }
 
-#[tonic::async_trait]
-impl GatewayAdmin for AdminService {
-    async fn create_api_key(
+impl AdminService {
+    /// A copy that can outlive the request (for work that must finish).
+    fn detached(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+            token: self.token.clone(),
+        }
+    }
+
+    async fn create_api_key_inner(
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
@@ -223,32 +230,7 @@ impl GatewayAdmin for AdminService {
         out
     }
 
-    async fn list_api_keys(
-        &self,
-        request: Request<pb::ListApiKeysRequest>,
-    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
-        let call = self.begin(&request, "ListApiKeys")?;
-        let key_id = String::new();
-        let out: Result<Response<pb::ListApiKeysResponse>, Status> = async {
-            let all = request.into_inner().include_inactive;
-            let now = securellm_common::time::now_ms();
-            let mut keys: Vec<pb::ApiKey> = self
-                .state
-                .keys
-                .list()
-                .iter()
-                .filter(|k| all || k.active(now))
-                .map(|k| key_pb(k, now))
-                .collect();
-            keys.reverse();
-            Ok(Response::new(pb::ListApiKeysResponse { keys }))
-        }
-        .await;
-        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
-        out
-    }
-
-    async fn revoke_api_key(
+    async fn revoke_api_key_inner(
         &self,
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
@@ -271,7 +253,7 @@ impl GatewayAdmin for AdminService {
         out
     }
 
-    async fn update_api_key(
+    async fn update_api_key_inner(
         &self,
         request: Request<pb::UpdateApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
@@ -308,6 +290,70 @@ impl GatewayAdmin for AdminService {
         .await;
         self.finish(&call, &key_id, out.as_ref().map(|_| ()));
         out
+    }
+}
+
+#[tonic::async_trait]
+impl GatewayAdmin for AdminService {
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        // Run to completion (change, reload, audit row) even if the caller cancels meanwhile:
+        // a half-done admin change would leave the key table and its in-memory copy apart.
+        let me = self.detached();
+        tokio::spawn(async move { me.create_api_key_inner(request).await })
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("admin call failed: {e}"))))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let call = self.begin(&request, "ListApiKeys")?;
+        let key_id = String::new();
+        let out: Result<Response<pb::ListApiKeysResponse>, Status> = async {
+            let all = request.into_inner().include_inactive;
+            let now = securellm_common::time::now_ms();
+            let mut keys: Vec<pb::ApiKey> = self
+                .state
+                .keys
+                .list()
+                .iter()
+                .filter(|k| all || k.active(now))
+                .map(|k| key_pb(k, now))
+                .collect();
+            keys.reverse();
+            Ok(Response::new(pb::ListApiKeysResponse { keys }))
+        }
+        .await;
+        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
+        out
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        // Run to completion (change, reload, audit row) even if the caller cancels meanwhile:
+        // a half-done admin change would leave the key table and its in-memory copy apart.
+        let me = self.detached();
+        tokio::spawn(async move { me.revoke_api_key_inner(request).await })
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("admin call failed: {e}"))))
+    }
+
+    async fn update_api_key(
+        &self,
+        request: Request<pb::UpdateApiKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        // Run to completion (change, reload, audit row) even if the caller cancels meanwhile:
+        // a half-done admin change would leave the key table and its in-memory copy apart.
+        let me = self.detached();
+        tokio::spawn(async move { me.update_api_key_inner(request).await })
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("admin call failed: {e}"))))
     }
 
     async fn query_audit(
