@@ -177,7 +177,13 @@ pub async fn serve(
                     }))
                 }
             });
-            let idle = idle_for(activity, handshake);
+            // The idle watchdog runs as its own task (it wakes only at its deadlines) and signals
+            // through a oneshot, cheap to poll on every wake of the busy connection.
+            let (idle_tx, idle_rx) = oneshot::channel::<()>();
+            let watchdog = AbortOnDrop(tokio::spawn(async move {
+                idle_for(activity, handshake).await;
+                let _ = idle_tx.send(());
+            }));
             let served = async move {
                 match acceptor {
                     None => {
@@ -215,12 +221,14 @@ pub async fn serve(
             // closed, whatever the protocol stage: an unfinished HTTP/2 preface, an idle HTTP/2
             // connection kept up by pings, an idle HTTP/1.1 keep-alive.
             let result = tokio::select! {
+                biased;
                 r = served => r,
-                () = idle => {
+                Ok(()) = idle_rx => {
                     tracing::debug!(%addr, "idle connection closed");
                     return;
                 }
             };
+            drop(watchdog);
             if let Err(e) = result {
                 tracing::debug!(%addr, "connection ended: {e}");
             }
@@ -448,5 +456,14 @@ async fn idle_for(a: Arc<Activity>, limit: Duration) {
             deadline
         };
         tokio::time::sleep_until(next).await;
+    }
+}
+
+/// Aborts the task when dropped (a connection's watchdog ends with the connection).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
