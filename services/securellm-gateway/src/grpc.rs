@@ -29,9 +29,81 @@ pub struct GatewayService {
 impl GatewayService {
     /// The service; messages up to twice `max_body` are decoded so that an over-limit body gets
     /// the gateway's own (audited) 413 answer rather than a transport error.
-    pub fn new(state: Shared, max_body: usize) -> GatewayServer<Self> {
-        GatewayServer::new(Self { state, max_body })
-            .max_decoding_message_size(max_body.saturating_mul(2).saturating_add(64 << 10))
+    pub fn new(state: Shared, max_body: usize) -> AuthFirst<GatewayServer<Self>> {
+        AuthFirst {
+            inner: GatewayServer::new(Self {
+                state: state.clone(),
+                max_body,
+            })
+            .max_decoding_message_size(max_body.saturating_mul(2).saturating_add(64 << 10)),
+            state,
+        }
+    }
+}
+
+/// Authenticates a call from its headers before its message is read or decoded, so a caller
+/// without a valid credential cannot make the gateway buffer request bodies. A refusal is answered
+/// (and audited, and counted against the address) exactly as the handler would have; an accepted
+/// call goes on to the handler, which runs the whole pipeline.
+#[derive(Clone)]
+pub struct AuthFirst<S> {
+    inner: S,
+    state: Shared,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for AuthFirst<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type HttpReq = axum::http::Request<tonic::body::Body>;
+type HttpResp = axum::http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<HttpReq> for AuthFirst<S>
+where
+    S: tower::Service<HttpReq, Response = HttpResp, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResp;
+    type Error = std::convert::Infallible;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<HttpResp, std::convert::Infallible>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: HttpReq) -> Self::Future {
+        let header = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
+        let rid = pipeline::request_id(header("x-request-id"));
+        let client = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr)
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let label = format!("grpc:{}", req.uri().path());
+        match pipeline::authenticate(&self.state, &client, &rid, &label, header("authorization")) {
+            Err(e) => {
+                let mut st = status_of(&e);
+                if let Ok(v) = MetadataValue::try_from(rid.as_str()) {
+                    st.metadata_mut().insert("x-request-id", v);
+                }
+                Box::pin(async move { Ok(st.into_http()) })
+            }
+            Ok(_) => {
+                // The clone that was made ready is the one that serves (tower's rule).
+                let clone = self.inner.clone();
+                let mut ready = std::mem::replace(&mut self.inner, clone);
+                Box::pin(ready.call(req))
+            }
+        }
     }
 }
 

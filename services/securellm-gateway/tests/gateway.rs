@@ -1074,6 +1074,14 @@ async fn the_grpc_api_answers_like_the_http_api() {
     // Errors: the code the proto documents, the HTTP status and the OpenAI body in trailers.
     type Case<'a> = (Option<&'a str>, Vec<u8>, Code, u16, &'a str);
     let cases: Vec<Case> = vec![
+        // Refused on its headers: a body past even the decoder's limit is never read.
+        (
+            None,
+            vec![b' '; 300 << 10],
+            Code::Unauthenticated,
+            401,
+            "invalid_api_key",
+        ),
         (
             None,
             serde_json::to_vec(&serde_json::json!({"model": "tiny"})).unwrap(),
@@ -1173,7 +1181,7 @@ async fn the_grpc_api_answers_like_the_http_api() {
     };
     assert_eq!(count("ChatCompletionsStream", 200), 2);
     assert_eq!(count("ChatCompletions", 200), 1);
-    assert_eq!(count("ChatCompletions", 401), 2);
+    assert_eq!(count("ChatCompletions", 401), 3);
     assert_eq!(count("ChatCompletions", 404), 2);
     assert_eq!(count("ChatCompletions", 413), 1);
     assert_eq!(count("ListModels", 200), 1);
