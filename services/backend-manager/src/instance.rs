@@ -139,6 +139,8 @@ enum Msg {
         lease_id: String,
         deadline_ms: u64,
     },
+    /// A re-attach this instance asked for confirmed or restored lease `0`.
+    Reattached(String),
     /// The scheduler withdrew its eviction notice for this lease.
     EvictionWithdrawn {
         lease_id: String,
@@ -481,6 +483,15 @@ impl Actor {
                     let margin = self.shared.cfg.stop_grace_ms + 1_000;
                     let by = deadline_ms.saturating_sub(margin).max(now_ms());
                     self.drain(by, "eviction notice");
+                }
+            }
+            Msg::Reattached(lease_id) => {
+                // The instance let the lease go meanwhile (stopped, released): the re-attach
+                // brought back a lease nobody holds, so give it back at once.
+                if self.lease.as_ref().is_none_or(|l| l.id != lease_id) {
+                    let shared = self.shared.clone();
+                    let id = self.id.clone();
+                    tokio::spawn(async move { release_lease(&shared, &id, lease_id).await });
                 }
             }
             Msg::EvictionWithdrawn { lease_id } => {
@@ -932,11 +943,15 @@ impl Actor {
                 .await
             {
                 Ok(r) => {
-                    for lost in r.into_inner().lost {
+                    let r = r.into_inner();
+                    for lost in r.lost {
                         let _ = tx.send(Msg::LeaseLost {
                             lease_id: lost.lease_id,
                             reason: lost.reason,
                         });
+                    }
+                    for l in r.confirmed.into_iter().chain(r.restored) {
+                        let _ = tx.send(Msg::Reattached(l.id));
                     }
                 }
                 Err(e) => tracing::warn!(instance = %id, "re-attach failed: {}", e.message()),
