@@ -885,7 +885,14 @@ async fn a_stream_ends_at_its_deadline_and_when_the_engine_stalls() {
         .await
         .unwrap()
         .into_inner();
-    st.next().await.unwrap().unwrap();
+    // Wait for the first token: the stall clock starts there (prompt processing before it is
+    // bounded by the deadline alone).
+    loop {
+        let c = st.next().await.unwrap().unwrap();
+        if !c.data_json.is_empty() {
+            break;
+        }
+    }
     let _ = std::process::Command::new("kill")
         .args(["-STOP", &pid.to_string()])
         .status();
