@@ -865,7 +865,7 @@ async fn a_stream_ends_at_its_deadline_and_when_the_engine_stalls() {
     let now = securellm_common::time::now_ms();
     let mut st = s
         .client
-        .chat_stream(long_stream(now + 600))
+        .chat_stream(long_stream(now + 1000))
         .await
         .unwrap()
         .into_inner();
