@@ -206,6 +206,9 @@ pub struct Waiter {
     pub wait_until_ms: u64,
     pub evictions_requested: bool,
     pub position: u32,
+    /// Leases under eviction notice that this request counts on (noticed for it, or already
+    /// noticed and counted as memory on its way). A notice nobody counts on is withdrawn.
+    pub claimed: Vec<String>,
 }
 
 /// Where a queued request stands.
@@ -540,6 +543,7 @@ impl LeaseTable {
             wait_until_ms: now_ms,
             evictions_requested: false,
             position: 0,
+            claimed: Vec::new(),
         };
         let wait_ms = waiter.req.wait_ms;
         self.enqueue(waiter);
@@ -722,7 +726,8 @@ impl LeaseTable {
             let w = &self.queue[idx];
             (w.req.priority, w.req.bytes, w.req.gpu)
         };
-        let mut best: Option<(u64, Vec<String>)> = None;
+        // (victim bytes, victims, pending notices counted on) of the best GPU.
+        let mut best: Option<(u64, Vec<String>, Vec<String>)> = None;
         for p in self.eligible(gpu_pref) {
             let gpu = &self.gpus[p];
             if gpu.total.saturating_sub(gpu.reserve) < bytes {
@@ -733,19 +738,24 @@ impl LeaseTable {
                 (u128::from(acct.granted) + u128::from(acct.foreign) + u128::from(acct.reserve))
                     .saturating_sub(u128::from(acct.total));
             let need = (u128::from(bytes) + deficit).saturating_sub(u128::from(acct.grantable()));
-            let pending: u128 = self
+            let noticed: Vec<(&String, u64)> = self
                 .leases
                 .values()
                 .filter(|l| l.gpu == gpu.index && l.evict_by_ms.is_some() && l.priority < prio)
-                .map(|l| u128::from(l.bytes))
-                .sum();
+                .map(|l| (&l.id, l.bytes))
+                .collect();
+            let pending: u128 = noticed.iter().map(|(_, b)| u128::from(*b)).sum();
             if need <= pending {
                 // Already being freed (or fits): nothing more to ask.
                 if need > 0 {
-                    self.queue[idx].evictions_requested = true;
+                    let ids: Vec<String> = noticed.iter().map(|(id, _)| (*id).clone()).collect();
+                    let w = &mut self.queue[idx];
+                    w.evictions_requested = true;
+                    claim(&mut w.claimed, ids);
                 }
                 return false;
             }
+            let pending_ids: Vec<String> = noticed.iter().map(|(id, _)| (*id).clone()).collect();
             let mut shortfall = need - pending;
             let mut candidates: Vec<&Lease> = self
                 .leases
@@ -782,23 +792,25 @@ impl LeaseTable {
                 victim_bytes = victim_bytes.saturating_add(l.bytes);
                 victims.push(l.id.clone());
             }
-            if shortfall == 0 && best.as_ref().is_none_or(|(b, _)| victim_bytes < *b) {
-                best = Some((victim_bytes, victims));
+            if shortfall == 0 && best.as_ref().is_none_or(|(b, _, _)| victim_bytes < *b) {
+                best = Some((victim_bytes, victims, pending_ids));
             }
         }
-        let Some((_, victims)) = best else {
+        let Some((_, victims, pending_ids)) = best else {
             return false;
         };
         let deadline = now_ms.saturating_add(self.limits.eviction_grace_ms);
         let for_whom = format!("needed by a priority {} request of {} bytes", prio, bytes);
-        for id in victims {
-            if let Some(l) = self.leases.get_mut(&id) {
+        for id in &victims {
+            if let Some(l) = self.leases.get_mut(id) {
                 l.evict_by_ms = Some(deadline);
                 let l = l.clone();
                 self.emit(EventKind::EvictionNotice, l, now_ms, for_whom.clone());
             }
         }
-        self.queue[idx].evictions_requested = true;
+        let w = &mut self.queue[idx];
+        w.evictions_requested = true;
+        claim(&mut w.claimed, victims.into_iter().chain(pending_ids));
         true
     }
 
@@ -814,21 +826,16 @@ impl LeaseTable {
         self.note_overcommit(now_ms);
     }
 
-    /// A lease under an eviction notice keeps it only while some waiting request that asked for
-    /// evictions could use its memory (higher priority, same GPU or any GPU). When the request it
-    /// was for is gone, the notice is withdrawn, so the holder is not revoked for nothing.
+    /// A lease under an eviction notice keeps it only while some waiting request counts on it
+    /// (its `claimed` list). When every request it was for is gone (granted, withdrawn, timed
+    /// out), the notice is withdrawn, so the holder is not revoked for nothing.
     fn withdraw_stale_notices(&mut self, now_ms: u64) {
+        let counted: std::collections::HashSet<&String> =
+            self.queue.iter().flat_map(|w| w.claimed.iter()).collect();
         let stale: Vec<String> = self
             .leases
             .values()
-            .filter(|l| l.evict_by_ms.is_some())
-            .filter(|l| {
-                !self.queue.iter().any(|w| {
-                    w.evictions_requested
-                        && w.req.priority > l.priority
-                        && w.req.gpu.is_none_or(|g| g == l.gpu)
-                })
-            })
+            .filter(|l| l.evict_by_ms.is_some() && !counted.contains(&l.id))
             .map(|l| l.id.clone())
             .collect();
         for id in stale {
@@ -1231,4 +1238,13 @@ pub struct Reattached {
 pub struct Snapshot {
     pub leases: Vec<Lease>,
     pub simulated_foreign: Vec<(u32, u64)>,
+}
+
+/// Add lease ids to a waiter's claims (once each).
+fn claim(claimed: &mut Vec<String>, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
+        if !claimed.contains(&id) {
+            claimed.push(id);
+        }
+    }
 }

@@ -669,3 +669,41 @@ fn a_restored_table_drops_notices_whose_requests_were_not_persisted() {
         "not revoked for a request nobody remembers"
     );
 }
+
+#[test]
+fn a_notice_stays_exactly_while_a_waiting_request_counts_on_it() {
+    // Two GPUs, a low-priority lease on each; a request pinned to each GPU notices its lease.
+    let mut t = table(&[8 * GIB, 8 * GIB]);
+    let pinned = |holder: &str, gpu: u32, prio: i32| AcquireRequest {
+        gpu: Some(gpu),
+        ttl_ms: 3_600_000,
+        ..waiting(holder, 6 * GIB, prio)
+    };
+    let l0 = granted(t.acquire(pinned("l0", 0, 0), 0));
+    let l1 = granted(t.acquire(pinned("l1", 1, 0), 0));
+    let a = queued(t.acquire(pinned("a", 0, 10), 1));
+    let b = queued(t.acquire(pinned("b", 1, 10), 2));
+    assert!(t.lease(&l0.id).unwrap().evict_by_ms.is_some());
+    assert!(t.lease(&l1.id).unwrap().evict_by_ms.is_some());
+    // A third request on any GPU counts on GPU 0's notice (memory already on its way).
+    let c = queued(t.acquire(
+        AcquireRequest {
+            ttl_ms: 3_600_000,
+            ..waiting("c", 6 * GIB, 10)
+        },
+        3,
+    ));
+    assert!(t.cancel_waiter(&b.ticket, 4));
+    assert_eq!(
+        t.lease(&l1.id).unwrap().evict_by_ms,
+        None,
+        "nobody counts on l1"
+    );
+    assert!(t.cancel_waiter(&a.ticket, 5));
+    assert!(
+        t.lease(&l0.id).unwrap().evict_by_ms.is_some(),
+        "c still counts on l0"
+    );
+    assert!(t.cancel_waiter(&c.ticket, 6));
+    assert_eq!(t.lease(&l0.id).unwrap().evict_by_ms, None);
+}
