@@ -293,18 +293,24 @@ impl AdminService {
     }
 }
 
+/// Run a key change to completion (change, reload, audit row) even if the caller cancels
+/// meanwhile: a half-done change would leave the key table and its in-memory copy apart.
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| Err(Status::internal(format!("admin call failed: {e}"))))
+}
+
 #[tonic::async_trait]
 impl GatewayAdmin for AdminService {
     async fn create_api_key(
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        // Run to completion (change, reload, audit row) even if the caller cancels meanwhile:
-        // a half-done admin change would leave the key table and its in-memory copy apart.
         let me = self.detached();
-        tokio::spawn(async move { me.create_api_key_inner(request).await })
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(format!("admin call failed: {e}"))))
+        to_completion(async move { me.create_api_key_inner(request).await }).await
     }
 
     async fn list_api_keys(
@@ -336,24 +342,16 @@ impl GatewayAdmin for AdminService {
         &self,
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        // Run to completion (change, reload, audit row) even if the caller cancels meanwhile:
-        // a half-done admin change would leave the key table and its in-memory copy apart.
         let me = self.detached();
-        tokio::spawn(async move { me.revoke_api_key_inner(request).await })
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(format!("admin call failed: {e}"))))
+        to_completion(async move { me.revoke_api_key_inner(request).await }).await
     }
 
     async fn update_api_key(
         &self,
         request: Request<pb::UpdateApiKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        // Run to completion (change, reload, audit row) even if the caller cancels meanwhile:
-        // a half-done admin change would leave the key table and its in-memory copy apart.
         let me = self.detached();
-        tokio::spawn(async move { me.update_api_key_inner(request).await })
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(format!("admin call failed: {e}"))))
+        to_completion(async move { me.update_api_key_inner(request).await }).await
     }
 
     async fn query_audit(

@@ -97,7 +97,10 @@ where
                 }
                 Box::pin(async move { Ok(st.into_http()) })
             }
-            Ok(_) => {
+            Ok(caller) => {
+                // The handler takes the caller from here instead of authenticating again.
+                let mut req = req;
+                req.extensions_mut().insert(caller);
                 // The clone that was made ready is the one that serves (tower's rule).
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);
@@ -187,6 +190,10 @@ impl GatewayService {
             .map(|a: SocketAddr| a.ip().to_string())
             .unwrap_or_default();
         let label = format!("grpc:/securellm.v1.Gateway/{method}");
+        // Authenticated already by [`AuthFirst`] (which runs before the message is decoded).
+        if let Some(caller) = r.extensions().get::<Caller>() {
+            return Ok((caller.clone(), rid, label));
+        }
         let authz = r
             .metadata()
             .get("authorization")

@@ -49,6 +49,21 @@ fn python() -> PathBuf {
     p
 }
 
+/// Every audit row so far (after flushing the writer), oldest first.
+async fn audit_rows(
+    g: &securellm_gateway::RunningGateway,
+) -> Vec<securellm_gateway::audit::AuditRow> {
+    g.state.audit.flush().await;
+    g.state
+        .audit
+        .query(securellm_gateway::audit::AuditFilter {
+            limit: Some(10_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 /// A new API key's secret.
 async fn new_key(
     keys: &securellm_gateway::keys::KeyStore,
@@ -185,17 +200,7 @@ async fn the_official_openai_client_works_unchanged() {
     );
 
     // Every request left an audit row, denied ones included, and the chain verifies.
-    s.gateway.state.audit.flush().await;
-    let rows = s
-        .gateway
-        .state
-        .audit
-        .query(securellm_gateway::audit::AuditFilter {
-            limit: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let rows = audit_rows(&s.gateway).await;
     let statuses: Vec<u16> = rows.iter().map(|r| r.entry.status).collect();
     for want in [200, 401, 404, 400, 429] {
         assert!(
@@ -355,14 +360,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    s.gateway.state.audit.flush().await;
-    let rows = s
-        .gateway
-        .state
-        .audit
-        .query(Default::default())
-        .await
-        .unwrap();
+    let rows = audit_rows(&s.gateway).await;
     assert!(
         rows.iter().any(|r| r.entry.subject == "bob"
             && r.entry.key_id == "jwt:bob"
@@ -407,14 +405,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let e = admin.list_api_keys(list(api_key)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    s.gateway.state.audit.flush().await;
-    let rows = s
-        .gateway
-        .state
-        .audit
-        .query(Default::default())
-        .await
-        .unwrap();
+    let rows = audit_rows(&s.gateway).await;
     let admin_rows: Vec<(&str, u16)> = rows
         .iter()
         .filter(|r| r.entry.endpoint == "grpc:/securellm.v1.GatewayAdmin/ListApiKeys")
@@ -592,14 +583,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         ids.contains(&"gpt-fake".to_string()) && ids.contains(&"tiny".to_string()),
         "{ids:?}"
     );
-    s.gateway.state.audit.flush().await;
-    let rows = s
-        .gateway
-        .state
-        .audit
-        .query(Default::default())
-        .await
-        .unwrap();
+    let rows = audit_rows(&s.gateway).await;
     let cloudy = rows
         .iter()
         .find(|r| r.entry.upstream == "cloudy")
@@ -680,14 +664,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         !text.contains("data: [DONE]") && text.contains("before [DONE]"),
         "{text}"
     );
-    s.gateway.state.audit.flush().await;
-    let rows = s
-        .gateway
-        .state
-        .audit
-        .query(Default::default())
-        .await
-        .unwrap();
+    let rows = audit_rows(&s.gateway).await;
     assert!(
         rows.iter()
             .any(|r| r.entry.request_id == "cloud-cut" && r.entry.status == 502)
@@ -1160,17 +1137,7 @@ async fn the_grpc_api_answers_like_the_http_api() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Every call left a row named after its method, denied ones included.
-    s.gateway.state.audit.flush().await;
-    let rows = s
-        .gateway
-        .state
-        .audit
-        .query(securellm_gateway::audit::AuditFilter {
-            limit: Some(1000),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let rows = audit_rows(&s.gateway).await;
     let count = |ep: &str, status: u16| {
         rows.iter()
             .filter(|r| {
