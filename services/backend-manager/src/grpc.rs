@@ -124,7 +124,13 @@ impl BackendService {
         }
         let (_, t) = self
             .manager
-            .acquire(&model, embeddings, &ModelSettings::default(), deadline)
+            .acquire(
+                &model,
+                embeddings,
+                &ModelSettings::default(),
+                deadline,
+                r.priority,
+            )
             .await
             .map_err(status_of)?;
         Ok((t, deadline))
@@ -397,6 +403,7 @@ impl BackendManager for BackendService {
                 settings.embeddings.unwrap_or(false),
                 &settings,
                 deadline,
+                None,
             )
             .await
             .map_err(status_of)?;

@@ -116,11 +116,18 @@ struct Loaded {
     estimated: u64,
 }
 
-type Waiter = (u64, oneshot::Sender<Result<Ticket, InstanceError>>);
+/// A request waiting for the instance to be ready.
+struct Waiter {
+    deadline_ms: u64,
+    /// The request's priority (its caller's, else the model's).
+    priority: i32,
+    reply: oneshot::Sender<Result<Ticket, InstanceError>>,
+}
 
 enum Msg {
     Acquire {
         deadline_ms: u64,
+        priority: Option<i32>,
         reply: oneshot::Sender<Result<Ticket, InstanceError>>,
     },
     Done {
@@ -150,8 +157,13 @@ enum Msg {
         lease_id: String,
         reason: String,
     },
-    /// The answer to renewing lease `0` (a late answer about an older lease is ignored).
-    Renewed(String, Result<(), tonic::Code>),
+    /// The answer to renewal number `seq` of lease `lease_id` (a late answer about an older lease
+    /// is ignored): whether an eviction notice stands on it.
+    Renewed {
+        lease_id: String,
+        seq: u64,
+        result: Result<Option<u64>, tonic::Code>,
+    },
     /// The lease was granted (the process is starting): from now on it is renewed, and eviction
     /// notices for it reach this instance.
     Granted {
@@ -189,10 +201,20 @@ pub struct InstanceHandle {
 
 impl InstanceHandle {
     /// Get a ticket: at once if ready, else after the (single) load, within `deadline_ms`.
-    pub async fn acquire(&self, deadline_ms: u64) -> Result<Ticket, InstanceError> {
+    /// `priority` is the caller's (None: the model's); a load it triggers leases memory at that
+    /// priority, and a loaded instance it uses is raised to it.
+    pub async fn acquire(
+        &self,
+        deadline_ms: u64,
+        priority: Option<i32>,
+    ) -> Result<Ticket, InstanceError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Acquire { deadline_ms, reply })
+            .send(Msg::Acquire {
+                deadline_ms,
+                priority,
+                reply,
+            })
             .map_err(|_| {
                 InstanceError::Unavailable("the backend manager is shutting down".into())
             })?;
@@ -294,6 +316,16 @@ struct Actor {
     restart_after_ms: Option<u64>,
     next_renew_ms: u64,
     renewing: bool,
+    /// The priority of the lease held now (raised by the callers that use it).
+    lease_priority: i32,
+    /// What the scheduler was last told: idle, and the priority.
+    reported: Option<(bool, i32)>,
+    /// Renewals sent so far.
+    renew_seq: u64,
+    /// A notice arrived while busy: the first renewal numbered above this says whether it stands
+    /// (a notice that only an idle lease had to honour is withdrawn once the scheduler hears it is
+    /// busy).
+    notice_check_after: Option<u64>,
 }
 
 /// Start an instance actor.
@@ -339,6 +371,10 @@ pub fn spawn(
         restart_after_ms: None,
         next_renew_ms: 0,
         renewing: false,
+        lease_priority: 0,
+        reported: None,
+        renew_seq: 0,
+        notice_check_after: None,
     };
     let fixed = actor.settings.clone();
     tokio::spawn(actor.run(rx));
@@ -373,6 +409,7 @@ impl Actor {
                 _ = tick.tick() => Msg::Tick,
             };
             self.handle(msg);
+            self.report_changes();
             if self.retired {
                 // Replaced: nothing to stop or release (it was idle); a late request sees the
                 // channel closed and the manager looks the model up again.
@@ -417,7 +454,14 @@ impl Actor {
                     self.model.name
                 ))));
             }
-            Msg::Acquire { deadline_ms, reply } => self.acquire(deadline_ms, reply),
+            Msg::Acquire {
+                deadline_ms,
+                priority,
+                reply,
+            } => {
+                let priority = priority.unwrap_or(self.settings.priority);
+                self.acquire(deadline_ms, priority, reply)
+            }
             Msg::Retire(reply) => {
                 let idle = matches!(self.state, State::Unloaded | State::Stopped | State::Failed)
                     && self.waiters.is_empty()
@@ -477,12 +521,15 @@ impl Actor {
                         self.state,
                         "eviction notice",
                     );
-                    // Leave a little margin before the scheduler's deadline.
-                    // Leave time to stop the process (SIGTERM, then SIGKILL after the grace)
-                    // and release before the scheduler's deadline.
-                    let margin = self.shared.cfg.stop_grace_ms + 1_000;
-                    let by = deadline_ms.saturating_sub(margin).max(now_ms());
-                    self.drain(by, "eviction notice");
+                    if self.state == State::Ready && !self.idle_now() {
+                        // Busy: the notice may have been for an idle lease (one of equal
+                        // priority may only take idle memory). Tell the scheduler we are busy;
+                        // its answer says whether the notice still stands.
+                        self.notice_check_after = Some(self.renew_seq);
+                        self.reported = None;
+                    } else {
+                        self.honour_notice(deadline_ms);
+                    }
                 }
             }
             Msg::Reattached(lease_id) => {
@@ -497,6 +544,9 @@ impl Actor {
             Msg::EvictionWithdrawn { lease_id } => {
                 // Only a drain the notice caused is called off: not an unload someone asked
                 // for, not a stop already under way.
+                if self.lease.as_ref().is_some_and(|l| l.id == lease_id) {
+                    self.notice_check_after = None;
+                }
                 if self.lease.as_ref().is_some_and(|l| l.id == lease_id)
                     && self.unload_replies.is_empty()
                     && !self.stopping
@@ -506,9 +556,9 @@ impl Actor {
                         State::Draining => {
                             self.drain_deadline_ms = None;
                             self.set_state(State::Ready, "eviction notice withdrawn");
-                            for (_, w) in std::mem::take(&mut self.waiters) {
-                                let t = self.ticket();
-                                if let Err(Ok(t)) = w.send(Ok(t)) {
+                            for w in std::mem::take(&mut self.waiters) {
+                                let t = self.ticket(w.priority);
+                                if let Err(Ok(t)) = w.reply.send(Ok(t)) {
                                     drop(t);
                                 }
                             }
@@ -526,10 +576,29 @@ impl Actor {
                     self.drain(now_ms(), &format!("lease lost: {reason}"));
                 }
             }
-            Msg::Renewed(lease_id, r) => {
+            Msg::Renewed {
+                lease_id,
+                seq,
+                result,
+            } => {
                 self.renewing = false;
-                match r {
-                    Ok(()) => {}
+                if result.is_err() {
+                    self.reported = None;
+                }
+                let current = self.lease.as_ref().is_some_and(|l| l.id == lease_id);
+                match result {
+                    Ok(evict_by) => {
+                        if current
+                            && let Some(after) = self.notice_check_after
+                            && seq > after
+                        {
+                            self.notice_check_after = None;
+                            match evict_by {
+                                Some(by) => self.honour_notice(by),
+                                None => self.evict_by_ms = None,
+                            }
+                        }
+                    }
                     Err(tonic::Code::NotFound) => {
                         // Never heard of: the scheduler restarted without its snapshot, and this
                         // renewal came before the manager's re-attach. Present the lease again
@@ -563,13 +632,14 @@ impl Actor {
                     id: l.id.clone(),
                     bytes: l.bytes,
                     gpu: l.gpu,
-                    priority: self.settings.priority,
+                    priority: self.lease_priority,
                     pids,
                 }));
             }
             Msg::Tick => self.tick(),
             Msg::Granted { id, bytes, gpu } => {
                 self.lease = Some(Lease { id, bytes, gpu });
+                self.reported = None;
                 self.next_renew_ms = now_ms() + self.shared.cfg.lease_ttl_ms / 3;
                 if self.state == State::Leasing {
                     self.set_state(State::Starting, "lease granted; starting");
@@ -578,7 +648,11 @@ impl Actor {
         }
     }
 
-    fn ticket(&mut self) -> Ticket {
+    fn ticket(&mut self, priority: i32) -> Ticket {
+        if priority > self.lease_priority && self.lease.is_some() {
+            // A caller of higher priority uses the model now: protect it as theirs.
+            self.lease_priority = priority;
+        }
         self.in_flight += 1;
         self.requests_total += 1;
         let started = self.started.as_ref();
@@ -595,25 +669,33 @@ impl Actor {
         }
     }
 
-    fn acquire(&mut self, deadline_ms: u64, reply: oneshot::Sender<Result<Ticket, InstanceError>>) {
+    fn acquire(
+        &mut self,
+        deadline_ms: u64,
+        priority: i32,
+        reply: oneshot::Sender<Result<Ticket, InstanceError>>,
+    ) {
+        let waiter = Waiter {
+            deadline_ms,
+            priority,
+            reply,
+        };
         match self.state {
             State::Ready => {
-                let t = self.ticket();
-                if let Err(Ok(t)) = reply.send(Ok(t)) {
+                let t = self.ticket(priority);
+                if let Err(Ok(t)) = waiter.reply.send(Ok(t)) {
                     drop(t);
                 }
             }
-            State::Leasing | State::Starting | State::Draining => {
-                self.waiters.push((deadline_ms, reply))
-            }
+            State::Leasing | State::Starting | State::Draining => self.waiters.push(waiter),
             State::Unloaded | State::Stopped => {
-                self.waiters.push((deadline_ms, reply));
+                self.waiters.push(waiter);
                 if !self.stopping {
                     self.begin_load();
                 }
             }
             State::Failed => {
-                self.waiters.push((deadline_ms, reply));
+                self.waiters.push(waiter);
                 // Restarted by tick once the backoff has passed.
                 if !self.stopping && self.restart_after_ms.is_none_or(|t| t <= now_ms()) {
                     self.begin_load();
@@ -635,12 +717,31 @@ impl Actor {
         let deadline = self
             .waiters
             .iter()
-            .map(|(d, _)| *d)
+            .map(|w| w.deadline_ms)
             .max()
             .unwrap_or(now_ms() + shared.cfg.lease_wait_ms);
+        // The memory is leased at the highest priority among the requests that wait for it.
+        let priority = self
+            .waiters
+            .iter()
+            .map(|w| w.priority)
+            .max()
+            .unwrap_or(settings.priority);
+        self.lease_priority = priority;
+        self.reported = None;
+        self.notice_check_after = None;
         let me = self.tx.clone();
         tokio::spawn(async move {
-            let r = load(&shared, backend.as_ref(), &model, &settings, deadline, &me).await;
+            let r = load(
+                &shared,
+                backend.as_ref(),
+                &model,
+                &settings,
+                priority,
+                deadline,
+                &me,
+            )
+            .await;
             let _ = tx.send(Msg::LoadDone(r));
         });
     }
@@ -691,10 +792,10 @@ impl Actor {
                 }
                 self.set_state(State::Ready, "ready");
                 let wait = now.saturating_sub(self.load_began_ms);
-                for (_, w) in std::mem::take(&mut self.waiters) {
-                    let mut t = self.ticket();
+                for w in std::mem::take(&mut self.waiters) {
+                    let mut t = self.ticket(w.priority);
                     t.load_wait_ms = wait;
-                    if let Err(Ok(t)) = w.send(Ok(t)) {
+                    if let Err(Ok(t)) = w.reply.send(Ok(t)) {
                         drop(t);
                     }
                 }
@@ -709,8 +810,8 @@ impl Actor {
                 self.drain_deadline_ms = None;
                 self.evict_by_ms = None;
                 self.fail(&e.to_string());
-                for (_, w) in std::mem::take(&mut self.waiters) {
-                    let _ = w.send(Err(e.clone()));
+                for w in std::mem::take(&mut self.waiters) {
+                    let _ = w.reply.send(Err(e.clone()));
                 }
                 for r in std::mem::take(&mut self.unload_replies) {
                     let _ = r.send(false);
@@ -850,7 +951,7 @@ impl Actor {
     fn tick(&mut self) {
         let now = now_ms();
         // Waiters whose deadline passed have given up (their receiver is gone).
-        self.waiters.retain(|(_, w)| !w.is_closed());
+        self.waiters.retain(|w| !w.reply.is_closed());
         match self.state {
             State::Ready => {
                 if let Some(by) = self.drain_deadline_ms {
@@ -875,37 +976,80 @@ impl Actor {
             }
             _ => {}
         }
-        if let Some(l) = &self.lease
-            && !self.renewing
-            && now >= self.next_renew_ms
-            && matches!(self.state, State::Starting | State::Ready | State::Draining)
-        {
-            self.renewing = true;
-            self.next_renew_ms = now + self.shared.cfg.lease_ttl_ms / 3;
-            let mut c = self.shared.scheduler.clone();
-            let req = pb::RenewLeaseRequest {
-                lease_id: l.id.clone(),
-                ttl_ms: 0,
-                pids: self
-                    .started
-                    .as_ref()
-                    .and_then(|s| s.process.as_ref())
-                    .map(|p| vec![p.pid])
-                    .unwrap_or_default(),
-                idle: self.in_flight == 0,
-            };
-            let tx = self.tx.clone();
-            let lease_id = l.id.clone();
-            tokio::spawn(async move {
-                let r = tokio::time::timeout(Duration::from_secs(5), c.renew_lease(req)).await;
-                let r = match r {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(s)) => Err(s.code()),
-                    Err(_) => Err(tonic::Code::DeadlineExceeded),
-                };
-                let _ = tx.send(Msg::Renewed(lease_id, r));
-            });
+        if now >= self.next_renew_ms {
+            self.renew();
         }
+    }
+
+    /// Idle as the scheduler should see it: nothing in flight and nobody waiting, or draining
+    /// (going away anyway: a busy report must not call off the drain's notice).
+    fn idle_now(&self) -> bool {
+        match self.state {
+            State::Ready => self.in_flight == 0 && self.waiters.is_empty(),
+            State::Draining => true,
+            _ => false,
+        }
+    }
+
+    /// Tell the scheduler at once when the lease turns idle or busy or its priority rises: an idle
+    /// lease yields to a request of equal priority, a busy one does not.
+    fn report_changes(&mut self) {
+        if self.reported != Some((self.idle_now(), self.lease_priority)) {
+            self.renew();
+        }
+    }
+
+    /// Renew the lease now (one renewal at a time; a change seen meanwhile is sent after it).
+    fn renew(&mut self) {
+        let Some(l) = &self.lease else { return };
+        if self.renewing || !matches!(self.state, State::Starting | State::Ready | State::Draining)
+        {
+            return;
+        }
+        self.renewing = true;
+        self.renew_seq += 1;
+        self.next_renew_ms = now_ms() + self.shared.cfg.lease_ttl_ms / 3;
+        let idle = self.idle_now();
+        self.reported = Some((idle, self.lease_priority));
+        let mut c = self.shared.scheduler.clone();
+        let req = pb::RenewLeaseRequest {
+            lease_id: l.id.clone(),
+            ttl_ms: 0,
+            pids: self
+                .started
+                .as_ref()
+                .and_then(|s| s.process.as_ref())
+                .map(|p| vec![p.pid])
+                .unwrap_or_default(),
+            idle,
+            priority: Some(self.lease_priority),
+        };
+        let tx = self.tx.clone();
+        let lease_id = l.id.clone();
+        let seq = self.renew_seq;
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(5), c.renew_lease(req)).await;
+            let result = match r {
+                Ok(Ok(l)) => Ok(l.into_inner().evict_by_ms),
+                Ok(Err(s)) => Err(s.code()),
+                Err(_) => Err(tonic::Code::DeadlineExceeded),
+            };
+            let _ = tx.send(Msg::Renewed {
+                lease_id,
+                seq,
+                result,
+            });
+        });
+    }
+
+    /// An eviction notice that stands: drain and release before the scheduler's deadline.
+    fn honour_notice(&mut self, deadline_ms: u64) {
+        self.evict_by_ms = Some(deadline_ms);
+        // Leave time to stop the process (SIGTERM, then SIGKILL after the grace) and release
+        // before the scheduler's deadline.
+        let margin = self.shared.cfg.stop_grace_ms + 1_000;
+        let by = deadline_ms.saturating_sub(margin).max(now_ms());
+        self.drain(by, "eviction notice");
     }
 
     /// Re-attach the lease held now (`lease_id`) on its own; a lease the scheduler reports lost
@@ -921,7 +1065,7 @@ impl Actor {
             label: self.model.name.clone(),
             gpu_index: l.gpu,
             bytes: l.bytes,
-            priority: self.settings.priority,
+            priority: self.lease_priority,
             ttl_ms: self.shared.cfg.lease_ttl_ms,
             pids: self
                 .started
@@ -1049,6 +1193,7 @@ async fn load(
     backend: &dyn Backend,
     model: &ModelRef,
     s: &Effective,
+    priority: i32,
     deadline_ms: u64,
     me: &mpsc::UnboundedSender<Msg>,
 ) -> Result<Loaded, InstanceError> {
@@ -1077,7 +1222,7 @@ async fn load(
         .acquire_lease(pb::AcquireLeaseRequest {
             holder: shared.cfg.holder.clone(),
             bytes,
-            priority: s.priority,
+            priority,
             gpu_index: s.gpu_index,
             ttl_ms: shared.cfg.lease_ttl_ms,
             wait_ms,

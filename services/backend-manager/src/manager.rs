@@ -282,11 +282,12 @@ impl Manager {
         embeddings: bool,
         request: &ModelSettings,
         deadline_ms: u64,
+        priority: Option<i32>,
     ) -> Result<(InstanceHandle, instance::Ticket), InstanceError> {
         let mut retried = false;
         loop {
             let h = self.instance(reference, embeddings, request).await?;
-            match h.acquire(deadline_ms).await {
+            match h.acquire(deadline_ms, priority).await {
                 Ok(t) => return Ok((h, t)),
                 Err(InstanceError::Unavailable(_)) if !retried && !self.current(&h) => {
                     lock(&self.resolved).retain(|_, (_, r)| !r.same(&h));

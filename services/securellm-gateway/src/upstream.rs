@@ -96,6 +96,7 @@ impl Local {
             body_json: body.to_vec(),
             deadline_ms,
             caller: caller.to_string(),
+            priority: None,
         }
     }
 

@@ -67,6 +67,7 @@ enum Msg {
         ttl_ms: u64,
         pids: Vec<u32>,
         idle: bool,
+        priority: Option<i32>,
         reply: Reply<Lease>,
     },
     Resize {
@@ -163,12 +164,14 @@ impl SchedulerHandle {
         ttl_ms: u64,
         pids: Vec<u32>,
         idle: bool,
+        priority: Option<i32>,
     ) -> Result<Lease, CallError> {
         self.call(|reply| Msg::Renew {
             id,
             ttl_ms,
             pids,
             idle,
+            priority,
             reply,
         })
         .await
@@ -319,9 +322,10 @@ impl Actor {
                 ttl_ms,
                 pids,
                 idle,
+                priority,
                 reply,
             } => {
-                let _ = reply.send(self.table.renew(&id, ttl_ms, pids, idle, now));
+                let _ = reply.send(self.table.renew_as(&id, ttl_ms, pids, idle, priority, now));
             }
             Msg::Resize { id, bytes, reply } => {
                 let _ = reply.send(self.table.resize(&id, bytes, now));

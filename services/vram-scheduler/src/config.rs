@@ -37,6 +37,11 @@ pub struct SchedulerConfig {
     pub max_ttl_ms: u64,
     pub max_wait_ms: u64,
     pub eviction_grace_ms: u64,
+    /// A request waiting this long may evict busy leases of its own priority once their current
+    /// requests finish (0 = never). Idle leases of its priority yield at once.
+    pub preempt_busy_after_ms: u64,
+    /// How long those current requests get to finish.
+    pub busy_drain_ms: u64,
     pub persist_interval_ms: u64,
 }
 
@@ -53,6 +58,8 @@ impl Default for SchedulerConfig {
             max_ttl_ms: l.max_ttl_ms,
             max_wait_ms: l.max_wait_ms,
             eviction_grace_ms: l.eviction_grace_ms,
+            preempt_busy_after_ms: l.preempt_busy_after_ms,
+            busy_drain_ms: l.busy_drain_ms,
             persist_interval_ms: 100,
         }
     }
@@ -87,6 +94,9 @@ pub struct Args {
     /// The longest TTL a lease may ask for.
     #[arg(long)]
     pub max_ttl_ms: Option<u64>,
+    /// A request waiting this long may evict busy leases of its own priority (0 = never).
+    #[arg(long, env = "SECURELLM_SCHEDULER_PREEMPT_BUSY_AFTER_MS")]
+    pub preempt_busy_after_ms: Option<u64>,
     /// How often NVML is read.
     #[arg(long)]
     pub refresh_interval_ms: Option<u64>,
@@ -120,6 +130,9 @@ impl SchedulerConfig {
         }
         if let Some(v) = args.max_ttl_ms {
             c.max_ttl_ms = v;
+        }
+        if let Some(v) = args.preempt_busy_after_ms {
+            c.preempt_busy_after_ms = v;
         }
         if let Some(v) = args.refresh_interval_ms {
             c.refresh_interval_ms = v;
@@ -156,6 +169,8 @@ impl SchedulerConfig {
             max_ttl_ms: self.max_ttl_ms,
             max_wait_ms: self.max_wait_ms,
             eviction_grace_ms: self.eviction_grace_ms,
+            preempt_busy_after_ms: self.preempt_busy_after_ms,
+            busy_drain_ms: self.busy_drain_ms,
         }
     }
 }

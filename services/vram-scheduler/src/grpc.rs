@@ -59,6 +59,7 @@ pub fn lease_to_pb(l: &Lease) -> pb::Lease {
         pids: l.pids.clone(),
         idle: l.idle,
         evict_by_ms: l.evict_by_ms,
+        last_used_ms: l.last_used_ms,
     }
 }
 
@@ -77,6 +78,7 @@ pub fn lease_from_pb(l: pb::Lease) -> Lease {
         pids: l.pids,
         idle: l.idle,
         evict_by_ms: l.evict_by_ms,
+        last_used_ms: l.last_used_ms,
     }
 }
 
@@ -281,7 +283,7 @@ impl VramScheduler for SchedulerService {
         let r = request.into_inner();
         let l = self
             .handle
-            .renew(r.lease_id, r.ttl_ms, r.pids, r.idle)
+            .renew(r.lease_id, r.ttl_ms, r.pids, r.idle, r.priority)
             .await
             .map_err(status_of)?;
         Ok(Response::new(lease_to_pb(&l)))

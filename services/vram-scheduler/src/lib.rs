@@ -125,8 +125,9 @@ fn log_nvml(gpus: &[table::Gpu]) {
 /// with health and reflection.
 pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError> {
     let (inv, gpus) = open_inventory(cfg)?;
-    let boot = uuid::Uuid::new_v4().simple().to_string();
-    let mut table = LeaseTable::new(gpus, cfg.limits(), &boot[..8]);
+    // The key that makes lease ids unguessable (an id is a capability to release memory).
+    let id_key = uuid::Uuid::new_v4().simple().to_string();
+    let mut table = LeaseTable::new(gpus, cfg.limits(), id_key);
     let mut persist_opts = None;
     if let Some(dir) = &cfg.data_dir {
         std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {

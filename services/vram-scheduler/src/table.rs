@@ -27,9 +27,14 @@ pub struct Lease {
     pub granted_at_ms: u64,
     pub expires_at_ms: u64,
     pub pids: Vec<u32>,
+    /// No request in flight and none waiting, as the holder last reported (renew). An idle lease
+    /// yields to a waiting request of equal or higher priority.
     pub idle: bool,
     /// Set while an eviction notice is pending.
     pub evict_by_ms: Option<u64>,
+    /// When the holder last reported it busy or became idle (least recently used goes first).
+    #[serde(default)]
+    pub last_used_ms: u64,
 }
 
 /// One GPU as the table sees it.
@@ -113,6 +118,10 @@ pub fn check_invariant(a: &GpuAccount) -> Result<(), InvariantViolation> {
 /// A decision rule: may `bytes` more be granted on a GPU with this account?
 pub type FitRule = fn(&GpuAccount, u64) -> bool;
 
+/// A decision rule: may a waiting request of priority `prio` (`busy_ok`: it waited long enough)
+/// ask this lease to go? The real one is [`may_evict`].
+pub type EvictRule = fn(&Lease, i32, bool) -> bool;
+
 /// The real rule: only what is grantable, never on an over-committed GPU.
 pub fn fits(a: &GpuAccount, bytes: u64) -> bool {
     !a.overcommitted() && a.grantable() >= bytes
@@ -172,6 +181,14 @@ pub struct Limits {
     pub max_wait_ms: u64,
     /// How long a holder has to release after an eviction notice.
     pub eviction_grace_ms: u64,
+    /// A request that has waited this long may also evict *busy* leases of its own priority: the
+    /// holder stops taking new work and releases once its current requests finish (they get
+    /// `busy_drain_ms` to do so). 0 = never (busy leases yield only to higher priority).
+    #[serde(default)]
+    pub preempt_busy_after_ms: u64,
+    /// Deadline of a notice to a busy lease of equal priority (see `preempt_busy_after_ms`).
+    #[serde(default)]
+    pub busy_drain_ms: u64,
 }
 
 impl Default for Limits {
@@ -180,8 +197,20 @@ impl Default for Limits {
             max_ttl_ms: 3_600_000,
             max_wait_ms: 3_600_000,
             eviction_grace_ms: 10_000,
+            preempt_busy_after_ms: 30_000,
+            busy_drain_ms: 120_000,
         }
     }
+}
+
+/// May a waiting request of priority `prio` ask lease `l` to go?
+///
+/// - a lease of strictly lower priority: always (busy or not);
+/// - a lease of the same priority: only while it is idle (no request in flight, none waiting), or
+///   once the request has waited `preempt_busy_after_ms` (`busy_ok`);
+/// - a lease of higher priority: never.
+pub fn may_evict(l: &Lease, prio: i32, busy_ok: bool) -> bool {
+    l.priority < prio || (l.priority == prio && (l.idle || busy_ok))
 }
 
 /// A request for memory.
@@ -209,6 +238,8 @@ pub struct Waiter {
     /// Leases under eviction notice that this request counts on (noticed for it, or already
     /// noticed and counted as memory on its way). A notice nobody counts on is withdrawn.
     pub claimed: Vec<String>,
+    /// It has waited `preempt_busy_after_ms`: busy leases of its own priority may yield to it.
+    pub busy_ok: bool,
 }
 
 /// Where a queued request stands.
@@ -327,7 +358,8 @@ pub struct LeaseTable {
     ended_order: VecDeque<String>,
     limits: Limits,
     fit_rule: FitRule,
-    id_prefix: String,
+    evict_rule: EvictRule,
+    id_key: String,
     seq: u64,
     events: Vec<Event>,
     notices: Vec<WaiterNotice>,
@@ -335,9 +367,10 @@ pub struct LeaseTable {
 }
 
 impl LeaseTable {
-    /// A table over `gpus`. Lease ids are `<id_prefix>-<n>`; give each process start a fresh prefix
-    /// so ids never repeat across restarts.
-    pub fn new(gpus: Vec<Gpu>, limits: Limits, id_prefix: impl Into<String>) -> Self {
+    /// A table over `gpus`. Lease ids are `l-<32 hex digits>`, a keyed hash of a counter: give each
+    /// process start a fresh random `id_key` and ids are unguessable (an id is a capability to
+    /// release memory) and never repeat across restarts.
+    pub fn new(gpus: Vec<Gpu>, limits: Limits, id_key: impl Into<String>) -> Self {
         let n = gpus.len();
         Self {
             gpus,
@@ -347,7 +380,8 @@ impl LeaseTable {
             ended_order: VecDeque::new(),
             limits,
             fit_rule: fits,
-            id_prefix: id_prefix.into(),
+            evict_rule: may_evict,
+            id_key: id_key.into(),
             seq: 0,
             events: Vec::new(),
             notices: Vec::new(),
@@ -359,6 +393,13 @@ impl LeaseTable {
     #[doc(hidden)]
     pub fn with_fit_rule(mut self, rule: FitRule) -> Self {
         self.fit_rule = rule;
+        self
+    }
+
+    /// Replace the eviction rule. Only tests do this, to prove the notice checks can fail.
+    #[doc(hidden)]
+    pub fn with_evict_rule(mut self, rule: EvictRule) -> Self {
+        self.evict_rule = rule;
         self
     }
 
@@ -418,8 +459,21 @@ impl LeaseTable {
     }
 
     fn next_id(&mut self, kind: &str) -> String {
-        self.seq += 1;
-        format!("{kind}-{}-{}", self.id_prefix, self.seq)
+        use sha2::{Digest, Sha256};
+        loop {
+            self.seq += 1;
+            let mut h = Sha256::new();
+            h.update(self.id_key.as_bytes());
+            h.update([0]);
+            h.update(kind.as_bytes());
+            h.update(self.seq.to_le_bytes());
+            let digest = h.finalize();
+            let id = format!("{kind}-{}", hex::encode(&digest[..16]));
+            // Never reuse a live id (a re-attached lease may have taken any id).
+            if !self.leases.contains_key(&id) && !self.queue.iter().any(|w| w.ticket == id) {
+                return id;
+            }
+        }
     }
 
     fn remember_end(&mut self, id: &str, why: EndReason) {
@@ -544,6 +598,7 @@ impl LeaseTable {
             evictions_requested: false,
             position: 0,
             claimed: Vec::new(),
+            busy_ok: false,
         };
         let wait_ms = waiter.req.wait_ms;
         self.enqueue(waiter);
@@ -569,7 +624,11 @@ impl LeaseTable {
             return Err(TableError::ResourceExhausted(self.why_not_now(&w.req)));
         }
         self.queue[idx].wait_until_ms = now_ms.saturating_add(wait_ms);
-        self.preempt_for(idx, now_ms);
+        // Everyone waiting (not only this request): a grant just made may have taken memory a
+        // waiter behind it counted on.
+        for i in 0..self.queue.len() {
+            self.preempt_for(i, now_ms);
+        }
         self.refresh_positions();
         self.notices.retain(|n| n.ticket() != ticket);
         let w = &self.queue[idx];
@@ -636,6 +695,7 @@ impl LeaseTable {
             pids: Vec::new(),
             idle: false,
             evict_by_ms: None,
+            last_used_ms: w.queued_at_ms,
         }
     }
 
@@ -690,6 +750,7 @@ impl LeaseTable {
                         pids: Vec::new(),
                         idle: false,
                         evict_by_ms: None,
+                        last_used_ms: now_ms,
                     };
                     accounts[p].granted = accounts[p].granted.saturating_add(lease.bytes);
                     self.leases.insert(id, lease.clone());
@@ -714,18 +775,20 @@ impl LeaseTable {
         granted
     }
 
-    /// Send eviction notices on behalf of waiter `idx` if lower-priority leases stand in its way.
+    /// Send eviction notices on behalf of waiter `idx` if leases it may evict ([`may_evict`]) stand
+    /// in its way.
     ///
     /// Per eligible GPU: the shortfall is what the waiter needs minus what is grantable minus what
-    /// pending notices will already free. Victims are leases of strictly lower priority without a
-    /// notice, chosen idle first, then lowest priority, then the smallest one that covers the
-    /// rest of the shortfall (else the largest, and go on). The GPU needing the fewest bytes of
-    /// victims wins. Returns true if notices were sent.
+    /// pending notices will already free. Victims are leases it may evict without a notice, chosen
+    /// idle first (least recently used first), then lowest priority, then the smallest one that
+    /// covers the rest of the shortfall (else the largest, and go on). The GPU needing the fewest
+    /// bytes of victims wins. Returns true if notices were sent.
     fn preempt_for(&mut self, idx: usize, now_ms: u64) -> bool {
-        let (prio, bytes, gpu_pref) = {
+        let (prio, bytes, gpu_pref, busy_ok) = {
             let w = &self.queue[idx];
-            (w.req.priority, w.req.bytes, w.req.gpu)
+            (w.req.priority, w.req.bytes, w.req.gpu, w.busy_ok)
         };
+        let may_evict = self.evict_rule;
         // (victim bytes, victims, pending notices counted on) of the best GPU.
         let mut best: Option<(u64, Vec<String>, Vec<String>)> = None;
         for p in self.eligible(gpu_pref) {
@@ -741,7 +804,9 @@ impl LeaseTable {
             let noticed: Vec<(&String, u64)> = self
                 .leases
                 .values()
-                .filter(|l| l.gpu == gpu.index && l.evict_by_ms.is_some() && l.priority < prio)
+                .filter(|l| {
+                    l.gpu == gpu.index && l.evict_by_ms.is_some() && may_evict(l, prio, busy_ok)
+                })
                 .map(|l| (&l.id, l.bytes))
                 .collect();
             let pending: u128 = noticed.iter().map(|(_, b)| u128::from(*b)).sum();
@@ -760,7 +825,9 @@ impl LeaseTable {
             let mut candidates: Vec<&Lease> = self
                 .leases
                 .values()
-                .filter(|l| l.gpu == gpu.index && l.evict_by_ms.is_none() && l.priority < prio)
+                .filter(|l| {
+                    l.gpu == gpu.index && l.evict_by_ms.is_none() && may_evict(l, prio, busy_ok)
+                })
                 .collect();
             let available: u128 = candidates.iter().map(|l| u128::from(l.bytes)).sum();
             if available < shortfall {
@@ -779,13 +846,20 @@ impl LeaseTable {
                     .iter()
                     .enumerate()
                     .filter(|(_, l)| (!l.idle, l.priority) == class);
-                let covering = in_class
-                    .clone()
-                    .filter(|(_, l)| u128::from(l.bytes) >= shortfall)
-                    .min_by_key(|(_, l)| l.bytes)
-                    .map(|(i, _)| i);
-                let pick =
-                    covering.or_else(|| in_class.max_by_key(|(_, l)| l.bytes).map(|(i, _)| i));
+                let pick = if class.0 {
+                    // Busy: the smallest lease that covers the rest, else the largest.
+                    let covering = in_class
+                        .clone()
+                        .filter(|(_, l)| u128::from(l.bytes) >= shortfall)
+                        .min_by_key(|(_, l)| l.bytes)
+                        .map(|(i, _)| i);
+                    covering.or_else(|| in_class.max_by_key(|(_, l)| l.bytes).map(|(i, _)| i))
+                } else {
+                    // Idle: least recently used first.
+                    in_class
+                        .min_by_key(|(_, l)| (l.last_used_ms, l.granted_at_ms))
+                        .map(|(i, _)| i)
+                };
                 let Some(pick) = pick else { break };
                 let l = candidates.swap_remove(pick);
                 shortfall = shortfall.saturating_sub(u128::from(l.bytes));
@@ -799,13 +873,26 @@ impl LeaseTable {
         let Some((_, victims, pending_ids)) = best else {
             return false;
         };
-        let deadline = now_ms.saturating_add(self.limits.eviction_grace_ms);
         let for_whom = format!("needed by a priority {} request of {} bytes", prio, bytes);
         for id in &victims {
             if let Some(l) = self.leases.get_mut(id) {
-                l.evict_by_ms = Some(deadline);
+                // A busy lease of the same priority lets its current requests finish.
+                let busy_yield = l.priority >= prio && !l.idle;
+                let grace = if busy_yield {
+                    self.limits.busy_drain_ms.max(self.limits.eviction_grace_ms)
+                } else {
+                    self.limits.eviction_grace_ms
+                };
+                l.evict_by_ms = Some(now_ms.saturating_add(grace));
                 let l = l.clone();
-                self.emit(EventKind::EvictionNotice, l, now_ms, for_whom.clone());
+                let detail = if l.priority >= prio && l.idle {
+                    format!("{for_whom} (idle lease yields)")
+                } else if busy_yield {
+                    format!("{for_whom} (waited past preempt_busy_after_ms)")
+                } else {
+                    for_whom.clone()
+                };
+                self.emit(EventKind::EvictionNotice, l, now_ms, detail);
             }
         }
         let w = &mut self.queue[idx];
@@ -871,6 +958,7 @@ impl LeaseTable {
                     pids: Vec::new(),
                     idle: false,
                     evict_by_ms: None,
+                    last_used_ms: 0,
                 };
                 self.emit(
                     EventKind::Overcommitted,
@@ -911,6 +999,24 @@ impl LeaseTable {
         idle: bool,
         now_ms: u64,
     ) -> Result<Lease, TableError> {
+        self.renew_as(id, ttl_ms, pids, idle, None, now_ms)
+    }
+
+    /// [`renew`](Self::renew), optionally setting the lease's priority (a model now used by a
+    /// caller of higher priority is protected as that caller's).
+    ///
+    /// Idleness and priority decide who may evict the lease: a lease that turns busy (or rises in
+    /// priority) under a notice that only an idle (or lower) lease had to honour keeps its memory:
+    /// the notice is withdrawn, and the waiting request looks for other memory.
+    pub fn renew_as(
+        &mut self,
+        id: &str,
+        ttl_ms: u64,
+        pids: Vec<u32>,
+        idle: bool,
+        priority: Option<i32>,
+        now_ms: u64,
+    ) -> Result<Lease, TableError> {
         if ttl_ms != 0 {
             self.validate_ttl(ttl_ms)?;
         }
@@ -925,8 +1031,31 @@ impl LeaseTable {
         if !pids.is_empty() {
             l.pids = pids;
         }
+        if !idle || !l.idle {
+            l.last_used_ms = now_ms;
+        }
+        let became_idle = idle && !l.idle;
         l.idle = idle;
-        Ok(l.clone())
+        let lowered = priority.is_some_and(|p| p < l.priority);
+        if let Some(p) = priority {
+            l.priority = p;
+        }
+        let l = l.clone();
+        let mut dropped = false;
+        if l.evict_by_ms.is_some() {
+            let may_evict = self.evict_rule;
+            for w in &mut self.queue {
+                if w.claimed.contains(&l.id) && !may_evict(&l, w.req.priority, w.busy_ok) {
+                    w.claimed.retain(|c| c != &l.id);
+                    dropped = true;
+                }
+            }
+        }
+        // Memory that may now be asked for (idle, lower priority), or a notice to call off.
+        if dropped || ((became_idle || lowered) && !self.queue.is_empty()) {
+            self.schedule(now_ms);
+        }
+        Ok(self.leases.get(id).cloned().unwrap_or(l))
     }
 
     /// Settle a lease's size. Shrinking always succeeds; growing only if the extra bytes fit now.
@@ -979,7 +1108,7 @@ impl LeaseTable {
             now_ms,
             format!("{} -> {} bytes", old.bytes, bytes),
         );
-        if bytes < old.bytes {
+        if bytes != old.bytes {
             self.schedule(now_ms);
         }
         Ok(l)
@@ -1002,7 +1131,13 @@ impl LeaseTable {
             .values()
             .flat_map(|l| std::iter::once(l.expires_at_ms).chain(l.evict_by_ms));
         let waits = self.queue.iter().map(|w| w.wait_until_ms);
-        leases.chain(waits).min()
+        let arm = self.limits.preempt_busy_after_ms;
+        let arming = self
+            .queue
+            .iter()
+            .filter(move |w| arm > 0 && !w.busy_ok)
+            .map(move |w| w.queued_at_ms.saturating_add(arm));
+        leases.chain(waits).chain(arming).min()
     }
 
     /// Expire unrenewed leases, revoke leases whose eviction deadline passed, time out waiters.
@@ -1026,6 +1161,13 @@ impl LeaseTable {
                 };
                 self.remember_end(&id, why);
                 self.emit(kind, l, now_ms, why.as_str());
+                changed = true;
+            }
+        }
+        let arm = self.limits.preempt_busy_after_ms;
+        for w in &mut self.queue {
+            if arm > 0 && !w.busy_ok && w.queued_at_ms.saturating_add(arm) <= now_ms {
+                w.busy_ok = true;
                 changed = true;
             }
         }
@@ -1108,6 +1250,11 @@ impl LeaseTable {
         }
         let mut out = Reattached::default();
         for mut l in presented {
+            if l.id.is_empty() || l.id.len() > 128 || !l.id.bytes().all(|b| b.is_ascii_graphic()) {
+                out.lost
+                    .push((l.id, "not a lease id (1-128 printable ASCII bytes)".into()));
+                continue;
+            }
             if let Some(known) = self.leases.get_mut(&l.id) {
                 if known.holder != holder {
                     out.lost.push((l.id, format!("held by {:?}", known.holder)));

@@ -31,6 +31,7 @@ enum Op {
         ttl_ms: u64,
         idle: bool,
         pid: Option<u32>,
+        priority: Option<i32>,
     },
     Release {
         pick: usize,
@@ -66,8 +67,8 @@ fn op(with_foreign: bool) -> BoxedStrategy<Op> {
     let base = prop_oneof![
         4 => (0u8..4, size.clone(), 0i32..4, prop::option::of(0u32..4), 0u64..5_000, prop_oneof![Just(0u64), 1u64..3_000])
             .prop_map(|(holder, bytes, priority, gpu, ttl_ms, wait_ms)| Op::Acquire { holder, bytes, priority, gpu, ttl_ms, wait_ms }),
-        2 => (any::<usize>(), 0u64..5_000, any::<bool>(), prop::option::of(1u32..6))
-            .prop_map(|(pick, ttl_ms, idle, pid)| Op::Renew { pick, ttl_ms, idle, pid }),
+        3 => (any::<usize>(), 0u64..5_000, any::<bool>(), prop::option::of(1u32..6), prop::option::weighted(0.2, 0i32..4))
+            .prop_map(|(pick, ttl_ms, idle, pid, priority)| Op::Renew { pick, ttl_ms, idle, pid, priority }),
         2 => any::<usize>().prop_map(|pick| Op::Release { pick }),
         1 => (any::<usize>(), size.clone()).prop_map(|(pick, bytes)| Op::Resize { pick, bytes }),
         1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
@@ -108,12 +109,25 @@ fn pick<T: Clone>(items: &[T], n: usize) -> Option<T> {
 
 /// Apply `ops` to a fresh table using `rule`; fail on the first step that breaks the property.
 fn run(ops: &[Op], rule: FitRule, strict: bool) -> Result<(), TestCaseError> {
+    run_with(ops, rule, may_evict, strict)
+}
+
+fn run_with(
+    ops: &[Op],
+    rule: FitRule,
+    evict: EvictRule,
+    strict: bool,
+) -> Result<(), TestCaseError> {
     let limits = Limits {
         max_ttl_ms: 4_000,
         max_wait_ms: 2_500,
         eviction_grace_ms: 700,
+        preempt_busy_after_ms: 1_500,
+        busy_drain_ms: 900,
     };
-    let mut t = LeaseTable::new(gpus(), limits, "p").with_fit_rule(rule);
+    let mut t = LeaseTable::new(gpus(), limits, "p")
+        .with_fit_rule(rule)
+        .with_evict_rule(evict);
     let mut now = 0u64;
     for (step, op) in ops.iter().enumerate() {
         let before: Vec<GpuAccount> = (0..t.gpus().len()).map(|p| t.account(p)).collect();
@@ -148,9 +162,10 @@ fn run(ops: &[Op], rule: FitRule, strict: bool) -> Result<(), TestCaseError> {
                 ttl_ms,
                 idle,
                 pid,
+                priority,
             } => match pick(&ids, p) {
                 Some(id) => t
-                    .renew(&id, ttl_ms, pid.into_iter().collect(), idle, now)
+                    .renew_as(&id, ttl_ms, pid.into_iter().collect(), idle, priority, now)
                     .is_err(),
                 None => false,
             },
@@ -247,8 +262,78 @@ fn run(ops: &[Op], rule: FitRule, strict: bool) -> Result<(), TestCaseError> {
                 step
             );
         }
+        check_notices(&t, step, op)?;
         t.take_events();
         t.take_notices();
+    }
+    Ok(())
+}
+
+/// The eviction rules, after every step:
+/// - every notice stands for a waiting request that may evict that lease ([`may_evict`]): never a
+///   lease of higher priority, and a lease of *equal* priority only while it is idle or once the
+///   request has waited `preempt_busy_after_ms` — so no lease with a request in flight is noticed
+///   for an equal-priority request that has not waited that long;
+/// - an idle lease never blocks a waiter that would fit after evicting it: a waiter that fits on no
+///   eligible GPU, but would fit on one after evicting every lease it may evict there, has memory
+///   on its way (grantable + noticed leases cover it on some eligible GPU).
+fn check_notices(t: &LeaseTable, step: usize, op: &Op) -> Result<(), TestCaseError> {
+    for l in t.leases().filter(|l| l.evict_by_ms.is_some()) {
+        let justified = t
+            .queue()
+            .iter()
+            .any(|w| w.claimed.contains(&l.id) && may_evict(l, w.req.priority, w.busy_ok));
+        prop_assert!(
+            justified,
+            "step {}: {:?}: lease {} (priority {}, idle {}) is under notice for no waiter that may evict it: {:?}",
+            step,
+            op,
+            l.id,
+            l.priority,
+            l.idle,
+            t.queue()
+                .iter()
+                .map(|w| (w.req.priority, w.busy_ok, w.claimed.clone()))
+                .collect::<Vec<_>>()
+        );
+    }
+    for w in t.queue() {
+        let eligible: Vec<usize> = (0..t.gpus().len())
+            .filter(|&p| w.req.gpu.is_none_or(|g| t.gpus()[p].index == g))
+            .collect();
+        if eligible.iter().any(|&p| fits(&t.account(p), w.req.bytes)) {
+            continue; // held back behind an earlier waiter, or granted at the next pass
+        }
+        let could = eligible.iter().any(|&p| {
+            let a = t.account(p);
+            let evictable: u64 = t
+                .leases()
+                .filter(|l| l.gpu == t.gpus()[p].index && may_evict(l, w.req.priority, w.busy_ok))
+                .map(|l| l.bytes)
+                .sum();
+            !a.overcommitted() && a.grantable() + evictable >= w.req.bytes
+        });
+        if !could {
+            continue;
+        }
+        let on_its_way = eligible.iter().any(|&p| {
+            let a = t.account(p);
+            let noticed: u64 = t
+                .leases()
+                .filter(|l| l.gpu == t.gpus()[p].index && l.evict_by_ms.is_some())
+                .map(|l| l.bytes)
+                .sum();
+            !a.overcommitted() && a.grantable() + noticed >= w.req.bytes
+        });
+        prop_assert!(
+            on_its_way,
+            "step {}: {:?}: waiter {} (priority {}, {} bytes) could fit by evicting leases it may evict, but no memory is on its way",
+            step,
+            op,
+            w.ticket,
+            w.req.priority,
+            w.req.bytes
+        );
     }
     Ok(())
 }
@@ -293,5 +378,41 @@ fn the_property_catches_broken_fit_rules() {
             found.is_err(),
             "the property test did not catch a rule that {name}"
         );
+    }
+}
+
+/// The notice checks must be able to fail: an eviction rule that ignores idleness (busy leases of
+/// equal priority evicted at once) or priority (higher-priority idle leases evicted) is caught.
+#[test]
+fn the_property_catches_broken_eviction_rules() {
+    fn ignores_idleness(l: &Lease, prio: i32, _busy_ok: bool) -> bool {
+        l.priority <= prio
+    }
+    fn ignores_priority(l: &Lease, prio: i32, busy_ok: bool) -> bool {
+        l.idle || l.priority < prio || busy_ok
+    }
+    // The rule before idle leases yielded: an idle model blocked a request of its own priority.
+    fn strictly_lower_only(l: &Lease, prio: i32, _busy_ok: bool) -> bool {
+        l.priority < prio
+    }
+    for (name, rule) in [
+        ("ignores idleness", ignores_idleness as EvictRule),
+        ("ignores priority", ignores_priority as EvictRule),
+        (
+            "never lets idle leases of equal priority yield",
+            strictly_lower_only as EvictRule,
+        ),
+    ] {
+        let mut runner = TestRunner::new(Config {
+            cases: 512,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let found = runner
+            .run(&prop::collection::vec(op(false), 1..300), |ops| {
+                run_with(&ops, fits, rule, true)
+            })
+            .is_err();
+        assert!(found, "a rule that {name} was not caught");
     }
 }

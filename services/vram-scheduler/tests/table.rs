@@ -438,6 +438,7 @@ fn nvml_foreign_use_counts_unleased_processes_overflow_and_unattributed_memory()
         pids,
         idle: false,
         evict_by_ms: None,
+        last_used_ms: 0,
     };
     // pid 1 leased (uses 3 of its 4), pid 2 leased (uses 5 of its 4: 1 overflow), pid 3 unleased
     // (2), and 1 used by no process (driver): foreign = 2 + 1 + 1.
@@ -572,6 +573,7 @@ fn a_restored_lease_counts_its_own_process_as_leased_not_foreign() {
         pids: vec![7],
         idle: false,
         evict_by_ms: None,
+        last_used_ms: 0,
     };
     let mut t = LeaseTable::new(gpus.clone(), Limits::default(), "t");
     let out = t.reattach("mgr", vec![lease.clone()], 0).unwrap();
@@ -706,4 +708,202 @@ fn a_notice_stays_exactly_while_a_waiting_request_counts_on_it() {
     );
     assert!(t.cancel_waiter(&c.ticket, 6));
     assert_eq!(t.lease(&l0.id).unwrap().evict_by_ms, None);
+}
+
+// ---- idle leases yield (equal priority), busy ones do not; per-caller priority ----------------
+
+fn notices(t: &mut LeaseTable) -> Vec<Event> {
+    t.take_events()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::EvictionNotice)
+        .collect()
+}
+
+#[test]
+fn an_idle_lease_yields_to_a_request_of_equal_priority_and_the_swap_completes() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("model-a", 6 * GIB, 0), 0));
+    t.renew(&a.id, 0, vec![], true, 10).unwrap();
+    t.take_events();
+    let p = queued(t.acquire(waiting("model-b", 6 * GIB, 0), 20));
+    assert!(p.evictions_requested);
+    let n = notices(&mut t);
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].lease.id, a.id);
+    assert!(n[0].detail.contains("idle lease yields"), "{}", n[0].detail);
+    t.release(&a.id, 30).unwrap();
+    let g = t.take_notices();
+    assert!(
+        g.iter()
+            .any(|n| matches!(n, WaiterNotice::Granted { ticket, .. } if *ticket == p.ticket)),
+        "{g:?}"
+    );
+}
+
+#[test]
+fn a_busy_lease_is_not_noticed_for_equal_priority_until_it_turns_idle() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("model-a", 6 * GIB, 0), 0));
+    t.renew(&a.id, 0, vec![], false, 10).unwrap();
+    t.take_events();
+    queued(t.acquire(waiting("model-b", 6 * GIB, 0), 20));
+    assert!(notices(&mut t).is_empty(), "busy lease noticed");
+    assert!(t.lease(&a.id).unwrap().evict_by_ms.is_none());
+    // Its last request ends: the waiting request may now have the memory.
+    t.renew(&a.id, 0, vec![], true, 500).unwrap();
+    let n = notices(&mut t);
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].lease.id, a.id);
+}
+
+#[test]
+fn a_notice_to_an_idle_lease_is_withdrawn_when_it_turns_busy() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("model-a", 6 * GIB, 0), 0));
+    t.renew(&a.id, 0, vec![], true, 10).unwrap();
+    queued(t.acquire(waiting("model-b", 6 * GIB, 0), 20));
+    assert!(t.lease(&a.id).unwrap().evict_by_ms.is_some());
+    t.take_events();
+    // A request reached the model before it stopped: it keeps its memory.
+    let l = t.renew(&a.id, 0, vec![], false, 30).unwrap();
+    assert!(
+        l.evict_by_ms.is_none(),
+        "the renew answer still carries the notice"
+    );
+    assert!(kinds(&mut t).contains(&EventKind::EvictionWithdrawn));
+    // A higher-priority request's notice is not withdrawn by a busy report.
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("model-a", 6 * GIB, 0), 0));
+    queued(t.acquire(waiting("urgent", 6 * GIB, 5), 20));
+    assert!(t.lease(&a.id).unwrap().evict_by_ms.is_some());
+    let l = t.renew(&a.id, 0, vec![], false, 30).unwrap();
+    assert!(l.evict_by_ms.is_some());
+}
+
+#[test]
+fn the_least_recently_used_idle_lease_yields_first() {
+    let mut t = table(&[8 * GIB]);
+    let old = granted(t.acquire(req("old", 3 * GIB, 0), 0));
+    let recent = granted(t.acquire(req("recent", 3 * GIB, 0), 0));
+    t.renew(&old.id, 0, vec![], false, 100).unwrap();
+    t.renew(&old.id, 0, vec![], true, 200).unwrap();
+    t.renew(&recent.id, 0, vec![], false, 300).unwrap();
+    t.renew(&recent.id, 0, vec![], true, 400).unwrap();
+    t.take_events();
+    queued(t.acquire(waiting("new", 4 * GIB, 0), 500));
+    let n = notices(&mut t);
+    assert_eq!(n.len(), 1, "one 3 GiB lease frees enough");
+    assert_eq!(n[0].lease.id, old.id);
+}
+
+#[test]
+fn a_request_that_waited_long_enough_drains_a_busy_lease_of_its_priority() {
+    let limits = Limits {
+        preempt_busy_after_ms: 5_000,
+        busy_drain_ms: 60_000,
+        ..Limits::default()
+    };
+    let mut t = LeaseTable::new(simulated(&[8 * GIB], 0), limits, "t");
+    let a = granted(t.acquire(req("model-a", 6 * GIB, 0), 0));
+    t.renew(&a.id, 0, vec![], false, 10).unwrap();
+    queued(t.acquire(waiting("model-b", 6 * GIB, 0), 1_000));
+    assert!(notices(&mut t).is_empty());
+    assert_eq!(
+        t.next_deadline(),
+        Some(6_000),
+        "the table wakes when the wait arms"
+    );
+    t.tick(5_999);
+    assert!(notices(&mut t).is_empty());
+    t.renew(&a.id, 0, vec![], false, 5_999).unwrap();
+    t.tick(6_000);
+    let n = notices(&mut t);
+    assert_eq!(n.len(), 1);
+    assert_eq!(
+        n[0].lease.evict_by_ms,
+        Some(66_000),
+        "busy_drain_ms to finish"
+    );
+    // A busy report does not call this one off.
+    let l = t.renew(&a.id, 0, vec![], false, 6_100).unwrap();
+    assert!(l.evict_by_ms.is_some());
+    // With 0 (never), a busy lease never yields to its own priority.
+    let limits = Limits {
+        preempt_busy_after_ms: 0,
+        ..Limits::default()
+    };
+    let mut t = LeaseTable::new(simulated(&[8 * GIB], 0), limits, "t");
+    let a = granted(t.acquire(req("model-a", 6 * GIB, 0), 0));
+    t.renew(&a.id, 0, vec![], false, 10).unwrap();
+    queued(t.acquire(waiting("model-b", 6 * GIB, 0), 1_000));
+    t.tick(50_000);
+    assert!(notices(&mut t).is_empty());
+}
+
+#[test]
+fn a_lower_priority_caller_never_evicts_a_higher_priority_model_even_idle() {
+    let mut t = table(&[8 * GIB]);
+    let interactive = granted(t.acquire(req("interactive", 6 * GIB, 10), 0));
+    t.renew(&interactive.id, 0, vec![], true, 10).unwrap();
+    t.take_events();
+    queued(t.acquire(waiting("batch", 6 * GIB, -5), 20));
+    assert!(notices(&mut t).is_empty());
+    // ... and an interactive request evicts a batch model even while it is busy.
+    let mut t = table(&[8 * GIB]);
+    let batch = granted(t.acquire(req("batch", 6 * GIB, -5), 0));
+    t.renew(&batch.id, 0, vec![], false, 10).unwrap();
+    t.take_events();
+    queued(t.acquire(waiting("interactive", 6 * GIB, 10), 20));
+    let n = notices(&mut t);
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].lease.id, batch.id);
+}
+
+#[test]
+fn raising_a_lease_priority_calls_off_a_notice_it_no_longer_has_to_honour() {
+    let mut t = table(&[8 * GIB]);
+    let a = granted(t.acquire(req("model-a", 6 * GIB, -5), 0));
+    t.renew(&a.id, 0, vec![], true, 10).unwrap();
+    queued(t.acquire(waiting("batch-b", 6 * GIB, -5), 20));
+    assert!(t.lease(&a.id).unwrap().evict_by_ms.is_some());
+    t.take_events();
+    // An interactive caller now uses model A (the holder raises the lease).
+    let l = t.renew_as(&a.id, 0, vec![], true, Some(10), 30).unwrap();
+    assert_eq!(l.priority, 10);
+    assert!(l.evict_by_ms.is_none());
+    assert!(kinds(&mut t).contains(&EventKind::EvictionWithdrawn));
+}
+
+#[test]
+fn lease_ids_are_unguessable_and_never_reused() {
+    let mut t1 = LeaseTable::new(simulated(&[8 * GIB], 0), Limits::default(), "key-one");
+    let mut t2 = LeaseTable::new(simulated(&[8 * GIB], 0), Limits::default(), "key-two");
+    let a1 = granted(t1.acquire(req("a", GIB, 0), 0));
+    let a2 = granted(t2.acquire(req("a", GIB, 0), 0));
+    assert_ne!(a1.id, a2.id, "ids depend on the table's secret key");
+    assert_eq!(a1.id.len(), 2 + 32, "{}", a1.id);
+    // A holder re-attaches an id chosen to collide with what the table would issue next: the
+    // table never issues it again, so two holders never share one id.
+    let mut probe = LeaseTable::new(simulated(&[8 * GIB], 0), Limits::default(), "key-one");
+    granted(probe.acquire(req("a", GIB, 0), 0));
+    let next = granted(probe.acquire(req("b", GIB, 0), 0)).id;
+    let mut forged = a1.clone();
+    forged.id = next.clone();
+    forged.holder = "attacker".into();
+    let r = t1.reattach("attacker", vec![forged], 5).unwrap();
+    assert_eq!(r.restored.len(), 1);
+    let b = granted(t1.acquire(req("b", GIB, 0), 6));
+    assert_ne!(
+        b.id, next,
+        "an id held by a re-attached lease was issued again"
+    );
+    assert_eq!(t1.leases().filter(|l| l.id == next).count(), 1);
+    // Malformed ids are refused; a live id of another holder is refused.
+    let mut bad = a1.clone();
+    bad.id = String::new();
+    let mut taken = a1.clone();
+    taken.holder = "attacker".into();
+    let r = t1.reattach("attacker", vec![bad, taken], 7).unwrap();
+    assert_eq!(r.lost.len(), 2, "{r:?}");
+    assert_eq!(t1.lease(&a1.id).unwrap().holder, "a");
 }
