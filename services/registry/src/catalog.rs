@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::discover;
 use crate::estimate::{self, Breakdown, CacheType, EstimateInput, EstimateParams};
+use crate::fence::Fence;
 use crate::record::{self, Format, ModelRecord, Status};
 use crate::store::{Measurement, MeasurementKey, Store, StoreError};
 
@@ -236,8 +237,11 @@ impl Catalog {
         let known = self.ask(Msg::Fingerprints).await?;
         let (ptx, mut prx) = mpsc::unbounded_channel::<ScanProgress>();
         let scan_roots = roots.clone();
-        let work =
-            tokio::task::spawn_blocking(move || scan(&scan_roots, &known, full, started, &ptx));
+        let all_roots = self.roots.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let fence = Fence::new(&all_roots);
+            scan(&scan_roots, &fence, &known, full, started, &ptx)
+        });
         // Forward progress, throttled.
         let mut last_sent = Instant::now() - Duration::from_secs(1);
         while let Some(p) = prx.recv().await {
@@ -275,12 +279,13 @@ impl Catalog {
 /// The blocking part of a scan: walk, compare fingerprints, parse what changed.
 fn scan(
     roots: &[PathBuf],
+    fence: &Fence,
     known: &HashMap<String, (String, ModelRecord)>,
     full: bool,
     started: Instant,
     progress: &mpsc::UnboundedSender<ScanProgress>,
 ) -> (ScanProgress, Vec<ModelRecord>, Vec<String>) {
-    let found = discover::discover(roots);
+    let found = discover::discover(roots, fence);
     let mut p = ScanProgress {
         files_seen: found.files_seen,
         files_failed: found.failures.len() as u64,
@@ -315,8 +320,21 @@ fn scan(
             .first()
             .map(|s| s.path.display().to_string())
             .unwrap_or_default();
-        let mut r = record::build(c, now);
+        let mut r = record::build(c, fence, now);
         p.files_parsed += stamps;
+        // A record that cannot be stored (a path that is not UTF-8 cannot go to JSON) is reported
+        // and left out; it must never fail the scan's one transaction for every other model.
+        if let Err(e) = serde_json::to_string(&r) {
+            tracing::warn!("scan: {} cannot be stored ({e}); skipped", r.path.display());
+            p.files_failed += 1;
+            p.failures.push((
+                r.path.display().to_string(),
+                format!("cannot be stored: {e}"),
+            ));
+            let _ = progress.send(p.clone());
+            p.failures.clear();
+            continue;
+        }
         if r.status == Status::Error {
             p.files_failed += 1;
             p.failures
@@ -331,8 +349,17 @@ fn scan(
         let _ = progress.send(p.clone());
         p.failures.clear();
     }
-    let scanned_root =
-        |m: &ModelRecord| roots.iter().any(|r| m.root.starts_with(r) || m.root == *r);
+    // Records hold canonical roots; compare with the scanned roots canonicalized too.
+    let canonical: Vec<PathBuf> = roots
+        .iter()
+        .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+        .collect();
+    let scanned_root = |m: &ModelRecord| {
+        roots
+            .iter()
+            .chain(&canonical)
+            .any(|r| m.root.starts_with(r))
+    };
     let removals: Vec<String> = known
         .iter()
         .filter(|(id, (_, m))| !seen_ids.contains(*id) && scanned_root(m))

@@ -6,12 +6,16 @@
 //! are projectors of the GGUF models beside them, not models.
 //!
 //! Safety: directory symlinks are never followed (no loops); a file symlink is followed only when
-//! its target lies under a configured root; unreadable directories and vanished files are recorded
-//! as failures and the walk goes on; depth is bounded.
+//! its target lies under a configured root ([`Fence`]); only regular files are taken (a FIFO or
+//! device named like a model is recorded as a failure, never opened); a name that is not UTF-8 is
+//! recorded as a failure and skipped; unreadable directories and vanished files are recorded as
+//! failures and the walk goes on; depth is bounded. Discovery opens no file.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
+
+use crate::fence::{self, Fence, FenceError};
 
 /// Directories deeper than this below a root are not walked.
 const MAX_DEPTH: usize = 24;
@@ -57,6 +61,8 @@ pub enum Candidate {
         root: PathBuf,
         dir: PathBuf,
         files: Vec<FileStamp>,
+        /// Files of the folder the fence refused, with the reason (the record is an error).
+        refused: Vec<(PathBuf, String)>,
     },
 }
 
@@ -93,20 +99,26 @@ pub struct Discovery {
     pub files_seen: u64,
 }
 
-/// Stat a file (following a symlink) into a stamp.
-pub fn stamp(path: &Path) -> std::io::Result<FileStamp> {
-    let md = std::fs::metadata(path)?;
+/// A stamp from metadata already taken (of the file itself, or of a checked symlink's target).
+pub fn stamp_of(path: &Path, md: &std::fs::Metadata) -> FileStamp {
     let mtime_ms = md
         .modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    Ok(FileStamp {
+    FileStamp {
         path: path.to_path_buf(),
         size: md.len(),
         mtime_ms,
-    })
+    }
+}
+
+/// Stamp a file through the fence: a regular file whose real location is under a root, or an
+/// error saying why not. Nothing outside the roots is stamped (its size would be listed).
+pub fn stamp(fence: &Fence, path: &Path) -> Result<FileStamp, FenceError> {
+    let (_, md) = fence.check(path)?;
+    Ok(stamp_of(path, &md))
 }
 
 /// Parse `name-00001-of-00003.gguf` into (`name`, 1, 3).
@@ -126,40 +138,43 @@ pub fn split_name(file_name: &str) -> Option<(String, u32, u32)> {
 type SplitGroups = BTreeMap<(PathBuf, String, u32), (PathBuf, BTreeMap<u32, FileStamp>)>;
 
 struct Walker<'a> {
-    roots: &'a [PathBuf],
+    fence: &'a Fence,
     out: Discovery,
     visited: HashSet<PathBuf>,
     splits: SplitGroups,
 }
 
-/// Is `p` (canonical) under one of the (canonical) roots?
-fn under_roots(p: &Path, roots: &[PathBuf]) -> bool {
-    roots.iter().any(|r| p.starts_with(r))
+/// One directory entry, as the walk sees it.
+enum Entry {
+    /// A real directory (never a link to one).
+    Dir,
+    /// A regular file, or a link to one under a root.
+    File(FileStamp),
+    /// Skipped (and recorded as a failure when the caller asked for reports).
+    Skip,
 }
 
-/// Walk every root. Roots that do not exist are failures, not errors.
-pub fn discover(roots: &[PathBuf]) -> Discovery {
-    let canonical: Vec<PathBuf> = roots
-        .iter()
-        .filter_map(|r| std::fs::canonicalize(r).ok())
-        .collect();
+/// Is `p` a real directory (not a link to one)?
+fn is_real_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
+/// Walk `roots` (each canonicalized); a file symlink is followed only when its target is under
+/// one of `fence`'s roots (all configured roots, which may be more than the ones walked). Roots
+/// that do not exist are failures, not errors.
+pub fn discover(roots: &[PathBuf], fence: &Fence) -> Discovery {
     let mut w = Walker {
-        roots: &canonical,
+        fence,
         out: Discovery::default(),
         visited: HashSet::new(),
         splits: BTreeMap::new(),
     };
-    for (root, canon) in roots.iter().zip(roots.iter().map(std::fs::canonicalize)) {
-        match canon {
+    for root in roots {
+        match std::fs::canonicalize(root) {
+            Ok(c) if c.to_str().is_none() => w.fail(&c, FenceError::NotUtf8),
             Ok(c) if c.is_dir() => w.walk_dir(&c, &c, 0),
-            Ok(c) => w
-                .out
-                .failures
-                .push((c, "model root is not a directory".into())),
-            Err(e) => w
-                .out
-                .failures
-                .push((root.clone(), format!("model root cannot be read: {e}"))),
+            Ok(c) => w.fail(&c, "model root is not a directory"),
+            Err(e) => w.fail(root, format!("model root cannot be read: {e}")),
         }
     }
     let splits = std::mem::take(&mut w.splits);
@@ -174,9 +189,66 @@ pub fn discover(roots: &[PathBuf]) -> Discovery {
     w.out
 }
 
+/// The sorted entries of a directory.
+fn list_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
 impl Walker<'_> {
     fn fail(&mut self, p: &Path, why: impl std::fmt::Display) {
         self.out.failures.push((p.to_path_buf(), why.to_string()));
+    }
+
+    /// Classify one entry. A name that is not UTF-8 is always recorded as a failure (it cannot be
+    /// listed); other refusals only when `report`.
+    fn entry(&mut self, path: &Path, report: bool) -> Entry {
+        if path.to_str().is_none() {
+            self.fail(path, FenceError::NotUtf8);
+            return Entry::Skip;
+        }
+        let md = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) => {
+                if report {
+                    self.fail(path, format!("vanished or unreadable: {e}"));
+                }
+                return Entry::Skip;
+            }
+        };
+        let ft = md.file_type();
+        if ft.is_dir() {
+            return Entry::Dir;
+        }
+        if ft.is_symlink() {
+            if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+                return Entry::Skip; // never follow directory links
+            }
+            return match stamp(self.fence, path) {
+                Ok(st) => Entry::File(st),
+                Err(e) => {
+                    if report {
+                        let why = if e.is_not_found() {
+                            format!("broken symlink: {e}")
+                        } else {
+                            format!("symlink {e}")
+                        };
+                        self.fail(path, why);
+                    }
+                    Entry::Skip
+                }
+            };
+        }
+        if !ft.is_file() {
+            if report {
+                self.fail(path, FenceError::NotRegular(fence::kind_name(&md)));
+            }
+            return Entry::Skip;
+        }
+        Entry::File(stamp_of(path, &md))
     }
 
     fn walk_dir(&mut self, root: &Path, dir: &Path, depth: usize) {
@@ -190,69 +262,36 @@ impl Walker<'_> {
         if !self.visited.insert(dir.to_path_buf()) {
             return;
         }
-        // Special layouts first: an Ollama store or a safetensors folder is one unit.
-        if dir.join("manifests").is_dir() && dir.join("blobs").is_dir() {
+        // Special layouts first: an Ollama store or a safetensors folder is one unit. Only real
+        // directories count (a `manifests` link is not followed).
+        if is_real_dir(&dir.join("manifests")) && is_real_dir(&dir.join("blobs")) {
             self.ollama_store(root, dir);
             return;
         }
-        if dir.join("config.json").is_file() && self.safetensors_dir(root, dir) {
+        if std::fs::symlink_metadata(dir.join("config.json")).is_ok()
+            && self.safetensors_dir(root, dir)
+        {
             return;
         }
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
+        let names = match list_dir(dir) {
+            Ok(n) => n,
             Err(e) => return self.fail(dir, format!("cannot list directory: {e}")),
         };
-        let mut names: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        names.sort();
         let mut ggufs = Vec::new();
         let mut projectors = Vec::new();
         for path in names {
-            let md = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                Err(e) => {
-                    self.fail(&path, format!("vanished or unreadable: {e}"));
+            let st = match self.entry(&path, is_gguf(&path)) {
+                Entry::Dir => {
+                    self.walk_dir(root, &path, depth + 1);
                     continue;
                 }
+                Entry::Skip => continue,
+                Entry::File(st) => st,
             };
-            let ft = md.file_type();
-            if ft.is_dir() {
-                self.walk_dir(root, &path, depth + 1);
-                continue;
-            }
-            if ft.is_symlink() {
-                match std::fs::canonicalize(&path) {
-                    Ok(t) if t.is_file() && under_roots(&t, self.roots) => {}
-                    Ok(t) if t.is_dir() => continue, // never follow directory links
-                    Ok(_) => {
-                        if is_gguf(&path) {
-                            self.fail(
-                                &path,
-                                "symlink target lies outside the model roots; ignored",
-                            );
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        if is_gguf(&path) {
-                            self.fail(&path, format!("broken symlink: {e}"));
-                        }
-                        continue;
-                    }
-                }
-            } else if !ft.is_file() {
-                continue;
-            }
             self.out.files_seen += 1;
             if !is_gguf(&path) {
                 continue;
             }
-            let st = match stamp(&path) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.fail(&path, format!("vanished or unreadable: {e}"));
-                    continue;
-                }
-            };
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.to_ascii_lowercase().starts_with("mmproj") {
                 projectors.push(st);
@@ -279,86 +318,80 @@ impl Walker<'_> {
         let manifests = store.join("manifests");
         let mut stack = vec![(manifests.clone(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
+            let paths = match list_dir(&dir) {
+                Ok(p) => p,
                 Err(e) => {
                     self.fail(&dir, format!("cannot list directory: {e}"));
                     continue;
                 }
             };
-            let mut paths: Vec<PathBuf> =
-                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            paths.sort();
             for p in paths {
-                let Ok(md) = std::fs::symlink_metadata(&p) else {
-                    continue;
-                };
-                if md.is_dir() && depth < 4 {
-                    stack.push((p, depth + 1));
-                } else if md.is_file() {
-                    self.out.files_seen += 1;
-                    // manifests/<host>/<namespace>/<model>/<tag>
-                    let rel: Vec<String> = p
-                        .strip_prefix(&manifests)
-                        .map(|r| r.iter().map(|c| c.to_string_lossy().into_owned()).collect())
-                        .unwrap_or_default();
-                    if rel.len() != 4 {
-                        self.fail(
-                            &p,
-                            "not a manifest (expected manifests/<host>/<namespace>/<model>/<tag>)",
-                        );
+                let st = match self.entry(&p, true) {
+                    Entry::Dir if depth < 4 => {
+                        stack.push((p, depth + 1));
                         continue;
                     }
-                    match stamp(&p) {
-                        Ok(st) => self.out.candidates.push(Candidate::Ollama {
-                            root: root.to_path_buf(),
-                            store: store.to_path_buf(),
-                            manifest: OllamaCandidate {
-                                manifest: st,
-                                host: rel[0].clone(),
-                                namespace: rel[1].clone(),
-                                model: rel[2].clone(),
-                                tag: rel[3].clone(),
-                            },
-                        }),
-                        Err(e) => self.fail(&p, format!("vanished or unreadable: {e}")),
-                    }
+                    Entry::Dir | Entry::Skip => continue,
+                    Entry::File(st) => st,
+                };
+                self.out.files_seen += 1;
+                // manifests/<host>/<namespace>/<model>/<tag>
+                let rel: Vec<String> = p
+                    .strip_prefix(&manifests)
+                    .map(|r| r.iter().map(|c| c.to_string_lossy().into_owned()).collect())
+                    .unwrap_or_default();
+                if rel.len() != 4 {
+                    self.fail(
+                        &p,
+                        "not a manifest (expected manifests/<host>/<namespace>/<model>/<tag>)",
+                    );
+                    continue;
                 }
+                self.out.candidates.push(Candidate::Ollama {
+                    root: root.to_path_buf(),
+                    store: store.to_path_buf(),
+                    manifest: OllamaCandidate {
+                        manifest: st,
+                        host: rel[0].clone(),
+                        namespace: rel[1].clone(),
+                        model: rel[2].clone(),
+                        tag: rel[3].clone(),
+                    },
+                });
             }
         }
     }
 
-    /// A folder with config.json and safetensors weights; false if it has no weights.
+    /// A folder with config.json and safetensors weights; false if it has no weights. Files it
+    /// needs that the fence refuses (a link out of the roots, a FIFO) go with the candidate, which
+    /// then becomes a record in error with the reason.
     fn safetensors_dir(&mut self, root: &Path, dir: &Path) -> bool {
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(paths) = list_dir(dir) else {
             return false;
         };
         let mut files: Vec<FileStamp> = Vec::new();
+        let mut refused: Vec<(PathBuf, String)> = Vec::new();
         let mut has_weights = false;
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        paths.sort();
         for p in paths {
-            let name = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("")
-                .to_string();
-            let wanted = name.ends_with(".safetensors")
-                || name == "config.json"
-                || name == "model.safetensors.index.json"
-                || name == "tokenizer_config.json";
-            if !wanted || !p.is_file() {
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+                self.fail(&p, FenceError::NotUtf8);
+                continue;
+            };
+            let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+            let wanted = weights || name == "config.json" || name == "tokenizer_config.json";
+            if !wanted {
                 continue;
             }
-            if let Ok(real) = std::fs::canonicalize(&p)
-                && !under_roots(&real, self.roots)
-            {
-                continue;
-            }
-            self.out.files_seen += 1;
-            has_weights |= name.ends_with(".safetensors") || name == "model.safetensors.index.json";
-            if let Ok(st) = stamp(&p) {
-                files.push(st);
+            has_weights |= weights;
+            match stamp(self.fence, &p) {
+                Ok(st) => {
+                    self.out.files_seen += 1;
+                    files.push(st);
+                }
+                Err(e) if e.is_not_found() => {}
+                // Optional: reported, not read, and the model stands without it.
+                Err(e) if name == "tokenizer_config.json" => self.fail(&p, e),
+                Err(e) => refused.push((p, e.to_string())),
             }
         }
         if has_weights {
@@ -366,6 +399,7 @@ impl Walker<'_> {
                 root: root.to_path_buf(),
                 dir: dir.to_path_buf(),
                 files,
+                refused,
             });
         }
         has_weights

@@ -2,6 +2,7 @@
 //! SQLite.
 //!
 //! - [`discover`]: walk the roots; which files form which model (no parsing).
+//! - [`fence`]: the only way files are stamped or opened: regular files under the roots.
 //! - [`record`]: a model record, built from a discovery candidate by parsing headers only.
 //! - [`safetensors`]: safetensors headers and `config.json`.
 //! - [`estimate`]: the memory estimate, term by term (pure).
@@ -14,6 +15,7 @@ pub mod catalog;
 pub mod config;
 pub mod discover;
 pub mod estimate;
+pub mod fence;
 pub mod grpc;
 pub mod record;
 pub mod safetensors;

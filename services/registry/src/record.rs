@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::discover::{Candidate, FileStamp};
+use crate::fence::Fence;
 use crate::safetensors;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,9 +266,26 @@ pub fn gguf_meta(header: &GgufHeader) -> Result<Meta, String> {
     Ok(m)
 }
 
+/// Parse the GGUF header of `path`, opened through the fence. A refusal names the file; a parse
+/// error is the parser's message.
+fn gguf_header(fence: &Fence, path: &Path) -> Result<GgufHeader, String> {
+    let f = fence
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    GgufHeader::read(f).map_err(|e| e.to_string())
+}
+
+/// [`gguf_header`] with the file named in every error (split parts).
+fn gguf_part_header(fence: &Fence, path: &Path) -> Result<GgufHeader, String> {
+    let f = fence.open(path).map_err(|e| e.to_string());
+    f.and_then(|f| GgufHeader::read(f).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Turn a candidate into a record (parsing its headers). Never fails: problems become an `Error`
-/// or `Incomplete` status with the reason.
-pub fn build(c: &Candidate, now_ms: u64) -> ModelRecord {
+/// or `Incomplete` status with the reason. Every file is opened through `fence`: only regular
+/// files under the model roots.
+pub fn build(c: &Candidate, fence: &Fence, now_ms: u64) -> ModelRecord {
     let fp = fingerprint(c);
     match c {
         Candidate::Gguf {
@@ -294,10 +312,7 @@ pub fn build(c: &Candidate, now_ms: u64) -> ModelRecord {
                 now_ms,
             );
             r.has_projector = !projectors.is_empty();
-            match GgufHeader::open(&f.path)
-                .map_err(|e| e.to_string())
-                .and_then(|h| gguf_meta(&h))
-            {
+            match gguf_header(fence, &f.path).and_then(|h| gguf_meta(&h)) {
                 Ok(m) => r.meta = m,
                 Err(e) => fail(&mut r, e),
             }
@@ -336,10 +351,10 @@ pub fn build(c: &Candidate, now_ms: u64) -> ModelRecord {
             });
             let mut headers = Vec::new();
             for p in parts.values() {
-                match GgufHeader::open(&p.path) {
+                match gguf_part_header(fence, &p.path) {
                     Ok(h) => headers.push(h),
                     Err(e) => {
-                        fail(&mut r, format!("{}: {e}", p.path.display()));
+                        fail(&mut r, e);
                         return r;
                     }
                 }
@@ -374,10 +389,13 @@ pub fn build(c: &Candidate, now_ms: u64) -> ModelRecord {
             root,
             store,
             manifest,
-        } => ollama(root, store, manifest, fp, now_ms),
-        Candidate::Safetensors { root, dir, files } => {
-            safetensors_record(root, dir, files, fp, now_ms)
-        }
+        } => ollama(fence, root, store, manifest, fp, now_ms),
+        Candidate::Safetensors {
+            root,
+            dir,
+            files,
+            refused,
+        } => safetensors_record(fence, root, dir, files, refused, fp, now_ms),
     }
 }
 
@@ -434,6 +452,7 @@ fn blob_path(store: &Path, digest: &str) -> Option<PathBuf> {
 }
 
 fn ollama(
+    fence: &Fence,
     root: &Path,
     store: &Path,
     m: &crate::discover::OllamaCandidate,
@@ -471,8 +490,9 @@ fn ollama(
         if m.manifest.size > 4 << 20 {
             return Err("manifest larger than 4 MiB".into());
         }
-        let bytes =
-            std::fs::read(&m.manifest.path).map_err(|e| format!("cannot read manifest: {e}"))?;
+        let bytes = fence
+            .read(&m.manifest.path, 4 << 20)
+            .map_err(|e| format!("cannot read manifest: {e}"))?;
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| format!("manifest is not JSON: {e}"))?;
         let layers = v
@@ -497,20 +517,28 @@ fn ollama(
                 rec.model_digest
             )
         })?;
-        let st = crate::discover::stamp(&blob)
-            .map_err(|e| format!("model blob {} missing: {e}", blob.display()))?;
+        // The blob is opened (and its stamp listed) only if it is a regular file under a root.
+        let blob_err = |e: crate::fence::FenceError| {
+            if e.is_not_found() {
+                format!("model blob {} missing: {e}", blob.display())
+            } else {
+                format!("model blob {}: {e}", blob.display())
+            }
+        };
+        let st = crate::discover::stamp(fence, &blob).map_err(blob_err)?;
+        let f = fence.open(&blob).map_err(blob_err)?;
         r.path = blob.clone();
         r.size_bytes = st.size;
         r.files.insert(0, file(&st, Role::Weights));
         for d in &rec.projector_digests {
             if let Some(p) = blob_path(store, d)
-                && let Ok(st) = crate::discover::stamp(&p)
+                && let Ok(st) = crate::discover::stamp(fence, &p)
             {
                 r.files.push(file(&st, Role::Projector));
             }
         }
         r.mtime_ms = r.files.iter().map(|f| f.mtime_ms).max().unwrap_or(0);
-        let h = GgufHeader::open(&blob).map_err(|e| format!("model blob: {e}"))?;
+        let h = GgufHeader::read(f).map_err(|e| format!("model blob: {e}"))?;
         r.meta = gguf_meta(&h)?;
         Ok(())
     })();
@@ -522,10 +550,13 @@ fn ollama(
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 fn safetensors_record(
+    fence: &Fence,
     root: &Path,
     dir: &Path,
     stamps: &[FileStamp],
+    refused: &[(PathBuf, String)],
     fp: String,
     now_ms: u64,
 ) -> ModelRecord {
@@ -557,17 +588,31 @@ fn safetensors_record(
         now_ms,
     );
     let result = (|| -> Result<(), String> {
-        let cfg = safetensors::read_config(&dir.join("config.json")).map_err(|e| e.to_string())?;
+        if let Some((p, why)) = refused.first() {
+            return Err(format!("{}: {why}", p.display()));
+        }
+        let read = |p: &Path, limit: u64| {
+            fence
+                .read(p, limit)
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let config = dir.join("config.json");
+        let cfg = safetensors::parse_config(&config, &read(&config, safetensors::MAX_CONFIG)?)
+            .map_err(|e| e.to_string())?;
         let index = dir.join("model.safetensors.index.json");
-        let shards: Vec<PathBuf> = if index.is_file() {
-            let names = safetensors::read_index(&index).map_err(|e| e.to_string())?;
-            let present: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
-            let missing: Vec<u32> = present
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| !p.is_file())
-                .map(|(i, _)| i as u32 + 1)
-                .collect();
+        let shards: Vec<PathBuf> = if std::fs::symlink_metadata(&index).is_ok() {
+            let names = safetensors::parse_index(&index, &read(&index, safetensors::MAX_INDEX)?)
+                .map_err(|e| e.to_string())?;
+            let mut present = Vec::new();
+            let mut missing = Vec::new();
+            for (i, n) in names.iter().enumerate() {
+                let p = dir.join(n);
+                match fence.check(&p) {
+                    Ok(_) => present.push(p),
+                    Err(e) if e.is_not_found() => missing.push(i as u32 + 1),
+                    Err(e) => return Err(format!("{}: {e}", p.display())),
+                }
+            }
             r.split = Some(SplitRec {
                 count: names.len() as u32,
                 present: (names.len() - missing.len()) as u32,
@@ -577,7 +622,7 @@ fn safetensors_record(
                 r.status = Status::Incomplete;
                 r.status_reason = format!("{} of {} shards missing", missing.len(), names.len());
             }
-            present.into_iter().filter(|p| p.is_file()).collect()
+            present
         } else {
             r.files
                 .iter()
@@ -587,7 +632,8 @@ fn safetensors_record(
         };
         let mut totals = safetensors::TensorTotals::default();
         for s in &shards {
-            totals.merge(&safetensors::read_header(s).map_err(|e| e.to_string())?);
+            let f = fence.open(s).map_err(|e| format!("{}: {e}", s.display()))?;
+            totals.merge(&safetensors::read_header(s, f).map_err(|e| e.to_string())?);
         }
         let heads = cfg.num_attention_heads;
         r.meta = Meta {
@@ -616,10 +662,9 @@ fn safetensors_record(
             expert_count: u32_of(cfg.num_experts),
             expert_used_count: u32_of(cfg.num_experts_per_tok),
             vocab_size: cfg.vocab_size,
-            chat_template: dir.join("tokenizer_config.json").is_file()
-                && std::fs::read_to_string(dir.join("tokenizer_config.json"))
-                    .map(|s| s.contains("chat_template"))
-                    .unwrap_or(false),
+            chat_template: fence
+                .read(&dir.join("tokenizer_config.json"), safetensors::MAX_CONFIG)
+                .is_ok_and(|b| b.windows(13).any(|w| w == b"chat_template")),
             tensor_count: Some(totals.tensors),
             tensor_bytes: Some(totals.bytes),
             ..Meta::default()

@@ -4,6 +4,9 @@
 //!
 //! A safetensors file starts with a little-endian u64 `N` and `N` bytes of JSON. `N` is bounded by
 //! the file size and by [`MAX_HEADER`], so a lying header cannot make us allocate gigabytes.
+//!
+//! Nothing here opens a file: the caller opens it through the [`crate::fence::Fence`] (regular
+//! files under the model roots only) and hands over the open file or its bytes.
 
 use std::io::Read;
 use std::path::Path;
@@ -12,6 +15,10 @@ use serde_json::Value;
 
 /// The largest header accepted (real ones are well under 10 MiB).
 pub const MAX_HEADER: u64 = 64 << 20;
+/// The largest `config.json` (or `tokenizer_config.json`) read.
+pub const MAX_CONFIG: u64 = 16 << 20;
+/// The largest `model.safetensors.index.json` read.
+pub const MAX_INDEX: u64 = 64 << 20;
 
 /// Why a safetensors folder could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +83,12 @@ fn dtype_size(dtype: &str) -> Option<u64> {
     })
 }
 
-/// Read one file's header and total its tensors.
-pub fn read_header(path: &Path) -> Result<TensorTotals, SafetensorsError> {
+/// Read one file's header (`f`, opened from `path`) and total its tensors.
+pub fn read_header(path: &Path, mut f: std::fs::File) -> Result<TensorTotals, SafetensorsError> {
     let io = |source| SafetensorsError::Io {
         path: path.display().to_string(),
         source,
     };
-    let mut f = std::fs::File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
@@ -170,22 +176,12 @@ pub struct HfConfig {
     pub num_experts_per_tok: Option<u64>,
 }
 
-/// Parse `config.json` (bounded to 16 MiB). Multimodal configs nest the language model under
-/// `text_config`; its values are used when the top level lacks them.
-pub fn read_config(path: &Path) -> Result<HfConfig, SafetensorsError> {
-    let io = |source| SafetensorsError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > 16 << 20 {
-        return Err(invalid(
-            path,
-            format!("config.json is {len} bytes; limit 16 MiB"),
-        ));
-    }
-    let v: Value = serde_json::from_slice(&std::fs::read(path).map_err(io)?)
-        .map_err(|e| invalid(path, format!("not JSON: {e}")))?;
+/// Parse `config.json` (the bytes of `path`, read with a [`MAX_CONFIG`] bound). Multimodal configs
+/// nest the language model under `text_config`; its values are used when the top level lacks
+/// them.
+pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<HfConfig, SafetensorsError> {
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| invalid(path, format!("not JSON: {e}")))?;
     let text = v.get("text_config");
     let u = |k: &str| {
         v.get(k)
@@ -226,18 +222,11 @@ pub fn read_config(path: &Path) -> Result<HfConfig, SafetensorsError> {
     })
 }
 
-/// Shard file names listed by `model.safetensors.index.json` (`weight_map` values), deduplicated.
-pub fn read_index(path: &Path) -> Result<Vec<String>, SafetensorsError> {
-    let io = |source| SafetensorsError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > 64 << 20 {
-        return Err(invalid(path, "index larger than 64 MiB"));
-    }
-    let v: Value = serde_json::from_slice(&std::fs::read(path).map_err(io)?)
-        .map_err(|e| invalid(path, format!("not JSON: {e}")))?;
+/// Shard file names listed by `model.safetensors.index.json` (`weight_map` values, from the bytes
+/// of `path`, read with a [`MAX_INDEX`] bound), deduplicated.
+pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Vec<String>, SafetensorsError> {
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| invalid(path, format!("not JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -250,7 +239,12 @@ pub fn read_index(path: &Path) -> Result<Vec<String>, SafetensorsError> {
     files.sort();
     files.dedup();
     for f in &files {
-        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+        if f.is_empty()
+            || f.contains('/')
+            || f.contains('\\')
+            || f.contains('\0')
+            || f.starts_with('.')
+        {
             return Err(invalid(
                 path,
                 format!("shard name {f:?} is not a plain file name"),
@@ -288,7 +282,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m.safetensors");
         write_test_file(&p, &[("a", "BF16", &[4, 8]), ("b", "F32", &[8])]).unwrap();
-        let t = read_header(&p).unwrap();
+        let t = read_header(&p, std::fs::File::open(&p).unwrap()).unwrap();
         assert_eq!((t.tensors, t.parameters, t.bytes), (2, 40, 96));
         assert_eq!(t.dominant_dtype.as_deref(), Some("BF16"));
 
@@ -296,17 +290,17 @@ mod tests {
         bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         std::fs::write(&p, &bytes).unwrap();
         assert!(
-            read_header(&p)
+            read_header(&p, std::fs::File::open(&p).unwrap())
                 .unwrap_err()
                 .to_string()
                 .contains("header claims")
         );
 
         std::fs::write(&p, [1, 2, 3]).unwrap();
-        assert!(read_header(&p).is_err());
+        assert!(read_header(&p, std::fs::File::open(&p).unwrap()).is_err());
         std::fs::write(&p, b"\x02\x00\x00\x00\x00\x00\x00\x00[]").unwrap();
         assert!(
-            read_header(&p)
+            read_header(&p, std::fs::File::open(&p).unwrap())
                 .unwrap_err()
                 .to_string()
                 .contains("JSON object")

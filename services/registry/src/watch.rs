@@ -22,13 +22,18 @@ pub fn start(
     debounce: Duration,
 ) -> notify::Result<WatchGuard> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(e) = res
-            && !matches!(e.kind, notify::EventKind::Access(_))
-        {
-            let _ = tx.send(());
-        }
-    })?;
+    // Directory links are not followed: the walk never enters them, and watching through them
+    // would put watches outside the roots (and around link loops).
+    let mut watcher = notify::RecommendedWatcher::new(
+        move |res: notify::Result<notify::Event>| {
+            if let Ok(e) = res
+                && !matches!(e.kind, notify::EventKind::Access(_))
+            {
+                let _ = tx.send(());
+            }
+        },
+        notify::Config::default().with_follow_symlinks(false),
+    )?;
     for r in &roots {
         if let Err(e) = watcher.watch(r, RecursiveMode::Recursive) {
             tracing::warn!("cannot watch {}: {e}", r.display());

@@ -573,3 +573,345 @@ async fn the_catalogue_and_measurements_survive_a_restart() {
     assert!(e.from_measurement);
     assert!(data.path().join("registry.db").is_file());
 }
+
+// ---- The fence around the model roots (issue 11): links out, FIFOs, names that are not UTF-8.
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {p:?}"
+    );
+}
+
+fn non_utf8(dir: &Path, prefix: &[u8], suffix: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let mut name = prefix.to_vec();
+    name.extend_from_slice(b"\xff\xfe");
+    name.extend_from_slice(suffix.as_bytes());
+    dir.join(std::ffi::OsStr::from_bytes(&name))
+}
+
+/// An Ollama manifest `name:tag` in `store` whose model layer is blob `hex` (not written here).
+fn write_manifest(store: &Path, model: &str, tag: &str, hex: &str) {
+    std::fs::create_dir_all(store.join("blobs")).unwrap();
+    let dir = store
+        .join("manifests/registry.ollama.ai/library")
+        .join(model);
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": format!("sha256:{hex}"), "size": 1}]
+    });
+    std::fs::write(dir.join(tag), serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+fn blob(store: &Path, hex: &str) -> PathBuf {
+    store.join("blobs").join(format!("sha256-{hex}"))
+}
+
+/// Rescan everything; the final progress and every failure reported on the way.
+async fn rescan_all(
+    c: &mut ModelRegistryClient<Channel>,
+) -> (pb::RescanProgress, Vec<pb::RescanFailure>) {
+    let mut s = c
+        .rescan(pb::RescanRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    let mut failures = Vec::new();
+    while let Some(p) = s.next().await {
+        let p = p.unwrap();
+        failures.extend(p.failures.clone());
+        last = Some(p);
+    }
+    (last.unwrap(), failures)
+}
+
+/// What the bug did: a reader blocked forever in `open` on a FIFO. Open writers on the FIFOs (in a
+/// loop, as the scan may block on one after another) so the blocked scan ends, keep the files, and
+/// fail the test instead of hanging it.
+fn unwedge_and_fail(fifos: Vec<PathBuf>, keep: Vec<tempfile::TempDir>, what: &str) -> ! {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::thread::spawn(move || {
+        loop {
+            for f in &fifos {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(f);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    std::mem::forget(keep);
+    panic!("{what} wedged on a FIFO");
+}
+
+#[tokio::test]
+async fn links_out_of_the_roots_are_never_listed_or_opened() {
+    let root = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let o = outside.path();
+    write_tiny_llama(o.join("elsewhere.gguf"), &tiny("elsewhere")).unwrap();
+    write_safetensors(o, "hf-outside");
+
+    // Ollama: blobs that are links to /etc/passwd, to a GGUF outside, and (allowed) into the root.
+    let store = r.join("ollama");
+    let (h_passwd, h_out, h_in) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+    write_manifest(&store, "passwd", "latest", &h_passwd);
+    write_manifest(&store, "elsewhere", "latest", &h_out);
+    write_manifest(&store, "inside", "latest", &h_in);
+    std::os::unix::fs::symlink("/etc/passwd", blob(&store, &h_passwd)).unwrap();
+    std::os::unix::fs::symlink(o.join("elsewhere.gguf"), blob(&store, &h_out)).unwrap();
+    write_tiny_llama(r.join("inside.gguf"), &tiny("inside")).unwrap();
+    std::os::unix::fs::symlink(r.join("inside.gguf"), blob(&store, &h_in)).unwrap();
+
+    // Safetensors: config.json out; the only shard out; an indexed shard out.
+    write_safetensors(r, "hf-config-out");
+    std::fs::remove_file(r.join("hf-config-out/config.json")).unwrap();
+    std::os::unix::fs::symlink(
+        o.join("hf-outside/config.json"),
+        r.join("hf-config-out/config.json"),
+    )
+    .unwrap();
+    write_safetensors(r, "hf-shard-out");
+    std::fs::remove_file(r.join("hf-shard-out/model.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        o.join("hf-outside/model.safetensors"),
+        r.join("hf-shard-out/model.safetensors"),
+    )
+    .unwrap();
+    write_safetensors(r, "hf-index-out");
+    let d = r.join("hf-index-out");
+    std::fs::rename(d.join("model.safetensors"), d.join("part-1.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        o.join("hf-outside/model.safetensors"),
+        d.join("part-2.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        serde_json::to_vec(&serde_json::json!({"weight_map": {
+            "model.embed_tokens.weight": "part-1.safetensors", "lm_head.weight": "part-2.safetensors"
+        }}))
+        .unwrap(),
+    )
+    .unwrap();
+    write_safetensors(r, "hf-fine");
+
+    let mut cfg = config(vec![r.to_path_buf()], data.path(), BTreeMap::new());
+    cfg.registry.watch = false;
+    let (_reg, mut c) = start(&cfg).await;
+    let models = list(&mut c).await;
+    let croot = r.canonicalize().unwrap();
+
+    assert_eq!(
+        by_name(&models, "inside:latest").status,
+        pb::ModelStatus::Ok as i32,
+        "a blob linked to a file under the root is fine"
+    );
+    assert_eq!(
+        by_name(&models, "hf-fine").status,
+        pb::ModelStatus::Ok as i32
+    );
+    for name in [
+        "passwd:latest",
+        "elsewhere:latest",
+        "hf-config-out",
+        "hf-shard-out",
+        "hf-index-out",
+    ] {
+        let m = by_name(&models, name);
+        assert_eq!(m.status, pb::ModelStatus::Error as i32, "{name}: {m:?}");
+        assert!(
+            m.status_reason.contains("outside the model roots"),
+            "{name}: {}",
+            m.status_reason
+        );
+        assert!(
+            m.architecture.is_empty() && m.tensor_bytes.is_none(),
+            "{name}: nothing parsed"
+        );
+    }
+    // Every path listed is under the root after resolving links, and no size of a file outside
+    // is listed.
+    let passwd_len = std::fs::metadata("/etc/passwd").unwrap().len();
+    for m in &models {
+        for p in std::iter::once(&m.path).chain(m.files.iter().map(|f| &f.path)) {
+            let real = Path::new(p).canonicalize().unwrap();
+            assert!(
+                real.starts_with(&croot),
+                "{} lists {p} → {}",
+                m.name,
+                real.display()
+            );
+        }
+        if m.name == "passwd:latest" {
+            assert!(m.files.iter().all(|f| f.size_bytes != passwd_len), "{m:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn fifos_never_wedge_scan_or_watch() {
+    let root = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let mut fifos = Vec::new();
+    let mut fifo = |p: PathBuf| {
+        mkfifo(&p);
+        fifos.push(p);
+    };
+    write_tiny_llama(r.join("good.gguf"), &tiny("good")).unwrap();
+    fifo(r.join("pipe.gguf"));
+    std::os::unix::fs::symlink(r.join("pipe.gguf"), r.join("link-to-pipe.gguf")).unwrap();
+    // An Ollama model blob that is a FIFO (the reported wedge).
+    let store = r.join("ollama");
+    let hex = "d".repeat(64);
+    write_manifest(&store, "piped", "latest", &hex);
+    fifo(blob(&store, &hex));
+    fifo(store.join("manifests/registry.ollama.ai/library/piped/fifo-tag"));
+    // Safetensors: config.json a FIFO; an indexed shard a FIFO; tokenizer_config.json a FIFO.
+    write_safetensors(r, "hf-config-fifo");
+    std::fs::remove_file(r.join("hf-config-fifo/config.json")).unwrap();
+    fifo(r.join("hf-config-fifo/config.json"));
+    write_safetensors(r, "hf-shard-fifo");
+    let d = r.join("hf-shard-fifo");
+    std::fs::rename(d.join("model.safetensors"), d.join("part-1.safetensors")).unwrap();
+    fifo(d.join("part-2.safetensors"));
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        serde_json::to_vec(&serde_json::json!({"weight_map": {
+            "a": "part-1.safetensors", "b": "part-2.safetensors"
+        }}))
+        .unwrap(),
+    )
+    .unwrap();
+    write_safetensors(r, "hf-tokenizer-fifo");
+    fifo(r.join("hf-tokenizer-fifo/tokenizer_config.json"));
+
+    let cfg = config(vec![r.to_path_buf()], data.path(), BTreeMap::new());
+    let started = tokio::time::timeout(Duration::from_secs(20), registry::start(&cfg)).await;
+    let Ok(reg) = started else {
+        unwedge_and_fail(fifos, vec![root, data], "the first scan");
+    };
+    let reg = reg.unwrap();
+    let mut c = ModelRegistryClient::connect(format!("http://{}", reg.addr))
+        .await
+        .unwrap();
+    let models = list(&mut c).await;
+    assert_eq!(by_name(&models, "good").status, pb::ModelStatus::Ok as i32);
+    let hf = by_name(&models, "hf-tokenizer-fifo");
+    assert_eq!(
+        hf.status,
+        pb::ModelStatus::Ok as i32,
+        "{}",
+        hf.status_reason
+    );
+    for name in ["piped:latest", "hf-config-fifo", "hf-shard-fifo"] {
+        let m = by_name(&models, name);
+        assert_eq!(m.status, pb::ModelStatus::Error as i32, "{name}");
+        assert!(
+            m.status_reason.contains("FIFO"),
+            "{name}: {}",
+            m.status_reason
+        );
+    }
+    assert!(
+        models
+            .iter()
+            .all(|m| m.name != "pipe" && m.name != "link-to-pipe")
+    );
+
+    let Ok((last, failures)) =
+        tokio::time::timeout(Duration::from_secs(20), rescan_all(&mut c)).await
+    else {
+        unwedge_and_fail(fifos, vec![root, data], "Rescan");
+    };
+    assert!(last.done);
+    for f in [
+        "pipe.gguf",
+        "link-to-pipe.gguf",
+        "fifo-tag",
+        "tokenizer_config.json",
+    ] {
+        assert!(
+            failures
+                .iter()
+                .any(|x| x.path.ends_with(f) && x.reason.contains("FIFO")),
+            "{f}: {failures:?}"
+        );
+    }
+
+    // The watch still works: a model added now is found.
+    let tmp = data.path().join("later.tmp");
+    write_tiny_llama(&tmp, &tiny("later")).unwrap();
+    std::fs::rename(&tmp, r.join("later.gguf")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !list(&mut c).await.iter().any(|m| m.name == "later") {
+        if std::time::Instant::now() > deadline {
+            unwedge_and_fail(fifos, vec![root, data], "the watch");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reg.shutdown().await;
+}
+
+#[tokio::test]
+async fn names_that_are_not_utf8_are_reported_and_skipped() {
+    let root = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_tiny_llama(r.join("good.gguf"), &tiny("good")).unwrap();
+    write_tiny_llama(non_utf8(r, b"bad", ".gguf"), &tiny("bad")).unwrap();
+    let odd_dir = non_utf8(r, b"dir", "");
+    std::fs::create_dir(&odd_dir).unwrap();
+    write_tiny_llama(odd_dir.join("inner.gguf"), &tiny("inner")).unwrap();
+
+    let mut cfg = config(vec![r.to_path_buf()], data.path(), BTreeMap::new());
+    cfg.registry.watch = false;
+    // Before the fix the registry did not start at all.
+    let (_reg, mut c) = start(&cfg).await;
+    let models = list(&mut c).await;
+    assert_eq!(
+        models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        vec!["good"]
+    );
+
+    // Added at runtime: a GGUF, an Ollama tag, a safetensors folder, a split part. Rescan goes on.
+    write_tiny_llama(non_utf8(r, b"late", ".gguf"), &tiny("late")).unwrap();
+    let store = r.join("ollama");
+    write_ollama(r, "llamette", "3b");
+    let manifest = store.join("manifests/registry.ollama.ai/library/llamette/3b");
+    std::fs::copy(&manifest, non_utf8(manifest.parent().unwrap(), b"tag", "")).unwrap();
+    write_safetensors(r, "hf");
+    std::fs::rename(r.join("hf"), non_utf8(r, b"hf", "")).unwrap();
+    std::fs::create_dir(r.join("splits")).unwrap();
+    write_split(&r.join("splits"), "big", 0);
+    std::fs::rename(
+        r.join("splits/big-00002-of-00003.gguf"),
+        non_utf8(&r.join("splits"), b"big-00002-of-00003", ".gguf"),
+    )
+    .unwrap();
+    let (last, failures) = rescan_all(&mut c).await;
+    assert!(last.done);
+    let utf8_failures = failures
+        .iter()
+        .filter(|f| f.reason.contains("not valid UTF-8"))
+        .count();
+    assert_eq!(utf8_failures, 6, "{failures:?}");
+    let models = list(&mut c).await;
+    let mut names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, vec!["big", "good", "llamette:3b"]);
+    assert_eq!(
+        by_name(&models, "big").status,
+        pb::ModelStatus::Incomplete as i32
+    );
+}

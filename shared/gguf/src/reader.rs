@@ -126,10 +126,26 @@ impl GgufHeader {
         Self::open_with(path, &ReadLimits::default())
     }
 
-    /// Reads the header of the GGUF file at `path`.
+    /// Reads the header of the GGUF file at `path`. Only a regular file is opened: a FIFO would
+    /// block the open until some writer came, a device has no header. (Callers that must also
+    /// confine the path, like the registry, open the file themselves and use [`GgufHeader::read`].)
     pub fn open_with(path: impl AsRef<Path>, limits: &ReadLimits) -> Result<Self, GgufError> {
+        let path = path.as_ref();
+        let not_regular = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            )
+        };
+        if !std::fs::metadata(path)?.is_file() {
+            return Err(not_regular().into());
+        }
         let file = File::open(path)?;
-        let len = file.metadata()?.len();
+        let md = file.metadata()?;
+        if !md.is_file() {
+            return Err(not_regular().into());
+        }
+        let len = md.len();
         let mut source = BufReader::with_capacity(BUF_CAPACITY, file);
         parse(&mut source, len, limits)
     }

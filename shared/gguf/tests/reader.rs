@@ -87,6 +87,25 @@ fn open_read_and_from_bytes_agree() {
 }
 
 #[test]
+fn open_refuses_what_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO: opening it for reading would block until a writer came (the test would hang).
+    let fifo = dir.path().join("pipe.gguf");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut refused = vec![dir.path().to_path_buf()];
+    if made {
+        refused.push(fifo);
+    }
+    for p in refused {
+        let e = quick(|| GgufHeader::open(&p)).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{p:?}: {e}");
+    }
+}
+
+#[test]
 fn version_2_reads_like_version_3() {
     let mut bytes = small_valid_file();
     bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
