@@ -7,7 +7,7 @@ CARGO ?= cargo
 DATA_DIR ?= $(or $(SECURELLM_DATA_DIR),$(HOME)/.local/share/securellm)
 SCHEDULER_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend bench-gateway pyenv help
+.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap pyenv help
 
 help:
 	@echo "make run    - build (release) and start the stack: 4 services, OpenAI API on 127.0.0.1:8088"
@@ -49,7 +49,7 @@ unit: pyenv
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
-bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway
+bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap
 
 bench-scheduler:
 	$(CARGO) run --release -p securellm-bench -- scheduler
@@ -78,3 +78,7 @@ bench-backend:
 bench-gateway:
 	$(CARGO) build --release -p securellm-gateway
 	$(CARGO) run --release -p securellm-bench -- gateway
+
+bench-swap:
+	$(CARGO) build --release -p securellm-gateway
+	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)" $(CARGO) run --release -p securellm-bench -- swap

@@ -8,6 +8,7 @@ mod gateway;
 mod registry;
 mod scheduler;
 mod stats;
+mod swap;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,9 @@ enum Bench {
     Backend(backend::Args),
     /// Gateway overhead vs a direct mock OpenAI upstream, RSS, streaming time to first byte.
     Gateway(gateway::Args),
+    /// Model swaps on a full GPU through the gateway vs llama.cpp's router mode and a raw cold
+    /// start.
+    Swap(swap::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +55,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Estimate(a) => estimate::run(a),
         Bench::Backend(a) => rt.block_on(backend::run(a)),
         Bench::Gateway(a) => rt.block_on(gateway::run(a)),
+        Bench::Swap(a) => rt.block_on(swap::run(a)),
     }
 }

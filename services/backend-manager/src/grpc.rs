@@ -103,25 +103,7 @@ impl BackendService {
         r: &pb::InferenceRequest,
         embeddings: bool,
     ) -> Result<(Ticket, u64), Status> {
-        let model = if r.model.is_empty() {
-            forward::body_model(&r.body_json).ok_or_else(|| {
-                Status::invalid_argument(
-                    "invalid request: no `model` given (field `model` or the body's `model`)",
-                )
-            })?
-        } else {
-            r.model.clone()
-        };
-        let deadline = if r.deadline_ms == 0 {
-            now_ms() + DEFAULT_DEADLINE_MS
-        } else {
-            r.deadline_ms
-        };
-        if deadline <= now_ms() {
-            return Err(Status::deadline_exceeded(
-                "the request's deadline has already passed",
-            ));
-        }
+        let (model, deadline) = target(r)?;
         let (_, t) = self
             .manager
             .acquire(
@@ -130,12 +112,39 @@ impl BackendService {
                 &ModelSettings::default(),
                 deadline,
                 r.priority,
+                None,
             )
             .await
             .map_err(status_of)?;
         Ok((t, deadline))
     }
+}
 
+/// The model a request names and its absolute deadline.
+fn target(r: &pb::InferenceRequest) -> Result<(String, u64), Status> {
+    let model = if r.model.is_empty() {
+        forward::body_model(&r.body_json).ok_or_else(|| {
+            Status::invalid_argument(
+                "invalid request: no `model` given (field `model` or the body's `model`)",
+            )
+        })?
+    } else {
+        r.model.clone()
+    };
+    let deadline = if r.deadline_ms == 0 {
+        now_ms() + DEFAULT_DEADLINE_MS
+    } else {
+        r.deadline_ms
+    };
+    if deadline <= now_ms() {
+        return Err(Status::deadline_exceeded(
+            "the request's deadline has already passed",
+        ));
+    }
+    Ok((model, deadline))
+}
+
+impl BackendService {
     async fn unary(
         &self,
         r: pb::InferenceRequest,
@@ -185,11 +194,118 @@ impl BackendService {
         let (body, caller_wants_usage) = forward::validate_body(&r.body_json, endpoint, true)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let no_deadline = r.deadline_ms == 0;
-        let (t, deadline) = self.ticket(&r, false).await?;
+        let (model, deadline) = target(&r)?;
+        // The ticket is fetched beside this call: a request that has to wait for its model tells
+        // the caller where it stands (`progress` messages) before `start`.
+        let (ptx, mut prx) = mpsc::unbounded_channel::<pb::LoadProgress>();
+        let manager = self.manager.clone();
+        let priority = r.priority;
+        let mut acquiring = tokio::spawn(async move {
+            manager
+                .acquire(
+                    &model,
+                    false,
+                    &ModelSettings::default(),
+                    deadline,
+                    priority,
+                    Some(&ptx),
+                )
+                .await
+                .map(|(_, t)| t)
+                .map_err(status_of)
+        });
+        let joined = |j: Result<Result<Ticket, Status>, tokio::task::JoinError>| {
+            j.unwrap_or_else(|_| Err(Status::internal("the load task failed")))
+        };
+        let stream = PendingStream {
+            manager: self.manager.clone(),
+            endpoint,
+            body,
+            rid,
+            deadline,
+            no_deadline,
+            caller_wants_usage,
+        };
+        let (tx, rx) = mpsc::channel::<Result<pb::InferenceChunk, Status>>(32);
+        let first = tokio::select! {
+            biased;
+            j = &mut acquiring => Err(joined(j)),
+            p = prx.recv() => Ok(p),
+        };
+        match first {
+            // Ready at once (or failed at once): errors before the start are the call's status.
+            Err(t) => stream.start(t?, &tx).await?,
+            Ok(p) => {
+                let mut next = p;
+                tokio::spawn(async move {
+                    let t = loop {
+                        if let Some(p) = next.take() {
+                            let chunk = pb::InferenceChunk {
+                                progress: Some(p),
+                                ..Default::default()
+                            };
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                acquiring.abort();
+                                return;
+                            }
+                        }
+                        tokio::select! {
+                            biased;
+                            j = &mut acquiring => break joined(j),
+                            p = prx.recv() => match p {
+                                Some(p) => next = Some(p),
+                                None => break joined((&mut acquiring).await),
+                            },
+                            () = tx.closed() => { acquiring.abort(); return; }
+                        }
+                    };
+                    let r = match t {
+                        Ok(t) => stream.start(t, &tx).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(e))).await;
+                    }
+                });
+            }
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A streaming request once its model is chosen: post it to the engine with the ticket, send
+/// `start`, then relay the engine's events.
+struct PendingStream {
+    manager: Manager,
+    endpoint: Endpoint,
+    body: forward::PreparedBody,
+    rid: String,
+    deadline: u64,
+    no_deadline: bool,
+    caller_wants_usage: bool,
+}
+
+impl PendingStream {
+    /// Errors before `start` are returned; later ones end the stream through `tx`.
+    async fn start(
+        self,
+        t: Ticket,
+        tx: &mpsc::Sender<Result<pb::InferenceChunk, Status>>,
+    ) -> Result<(), Status> {
+        let PendingStream {
+            manager,
+            endpoint,
+            body,
+            rid,
+            deadline,
+            no_deadline,
+            caller_wants_usage,
+        } = self;
+        let tx = tx.clone();
         let body = body
             .finish(&t.served_name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let http = self.manager.shared.http.clone();
+        let http = manager.shared.http.clone();
         let first = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let mut abort = t.abort.clone();
         let answer = tokio::select! {
@@ -202,7 +318,6 @@ impl BackendService {
                 return Err(Status::aborted(reason));
             }
         };
-        let (tx, rx) = mpsc::channel::<Result<pb::InferenceChunk, Status>>(32);
         let start = pb::InferenceChunk {
             start: Some(pb::InferenceStreamStart {
                 request_id: rid,
@@ -219,7 +334,7 @@ impl BackendService {
         // After the first byte the stream still ends at the request's deadline, and when the
         // engine, once it has begun sending tokens, sends nothing for `stall_timeout_ms` (a
         // wedged child must not hold the caller, the in-flight slot and the lease forever).
-        let stall = Duration::from_millis(self.manager.shared.cfg.stall_timeout_ms.max(1));
+        let stall = Duration::from_millis(manager.shared.cfg.stall_timeout_ms.max(1));
         // A request without a deadline (0: "the gRPC deadline only") keeps streaming as long as
         // tokens come; the default deadline bounded only its load and first byte.
         let end = tokio::time::Instant::now()
@@ -267,6 +382,7 @@ impl BackendService {
                                 data_json: data.to_vec(),
                                 usage: usage.map(usage_pb),
                                 usage_only,
+                                progress: None,
                             };
                             // A caller that stops reading cannot hold the task (and the
                             // in-flight slot, and the lease) past the deadline or the stall
@@ -293,7 +409,7 @@ impl BackendService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(())
     }
 }
 
@@ -403,6 +519,7 @@ impl BackendManager for BackendService {
                 settings.embeddings.unwrap_or(false),
                 &settings,
                 deadline,
+                None,
                 None,
             )
             .await

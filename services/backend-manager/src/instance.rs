@@ -164,6 +164,8 @@ enum Msg {
         seq: u64,
         result: Result<Option<u64>, tonic::Code>,
     },
+    /// The load's place in the scheduler's queue changed.
+    Queued(pb::QueuePosition),
     /// The lease was granted (the process is starting): from now on it is renewed, and eviction
     /// notices for it reach this instance.
     Granted {
@@ -197,6 +199,7 @@ pub struct InstanceHandle {
     /// The settings the instance was created with (fixed for its life).
     pub settings: Effective,
     tx: mpsc::UnboundedSender<Msg>,
+    progress: watch::Receiver<pb::LoadProgress>,
 }
 
 impl InstanceHandle {
@@ -227,6 +230,11 @@ impl InstanceHandle {
                 self.model.name
             ))),
         }
+    }
+
+    /// Where a request that waits for this instance stands (phase READY when it is loaded).
+    pub fn progress(&self) -> watch::Receiver<pb::LoadProgress> {
+        self.progress.clone()
     }
 
     /// Do both handles lead to the same instance actor?
@@ -326,6 +334,8 @@ struct Actor {
     /// (a notice that only an idle lease had to honour is withdrawn once the scheduler hears it is
     /// busy).
     notice_check_after: Option<u64>,
+    /// What waiting requests are told (see [`InstanceHandle::progress`]).
+    progress: watch::Sender<pb::LoadProgress>,
 }
 
 /// Start an instance actor.
@@ -338,6 +348,11 @@ pub fn spawn(
 ) -> InstanceHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (abort, _) = watch::channel(None);
+    let (progress, progress_rx) = watch::channel(pb::LoadProgress {
+        phase: pb::load_progress::Phase::Leasing as i32,
+        model: model.name.clone(),
+        ..Default::default()
+    });
     let actor = Actor {
         id: id.clone(),
         model: model.clone(),
@@ -375,6 +390,7 @@ pub fn spawn(
         reported: None,
         renew_seq: 0,
         notice_check_after: None,
+        progress,
     };
     let fixed = actor.settings.clone();
     tokio::spawn(actor.run(rx));
@@ -383,6 +399,7 @@ pub fn spawn(
         model,
         settings: fixed,
         tx,
+        progress: progress_rx,
     }
 }
 
@@ -437,7 +454,33 @@ impl Actor {
         });
     }
 
+    /// Tell waiting requests where they stand.
+    fn set_progress(&self, phase: pb::load_progress::Phase, queue: Option<&pb::QueuePosition>) {
+        let p = pb::LoadProgress {
+            phase: phase as i32,
+            model: self.model.name.clone(),
+            position: queue.map_or(0, |q| q.position),
+            queue_length: queue.map_or(0, |q| q.queue_length),
+            evictions_requested: queue.is_some_and(|q| q.evictions_requested),
+        };
+        self.progress.send_if_modified(|cur| {
+            let changed = *cur != p;
+            *cur = p;
+            changed
+        });
+    }
+
     fn set_state(&mut self, s: State, detail: &str) {
+        use pb::load_progress::Phase;
+        let phase = match s {
+            State::Ready => Phase::Ready,
+            State::Leasing => Phase::Leasing,
+            State::Starting => Phase::Starting,
+            State::Draining => Phase::Unloading,
+            // The next request loads it again.
+            State::Unloaded | State::Stopped | State::Failed => Phase::Leasing,
+        };
+        self.set_progress(phase, None);
         if s != self.state {
             let prev = self.state;
             self.state = s;
@@ -637,6 +680,11 @@ impl Actor {
                 }));
             }
             Msg::Tick => self.tick(),
+            Msg::Queued(q) => {
+                if self.state == State::Leasing {
+                    self.set_progress(pb::load_progress::Phase::Queued, Some(&q));
+                }
+            }
             Msg::Granted { id, bytes, gpu } => {
                 self.lease = Some(Lease { id, bytes, gpu });
                 self.reported = None;
@@ -1243,6 +1291,7 @@ async fn load(
             }
             Some(pb::acquire_lease_update::Update::Queued(p)) => {
                 tracing::info!(model = %model.name, position = p.position, "waiting for GPU memory");
+                let _ = me.send(Msg::Queued(p));
             }
             None => {}
         }

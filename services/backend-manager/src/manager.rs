@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use crate::backend::Backend;
@@ -283,11 +284,32 @@ impl Manager {
         request: &ModelSettings,
         deadline_ms: u64,
         priority: Option<i32>,
+        progress: Option<&mpsc::UnboundedSender<pb::LoadProgress>>,
     ) -> Result<(InstanceHandle, instance::Ticket), InstanceError> {
         let mut retried = false;
         loop {
             let h = self.instance(reference, embeddings, request).await?;
-            match h.acquire(deadline_ms, priority).await {
+            let acquired = h.acquire(deadline_ms, priority);
+            let r = match progress {
+                None => acquired.await,
+                Some(tx) => {
+                    // Relay where the request stands until it has its ticket.
+                    let mut rx = h.progress();
+                    tokio::pin!(acquired);
+                    loop {
+                        let p = rx.borrow_and_update().clone();
+                        if p.phase != pb::load_progress::Phase::Ready as i32 {
+                            let _ = tx.send(p);
+                        }
+                        tokio::select! {
+                            biased;
+                            r = &mut acquired => break r,
+                            c = rx.changed() => if c.is_err() { break acquired.await },
+                        }
+                    }
+                }
+            };
+            match r {
                 Ok(t) => return Ok((h, t)),
                 Err(InstanceError::Unavailable(_)) if !retried && !self.current(&h) => {
                     lock(&self.resolved).retain(|_, (_, r)| !r.same(&h));

@@ -283,8 +283,7 @@ async fn chat_both_ways(c: &mut BackendManagerClient<Channel>, model: &str) -> V
     assert_eq!(r.usage.unwrap().completion_tokens, 5);
 
     let mut st = c.chat_stream(chat(model, 4)).await.unwrap().into_inner();
-    let first = st.next().await.unwrap().unwrap();
-    assert_eq!(first.start.unwrap().http_status, 200);
+    assert_eq!(start_of(&mut st).await.0.http_status, 200);
     let (mut text, mut usage_only) = (String::new(), 0);
     while let Some(m) = st.next().await {
         let m = m.unwrap();
@@ -892,4 +891,19 @@ async fn a_safetensors_model_without_vllm_or_tgi_is_failed_precondition_naming_t
         instances(&mut s.client).await.is_empty(),
         "no instance made"
     );
+}
+
+/// The stream's `start`, after the `progress` messages a request that waits for its model gets.
+async fn start_of(
+    st: &mut tonic::Streaming<pb::InferenceChunk>,
+) -> (pb::InferenceStreamStart, Vec<pb::LoadProgress>) {
+    let mut progress = Vec::new();
+    loop {
+        let m = st.next().await.expect("a message").expect("no error");
+        match (m.start, m.progress) {
+            (Some(s), _) => return (s, progress),
+            (None, Some(p)) => progress.push(p),
+            (None, None) => panic!("data before start"),
+        }
+    }
 }

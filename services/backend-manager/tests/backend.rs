@@ -269,8 +269,15 @@ async fn streams_token_by_token() {
         .await
         .unwrap()
         .into_inner();
-    let first = st.next().await.unwrap().unwrap();
-    assert_eq!(first.start.unwrap().http_status, 200);
+    // A cold model: the request hears where it stands while it waits (leasing, starting).
+    let (start, progress) = start_of(&mut st).await;
+    assert_eq!(start.http_status, 200);
+    let phases: Vec<i32> = progress.iter().map(|p| p.phase).collect();
+    assert!(
+        phases.contains(&(pb::load_progress::Phase::Starting as i32)),
+        "{progress:?}"
+    );
+    assert!(progress.iter().all(|p| p.model == "tiny"));
     let mut chunks = 0;
     let mut usage_only = 0;
     let mut text = String::new();
@@ -768,10 +775,7 @@ async fn a_withdrawn_eviction_notice_calls_the_drain_off_and_the_model_stays() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        st.next().await.unwrap().unwrap().start.unwrap().http_status,
-        200
-    );
+    assert_eq!(start_of(&mut st).await.0.http_status, 200);
     let lease = leases(&mut s.sched).await.pop().expect("a lease");
     let gpu = s
         .sched
@@ -907,4 +911,19 @@ async fn a_stream_ends_at_its_deadline_and_when_the_engine_stalls() {
     assert_eq!(e.code(), Code::Aborted, "{e:?}");
     assert!(e.message().contains("sent nothing"), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// The stream's `start`, after the `progress` messages a request that waits for its model gets.
+async fn start_of(
+    st: &mut tonic::Streaming<pb::InferenceChunk>,
+) -> (pb::InferenceStreamStart, Vec<pb::LoadProgress>) {
+    let mut progress = Vec::new();
+    loop {
+        let m = st.next().await.expect("a message").expect("no error");
+        match (m.start, m.progress) {
+            (Some(s), _) => return (s, progress),
+            (None, Some(p)) => progress.push(p),
+            (None, None) => panic!("data before start"),
+        }
+    }
 }

@@ -1,0 +1,365 @@
+//! Model swaps on a full GPU, in one run against the real llama-server:
+//! (a) SecureLLM: scheduler (one simulated GPU that holds one of two models), registry and
+//!     backend manager in this process, the gateway binary in front; requests alternate A, B, A,
+//!     B, … (streaming, `max_tokens` 4) and each swap is timed to its first SSE `data:` event; after
+//!     each swap one more request to the same model is timed (warm: it must not reload);
+//! (b) llama.cpp's own router mode (`llama-server --models-dir DIR --models-max 1`, the same
+//!     binary, models, context and threads) doing the same alternation;
+//! (c) a raw llama-server cold start (process start → first event) of the same model.
+//!
+//! All settings are the defaults a new user gets (priority 0, 5-minute idle TTL): a swap is an
+//! idle model yielding to a request of equal priority.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use backend_manager::backend::llamacpp::LlamaCpp;
+use backend_manager::backend::{Backend, StartSpec};
+use backend_manager::config::{BackendConfig, ModelSettings};
+use futures::StreamExt;
+use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
+use securellm_proto::v1 as pb;
+use securellm_proto::v1::model_registry_client::ModelRegistryClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Swaps per side.
+    #[arg(long, default_value_t = 12)]
+    swaps: usize,
+    /// Raw cold starts.
+    #[arg(long, default_value_t = 5)]
+    cold: usize,
+    /// The llama-server binary (else $LLAMA_SERVER, else scripts/install-llama-server.sh).
+    #[arg(long, env = "LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
+}
+
+const CONTEXT: u32 = 512;
+
+fn find_llama_server(a: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &a.llama_server {
+        return Ok(p.clone());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-llama-server.sh");
+    let out = std::process::Command::new(script).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "llama-server not found; run `make llama-server`"
+    );
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim(),
+    ))
+}
+
+fn body(model: &str) -> String {
+    format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4,"temperature":0,"stream":true}}"#
+    )
+}
+
+/// POST a streaming chat; milliseconds until the first `data:` event, then drain the stream.
+async fn first_event_ms(
+    http: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    model: &str,
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let mut rq = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body(model));
+    if let Some(k) = key {
+        rq = rq.bearer_auth(k);
+    }
+    let r = rq.send().await?;
+    anyhow::ensure!(
+        r.status().is_success(),
+        "{model}: HTTP {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+    let mut s = r.bytes_stream();
+    let mut buf = Vec::new();
+    let mut first = None;
+    while let Some(chunk) = s.next().await {
+        buf.extend_from_slice(&chunk?);
+        if first.is_none() && buf.windows(5).any(|w| w == b"data:") {
+            first = Some(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    anyhow::ensure!(
+        text.contains("[DONE]") && !text.contains("\"error\""),
+        "{model}: stream did not end cleanly: {text}"
+    );
+    first.ok_or_else(|| anyhow::anyhow!("{model}: no data event"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(a.swaps >= 2 && a.cold >= 1, "--swaps >= 2, --cold >= 1");
+    let llama = find_llama_server(&a)?;
+    let dir = tempfile::tempdir()?;
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models)?;
+    for (i, name) in ["model-a", "model-b"].iter().enumerate() {
+        write_tiny_llama(
+            models.join(format!("{name}.gguf")),
+            &TinyLlamaOptions {
+                name: (*name).into(),
+                seed: 1 + i as u64,
+                ..TinyLlamaOptions::default()
+            },
+        )?;
+    }
+
+    // The registry first: its estimate sizes the GPU so that it holds exactly one model.
+    let registry = registry::start(&registry::config::RegistryConfig {
+        registry: registry::config::RegistrySection {
+            listen: "127.0.0.1:0".into(),
+            watch: false,
+            ..Default::default()
+        },
+        roots: vec![models.clone()],
+        aliases: Default::default(),
+        data_dir: dir.path().join("registry"),
+    })
+    .await?;
+    let mut reg = ModelRegistryClient::connect(format!("http://{}", registry.addr)).await?;
+    let mut est = Vec::new();
+    for m in ["model-a", "model-b"] {
+        let e = reg
+            .estimate(pb::EstimateRequest {
+                model: m.into(),
+                context: i64::from(CONTEXT),
+                parallel: 1,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        est.push(e.gpu_bytes.max(1));
+    }
+    let gpu = est.iter().max().copied().unwrap_or(1) + est.iter().min().copied().unwrap_or(1) / 2;
+    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
+        listen: "127.0.0.1:0".into(),
+        inventory: vram_scheduler::config::InventoryMode::Simulated,
+        simulate_gpus: vec![securellm_common::ByteSize(gpu)],
+        ..Default::default()
+    })
+    .await?;
+    let cfg = BackendConfig {
+        listen: "127.0.0.1:0".into(),
+        scheduler: scheduler.addr.to_string(),
+        registry: registry.addr.to_string(),
+        llama_server: Some(llama.clone()),
+        defaults: ModelSettings {
+            context: Some(u64::from(CONTEXT)),
+            ..Default::default()
+        },
+        ..BackendConfig::default()
+    };
+    let manager = backend_manager::start(&cfg).await?;
+
+    // The gateway binary in front.
+    let gw_cfg = dir.path().join("securellm.toml");
+    std::fs::write(
+        &gw_cfg,
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n",
+    )?;
+    let bin: PathBuf = std::env::current_exe()?.with_file_name("securellm-gateway");
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} missing: cargo build --release -p securellm-gateway",
+        bin.display()
+    );
+    let key_file = dir.path().join("api-key");
+    let mut child = tokio::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&gw_cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("gateway"))
+        .arg("--backend")
+        .arg(manager.addr.to_string())
+        .arg("--registry")
+        .arg(registry.addr.to_string())
+        .arg("--bootstrap-key-file")
+        .arg(&key_file)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .lines();
+    let ready = lines
+        .next_line()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("gateway exited"))?;
+    let http_addr = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .unwrap_or_default()
+        .to_string();
+    let key = std::fs::read_to_string(&key_file)?.trim().to_string();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let via = format!("http://{http_addr}/v1/chat/completions");
+
+    // (a) SecureLLM: the first load is not a swap.
+    first_event_ms(&http, &via, Some(&key), "model-a").await?;
+    let (mut swaps, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..a.swaps {
+        let m = if i % 2 == 0 { "model-b" } else { "model-a" };
+        swaps.push(first_event_ms(&http, &via, Some(&key), m).await?);
+        warm.push(first_event_ms(&http, &via, Some(&key), m).await?);
+    }
+    let mut sc = vram_scheduler_client(scheduler.addr).await?;
+    let leases = sc
+        .get_status(pb::GetStatusRequest {})
+        .await?
+        .into_inner()
+        .leases;
+    anyhow::ensure!(leases.len() == 1, "one model on the GPU: {leases:?}");
+    drop(child);
+    manager.shutdown().await;
+    scheduler.shutdown().await;
+    registry.shutdown().await;
+
+    // (b) llama.cpp's router mode, same binary, models and flags.
+    let port = free_port()?;
+    let mut router = tokio::process::Command::new(&llama)
+        .arg("--models-dir")
+        .arg(&models)
+        .arg("--models-max")
+        .arg("1")
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["-c", &CONTEXT.to_string(), "-np", "1", "-t", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let router_url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let health = format!("http://127.0.0.1:{port}/health");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if http
+            .get(&health)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "router mode did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first_event_ms(&http, &router_url, None, "model-a").await?;
+    let (mut r_swaps, mut r_warm) = (Vec::new(), Vec::new());
+    for i in 0..a.swaps {
+        let m = if i % 2 == 0 { "model-b" } else { "model-a" };
+        r_swaps.push(first_event_ms(&http, &router_url, None, m).await?);
+        r_warm.push(first_event_ms(&http, &router_url, None, m).await?);
+    }
+    let _ = router.kill().await;
+
+    // (c) raw cold start of the same model, same flags.
+    let raw = LlamaCpp {
+        binary: llama,
+        threads: 1,
+        stall_timeout: Duration::from_secs(30),
+        http: http.clone(),
+    };
+    let mut cold = Vec::new();
+    for _ in 0..a.cold {
+        let spec = StartSpec {
+            model_path: models.join("model-a.gguf"),
+            alias: "model-a".into(),
+            context: u64::from(CONTEXT),
+            parallel: 1,
+            cache_type: "f16",
+            gpu_layers: None,
+            embeddings: false,
+            flash_attention: None,
+            gpu: None,
+            lease_bytes: 0,
+            gpu_total: 0,
+            start_timeout: Duration::from_secs(60),
+        };
+        let t = Instant::now();
+        let started = raw.start(&spec).await?;
+        let r = http
+            .post(format!("{}/v1/chat/completions", started.endpoint))
+            .header("content-type", "application/json")
+            .body(body("model-a"))
+            .send()
+            .await?;
+        let mut s = r.bytes_stream();
+        s.next().await;
+        cold.push(t.elapsed().as_secs_f64() * 1e3);
+        while s.next().await.is_some() {}
+        if let Some(p) = &started.process {
+            p.stop(Duration::from_secs(2)).await;
+        }
+    }
+
+    let (sw, rsw, wm, rwm, cm) = (
+        median(swaps.clone()),
+        median(r_swaps.clone()),
+        median(warm),
+        median(r_warm),
+        median(cold),
+    );
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("securellm swaps (ms): {}", fmt(&swaps));
+    println!("router    swaps (ms): {}", fmt(&r_swaps));
+    println!(
+        "swap to first event, median of {}: securellm {sw:.1} ms | llama.cpp router {rsw:.1} ms | raw cold start {cm:.1} ms; warm: securellm {wm:.1} ms | router {rwm:.1} ms",
+        a.swaps
+    );
+    println!(
+        "RESULT swap_p50_ms={sw:.1} router_swap_p50_ms={rsw:.1} swap_vs_router_x={:.2} raw_cold_ms={cm:.1} warm_p50_ms={wm:.1} router_warm_p50_ms={rwm:.1}",
+        sw / rsw
+    );
+    Ok(())
+}
+
+async fn vram_scheduler_client(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<
+    securellm_proto::v1::vram_scheduler_client::VramSchedulerClient<tonic::transport::Channel>,
+> {
+    Ok(
+        securellm_proto::v1::vram_scheduler_client::VramSchedulerClient::connect(format!(
+            "http://{addr}"
+        ))
+        .await?,
+    )
+}
