@@ -211,6 +211,8 @@ impl AdminService {
                         .tokens_per_minute
                         .map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
                     concurrent: limits.max_concurrent,
+                    // Not in the admin API's limits message yet.
+                    max_tokens: None,
                     expires_ms: r.expires_at_ms,
                 })
                 .await
@@ -277,6 +279,7 @@ impl AdminService {
                                 l.max_concurrent,
                             )
                         }),
+                        max_tokens: None,
                         expires_ms: r.expires_at_ms,
                     },
                 )

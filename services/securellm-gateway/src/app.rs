@@ -47,6 +47,8 @@ pub struct AppState {
     pub audit: AuditLog,
     pub limits: RateLimiter,
     pub request_timeout: Duration,
+    /// The largest `max_tokens` a request may ask for; filled in for local models when absent.
+    pub max_tokens_cap: u32,
 }
 
 pub type Shared = Arc<AppState>;

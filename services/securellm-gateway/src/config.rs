@@ -54,6 +54,10 @@ pub struct GatewayConfig {
     pub upstreams: std::collections::BTreeMap<String, crate::cloud::CloudConfig>,
     /// Extra secret patterns for redaction: name → regex.
     pub redact_patterns: std::collections::BTreeMap<String, String>,
+    /// The largest `max_tokens` (or `max_completion_tokens`) a request may ask for (400 beyond);
+    /// requests to local models without one get this, so generation is never unbounded. A key's
+    /// (or token's) own `max_tokens` limit lowers it.
+    pub max_tokens_cap: u32,
 }
 
 impl Default for GatewayConfig {
@@ -78,6 +82,7 @@ impl Default for GatewayConfig {
             jwt: None,
             upstreams: Default::default(),
             redact_patterns: Default::default(),
+            max_tokens_cap: crate::validate::DEFAULT_MAX_TOKENS_CAP,
         }
     }
 }
@@ -161,6 +166,9 @@ impl GatewayConfig {
         }
         if c.max_header_bytes.0 < 8192 || c.max_header_bytes.0 > (16 << 20) {
             return Err(field("max_header_bytes", "must be between 8KiB and 16MiB"));
+        }
+        if c.max_tokens_cap == 0 {
+            return Err(field("max_tokens_cap", "must be at least 1"));
         }
         if c.request_timeout_ms < 1000 {
             return Err(ConfigError::Field {

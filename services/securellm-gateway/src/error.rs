@@ -87,7 +87,8 @@ pub fn from_status(s: &tonic::Status) -> ApiError {
     use tonic::Code;
     let msg = s.message().to_string();
     match s.code() {
-        Code::InvalidArgument => ApiError::bad_request(msg),
+        // The caller's request was refused as malformed or out of range: its 400, never a 5xx.
+        Code::InvalidArgument | Code::OutOfRange => ApiError::bad_request(msg),
         Code::NotFound => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg)
             .code("model_not_found"),
         Code::FailedPrecondition => ApiError::bad_request(msg),
@@ -119,5 +120,28 @@ pub fn from_status(s: &tonic::Status) -> ApiError {
             "server_error",
             format!("upstream error: {msg}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upstream's refusal of the request itself is the caller's 400, never relayed as a 5xx.
+    #[test]
+    fn request_errors_from_the_backend_are_400() {
+        for s in [
+            tonic::Status::invalid_argument("invalid request body: `messages` must be an array"),
+            tonic::Status::out_of_range("max_tokens"),
+            tonic::Status::failed_precondition("model is not usable"),
+        ] {
+            let e = from_status(&s);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{s:?}");
+            assert_eq!(e.kind, "invalid_request_error");
+        }
+        assert_eq!(
+            from_status(&tonic::Status::internal("boom")).status,
+            StatusCode::BAD_GATEWAY
+        );
     }
 }

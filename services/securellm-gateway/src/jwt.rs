@@ -3,9 +3,15 @@
 //! The algorithm is pinned by configuration: HS256 with a shared secret, or RS256 / EdDSA with a
 //! PEM public key. A token whose header names another algorithm — `none`, or HS256 signed with the
 //! RSA public key as the secret (algorithm confusion) — is rejected before its signature is
-//! looked at. `exp` is required; `nbf`, `iss` and `aud` are checked (the last two when
-//! configured). Claims carry the subject (`sub`), the model patterns the caller may use
-//! (`models`, default from config) and optional limits (`rpm`, `tpm`, `concurrent`).
+//! looked at. `exp` and `sub` are always required; `iss` and `aud` are *required* (a token
+//! without them is refused) when `issuer` / `audience` are configured, and must then match; `nbf`
+//! is checked when present. Claims carry the subject (`sub`), the model patterns the caller may use
+//! (`models`, default from config) and optional limits (`rpm`, `tpm`, `concurrent`,
+//! `max_tokens`).
+//!
+//! A token's caller id (its key id in the audit log and the key its rate limits follow) is
+//! `jwt:<iss>:<sub>` (`iss` empty when absent; `%` and `:` in it written `%25` and `%3A`), which
+//! can never equal an API key's id (`key_<hex>`).
 
 use std::path::PathBuf;
 
@@ -93,6 +99,11 @@ struct Claims {
     tpm: Option<u32>,
     #[serde(default)]
     concurrent: Option<u32>,
+    /// Largest `max_tokens` this caller may ask for (below the gateway's `max_tokens_cap`).
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    iss: Option<String>,
     /// Scopes: an OAuth-style space-separated string or a list; `admin` grants the GatewayAdmin
     /// service.
     #[serde(default)]
@@ -157,14 +168,22 @@ impl JwtVerifier {
         v.algorithms = vec![alg];
         v.validate_nbf = true;
         v.leeway = c.leeway_s;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // Every claim the configuration names is required, not merely checked when present: a
+        // token minted for another service by the same identity provider (no `aud`, or no
+        // `iss`) must not pass.
+        let mut required = vec!["exp", "sub"];
         if let Some(i) = &c.issuer {
             v.set_issuer(&[i]);
+            required.push("iss");
         }
         match &c.audience {
-            Some(a) => v.set_audience(&[a]),
+            Some(a) => {
+                v.set_audience(&[a]);
+                required.push("aud");
+            }
             None => v.validate_aud = false,
         }
+        v.set_required_spec_claims(&required);
         Ok(Self {
             key,
             validation: v,
@@ -201,7 +220,7 @@ impl JwtVerifier {
             return Err("empty `sub` claim".into());
         }
         Ok(KeyRecord {
-            id: format!("jwt:{}", c.sub),
+            id: caller_id(c.iss.as_deref().unwrap_or(""), &c.sub),
             name: "jwt".into(),
             prefix: String::new(),
             subject: c.sub,
@@ -209,12 +228,19 @@ impl JwtVerifier {
             rpm: c.rpm,
             tpm: c.tpm,
             concurrent: c.concurrent,
+            max_tokens: c.max_tokens,
             created_ms: 0,
             expires_ms: Some(c.exp.saturating_mul(1000)),
             revoked_ms: None,
             admin: c.scope.as_ref().is_some_and(|s| s.has("admin")),
         })
     }
+}
+
+/// `jwt:<iss>:<sub>`, with `%` and `:` escaped in `iss` so that distinct (issuer, subject) pairs
+/// never share an id.
+pub fn caller_id(iss: &str, sub: &str) -> String {
+    format!("jwt:{}:{sub}", iss.replace('%', "%25").replace(':', "%3A"))
 }
 
 #[cfg(test)]
@@ -312,6 +338,59 @@ mod tests {
         .unwrap();
         assert!(v.verify(&forged).unwrap_err().contains("signature"));
         assert!(v.verify("not.a.token").is_err());
+    }
+
+    /// Regression (issue 11): with an issuer and an audience configured, a token lacking `iss` or
+    /// `aud` was accepted — and one with `scope: admin` was granted GatewayAdmin.
+    #[test]
+    fn configured_issuer_and_audience_are_required_claims() {
+        let d = tempfile::tempdir().unwrap();
+        let v = hs_verifier(d.path());
+        for missing in [&["iss"][..], &["aud"], &["iss", "aud"]] {
+            let mut c = good();
+            c["scope"] = json!("openid admin");
+            for k in missing {
+                c.as_object_mut().unwrap().remove(*k);
+            }
+            let e = v.verify(&hs(c)).unwrap_err();
+            assert!(e.contains("lacks"), "{missing:?}: {e}");
+        }
+        let mut admin = good();
+        admin["scope"] = json!("admin");
+        assert!(v.verify(&hs(admin)).unwrap().admin);
+        // Without an issuer / audience configured, tokens need neither.
+        let p = d.path().join("secret2");
+        std::fs::write(&p, SECRET).unwrap();
+        let open = JwtVerifier::new(&JwtConfig {
+            algorithm: "HS256".into(),
+            secret_file: Some(p),
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            default_models: vec![],
+            leeway_s: 0,
+        })
+        .unwrap();
+        let k = open
+            .verify(&hs(json!({"sub": "alice", "exp": now() + 300})))
+            .unwrap();
+        assert_eq!(k.id, "jwt::alice");
+    }
+
+    /// The caller id (rate limits and audit) names issuer and subject, and distinct pairs never
+    /// share one, nor with an API key id.
+    #[test]
+    fn caller_ids_are_per_issuer_and_subject() {
+        let d = tempfile::tempdir().unwrap();
+        let v = hs_verifier(d.path());
+        let k = v.verify(&hs(good())).unwrap();
+        assert_eq!(k.id, "jwt:https%3A//issuer.example:alice");
+        assert_ne!(caller_id("a:b", "c"), caller_id("a", "b:c"));
+        assert_ne!(caller_id("a%3Ab", "c"), caller_id("a:b", "c"));
+        assert!(caller_id("", "key_0123").starts_with("jwt:"));
+        let mut limited = good();
+        limited["max_tokens"] = json!(64);
+        assert_eq!(v.verify(&hs(limited)).unwrap().max_tokens, Some(64));
     }
 
     #[test]

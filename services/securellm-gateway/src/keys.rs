@@ -47,6 +47,8 @@ pub struct KeyRecord {
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
     pub concurrent: Option<u32>,
+    /// Largest `max_tokens` a request may ask for (the gateway's `max_tokens_cap` bounds it too).
+    pub max_tokens: Option<u32>,
     pub created_ms: u64,
     pub expires_ms: Option<u64>,
     pub revoked_ms: Option<u64>,
@@ -97,6 +99,8 @@ pub struct NewKey {
     pub rpm: Option<u32>,
     pub tpm: Option<u32>,
     pub concurrent: Option<u32>,
+    /// Largest `max_tokens` a request may ask for; `None` or 0 = the gateway's cap only.
+    pub max_tokens: Option<u32>,
     pub expires_ms: Option<u64>,
 }
 
@@ -108,6 +112,8 @@ pub struct KeyUpdate {
     /// (requests/min, tokens/min, concurrent); `None` or 0 inside = no limit.
     #[allow(clippy::type_complexity)]
     pub limits: Option<(Option<u32>, Option<u32>, Option<u32>)>,
+    /// New per-key `max_tokens` cap; 0 = none (the gateway's cap only).
+    pub max_tokens: Option<u32>,
     /// New expiry in unix ms; 0 = never.
     pub expires_ms: Option<u64>,
 }
@@ -151,19 +157,39 @@ impl KeyStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(opts)
-            .await?;
+        let connect = || {
+            SqlitePoolOptions::new()
+                .max_connections(2)
+                .connect_with(opts.clone())
+        };
+        let mut pool = connect().await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS api_keys (
                 id TEXT PRIMARY KEY NOT NULL, hash BLOB NOT NULL UNIQUE, name TEXT NOT NULL,
                 prefix TEXT NOT NULL, subject TEXT NOT NULL, models TEXT NOT NULL,
                 rpm INTEGER, tpm INTEGER, concurrent INTEGER,
-                created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER)",
+                created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER,
+                max_tokens INTEGER)",
         )
         .execute(&pool)
         .await?;
+        // Added later: older databases get the column.
+        let has_max_tokens = sqlx::query("SELECT name FROM pragma_table_info('api_keys')")
+            .fetch_all(&pool)
+            .await?
+            .iter()
+            .any(|r| {
+                r.try_get::<String, _>("name")
+                    .is_ok_and(|n| n == "max_tokens")
+            });
+        if !has_max_tokens {
+            sqlx::query("ALTER TABLE api_keys ADD COLUMN max_tokens INTEGER")
+                .execute(&pool)
+                .await?;
+            // Connections opened before the change may hold the old table shape.
+            pool.close().await;
+            pool = connect().await?;
+        }
         let s = Self {
             pool,
             by_hash: Arc::new(RwLock::new(HashMap::new())),
@@ -198,6 +224,7 @@ impl KeyStore {
                     rpm: opt("rpm")?,
                     tpm: opt("tpm")?,
                     concurrent: opt("concurrent")?,
+                    max_tokens: opt("max_tokens")?,
                     created_ms: r.try_get::<i64, _>("created_ms")? as u64,
                     expires_ms: r.try_get::<Option<i64>, _>("expires_ms")?.map(|v| v as u64),
                     revoked_ms: r.try_get::<Option<i64>, _>("revoked_ms")?.map(|v| v as u64),
@@ -233,14 +260,15 @@ impl KeyStore {
             rpm: k.rpm.filter(|&v| v > 0),
             tpm: k.tpm.filter(|&v| v > 0),
             concurrent: k.concurrent.filter(|&v| v > 0),
+            max_tokens: k.max_tokens.filter(|&v| v > 0),
             created_ms: now_ms(),
             expires_ms: k.expires_ms,
             revoked_ms: None,
             admin: false,
         };
         sqlx::query(
-            "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms, max_tokens)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(hash(&secret).to_vec())
@@ -253,6 +281,7 @@ impl KeyStore {
         .bind(rec.concurrent.map(i64::from))
         .bind(rec.created_ms as i64)
         .bind(rec.expires_ms.map(|v| v as i64))
+        .bind(rec.max_tokens.map(i64::from))
         .execute(&self.pool)
         .await?;
         self.reload().await?;
@@ -298,6 +327,9 @@ impl KeyStore {
             rec.tpm = tpm.filter(|&v| v > 0);
             rec.concurrent = concurrent.filter(|&v| v > 0);
         }
+        if let Some(m) = u.max_tokens {
+            rec.max_tokens = Some(m).filter(|&v| v > 0);
+        }
         if let Some(e) = u.expires_ms {
             if e != 0 && e <= now_ms() {
                 return Err(KeyError::Invalid {
@@ -308,8 +340,8 @@ impl KeyStore {
             rec.expires_ms = Some(e).filter(|&e| e != 0);
         }
         sqlx::query(
-            "UPDATE api_keys SET name = ?, models = ?, rpm = ?, tpm = ?, concurrent = ?, expires_ms = ?
-             WHERE id = ? AND revoked_ms IS NULL",
+            "UPDATE api_keys SET name = ?, models = ?, rpm = ?, tpm = ?, concurrent = ?, expires_ms = ?,
+             max_tokens = ? WHERE id = ? AND revoked_ms IS NULL",
         )
         .bind(&rec.name)
         .bind(serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()))
@@ -317,6 +349,7 @@ impl KeyStore {
         .bind(rec.tpm.map(i64::from))
         .bind(rec.concurrent.map(i64::from))
         .bind(rec.expires_ms.map(|v| v as i64))
+        .bind(rec.max_tokens.map(i64::from))
         .bind(id)
         .execute(&self.pool)
         .await?;
@@ -415,6 +448,53 @@ mod tests {
         ));
         let reopened = KeyStore::open(&d.path().join("keys.db")).await.unwrap();
         assert_eq!(reopened.lookup(&secret).unwrap(), seen);
+    }
+
+    /// A key database from before per-key `max_tokens` opens, keeps its keys and takes the new
+    /// limit.
+    #[tokio::test]
+    async fn older_databases_get_the_max_tokens_column() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("keys.db");
+        let s = KeyStore::open(&path).await.unwrap();
+        let (old_secret, _) = s
+            .create(NewKey {
+                name: "old".into(),
+                models: vec!["*".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        sqlx::query("ALTER TABLE api_keys DROP COLUMN max_tokens")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        s.pool.close().await;
+        let s = KeyStore::open(&path).await.unwrap();
+        assert_eq!(s.lookup(&old_secret).unwrap().max_tokens, None);
+        let (secret, rec) = s
+            .create(NewKey {
+                name: "new".into(),
+                models: vec!["*".into()],
+                max_tokens: Some(64),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rec.max_tokens, Some(64));
+        let up = s
+            .update(
+                &rec.id,
+                KeyUpdate {
+                    max_tokens: Some(32),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(up.max_tokens, Some(32));
+        let reopened = KeyStore::open(&path).await.unwrap();
+        assert_eq!(reopened.lookup(&secret).unwrap().max_tokens, Some(32));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`upstream`]: the local backend manager over gRPC.
 //! - [`cloud`]: OpenAI-compatible cloud upstreams (redacted prompts).
 //! - [`error`]: OpenAI-shaped errors.
+//! - [`validate`]: the OpenAI request schema, checked before routing; the `max_tokens` cap.
 
 pub mod admin;
 pub mod app;
@@ -29,6 +30,7 @@ pub mod pipeline;
 pub mod ratelimit;
 pub mod redact;
 pub mod upstream;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -176,6 +178,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         audit,
         limits: ratelimit::RateLimiter::new(),
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+        max_tokens_cap: cfg.max_tokens_cap,
     });
     {
         let st = state.clone();

@@ -2,7 +2,7 @@
 //! ([`crate::grpc`]):
 //!
 //! ```text
-//! authenticate → authorize → rate-limit → redact → audit → route → forward
+//! authenticate → authorize → validate → rate-limit → redact → audit → route → forward
 //! ```
 //! Each step is a call into its own module (`keys` / `jwt`, `ratelimit`, `redact`, `audit`,
 //! `cloud` / `upstream`); this file only orders them. Every request, allowed or denied, leaves
@@ -263,11 +263,20 @@ fn estimate_prompt_tokens(v: &Value) -> u32 {
             Value::Bool(_) | Value::Null => 4,
         }
     }
-    let n = ["messages", "prompt", "input"]
-        .iter()
-        .filter_map(|k| v.get(*k))
-        .map(text_bytes)
-        .sum::<usize>();
+    // Tool and format definitions are rendered into the prompt too.
+    let n = [
+        "messages",
+        "prompt",
+        "input",
+        "suffix",
+        "tools",
+        "functions",
+        "response_format",
+    ]
+    .iter()
+    .filter_map(|k| v.get(*k))
+    .map(text_bytes)
+    .sum::<usize>();
     u32::try_from(n / 4).unwrap_or(u32::MAX).max(1)
 }
 
@@ -387,7 +396,9 @@ struct Finish {
     st: Shared,
     subject: String,
     limits: Limits,
+    /// Tokens reserved at admission (prompt estimate + generation bound).
     estimate: u32,
+    prompt_estimate: u32,
     _permit: crate::ratelimit::Permit,
     settled: bool,
     /// Payloads relayed so far (a stream cut short is charged about one token each).
@@ -412,7 +423,7 @@ impl Drop for Finish {
     fn drop(&mut self) {
         if !self.settled {
             let u = Usage {
-                prompt: self.estimate,
+                prompt: self.prompt_estimate,
                 completion: self.relayed,
             };
             self.settle(u);
@@ -523,14 +534,20 @@ async fn infer_inner(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    // Rate-limit.
+    // Validate: the OpenAI schema, and the `max_tokens` cap (filled in for local models).
+    let cloud = crate::cloud::route(&st.clouds, &model);
+    let cap = crate::validate::cap(st.max_tokens_cap, caller.key.max_tokens);
+    let checked = crate::validate::check(endpoint, &mut v, &model, cloud.is_some(), cap)?;
+    // Rate-limit: the state belongs to the key (its id), never to its free-text name or subject.
+    // The token reservation covers the generation bound; the real usage is settled at the end.
     let limits = Limits {
         rpm: caller.key.rpm,
         tpm: caller.key.tpm,
         concurrent: caller.key.concurrent,
     };
-    let estimate = estimate_prompt_tokens(&v);
-    let (permit, rl_headers) = match st.limits.admit(&caller.key.subject, &limits, estimate) {
+    let prompt_estimate = estimate_prompt_tokens(&v);
+    let estimate = checked.reservation(prompt_estimate, limits.tpm);
+    let (permit, rl_headers) = match st.limits.admit(&caller.key.id, &limits, estimate) {
         Admission::Allowed { permit, headers } => (permit, headers),
         Admission::Limited {
             retry_after,
@@ -554,18 +571,24 @@ async fn infer_inner(
     };
     let finish = Finish {
         st: st.clone(),
-        subject: caller.key.subject.clone(),
+        subject: caller.key.id.clone(),
         limits,
         estimate,
+        prompt_estimate,
         _permit: permit,
         settled: false,
         relayed: 0,
     };
     // Route: a cloud upstream if one serves the model, else the local backend manager.
-    if let Some(cloud) = crate::cloud::route(&st.clouds, &model) {
+    if let Some(cloud) = cloud {
         audit.entry.upstream = cloud.name.clone();
-        // Redact: prompts leaving the machine pass the upstream's policy first.
-        match st.redactor.apply_to_request(&mut v, cloud.policy) {
+        // Redact: every string leaving the machine (the body's, and the request id it is sent
+        // with) passes the upstream's policy first.
+        let mut upstream_rid = rid.to_string();
+        match st
+            .redactor
+            .apply_to_upstream(&mut v, &mut upstream_rid, cloud.policy)
+        {
             Ok(n) => audit.entry.redactions = u32::try_from(n).unwrap_or(u32::MAX),
             Err(blocked) => {
                 return Err(ApiError::bad_request(format!(
@@ -590,7 +613,14 @@ async fn infer_inner(
         }
         let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
         let reply = match cloud
-            .call(endpoint, body, rid, stream, relay_usage, st.request_timeout)
+            .call(
+                endpoint,
+                body,
+                &upstream_rid,
+                stream,
+                relay_usage,
+                st.request_timeout,
+            )
             .await?
         {
             crate::cloud::CloudAnswer::Complete {
@@ -609,7 +639,9 @@ async fn infer_inner(
         };
         return Ok((reply, rl_headers, finish));
     }
-    // Forward to the backend manager (it sets `stream` / `stream_options` itself).
+    // Forward to the backend manager (it sets `stream` / `stream_options` itself): the validated
+    // body, re-serialised, so that no parser difference (duplicate keys...) reaches the engine.
+    let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
     let deadline = now_ms() + st.request_timeout.as_millis() as u64;
     let who = &caller.key.subject;
     let reply = if !stream {

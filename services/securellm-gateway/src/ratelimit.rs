@@ -30,8 +30,10 @@
 //!   semantics. Being our own state it can also be inspected without being
 //!   consumed, so an RPM cell is never spent on a request the TPM check
 //!   refuses. A single request estimated above the whole tpm can never fit
-//!   and is refused as `Tpm` with a 60 s retry hint. A quota change starts a
-//!   fresh, full bucket.
+//!   and is refused as `Tpm` with a 60 s retry hint. The bucket belongs to the
+//!   subject, not to the quota: a quota change keeps what was spent (the new
+//!   bucket starts `spent` below its capacity), and requests made without a
+//!   token limit leave it in place, so alternating quotas never refills it.
 //! * **Concurrency** is a per-subject in-flight counter; the permit decrements it on drop.
 //! * **Failed authentication** is counted per client IP (IPv4, or the /64 of
 //!   an IPv6 address; a `host:port` string is reduced to its host) with a
@@ -436,12 +438,23 @@ where
                 rpm_seen: None,
             });
 
-        // Bring the token bucket in line with the quota passed in.
+        // Bring the token bucket in line with the quota passed in. Its state follows the
+        // subject: a request without a token limit leaves it as it is (refilling), and a new
+        // capacity keeps what was spent, so switching quotas back and forth never refills it.
         let tpm = nz(limits.tpm);
         match (tpm, &mut st.tpm) {
-            (None, bucket) => *bucket = None,
+            (None, _) => {}
             (Some(cap), Some(b)) if b.capacity == cap => b.refill(now),
-            (Some(cap), bucket) => *bucket = Some(TokenBucket::full(cap, now)),
+            (Some(cap), Some(b)) => {
+                b.refill(now);
+                let spent = f64::from(b.capacity) - b.tokens;
+                *b = TokenBucket {
+                    capacity: cap,
+                    tokens: f64::from(cap) - spent,
+                    last: now,
+                };
+            }
+            (Some(cap), bucket @ None) => *bucket = Some(TokenBucket::full(cap, now)),
         }
         let rpm_limit = nz(limits.rpm);
         if rpm_limit.is_none() {
@@ -461,6 +474,7 @@ where
         let tokens_now = |st: &Subject<C::Instant>| {
             st.tpm
                 .as_ref()
+                .filter(|_| tpm.is_some())
                 .map(|b| (b.capacity, b.remaining(), b.time_to_full()))
         };
 
@@ -476,7 +490,7 @@ where
         }
 
         let cost = estimated_tokens.max(1);
-        if let Some(b) = &st.tpm {
+        if let Some(b) = st.tpm.as_ref().filter(|_| tpm.is_some()) {
             let wait = if cost > b.capacity {
                 Some(MINUTE)
             } else if b.tokens < f64::from(cost) {
@@ -524,7 +538,9 @@ where
             }
         }
 
-        if let Some(b) = &mut st.tpm {
+        if tpm.is_some()
+            && let Some(b) = &mut st.tpm
+        {
             b.tokens -= f64::from(cost);
         }
         st.in_flight = st.in_flight.saturating_add(1);
@@ -1019,7 +1035,8 @@ mod tests {
         assert_eq!(header(&h, "x-ratelimit-limit-requests"), Some("5"));
         assert_eq!(header(&h, "x-ratelimit-remaining-requests"), Some("4"));
         assert_eq!(header(&h, "x-ratelimit-limit-tokens"), Some("1000"));
-        assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), Some("900"));
+        // The 100 tokens spent under the old quota still count.
+        assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), Some("800"));
         // Back to the old rpm: its limiter remembers the request already made.
         limited_by(
             rl.admit("erin", &Limits { tpm: None, ..one }, 1),
@@ -1038,6 +1055,28 @@ mod tests {
         };
         assert!(zero.is_unlimited());
         allowed(rl.admit("erin", &zero, u32::MAX));
+    }
+
+    /// Regression (issue 11): a tpm=50 quota used in turns with an unlimited one (two keys that
+    /// shared a subject, or two tokens of one subject with different claims) was never limited:
+    /// the unlimited request dropped the bucket, the next limited one started a full one.
+    #[test]
+    fn ratelimit_alternating_quotas_never_refill_the_bucket() {
+        let (rl, _clock) = limiter();
+        let tight = Limits {
+            tpm: Some(50),
+            ..Limits::default()
+        };
+        allowed(rl.admit("shared", &tight, 40));
+        allowed(rl.admit("shared", &Limits::default(), 40));
+        limited_by(rl.admit("shared", &tight, 40), LimitKind::Tpm);
+        // Nor does switching to a bigger capacity and back.
+        let loose = Limits {
+            tpm: Some(60),
+            ..Limits::default()
+        };
+        allowed(rl.admit("shared", &loose, 15));
+        limited_by(rl.admit("shared", &tight, 40), LimitKind::Tpm);
     }
 
     #[test]

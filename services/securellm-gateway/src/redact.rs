@@ -5,10 +5,20 @@
 //! and Anthropic API keys, JWTs and passwords embedded in URLs — plus any
 //! operator-configured `(name, regex)` patterns. [`Redactor::scan`] returns
 //! byte spans only; [`Redactor::redact_text`] replaces each span with
-//! `[REDACTED:<kind>]`; [`Redactor::apply_to_request`] walks an OpenAI-style
-//! request body (chat `messages[].content`, completions `prompt`, embeddings
-//! `input`) and applies the upstream's [`Policy`]: `Allow` only counts,
-//! `Redact` rewrites, `Block` refuses with the list of kinds found. The secret
+//! `[REDACTED:<kind>]`; [`Redactor::apply_to_request`] walks a request body
+//! bound for an upstream and applies the upstream's [`Policy`] to **every
+//! string in it** — values and object keys, at any depth, whatever the endpoint
+//! or field (tool calls and their arguments, tool definitions, message names,
+//! content parts of any type, `refusal`, `user`, `metadata`, response-format
+//! schemas, nested prompt arrays, fields no one has thought of yet): `Allow`
+//! only counts, `Redact` rewrites, `Block` refuses with the list of kinds
+//! found. Only an allow-list is skipped: the values of enum-like members when
+//! they are one of the documented words (`"role": "user"`, `"type": "text"`,
+//! ...), and keys that are schema member names (`"content"`, `"properties"`):
+//! those cannot carry a secret, and skipping them keeps a too-broad configured
+//! pattern from corrupting the request's structure.
+//! [`Redactor::apply_to_upstream`] also covers the request id sent along. The
+//! secret
 //! itself never appears in a [`Finding`], an error or a log line — only kinds,
 //! offsets and counts, so the count can go straight into the audit row.
 //!
@@ -409,53 +419,199 @@ impl Redactor {
         (splice(text, &findings), findings.len())
     }
 
-    /// Redacts `s` in place; returns the number of findings.
-    fn redact_string(&self, s: &mut String) -> usize {
-        let findings = self.scan(s);
-        if !findings.is_empty() {
-            *s = splice(s, &findings);
-        }
-        findings.len()
-    }
-
-    /// Applies `policy` to the prompt text of an OpenAI request body.
+    /// Applies `policy` to every string of a request body bound for an upstream.
     ///
-    /// Looks at chat `messages[].content` (a string, or an array of parts whose
-    /// `type` is `"text"` → their `text`), completions `prompt` and embeddings
-    /// `input` (a string or an array of strings; token-id arrays cannot hold
-    /// text and are skipped). Every other field is left untouched.
+    /// Every string value and every object key, at any depth, is scanned —
+    /// except the values of the enum-like members in [`SAFE_WORDS`] that are one
+    /// of their documented words, and keys that are schema member names
+    /// ([`SAFE_KEYS`]). Numbers, booleans and `null` hold no text.
     ///
     /// Returns the number of secrets found (`Allow`: counted, body unchanged;
-    /// `Redact`: each replaced). Under `Block`, any finding returns [`Blocked`]
-    /// listing the distinct kinds, and the body is left unchanged.
+    /// `Redact`: each replaced; a key that is redacted is renamed, with `_`
+    /// appended while it would collide with another key). Under `Block`, any
+    /// finding returns [`Blocked`] listing the distinct kinds, and the body is
+    /// left unchanged.
     pub fn apply_to_request(&self, body: &mut Value, policy: Policy) -> Result<usize, Blocked> {
-        match policy {
-            Policy::Redact => {
-                let mut count = 0;
-                for_each_prompt_text(body, &mut |s| count += self.redact_string(s));
-                Ok(count)
+        self.apply_to_upstream(body, &mut String::new(), policy)
+    }
+
+    /// [`apply_to_request`](Self::apply_to_request) for the body and the
+    /// request id that goes with it (a header the upstream receives too).
+    pub fn apply_to_upstream(
+        &self,
+        body: &mut Value,
+        request_id: &mut String,
+        policy: Policy,
+    ) -> Result<usize, Blocked> {
+        let mut walk = Walk {
+            redactor: self,
+            policy,
+            count: 0,
+            kinds: BTreeSet::new(),
+        };
+        walk.value(body, None);
+        walk.text(request_id);
+        if walk.kinds.is_empty() {
+            Ok(walk.count)
+        } else {
+            Err(Blocked {
+                kinds: walk.kinds.into_iter().collect(),
+            })
+        }
+    }
+}
+
+/// Enum-like members whose documented values are structure, not text: such a
+/// value is not scanned (any other value of the same member is).
+pub const SAFE_WORDS: &[(&str, &[&str])] = &[
+    (
+        "role",
+        &[
+            "system",
+            "developer",
+            "user",
+            "assistant",
+            "tool",
+            "function",
+        ],
+    ),
+    (
+        "type",
+        &[
+            "text",
+            "image_url",
+            "input_audio",
+            "file",
+            "refusal",
+            "function",
+            "custom",
+            "allowed_tools",
+            "json_schema",
+            "json_object",
+            // JSON Schema types, in tool parameters and response formats.
+            "string",
+            "number",
+            "integer",
+            "boolean",
+            "object",
+            "array",
+            "null",
+        ],
+    ),
+    ("encoding_format", &["float", "base64"]),
+    ("tool_choice", &["none", "auto", "required"]),
+    ("function_call", &["none", "auto"]),
+    ("detail", &["auto", "low", "high"]),
+    ("format", &["wav", "mp3"]),
+    ("modalities", &["text", "audio"]),
+    (
+        "reasoning_effort",
+        &["none", "minimal", "low", "medium", "high"],
+    ),
+    ("service_tier", &["auto", "default", "flex", "priority"]),
+    ("verbosity", &["low", "medium", "high"]),
+];
+
+/// Object keys that are member names of the OpenAI request schemas or JSON Schema keywords: such
+/// a key is not scanned (any other key is: `metadata` keys, schema property names, ...).
+#[rustfmt::skip]
+pub const SAFE_KEYS: &[&str] = &[
+    // Request members (chat, completions, embeddings).
+    "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+    "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "n",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "reasoning_effort",
+    "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
+    "verbosity", "web_search_options", "top_k", "min_p", "repeat_penalty", "prompt", "best_of",
+    "echo", "suffix", "input", "dimensions", "encoding_format",
+    // Members of messages, parts, tools and formats.
+    "role", "content", "name", "refusal", "tool_calls", "tool_call_id", "id", "type", "function",
+    "arguments", "text", "image_url", "url", "detail", "input_audio", "data", "format", "file",
+    "file_id", "file_data", "filename", "custom", "description", "parameters", "strict",
+    "include_usage", "include_obfuscation", "json_schema", "schema", "allowed_tools", "mode",
+    "voice",
+    // JSON Schema keywords.
+    "properties", "required", "items", "enum", "additionalProperties", "anyOf", "allOf", "oneOf",
+    "not", "const", "default", "$ref", "$defs", "definitions", "title", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern",
+    "minItems", "maxItems", "uniqueItems", "examples", "nullable", "$schema",
+];
+
+fn is_safe_word(member: Option<&str>, value: &str) -> bool {
+    member.is_some_and(|m| {
+        SAFE_WORDS
+            .iter()
+            .any(|(k, words)| *k == m && words.contains(&value))
+    })
+}
+
+/// One pass of a policy over a JSON document.
+struct Walk<'a> {
+    redactor: &'a Redactor,
+    policy: Policy,
+    count: usize,
+    /// Kinds found (only filled under `Block`).
+    kinds: BTreeSet<String>,
+}
+
+impl Walk<'_> {
+    /// `member`: the name of the object member holding `v` (array items inherit it).
+    fn value(&mut self, v: &mut Value, member: Option<&str>) {
+        match v {
+            Value::String(s) => {
+                if !is_safe_word(member, s) {
+                    self.text(s);
+                }
             }
-            Policy::Allow => {
-                let mut count = 0;
-                for_each_prompt_text(body, &mut |s| count += self.scan(s).len());
-                Ok(count)
+            Value::Array(items) => {
+                for item in items {
+                    self.value(item, member);
+                }
+            }
+            Value::Object(m) => {
+                let mut renamed = Vec::new();
+                for (k, child) in m.iter_mut() {
+                    self.value(child, Some(k));
+                    if SAFE_KEYS.contains(&k.as_str()) {
+                        continue;
+                    }
+                    let mut key = k.clone();
+                    if self.text(&mut key) > 0 && key != *k {
+                        renamed.push((k.clone(), key));
+                    }
+                }
+                for (old, mut new) in renamed {
+                    if let Some(child) = m.remove(&old) {
+                        while m.contains_key(&new) {
+                            new.push('_');
+                        }
+                        m.insert(new, child);
+                    }
+                }
+            }
+            Value::Number(_) | Value::Bool(_) | Value::Null => {}
+        }
+    }
+
+    /// Apply the policy to one string; returns the findings in it.
+    fn text(&mut self, s: &mut String) -> usize {
+        let findings = self.redactor.scan(s);
+        let n = findings.len();
+        self.count += n;
+        match self.policy {
+            Policy::Allow => {}
+            Policy::Redact => {
+                if n > 0 {
+                    *s = splice(s, &findings);
+                }
             }
             Policy::Block => {
-                let mut kinds = BTreeSet::new();
-                for_each_prompt_text(body, &mut |s| {
-                    for f in self.scan(s) {
-                        kinds.insert(f.kind.into_owned());
-                    }
-                });
-                if kinds.is_empty() {
-                    Ok(0)
-                } else {
-                    Err(Blocked {
-                        kinds: kinds.into_iter().collect(),
-                    })
+                for f in findings {
+                    self.kinds.insert(f.kind.into_owned());
                 }
             }
         }
+        n
     }
 }
 
@@ -481,47 +637,6 @@ fn splice(text: &str, findings: &[Finding]) -> String {
         out.push_str(rest);
     }
     out
-}
-
-/// Calls `f` on each prompt string of an OpenAI chat / completions / embeddings body.
-fn for_each_prompt_text(body: &mut Value, f: &mut dyn FnMut(&mut String)) {
-    let Some(obj) = body.as_object_mut() else {
-        return;
-    };
-    if let Some(Value::Array(messages)) = obj.get_mut("messages") {
-        for msg in messages {
-            match msg.get_mut("content") {
-                Some(Value::String(s)) => f(s),
-                Some(Value::Array(parts)) => {
-                    for part in parts {
-                        let Some(part) = part.as_object_mut() else {
-                            continue;
-                        };
-                        if part.get("type").and_then(Value::as_str) != Some("text") {
-                            continue;
-                        }
-                        if let Some(Value::String(s)) = part.get_mut("text") {
-                            f(s);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    for field in ["prompt", "input"] {
-        match obj.get_mut(field) {
-            Some(Value::String(s)) => f(s),
-            Some(Value::Array(items)) => {
-                for item in items {
-                    if let Value::String(s) = item {
-                        f(s);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
 }
 
 #[cfg(test)]
@@ -830,7 +945,7 @@ mod tests {
             ]
         });
         let n = r.apply_to_request(&mut body, Policy::Redact);
-        assert_eq!(n, Ok(2));
+        assert_eq!(n, Ok(4));
         assert_eq!(
             body["messages"][1]["content"],
             "my key:\n[REDACTED:private_key]\nthanks"
@@ -839,14 +954,155 @@ mod tests {
             body["messages"][2]["content"][0]["text"],
             "token [REDACTED:github_token]"
         );
-        // Non-text parts and non-prompt fields are untouched.
+        // Every string leaving is covered: image URLs and `user` too.
         assert_eq!(
             body["messages"][2]["content"][1]["image_url"]["url"],
-            format!("https://x/{gh}")
+            "https://x/[REDACTED:github_token]"
         );
-        assert_eq!(body["user"], fake_akia());
+        assert_eq!(body["user"], "[REDACTED:aws_access_key_id]");
+        // Clean strings, structure and numbers are untouched.
         assert_eq!(body["messages"][0]["content"], "You are helpful.");
+        assert_eq!(body["messages"][2]["content"][1]["type"], "image_url");
         assert_eq!(body["temperature"], 0.2);
+    }
+
+    /// Regression (issue 11): secrets went to the cloud upstream unredacted from every one of
+    /// these fields, since only `messages[].content` was inspected.
+    #[test]
+    fn redact_every_field_an_upstream_receives() {
+        let r = r();
+        let akia = fake_akia();
+        let gh = fake_ghp("ghp");
+        let fields: Vec<(&str, Value)> = vec![
+            (
+                "/messages/0/tool_calls/0/function/arguments",
+                json!({"messages": [{"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": format!("{{\"key\": \"{akia}\"}}")}}
+                ]}]}),
+            ),
+            (
+                "/tools/0/function/description",
+                json!({"tools": [{"type": "function", "function": {"name": "f", "description": format!("uses {akia}")}}]}),
+            ),
+            (
+                "/tools/0/function/parameters/properties/k/default",
+                json!({"tools": [{"type": "function", "function": {"name": "f", "parameters":
+                    {"type": "object", "properties": {"k": {"type": "string", "default": akia}}}}}]}),
+            ),
+            (
+                "/messages/0/name",
+                json!({"messages": [{"role": "user", "content": "hi", "name": akia}]}),
+            ),
+            (
+                "/messages/0/content/0/text",
+                json!({"messages": [{"role": "user", "content": [{"type": "input_text", "text": akia}]}]}),
+            ),
+            (
+                "/messages/0/content/0/text",
+                json!({"messages": [{"role": "user", "content": [{"type": "Text", "text": akia}]}]}),
+            ),
+            (
+                "/messages/0/refusal",
+                json!({"messages": [{"role": "assistant", "content": "no", "refusal": format!("not with {akia}")}]}),
+            ),
+            (
+                "/messages/0/content/0/refusal",
+                json!({"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": akia}]}]}),
+            ),
+            ("/user", json!({"user": akia})),
+            ("/metadata/note", json!({"metadata": {"note": akia}})),
+            (
+                "/response_format/json_schema/schema/description",
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                    "description": "d", "schema": {"type": "object", "description": akia}}}}),
+            ),
+            (
+                "/response_format/json_schema/description",
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "description": akia}}}),
+            ),
+            ("/prompt/0/0", json!({"prompt": [[akia]]})),
+            ("/prompt/1/0/0", json!({"prompt": ["ok", [[akia]]]})),
+            ("/input/0", json!({"input": [akia]})),
+            ("/stop/0", json!({"stop": [akia]})),
+            (
+                "/messages/0/content",
+                json!({"messages": [{"role": "tool", "tool_call_id": akia, "content": akia}]}),
+            ),
+            (
+                "/some_future_field/x",
+                json!({"some_future_field": {"x": akia}}),
+            ),
+        ];
+        for (pointer, body) in fields {
+            let mut b = body.clone();
+            b["model"] = json!("gpt-x");
+            // Block refuses, naming the kind, and changes nothing.
+            let before = b.clone();
+            assert_eq!(
+                r.apply_to_request(&mut b, Policy::Block),
+                Err(Blocked {
+                    kinds: vec![KIND_AWS_ACCESS_KEY_ID.to_string()]
+                }),
+                "{pointer}"
+            );
+            assert_eq!(b, before);
+            // Redact leaves no trace of it anywhere in what is sent.
+            let n = r.apply_to_request(&mut b, Policy::Redact).unwrap();
+            assert!(n >= 1, "{pointer}");
+            let sent = b.to_string();
+            assert!(!sent.contains(&akia), "{pointer}: {sent}");
+            assert!(
+                b.pointer(pointer)
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| s.contains("[REDACTED:aws_access_key_id]")),
+                "{pointer}: {sent}"
+            );
+            assert_eq!(b["model"], "gpt-x");
+        }
+        // Secrets as object keys (metadata, schema property names) are renamed.
+        let mut b = json!({"metadata": {akia.clone(): "v", "[REDACTED:aws_access_key_id]": "w"},
+            "tools": [{"type": "function", "function": {"name": "f", "parameters":
+                {"type": "object", "properties": {gh.clone(): {"type": "string"}}}}}]});
+        assert_eq!(r.apply_to_request(&mut b, Policy::Redact), Ok(2));
+        let sent = b.to_string();
+        assert!(!sent.contains(&akia) && !sent.contains(&gh), "{sent}");
+        assert_eq!(b["metadata"].as_object().unwrap().len(), 2, "no key lost");
+        let mut b = json!({"metadata": {akia.clone(): "v"}});
+        assert!(r.apply_to_request(&mut b, Policy::Block).is_err());
+        // The request id sent along is covered too.
+        let mut rid = format!("req-{gh}");
+        let mut b = json!({"model": "m"});
+        assert_eq!(r.apply_to_upstream(&mut b, &mut rid, Policy::Redact), Ok(1));
+        assert_eq!(rid, "req-[REDACTED:github_token]");
+        let mut rid = format!("req-{gh}");
+        assert!(
+            r.apply_to_upstream(&mut b, &mut rid, Policy::Block)
+                .is_err()
+        );
+    }
+
+    /// The allow-list: enum-like members keep their documented words even under a configured
+    /// pattern broad enough to match them; any other value of those members is scanned.
+    #[test]
+    fn redact_skips_only_documented_words_of_enum_like_members() {
+        let r =
+            Redactor::new(&[("word".to_owned(), r"\b(?:user|text|object)\b".to_owned())]).unwrap();
+        let mut b = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a user"}]}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}});
+        assert_eq!(r.apply_to_request(&mut b, Policy::Redact), Ok(1));
+        assert_eq!(b["messages"][0]["role"], "user");
+        assert_eq!(b["messages"][0]["content"][0]["type"], "text");
+        assert_eq!(b["messages"][0]["content"][0]["text"], "a [REDACTED:word]");
+        assert_eq!(
+            b["response_format"]["json_schema"]["schema"]["type"],
+            "object"
+        );
+        // A role or type that is not a documented word is text like any other.
+        let r = self::r();
+        let akia = fake_akia();
+        let mut b = json!({"messages": [{"role": akia.clone(), "content": [{"type": akia.clone()}]}], "model": akia.clone()});
+        assert_eq!(r.apply_to_request(&mut b, Policy::Redact), Ok(3));
+        assert!(!b.to_string().contains(&akia));
     }
 
     #[test]
@@ -884,8 +1140,10 @@ mod tests {
         assert_eq!(emb_batch["input"], json!(["fine", "[REDACTED:jwt]"]));
         assert_eq!(emb_batch["encoding_format"], "float");
 
+        // Whatever its shape, every string of what is sent is covered.
         let mut not_object = json!(["prompt", key]);
-        assert_eq!(r.apply_to_request(&mut not_object, Policy::Redact), Ok(0));
+        assert_eq!(r.apply_to_request(&mut not_object, Policy::Redact), Ok(1));
+        assert_eq!(not_object, json!(["prompt", "[REDACTED:openai_api_key]"]));
     }
 
     #[test]

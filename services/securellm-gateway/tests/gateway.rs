@@ -103,6 +103,14 @@ async fn stack_full(
     jwt: Option<securellm_gateway::jwt::JwtConfig>,
     upstreams: std::collections::BTreeMap<String, securellm_gateway::cloud::CloudConfig>,
 ) -> Stack {
+    stack_cfg(jwt, upstreams, |_| {}).await
+}
+
+async fn stack_cfg(
+    jwt: Option<securellm_gateway::jwt::JwtConfig>,
+    upstreams: std::collections::BTreeMap<String, securellm_gateway::cloud::CloudConfig>,
+    tweak: impl FnOnce(&mut securellm_gateway::config::GatewayConfig),
+) -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
@@ -152,7 +160,7 @@ async fn stack_full(
     .await
     .unwrap();
     let data = dir.path().join("gateway");
-    let gateway = securellm_gateway::start(&securellm_gateway::config::GatewayConfig {
+    let mut cfg = securellm_gateway::config::GatewayConfig {
         listen: "127.0.0.1:0".into(),
         http_listen: "127.0.0.1:0".into(),
         data_dir: Some(data.clone()),
@@ -162,9 +170,9 @@ async fn stack_full(
         jwt,
         upstreams,
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    tweak(&mut cfg);
+    let gateway = securellm_gateway::start(&cfg).await.unwrap();
     Stack {
         _dir: dir,
         _scheduler: scheduler,
@@ -361,11 +369,9 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         .unwrap();
     assert_eq!(r.status(), 404);
     let rows = audit_rows(&s.gateway).await;
-    assert!(
-        rows.iter().any(|r| r.entry.subject == "bob"
-            && r.entry.key_id == "jwt:bob"
-            && r.entry.status == 404)
-    );
+    assert!(rows.iter().any(|r| r.entry.subject == "bob"
+        && r.entry.key_id == "jwt:test-issuer:bob"
+        && r.entry.status == 404));
 
     // Admin over gRPC: a JWT whose `scope` includes `admin` may; one without may not; API keys
     // never do. Each attempt is audited with its subject.
@@ -405,6 +411,27 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let e = admin.list_api_keys(list(api_key)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    // Regression (issue 11): with an issuer and an audience configured, a token lacking `iss` or
+    // `aud` (one minted for another service by the same identity provider) was accepted, and with
+    // `scope: admin` granted GatewayAdmin. Both claims are required now.
+    for drop in [&["iss"][..], &["aud"], &["iss", "aud"]] {
+        let mut claims = serde_json::json!({"sub": "mallory", "iss": "test-issuer", "aud": "securellm",
+            "exp": now + 300, "scope": "admin", "models": ["*"]});
+        for k in drop {
+            claims.as_object_mut().unwrap().remove(*k);
+        }
+        let t = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let r = http.get(&models).bearer_auth(&t).send().await.unwrap();
+        assert_eq!(r.status(), 401, "without {drop:?}");
+        let e = admin.list_api_keys(list(t)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "without {drop:?}");
+        assert!(e.message().contains("lacks"), "{e:?}");
+    }
     let rows = audit_rows(&s.gateway).await;
     let admin_rows: Vec<(&str, u16)> = rows
         .iter()
@@ -422,17 +449,69 @@ async fn fake_openai() -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
 ) {
+    let (base, seen, _) = fake_openai_full().await;
+    (base, seen)
+}
+
+/// Requests an upstream received: (path, every header, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+/// [`fake_openai`], also answering `/v1/completions` and `/v1/embeddings`, and recording every
+/// request with its path and all its headers (as text).
+async fn fake_openai_full() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+    Received,
+) {
     use axum::routing::post;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let received: Received = Default::default();
     let s2 = seen.clone();
-    let app = axum::Router::new().route(
+    let r2 = received.clone();
+    let record = move |path: &'static str| {
+        let r = r2.clone();
+        post(
+            move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| {
+                let r = r.clone();
+                async move {
+                    let all: String = headers
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+                        .collect();
+                    r.lock()
+                        .unwrap()
+                        .push((path.to_string(), all, body.0.clone()));
+                    let answer = if path == "/v1/embeddings" {
+                        serde_json::json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0]}],
+                        "model": body.0["model"], "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+                    } else {
+                        serde_json::json!({"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": body.0["model"],
+                        "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})
+                    };
+                    axum::Json(answer)
+                }
+            },
+        )
+    };
+    let r3 = received.clone();
+    let app = axum::Router::new()
+        .route("/v1/completions", record("/v1/completions"))
+        .route("/v1/embeddings", record("/v1/embeddings"))
+        .route(
         "/v1/chat/completions",
         post(move |headers: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| {
             let seen = s2.clone();
+            let received = r3.clone();
             async move {
                 use axum::response::IntoResponse;
                 let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                 seen.lock().unwrap().push((auth, body.0.clone()));
+                let all: String = headers
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
+                    .collect();
+                received.lock().unwrap().push(("/v1/chat/completions".into(), all, body.0.clone()));
                 if body.0["stream"] == true {
                     // Two content chunks, the usage chunk when asked for, then [DONE]; split at
                     // odd places to exercise the gateway's SSE parsing.
@@ -469,7 +548,7 @@ async fn fake_openai() -> (
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
-    (format!("http://{addr}/v1"), seen)
+    (format!("http://{addr}/v1"), seen, received)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1103,7 +1182,10 @@ async fn the_grpc_api_answers_like_the_http_api() {
         ),
         (
             Some(&key),
-            serde_json::to_vec(&serde_json::json!({"model": "nope", "messages": []})).unwrap(),
+            serde_json::to_vec(
+                &serde_json::json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .unwrap(),
             Code::NotFound,
             404,
             "model_not_found",
@@ -1166,4 +1248,372 @@ async fn the_grpc_api_answers_like_the_http_api() {
         (499, "client_closed_request")
     );
     assert!(s.gateway.state.audit.verify().await.unwrap().ok);
+}
+
+/// Regression (issue 11): bodies the OpenAI API refuses reached llama-server and came back 500
+/// (role missing, `tools` a string, an image for a text model) or ran unbounded (`max_tokens: -1`
+/// generated until the context was full). Each is a 400 naming the field, over HTTP and gRPC; a
+/// request without `max_tokens` is bounded by the cap; and limits follow the key, not its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_validated_capped_and_limited_per_key() {
+    let s = stack_cfg(None, Default::default(), |c| c.max_tokens_cap = 6).await;
+    let keys = &s.gateway.state.keys;
+    let key = new_key(keys, "k", &["*"], None).await;
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}/v1/{path}", s.gateway.http_addr);
+    let user = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "chat/completions",
+            serde_json::json!({"messages": [{"content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": [{"role": "bogus", "content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": []}),
+            "messages",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "tools": "search"}),
+            "tools",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "max_tokens": -1}),
+            "max_tokens",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "max_tokens": 9_223_372_036_854_775_808u64}),
+            "max_tokens",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "max_tokens": 7}),
+            "max_tokens",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "temperature": -3}),
+            "temperature",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "top_p": 2}),
+            "top_p",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "stop": 5}),
+            "stop",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "logit_bias": "x"}),
+            "logit_bias",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": user, "n_predict": -1}),
+            "n_predict",
+        ),
+        (
+            "chat/completions",
+            serde_json::json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}),
+            "messages[0].content[1]",
+        ),
+        (
+            "completions",
+            serde_json::json!({"prompt": [["nested"]]}),
+            "prompt[0][0]",
+        ),
+        (
+            "completions",
+            serde_json::json!({"prompt": "x", "max_tokens": -1}),
+            "max_tokens",
+        ),
+        ("embeddings", serde_json::json!({"input": []}), "input"),
+    ];
+    for (path, mut body, param) in cases {
+        body["model"] = "tiny".into();
+        let r = http
+            .post(url(path))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        if param == "messages[0].content[1]" {
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("does not take images"), "{msg}");
+        }
+    }
+    // gRPC takes the same path.
+    {
+        use securellm_proto::v1::gateway_client::GatewayClient;
+        let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let e = GatewayClient::new(ch)
+            .chat_completions(grpc_req(
+                body_req(serde_json::json!({"model": "tiny", "messages": [{"content": "hi"}]})),
+                Some(&key),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let (h, v) = openai_error(&e);
+        assert_eq!(
+            (h, v["error"]["param"].as_str()),
+            (400, Some("messages[0].role"))
+        );
+    }
+    // No max_tokens: the cap bounds the generation (the tiny model never stops by itself).
+    let r = http
+        .post(url("chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "tiny", "messages": user}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=6).contains(&completion), "{v}");
+    let r = http
+        .post(url("completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "tiny", "prompt": [[1, 2, 3]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() <= 6,
+        "{v}"
+    );
+    // A key's own cap lowers the gateway's.
+    let (small, _) = keys
+        .create(NewKey {
+            name: "small".into(),
+            models: vec!["*".into()],
+            max_tokens: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = http
+        .post(url("chat/completions"))
+        .bearer_auth(&small)
+        .json(&serde_json::json!({"model": "tiny", "messages": user, "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .post(url("chat/completions"))
+        .bearer_auth(&small)
+        .json(&serde_json::json!({"model": "tiny", "messages": user}))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() <= 2,
+        "{v}"
+    );
+
+    // Limits follow the key, not its name: a tpm-limited key used in turns with an unlimited key
+    // of the same name must be limited (before, the second turn started a fresh budget).
+    let mut secrets = Vec::new();
+    for tpm in [Some(20), None] {
+        let (secret, _) = keys
+            .create(NewKey {
+                name: "same-name".into(),
+                models: vec!["*".into()],
+                tpm,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        secrets.push(secret);
+    }
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = http
+            .post(url("chat/completions"))
+            .bearer_auth(&secrets[i % 2])
+            .json(&serde_json::json!({"model": "tiny", "messages": user, "max_tokens": 6}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses[0], 200, "{statuses:?}");
+    assert_eq!(
+        statuses[2], 429,
+        "the limited key's second turn: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().skip(1).step_by(2).all(|&s| s == 200),
+        "{statuses:?}"
+    );
+}
+
+/// Regression (issue 11): the `redact` and `block` policies inspected only `messages[].content`;
+/// secrets reached the cloud upstream from tool-call arguments, tool definitions, message names,
+/// `refusal`, `user`, `metadata`, response-format schemas, completions prompts, embeddings
+/// input and the request id. Nothing secret-shaped reaches it now, on any endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_upstreams_receive_no_secret_in_any_field() {
+    use securellm_gateway::cloud::CloudConfig;
+    use securellm_gateway::redact::Policy;
+    let (base, _, received) = fake_openai_full().await;
+    let up = |model: &str, policy: Policy| CloudConfig {
+        base_url: base.clone(),
+        api_key_env: None,
+        api_key_file: None,
+        models: vec![model.to_string()],
+        redaction: policy,
+    };
+    let upstreams = std::collections::BTreeMap::from([
+        ("cloudy".to_string(), up("gpt-fake", Policy::Redact)),
+        ("strict".to_string(), up("gpt-strict", Policy::Block)),
+    ]);
+    let s = stack_full(None, upstreams).await;
+    let key = new_key(&s.gateway.state.keys, "k", &["*"], None).await;
+    let http = reqwest::Client::new();
+    // Fake secrets, assembled at run time.
+    let akia = format!("AKIA{}", "Q".repeat(16));
+    let gh = format!("ghp_{}", "x1".repeat(18));
+    let chat = serde_json::json!({
+        "model": "gpt-fake",
+        "user": akia,
+        "metadata": {"note": format!("deploy with {gh}")},
+        "messages": [
+            {"role": "system", "content": "be brief", "name": akia},
+            {"role": "user", "content": [{"type": "text", "text": "call the tool"}], "name": gh},
+            {"role": "assistant", "content": null, "refusal": format!("not {akia}"), "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "deploy", "arguments": format!("{{\"token\": \"{gh}\"}}")}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "done"}
+        ],
+        "tools": [{"type": "function", "function": {"name": "deploy", "description": format!("uses {akia}"),
+            "parameters": {"type": "object", "properties": {"token": {"type": "string", "default": gh}}}}}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "out", "description": akia,
+            "schema": {"type": "object", "description": gh}}},
+        "stop": [akia],
+        "max_tokens": 5
+    });
+    let bodies = [
+        ("chat/completions", chat.clone()),
+        (
+            "completions",
+            serde_json::json!({"model": "gpt-fake", "prompt": ["fine", format!("key {akia}")], "user": gh, "suffix": akia}),
+        ),
+        (
+            "embeddings",
+            serde_json::json!({"model": "gpt-fake", "input": [format!("{gh}"), "ok"], "user": akia}),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let r = http
+            .post(format!("http://{}/v1/{path}", s.gateway.http_addr))
+            .bearer_auth(&key)
+            .header("x-request-id", format!("rid-{gh}"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(status, 200, "{path}: {}", r.text().await.unwrap());
+    }
+    {
+        let got = received.lock().unwrap();
+        assert_eq!(
+            got.len(),
+            3,
+            "one request per endpoint reached the upstream"
+        );
+        for (path, headers, body) in got.iter() {
+            let text = format!("{headers}\n{body}");
+            assert!(
+                !text.contains(&akia) && !text.contains(&gh),
+                "a secret reached the upstream on {path}: {text}"
+            );
+            assert!(text.contains("[REDACTED:"), "{path}: {text}");
+        }
+        // Structure survives: roles, ids and the tool call's shape.
+        let sent = &got[0].2;
+        assert_eq!(sent["messages"][2]["role"], "assistant");
+        assert_eq!(sent["messages"][2]["tool_calls"][0]["id"], "call_1");
+        assert_eq!(
+            sent["messages"][2]["tool_calls"][0]["function"]["arguments"],
+            "{\"token\": \"[REDACTED:github_token]\"}"
+        );
+    }
+    // Block: a secret only in a tool call's arguments refuses the request; nothing is sent.
+    let body = serde_json::json!({"model": "gpt-strict", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+            "function": {"name": "f", "arguments": format!("{{\"k\": \"{akia}\"}}")}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "ok"}
+    ]});
+    let r = http
+        .post(format!(
+            "http://{}/v1/chat/completions",
+            s.gateway.http_addr
+        ))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "secret_detected", "{v}");
+    assert!(!v.to_string().contains(&akia));
+    assert_eq!(
+        received.lock().unwrap().len(),
+        3,
+        "nothing reached the upstream"
+    );
+    // Schema errors are caught before anything leaves, for cloud models too.
+    let r = http
+        .post(format!("http://{}/v1/completions", s.gateway.http_addr))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "gpt-fake", "prompt": [[akia]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(received.lock().unwrap().len(), 3);
+    let rows = audit_rows(&s.gateway).await;
+    assert!(
+        rows.iter()
+            .filter(|r| r.entry.upstream == "cloudy" && r.entry.status == 200)
+            .all(|r| r.entry.redactions >= 2)
+    );
 }
