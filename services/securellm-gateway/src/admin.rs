@@ -95,8 +95,39 @@ impl AdminService {
         }
     }
 
-    /// The audit row of an admin call (the key concerned, never a secret).
+    /// Audit an admin call, then give its outcome. With `audit_mode = "sync"` a successful call
+    /// waits for its row's commit (`UNAVAILABLE` if the row cannot be committed).
+    async fn done<T>(
+        &self,
+        call: &AdminCall,
+        key_id: &str,
+        out: Result<T, Status>,
+    ) -> Result<T, Status> {
+        if self.state.audit_sync && out.is_ok() {
+            let entry = self.entry(call, key_id, Ok(()));
+            self.state.audit.append(entry).await.map_err(|e| {
+                Status::unavailable(format!("the audit row could not be committed: {e}"))
+            })?;
+            return out;
+        }
+        self.finish(call, key_id, out.as_ref().map(|_| ()));
+        out
+    }
+
+    /// Queue the audit row of an admin call. A refusal before any caller was known (no valid
+    /// token) is aggregated per address and window, as for the API.
     fn finish(&self, call: &AdminCall, key_id: &str, outcome: Result<(), &Status>) {
+        let anonymous = outcome.is_err() && call.subject.is_empty();
+        let entry = self.entry(call, key_id, outcome);
+        if anonymous {
+            self.state.audit.append_auth_failure(entry);
+        } else {
+            self.state.audit.append_nowait(entry);
+        }
+    }
+
+    /// The audit row of an admin call (the key concerned, never a secret).
+    fn entry(&self, call: &AdminCall, key_id: &str, outcome: Result<(), &Status>) -> AuditEntry {
         use tonic::Code;
         let (status, code) = match outcome {
             Ok(()) => (200, String::new()),
@@ -113,7 +144,7 @@ impl AdminService {
                 format!("{:?}", s.code()),
             ),
         };
-        self.state.audit.append_nowait(AuditEntry {
+        AuditEntry {
             time_ms: securellm_common::time::now_ms(),
             request_id: String::new(),
             subject: call.subject.clone(),
@@ -125,7 +156,7 @@ impl AdminService {
             error_code: code,
             latency_us: call.started.elapsed().as_micros() as u64,
             ..AuditEntry::default()
-        });
+        }
     }
 }
 
@@ -228,8 +259,7 @@ impl AdminService {
             .ok()
             .and_then(|r| r.get_ref().key.as_ref())
             .map_or(key_id, |k| k.id.clone());
-        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
-        out
+        self.done(&call, &key_id, out).await
     }
 
     async fn revoke_api_key_inner(
@@ -251,8 +281,7 @@ impl AdminService {
             )))
         }
         .await;
-        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
-        out
+        self.done(&call, &key_id, out).await
     }
 
     async fn update_api_key_inner(
@@ -291,8 +320,7 @@ impl AdminService {
             )))
         }
         .await;
-        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
-        out
+        self.done(&call, &key_id, out).await
     }
 }
 
@@ -337,8 +365,7 @@ impl GatewayAdmin for AdminService {
             Ok(Response::new(pb::ListApiKeysResponse { keys }))
         }
         .await;
-        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
-        out
+        self.done(&call, &key_id, out).await
     }
 
     async fn revoke_api_key(
@@ -436,8 +463,7 @@ impl GatewayAdmin for AdminService {
             }))
         }
         .await;
-        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
-        out
+        self.done(&call, &key_id, out).await
     }
 
     async fn verify_audit(
@@ -476,7 +502,6 @@ impl GatewayAdmin for AdminService {
             }))
         }
         .await;
-        self.finish(&call, &key_id, out.as_ref().map(|_| ()));
-        out
+        self.done(&call, &key_id, out).await
     }
 }

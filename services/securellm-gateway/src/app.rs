@@ -1,9 +1,12 @@
 //! The HTTP application: the request path as one visible stack, then the handlers.
 //!
 //! ```text
-//! trace → body size limit → timeout → authenticate → authorize → rate-limit → redact → audit → route → forward
+//! trace → body size limit → body deadline → timeout → authenticate → in-flight caps → authorize
+//!   → rate-limit → redact → audit → route → forward
 //! ```
-//! `trace`, `body size limit`, `timeout` and `authenticate` are tower layers (see [`router`]);
+//! `trace`, `body size limit`, `body deadline`, `timeout`, `authenticate` and the in-flight caps
+//! are tower layers (see [`router`]): a request is authenticated and admitted on its headers,
+//! before any of its body is read;
 //! authorize, rate-limit, redact and audit need the parsed body (the model, the prompt), so they are
 //! steps of [`crate::pipeline::infer`] (shared with the gRPC API), each a call into its own module
 //! (`keys`, `ratelimit`, `redact`, `audit`). This file only turns HTTP into pipeline calls and
@@ -24,7 +27,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use tonic::transport::Channel;
-use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::audit::AuditLog;
@@ -46,6 +49,13 @@ pub struct AppState {
     pub registry: ModelRegistryClient<Channel>,
     pub audit: AuditLog,
     pub limits: RateLimiter,
+    /// Requests in progress per key and per address (checked before the body is read).
+    pub inflight: crate::inflight::InFlight,
+    /// `audit_mode = "sync"`: no 2xx is given (no stream ends) before its audit row is committed;
+    /// a row that cannot be committed turns the answer into a 503.
+    pub audit_sync: bool,
+    /// A request body must arrive completely within this of its head (HTTP and gRPC).
+    pub body_read_timeout: Duration,
     pub request_timeout: Duration,
     /// The largest `max_tokens` a request may ask for; filled in for local models when absent.
     pub max_tokens_cap: u32,
@@ -55,7 +65,8 @@ pub type Shared = Arc<AppState>;
 
 pub use crate::pipeline::Caller;
 
-/// The router with the whole stack.
+/// The router with the whole stack. `body_read_timeout` bounds the time to read a whole request
+/// body, counted from the arrival of the request head (not the gaps between its bytes).
 pub fn router(state: Shared, max_body: usize, body_read_timeout: Duration) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat))
@@ -82,7 +93,10 @@ pub fn router(state: Shared, max_body: usize, body_read_timeout: Duration) -> Ro
             state.request_timeout + Duration::from_secs(5),
         ))
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(RequestBodyTimeoutLayer::new(body_read_timeout))
+        .layer(middleware::from_fn_with_state(
+            body_read_timeout,
+            body_deadline,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -98,7 +112,10 @@ fn request_id(headers: &HeaderMap) -> String {
     pipeline::request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()))
 }
 
-/// Authenticate: `Authorization: Bearer <api key or JWT>` (see [`pipeline::authenticate`]).
+/// Authenticate: `Authorization: Bearer <api key or JWT>` (see [`pipeline::authenticate`]), then
+/// take a place among the requests in progress of the key and of the address (429 at once when
+/// either is full), all on the headers, before any of the body is read. The place is held until
+/// the response body has ended.
 async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) -> Response {
     let client = client_addr(&req);
     let rid = request_id(req.headers());
@@ -106,12 +123,102 @@ async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) ->
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match pipeline::authenticate(&st, &client, &rid, req.uri().path(), authz) {
+    let path = req.uri().path().to_string();
+    match pipeline::authenticate(&st, &client, &rid, &path, authz) {
         Ok(caller) => {
+            let slot = match crate::inflight::admit(&st, &caller, &rid, &path) {
+                Ok(slot) => slot,
+                Err(e) => return e.into_response(),
+            };
             req.extensions_mut().insert(caller);
-            next.run(req).await
+            next.run(req)
+                .await
+                .map(|b| Body::new(crate::listener::Guarded::new(b, slot)))
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// Gives the request body a deadline: `total` from now (the request head has arrived).
+async fn body_deadline(State(total): State<Duration>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = Body::new(DeadlineBody::new(body, total, None));
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// The error of a body that did not arrive by its deadline.
+#[derive(Debug)]
+pub struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body did not arrive in time")
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body that must arrive completely by a fixed deadline, however its bytes trickle in
+/// (a gap timer alone lets a client send a byte every few seconds forever). Data that is ready is
+/// always delivered; the deadline only ends a wait. On expiry it fails with `on_timeout()` (or
+/// [`BodyTimedOut`]).
+pub struct DeadlineBody<B> {
+    inner: B,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    on_timeout: Option<Box<dyn FnOnce() -> BoxError + Send>>,
+}
+
+impl<B> DeadlineBody<B> {
+    pub fn new(
+        inner: B,
+        total: Duration,
+        on_timeout: Option<Box<dyn FnOnce() -> BoxError + Send>>,
+    ) -> Self {
+        Self {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(total)),
+            on_timeout,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for DeadlineBody<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let e = match self.on_timeout.take() {
+                        Some(f) => f(),
+                        None => Box::new(BodyTimedOut),
+                    };
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -197,7 +304,7 @@ fn with_headers(mut r: Response, headers: &[(&'static str, String)]) -> Response
 fn body_error(r: BytesRejection) -> ApiError {
     let mut source: Option<&dyn std::error::Error> = Some(&r);
     while let Some(e) = source {
-        if e.is::<tower_http::timeout::TimeoutError>() {
+        if e.is::<BodyTimedOut>() {
             return ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request_error",

@@ -62,10 +62,25 @@
 //!
 //! What a crash (`kill -9`, power loss) can lose: exactly the entries not yet acknowledged — those
 //! still in the channel and those in the batch being written. An entry whose [`AuditLog::append`]
-//! returned `Ok(id)` is committed and fsynced and survives both. Entries given to
-//! [`AuditLog::append_nowait`] are only as safe as the next commit: a crash before it loses them
-//! (at most the queue, [`AuditOptions::queue_capacity`], plus one batch); [`AuditLog::flush`]
-//! waits for them. `append_nowait` never blocks: with the queue full (the disk stalled) it drops
+//! returned `Ok(id)` (or whose [`AppendPermit::send`] future did) is committed and fsynced and
+//! survives both. Entries given to [`AuditLog::append_nowait`] are only as safe as the next
+//! commit: a crash before it loses them (at most the queue, [`AuditOptions::queue_capacity`], plus
+//! one batch); [`AuditLog::flush`] waits for them. The gateway queues a request's row without
+//! waiting when it answers, unless `audit_mode = "sync"`: so by default a response can reach its
+//! client before its row is committed, and a crash loses the rows of the requests answered in
+//! about the last commit interval (linger + one fsync; longer if the disk stalls and the queue
+//! fills); with `sync` no 2xx leaves (no stream ends) before its row is committed.
+//!
+//! # Refused credentials are aggregated
+//! Requests without a valid credential could otherwise write a row each, as fast as they can be
+//! sent, without any key. [`AuditLog::append_auth_failure`] writes the first such refusal from a
+//! source (an IPv4 address, an IPv6 /64) in a window ([`AuditOptions::auth_failure_window`],
+//! 60 s) as a row of its own and only counts the next ones; when the window ends (or at
+//! [`AuditLog::flush`] / [`AuditLog::close`]) ONE summary row records them: error code
+//! [`AUTH_FAILURES_AGGREGATED`], `request_id` `count:<n>` (the number of refusals it stands for),
+//! `client_addr` the source, endpoint and status of the last one. So a source costs at most two
+//! rows per window; at most [`MAX_AUTH_FAILURE_SOURCES`] sources are tracked at once, beyond which
+//! refusals share one source `*`. `append_nowait` never blocks: with the queue full (the disk stalled) it drops
 //! the entry, counts it in [`AuditStats::dropped`] and logs a warning; `append` waits instead.
 //! A batch is all-or-nothing: a crash never leaves half a batch or a head that disagrees with the
 //! rows. Dropping every handle lets the writer commit what is queued and stop; a dropped `append`
@@ -104,6 +119,12 @@ pub const MAX_QUERY_LIMIT: u32 = 10_001;
 
 /// Rows a [`AuditLog::query`] returns when its filter names no limit.
 pub const DEFAULT_QUERY_LIMIT: u32 = 100;
+
+/// The error code of a summary row of aggregated authentication failures (see the module doc).
+pub const AUTH_FAILURES_AGGREGATED: &str = "auth_failures_aggregated";
+
+/// Sources of authentication failures tracked at once; beyond, they share the source `*`.
+pub const MAX_AUTH_FAILURE_SOURCES: usize = 4096;
 
 /// Most rows per INSERT statement inside a batch (a power of two).
 const ROWS_PER_INSERT: usize = 64;
@@ -254,6 +275,8 @@ pub struct AuditOptions {
     /// Entries that may wait in the channel; `append` waits for room, `append_nowait` drops
     /// (and counts) the entry.
     pub queue_capacity: usize,
+    /// The window over which [`AuditLog::append_auth_failure`] aggregates a source's failures.
+    pub auth_failure_window: Duration,
 }
 
 impl Default for AuditOptions {
@@ -262,6 +285,7 @@ impl Default for AuditOptions {
             max_batch: 256,
             linger: Duration::ZERO,
             queue_capacity: 8192,
+            auth_failure_window: Duration::from_secs(60),
         }
     }
 }
@@ -301,6 +325,69 @@ struct Shared {
     pool: SqlitePool,
     counters: Arc<Counters>,
     path: PathBuf,
+    failures: std::sync::Mutex<Failures>,
+}
+
+/// Authentication failures per source in the current window.
+struct Failures {
+    window: Duration,
+    sources: std::collections::HashMap<String, FailureWindow>,
+}
+
+struct FailureWindow {
+    started: tokio::time::Instant,
+    /// Failures after the first (which has its own row).
+    more: u64,
+    /// The last of them.
+    last: Option<AuditEntry>,
+}
+
+/// Where failures are counted: the address, or its /64 for IPv6 (one host usually holds a whole
+/// /64); anything else as given.
+fn failure_source(client: &str) -> String {
+    match client.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+            format!("{prefix}/64")
+        }
+        Ok(std::net::IpAddr::V6(v6)) => v6
+            .to_ipv4_mapped()
+            .map_or_else(|| client.to_string(), |v4| v4.to_string()),
+        _ => client.to_string(),
+    }
+}
+
+/// The summary row of a window, if it counted failures after its first.
+fn failure_summary(source: &str, w: FailureWindow) -> Option<AuditEntry> {
+    let last = w.last.filter(|_| w.more > 0)?;
+    Some(AuditEntry {
+        time_ms: now_ms(),
+        request_id: format!("count:{}", w.more),
+        client_addr: source.to_string(),
+        endpoint: last.endpoint,
+        status: last.status,
+        error_code: AUTH_FAILURES_AGGREGATED.into(),
+        ..AuditEntry::default()
+    })
+}
+
+/// Room for one entry in the writer's queue (see [`AuditLog::reserve`]).
+pub struct AppendPermit<'a> {
+    permit: mpsc::Permit<'a, Cmd>,
+}
+
+impl AppendPermit<'_> {
+    /// Queue `entry` (it will be written even if the returned future is dropped) and return a
+    /// future that resolves with its row id once it is committed and fsynced.
+    pub fn send(
+        self,
+        entry: AuditEntry,
+    ) -> impl std::future::Future<Output = Result<i64, AuditError>> + Send + 'static {
+        let (ack, done) = oneshot::channel();
+        self.permit.send(Cmd::Append(prepare(entry), Some(ack)));
+        async move { done.await.map_err(|_| AuditError::Closed)? }
+    }
 }
 
 /// Handle to an audit log: cheap to clone; the writer stops when the last handle is dropped
@@ -325,8 +412,15 @@ impl AuditLog {
         Self::open_with(path, AuditOptions::default()).await
     }
 
-    /// [`AuditLog::open`] with explicit writer options.
+    /// [`AuditLog::open`] with explicit writer options. The file (and SQLite's `-wal` / `-shm`
+    /// beside it) is made readable and writable by this user only (0600).
     pub async fn open_with(path: &Path, options: AuditOptions) -> Result<Self, AuditError> {
+        crate::private_file(path).map_err(|e| {
+            AuditError::Db(sqlx::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            )))
+        })?;
         let write_opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -354,15 +448,117 @@ impl AuditLog {
         );
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
         let counters = Arc::new(Counters::default());
+        let window = options.auth_failure_window.max(Duration::from_millis(1));
         tokio::spawn(run_writer(conn, rx, options, Arc::clone(&counters)));
-        Ok(Self {
-            shared: Arc::new(Shared {
-                tx,
-                pool,
-                counters,
-                path: path.to_path_buf(),
+        let shared = Arc::new(Shared {
+            tx,
+            pool,
+            counters,
+            path: path.to_path_buf(),
+            failures: std::sync::Mutex::new(Failures {
+                window,
+                sources: Default::default(),
             }),
-        })
+        });
+        // Writes the summaries of windows that ended; stops with the last handle.
+        let weak = Arc::downgrade(&shared);
+        let tick = (window / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                AuditLog { shared }.end_failure_windows(false);
+            }
+        });
+        Ok(Self { shared })
+    }
+
+    /// Record a request refused for want of a valid credential (no key id known), aggregated per
+    /// source and window (see the module doc): the first in a window is queued as its own row,
+    /// the next ones only counted, and the window's summary row is queued when it ends. Never
+    /// blocks (as [`AuditLog::append_nowait`]).
+    pub fn append_auth_failure(&self, entry: AuditEntry) {
+        let source = failure_source(&entry.client_addr);
+        let now = tokio::time::Instant::now();
+        let mut summary = None;
+        {
+            let mut f = self
+                .shared
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let window = f.window;
+            let key = if f.sources.len() >= MAX_AUTH_FAILURE_SOURCES
+                && !f.sources.contains_key(&source)
+            {
+                "*".to_string()
+            } else {
+                source
+            };
+            if let Some(w) = f.sources.get_mut(&key)
+                && now < w.started + window
+            {
+                w.more += 1;
+                w.last = Some(entry);
+                return;
+            }
+            if let Some(old) = f.sources.remove(&key) {
+                summary = failure_summary(&key, old);
+            }
+            f.sources.insert(
+                key,
+                FailureWindow {
+                    started: now,
+                    more: 0,
+                    last: None,
+                },
+            );
+        }
+        if let Some(s) = summary {
+            self.append_nowait(s);
+        }
+        self.append_nowait(entry);
+    }
+
+    /// Queue the summaries of the failure windows that have ended (all of them with `all`).
+    fn end_failure_windows(&self, all: bool) {
+        let now = tokio::time::Instant::now();
+        let ended: Vec<(String, FailureWindow)> = {
+            let mut f = self
+                .shared
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let window = f.window;
+            let keys: Vec<String> = f
+                .sources
+                .iter()
+                .filter(|(_, w)| all || now >= w.started + window)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| f.sources.remove(&k).map(|w| (k, w)))
+                .collect()
+        };
+        for (source, w) in ended {
+            if let Some(s) = failure_summary(&source, w) {
+                self.append_nowait(s);
+            }
+        }
+    }
+
+    /// Wait for room in the queue; the permit then queues an entry at once and hands back its
+    /// acknowledgement. Dropping this future before it resolves queues nothing (cancel-safe).
+    pub async fn reserve(&self) -> Result<AppendPermit<'_>, AuditError> {
+        let permit = self
+            .shared
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        Ok(AppendPermit { permit })
     }
 
     /// The database file.
@@ -403,8 +599,9 @@ impl AuditLog {
     }
 
     /// Wait until every entry queued before this call has been committed (or has failed, which
-    /// the writer logs and counts in [`AuditStats::failed_batches`]). Returns at once if the
-    /// writer has stopped.
+    /// the writer logs and counts in [`AuditStats::failed_batches`]); the authentication-failure
+    /// windows are ended first, so their summaries are included. Returns at once if the writer
+    /// has stopped.
     pub async fn flush(&self) {
         let _ = self.try_flush().await;
     }
@@ -413,6 +610,7 @@ impl AuditLog {
     /// the last batch (the one this flush rode on) failed. Individual `append` calls report
     /// their own failures.
     pub async fn try_flush(&self) -> Result<(), AuditError> {
+        self.end_failure_windows(true);
         let (ack, done) = oneshot::channel();
         self.shared
             .tx
@@ -425,6 +623,7 @@ impl AuditLog {
     /// Commit what is queued before this call, then stop the writer and close its connection.
     /// Later appends (from any clone) fail with [`AuditError::Closed`]; reads still work.
     pub async fn close(&self) {
+        self.end_failure_windows(true);
         let (ack, done) = oneshot::channel();
         if self.shared.tx.send(Cmd::Close(ack)).await.is_ok() {
             let _ = done.await;
@@ -1944,5 +2143,118 @@ mod tests {
         let id = log.append(entry(0)).await.unwrap();
         assert_eq!(id, i64::try_from(report.rows_checked).unwrap() + 1);
         assert!(log.verify().await.unwrap().ok);
+    }
+
+    fn refused(client: &str, n: u32) -> AuditEntry {
+        AuditEntry {
+            request_id: format!("r{n}"),
+            client_addr: client.into(),
+            endpoint: "/v1/chat/completions".into(),
+            status: 401,
+            error_code: "invalid_api_key".into(),
+            ..AuditEntry::default()
+        }
+    }
+
+    #[test]
+    fn failure_sources_are_addresses_and_ipv6_slash_64s() {
+        assert_eq!(failure_source("10.1.2.3"), "10.1.2.3");
+        assert_eq!(failure_source("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(failure_source("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::/64");
+        assert_eq!(failure_source("::ffff:10.1.2.3"), "10.1.2.3");
+        assert_eq!(failure_source(""), "");
+    }
+
+    #[tokio::test]
+    async fn auth_failures_are_one_row_then_one_summary_per_source_and_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let log = AuditLog::open_with(
+            &path,
+            AuditOptions {
+                auth_failure_window: Duration::from_millis(300),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        for n in 0..50 {
+            log.append_auth_failure(refused("10.0.0.1", n));
+        }
+        for n in 0..3 {
+            log.append_auth_failure(refused("2001:db8::1", n));
+            log.append_auth_failure(refused("2001:db8::2", n));
+        }
+        // The window ends on its own (no flush): the summaries are written by the sweeper.
+        let mut rows = Vec::new();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            rows = log.query(AuditFilter::default()).await.unwrap();
+            if rows.len() >= 4 {
+                break;
+            }
+        }
+        let got: Vec<(String, String, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.entry.client_addr.clone(),
+                    r.entry.request_id.clone(),
+                    r.entry.error_code.clone(),
+                )
+            })
+            .collect();
+        let want = |a: &str, r: &str, c: &str| (a.to_string(), r.to_string(), c.to_string());
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got.contains(&want("10.0.0.1", "r0", "invalid_api_key")));
+        assert!(got.contains(&want("2001:db8::1", "r0", "invalid_api_key")));
+        assert!(got.contains(&want("10.0.0.1", "count:49", AUTH_FAILURES_AGGREGATED)));
+        assert!(got.contains(&want("2001:db8::/64", "count:5", AUTH_FAILURES_AGGREGATED)));
+        // A later failure opens a new window with a row of its own; a lone one needs no summary.
+        log.append_auth_failure(refused("10.0.0.1", 99));
+        log.flush().await;
+        let rows = log.query(AuditFilter::default()).await.unwrap();
+        assert_eq!(rows.len(), 5);
+        assert_eq!(rows[4].entry.request_id, "r99");
+        // Past the tracked sources, failures share the source `*` instead of a window each.
+        let log = AuditLog::open(&dir.path().join("b.db")).await.unwrap();
+        for n in 0..(MAX_AUTH_FAILURE_SOURCES as u32 + 100) {
+            log.append_auth_failure(refused(
+                &format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255),
+                n,
+            ));
+        }
+        log.flush().await;
+        let rows = log
+            .query(AuditFilter {
+                limit: Some(MAX_QUERY_LIMIT),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let star: Vec<_> = rows.iter().filter(|r| r.entry.client_addr == "*").collect();
+        assert_eq!(star.len(), 1, "the overflow source's summary");
+        assert_eq!(star[0].entry.request_id, "count:99");
+        assert!(log.verify().await.unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn a_reserved_append_is_acknowledged_once_committed_and_cancel_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let log = AuditLog::open(&path).await.unwrap();
+        let permit = log.reserve().await.unwrap();
+        let acked = permit.send(entry(1));
+        let id = acked.await.unwrap();
+        assert_eq!(row(&log, id).await.entry, entry(1));
+        // Sent but never awaited: still written.
+        let permit = log.reserve().await.unwrap();
+        drop(permit.send(entry(2)));
+        // Reserved but never sent: nothing written, room given back.
+        drop(log.reserve().await.unwrap());
+        log.flush().await;
+        assert_eq!(log.head().await.unwrap().last_id, 2);
+        log.close().await;
+        assert!(matches!(log.reserve().await, Err(AuditError::Closed)));
     }
 }

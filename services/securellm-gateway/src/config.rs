@@ -27,19 +27,32 @@ pub struct GatewayConfig {
     /// Serve the HTTP API and the gRPC port over TLS (`[gateway.tls]` with `cert_file` and
     /// `key_file`).
     pub tls: Option<crate::listener::TlsConfig>,
-    /// Most simultaneous HTTP connections; more wait to be accepted.
+    /// Most simultaneous connections on each port (HTTP and gRPC). At the cap a new connection
+    /// replaces the longest-idle one; when all have a request in progress, new ones wait to be
+    /// accepted.
     pub max_connections: u32,
-    /// A request's headers (and a TLS handshake) must arrive within this; also how long an idle
-    /// HTTP/1.1 keep-alive connection stays open.
+    /// A request's headers, the HTTP/2 preface and a TLS handshake must arrive within this; also
+    /// how long a connection with no request in progress stays open (both ports).
     pub header_read_timeout_ms: u64,
     /// Largest request head (431 beyond).
     pub max_header_bytes: ByteSize,
-    /// A request's whole body must arrive within this (408 beyond).
+    /// A request's whole body must arrive within this, counted from its head (408 beyond): a
+    /// total, not a gap between bytes.
     pub body_read_timeout_ms: u64,
+    /// Most requests in progress per API key (or JWT subject), counted from the headers to the
+    /// end of the response; more are refused with 429 before their body is read. 0 = no cap.
+    pub max_inflight_per_key: u32,
+    /// Most requests in progress per client address, likewise. 0 = no cap.
+    pub max_inflight_per_address: u32,
     /// How long the audit writer gathers rows into one transaction (one fsync) after the first.
-    /// Larger batches cost less CPU under load; a `kill -9` can lose the rows of the batch being
-    /// gathered (never an acknowledged one). 0 = commit whatever is queued at once.
+    /// Larger batches cost less CPU under load. 0 = commit whatever is queued at once.
     pub audit_linger_ms: u64,
+    /// `async` (default): answers do not wait for their audit row; a `kill -9` or power loss loses
+    /// the rows not yet committed (those of requests answered within about one commit before the
+    /// crash). `sync`: fail-closed; no 2xx (upstream answer, model list, admin success) is sent
+    /// and no stream ends before its row is committed, and a row that cannot be committed turns
+    /// the answer into a 503 (the gateway's own refusals and errors are queued as in `async`).
+    pub audit_mode: AuditMode,
     /// Async worker threads; 0 = one per CPU core.
     pub worker_threads: u32,
     /// When no API key exists yet, create one (all models) and write its secret to this file
@@ -75,7 +88,10 @@ impl Default for GatewayConfig {
             header_read_timeout_ms: 10_000,
             max_header_bytes: ByteSize(64 << 10),
             body_read_timeout_ms: 30_000,
+            max_inflight_per_key: 256,
+            max_inflight_per_address: 512,
             audit_linger_ms: 5,
+            audit_mode: AuditMode::Async,
             worker_threads: 0,
             bootstrap_key_file: None,
             admin_token_file: None,
@@ -85,6 +101,17 @@ impl Default for GatewayConfig {
             max_tokens_cap: crate::validate::DEFAULT_MAX_TOKENS_CAP,
         }
     }
+}
+
+/// When an answer may leave relative to its audit row's commit (`audit_mode`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditMode {
+    /// Rows are committed in the background (group commit); answers never wait.
+    #[default]
+    Async,
+    /// Fail-closed: an answer waits for its row's commit.
+    Sync,
 }
 
 /// The one external door: OpenAI-compatible HTTP in front of the local stack.

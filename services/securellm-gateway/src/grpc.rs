@@ -43,8 +43,11 @@ impl GatewayService {
 
 /// Authenticates a call from its headers before its message is read or decoded, so a caller
 /// without a valid credential cannot make the gateway buffer request bodies. A refusal is answered
-/// (and audited, and counted against the address) exactly as the handler would have; an accepted
-/// call goes on to the handler, which runs the whole pipeline.
+/// (and audited, and counted against the address) exactly as the handler would have. An accepted
+/// call then takes a place among the requests in progress of its key and address (429 /
+/// `RESOURCE_EXHAUSTED` at once when either is full, held until the response ends), and its
+/// message must arrive within `body_read_timeout_ms` of its headers (408 / `DEADLINE_EXCEEDED`,
+/// audited); then it goes on to the handler, which runs the whole pipeline.
 #[derive(Clone)]
 pub struct AuthFirst<S> {
     inner: S,
@@ -98,13 +101,59 @@ where
                 Box::pin(async move { Ok(st.into_http()) })
             }
             Ok(caller) => {
+                let slot = match crate::inflight::admit(&self.state, &caller, &rid, &label) {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        let mut st = status_of(&e);
+                        if let Ok(v) = MetadataValue::try_from(rid.as_str()) {
+                            st.metadata_mut().insert("x-request-id", v);
+                        }
+                        return Box::pin(async move { Ok(st.into_http()) });
+                    }
+                };
+                // A message that does not arrive in time: the call fails with the 408 status
+                // (tonic answers the body's error) and is audited here, as the handler never runs.
+                let (audit, entry) = (
+                    self.state.audit.clone(),
+                    crate::audit::AuditEntry {
+                        time_ms: securellm_common::time::now_ms(),
+                        request_id: rid.clone(),
+                        subject: caller.key.subject.clone(),
+                        key_id: caller.key.id.clone(),
+                        client_addr: caller.client.clone(),
+                        endpoint: label.clone(),
+                        status: 408,
+                        error_code: "request_timeout".into(),
+                        ..Default::default()
+                    },
+                );
+                let on_timeout = Box::new(move || {
+                    audit.append_nowait(entry);
+                    let e = ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "invalid_request_error",
+                        "The request body did not arrive in time.",
+                    )
+                    .code("request_timeout");
+                    Box::new(status_of(&e)) as Box<dyn std::error::Error + Send + Sync>
+                });
+                let total = self.state.body_read_timeout;
                 // The handler takes the caller from here instead of authenticating again.
-                let mut req = req;
+                let mut req = req.map(|b| {
+                    tonic::body::Body::new(crate::app::DeadlineBody::new(
+                        b,
+                        total,
+                        Some(on_timeout),
+                    ))
+                });
                 req.extensions_mut().insert(caller);
                 // The clone that was made ready is the one that serves (tower's rule).
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);
-                Box::pin(ready.call(req))
+                Box::pin(async move {
+                    let r = ready.call(req).await?;
+                    Ok(r.map(|b| tonic::body::Body::new(crate::listener::Guarded::new(b, slot))))
+                })
             }
         }
     }

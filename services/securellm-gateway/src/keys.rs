@@ -153,6 +153,13 @@ pub struct KeyStore {
 
 impl KeyStore {
     pub async fn open(path: &Path) -> Result<Self, KeyError> {
+        // Key hashes are for the service only: the file (and its -wal / -shm) is mode 0600.
+        crate::private_file(path).map_err(|e| {
+            sqlx::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            ))
+        })?;
         let opts = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)

@@ -2,7 +2,9 @@
 //!
 //! - [`admin`]: the `GatewayAdmin` gRPC service (keys, audit), behind an admin token.
 //! - [`app`]: the OpenAI-compatible HTTP API (the tower stack in front of the pipeline).
-//! - [`listener`]: the HTTP listener (TLS, HTTP/1.1 + HTTP/2, connection and header limits).
+//! - [`listener`]: the HTTP listener and the gRPC port's connections (TLS, HTTP/1.1 + HTTP/2,
+//!   connection cap with shedding of idle connections, idle and header limits).
+//! - [`inflight`]: requests in progress per key and per address, capped before bodies are read.
 //! - [`grpc`]: the same API over gRPC (`securellm.v1.Gateway`).
 //! - [`pipeline`]: the request path both transports share: authenticate → authorize → rate-limit
 //!   → redact → audit → route → forward.
@@ -23,6 +25,7 @@ pub mod cloud;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod inflight;
 pub mod jwt;
 pub mod keys;
 pub mod listener;
@@ -125,7 +128,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         .data_dir
         .clone()
         .unwrap_or_else(securellm_common::config::default_data_dir);
-    std::fs::create_dir_all(&data).map_err(|source| StartError::DataDir {
+    private_dir(&data).map_err(|source| StartError::DataDir {
         path: data.clone(),
         source,
     })?;
@@ -177,6 +180,12 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         )?),
         audit,
         limits: ratelimit::RateLimiter::new(),
+        inflight: inflight::InFlight::new(
+            cfg.max_inflight_per_key as usize,
+            cfg.max_inflight_per_address as usize,
+        ),
+        audit_sync: cfg.audit_mode == config::AuditMode::Sync,
+        body_read_timeout: Duration::from_millis(cfg.body_read_timeout_ms),
         request_timeout: Duration::from_millis(cfg.request_timeout_ms),
         max_tokens_cap: cfg.max_tokens_cap,
     });
@@ -228,10 +237,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         .ok()
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty());
-    let admin_token = match from_env
-        .map(Ok)
-        .unwrap_or_else(|| std::fs::read_to_string(&token_path))
-    {
+    let admin_token = match from_env.map(Ok).unwrap_or_else(|| read_secret(&token_path)) {
         Ok(t) => t.trim().to_string(),
         Err(_) => {
             let mut raw = [0u8; 32];
@@ -253,12 +259,19 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     ])
     .await;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let grpc_tls = tls.clone();
+    let (incoming, active_calls) = listener::grpc_incoming(
+        listener.into_listener(),
+        tls.clone(),
+        cfg.max_connections as usize,
+        Duration::from_millis(cfg.header_read_timeout_ms),
+        Duration::from_millis(cfg.body_read_timeout_ms),
+    );
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(256)
         .http2_max_header_list_size(u32::try_from(cfg.max_header_bytes.0).unwrap_or(u32::MAX))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(active_calls)
         .add_service(health)
         .add_service(serve::reflection_v1()?)
         .add_service(serve::reflection_v1alpha()?)
@@ -270,15 +283,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     let stopped = async {
         let _ = stop_rx.await;
     };
-    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
-        listener::grpc_incoming(
-            listener.into_listener(),
-            grpc_tls,
-            cfg.max_connections as usize,
-            Duration::from_millis(cfg.header_read_timeout_ms),
-        ),
-        stopped,
-    ));
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
     Ok(RunningGateway {
         grpc_addr,
         http_addr,
@@ -290,17 +295,105 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     })
 }
 
+/// Write a secret file: a new file of mode 0600 beside `path`, then renamed over it (an existing
+/// file, or a link planted there, is replaced, never written through). A missing parent directory
+/// is created with mode 0700.
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new()
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        writeln!(f, "{secret}")?;
+        f.sync_all()
+    })();
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Read a secret file, first tightening it to 0600 if others could read it (with a warning).
+fn read_secret(path: &std::path::Path) -> std::io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(
+            "{} was readable by others (mode {:o}); setting it to 0600",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::read_to_string(path)
+}
+
+/// The data directory, private to this user: created with mode 0700, or tightened to 0700 (with
+/// a warning) if it exists with access for others. Key hashes and audit rows live there.
+pub(crate) fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "data directory {} was open to others (mode {:o}); setting it to 0700",
+            dir.display(),
+            mode & 0o777
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// A database file private to this user: created empty with mode 0600 if missing (SQLite takes an
+/// empty file as a new database and gives its `-wal` / `-shm` / `-journal` files the same mode);
+/// tightened to 0600, with the files beside it, if it exists with access for others.
+pub(crate) fn private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)?;
-    writeln!(f, "{secret}")
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        if let Ok(m) = std::fs::symlink_metadata(&p)
+            && m.is_file()
+            && m.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "{} was open to others (mode {:o}); setting it to 0600",
+                p.display(),
+                m.permissions().mode() & 0o777
+            );
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }

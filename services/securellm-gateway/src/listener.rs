@@ -2,7 +2,9 @@
 //! HTTP/2 on the same port, with the limits that keep slow or idle clients from exhausting the
 //! gateway:
 //!
-//! - **connections**: at most `max_connections` at once; beyond that new connections wait in the
+//! - **connections**: at most `max_connections` at once. At the cap, a new connection takes the
+//!   place of the one that has had no request in progress for longest, so idle connections cannot
+//!   lock callers out; when every connection has a request in progress, new ones wait in the
 //!   kernel's accept queue (back-pressure) instead of costing a task and buffers each;
 //! - **first bytes / TLS handshake**: must arrive (finish) within `header_read_timeout`;
 //! - **idle connections** (HTTP/1.1 and HTTP/2, an unfinished HTTP/2 preface included): closed
@@ -13,16 +15,23 @@
 //!   `max_header_bytes` of them (431 / connection closed beyond);
 //! - **HTTP/2**: header list at most `max_header_bytes`, at most 256 concurrent streams per
 //!   connection, keep-alive pings every 30 s (a dead peer is dropped after 20 s without an answer);
-//! - **request bodies**: `body_read_timeout` for the whole body (slowloris on bodies, see
-//!   `app::router`), at most `max_body` bytes.
+//! - **request bodies**: `body_read_timeout` for the whole body, counted from the request head
+//!   however the bytes trickle in (slowloris on bodies, see `app::router`), at most `max_body`
+//!   bytes; per-key and per-address caps on requests in progress, checked on the headers before
+//!   any body is read (`crate::inflight`).
 //!
-//! gRPC: [`grpc_incoming`] caps the gRPC port's connections the same way and, with TLS
-//! configured, turns them into TLS ones (same certificate, ALPN `h2`) before tonic sees them;
-//! tonic itself limits streams per connection, header size and keeps connections alive by ping.
+//! gRPC: [`grpc_incoming`] gives the gRPC port the same connection rules (cap with shedding of
+//! the longest-idle connection, the HTTP/2 preface and TLS handshake within
+//! `header_read_timeout`, idle connections closed) and, with TLS configured, turns connections
+//! into TLS ones (same certificate, ALPN `h2`) before tonic sees them; tonic itself limits streams
+//! per connection, header size and keeps connections alive by ping.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -32,7 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tower::ServiceExt;
 
 /// `[gateway.tls]`: serve the HTTP API over TLS.
@@ -138,30 +147,26 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let tracker = Tracker::new(limits.max_connections);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = stop;
     loop {
-        let permit = tokio::select! {
-            _ = &mut stop => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (tcp, addr) = tokio::select! {
             _ = &mut stop => break,
             c = accept(&listener) => c,
         };
+        let slot = tokio::select! {
+            _ = &mut stop => break,
+            s = tracker.admit() => s,
+        };
+        let (conn, mut closed) = tracker.register(addr, slot);
         let router = router.clone();
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let handshake = limits.header_read_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
-            let activity = Activity::new();
-            let act = activity.clone();
+            let act = conn.activity().clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
                 // Counted from the request until its response body is done (or dropped).
@@ -169,21 +174,14 @@ pub async fn serve(
                 let answer = router.clone().oneshot(req);
                 async move {
                     let r = answer.await?;
-                    Ok::<_, std::convert::Infallible>(r.map(|b| {
-                        axum::body::Body::new(Counted {
-                            inner: b,
-                            _busy: busy,
-                        })
-                    }))
+                    Ok::<_, std::convert::Infallible>(
+                        r.map(|b| axum::body::Body::new(Guarded::new(b, busy))),
+                    )
                 }
             });
             // The idle watchdog runs as its own task (it wakes only at its deadlines) and signals
             // through a oneshot, cheap to poll on every wake of the busy connection.
-            let (idle_tx, idle_rx) = oneshot::channel::<()>();
-            let watchdog = AbortOnDrop(tokio::spawn(async move {
-                idle_for(activity, handshake).await;
-                let _ = idle_tx.send(());
-            }));
+            let watchdog = conn.watchdog(handshake);
             let served = async move {
                 match acceptor {
                     None => {
@@ -219,16 +217,18 @@ pub async fn serve(
             };
             // A connection with no request in progress and none started for the idle time is
             // closed, whatever the protocol stage: an unfinished HTTP/2 preface, an idle HTTP/2
-            // connection kept up by pings, an idle HTTP/1.1 keep-alive.
+            // connection kept up by pings, an idle HTTP/1.1 keep-alive. So is an idle one shed to
+            // make room for a new connection at the cap.
             let result = tokio::select! {
                 biased;
                 r = served => r,
-                Ok(()) = idle_rx => {
+                _ = &mut closed => {
                     tracing::debug!(%addr, "idle connection closed");
                     return;
                 }
             };
             drop(watchdog);
+            drop(conn);
             if let Err(e) = result {
                 tracing::debug!(%addr, "connection ended: {e}");
             }
@@ -249,11 +249,36 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// A connection of the gRPC port: plain or TLS, carrying the peer address like a TCP one and
-/// a connection slot that is given back when tonic drops it.
+/// its connection slot, given back when tonic drops it. When the port's tracker closes it (idle
+/// too long, or shed at the cap), reads end and writes fail, so hyper ends the connection.
 pub struct GrpcConn {
     io: Box<dyn Io>,
     info: tonic::transport::server::TcpConnectInfo,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    closed: Option<oneshot::Receiver<()>>,
+    is_closed: bool,
+    _watchdog: AbortOnDrop,
+    _conn: Conn,
+}
+
+impl GrpcConn {
+    /// Whether the tracker has closed this connection (registers the waker otherwise).
+    fn poll_closed(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.is_closed {
+            return true;
+        }
+        if let Some(rx) = &mut self.closed {
+            match std::pin::Pin::new(rx).poll(cx) {
+                std::task::Poll::Ready(Ok(())) => {
+                    self.is_closed = true;
+                    self.closed = None;
+                    return true;
+                }
+                std::task::Poll::Ready(Err(_)) => self.closed = None,
+                std::task::Poll::Pending => {}
+            }
+        }
+        false
+    }
 }
 
 impl tonic::transport::server::Connected for GrpcConn {
@@ -263,12 +288,20 @@ impl tonic::transport::server::Connected for GrpcConn {
     }
 }
 
+fn closed_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection closed")
+}
+
 impl tokio::io::AsyncRead for GrpcConn {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.poll_closed(cx) {
+            // End of stream: hyper ends the connection.
+            return std::task::Poll::Ready(Ok(()));
+        }
         std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -279,18 +312,27 @@ impl tokio::io::AsyncWrite for GrpcConn {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.poll_closed(cx) {
+            return std::task::Poll::Ready(Err(closed_error()));
+        }
         std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.poll_closed(cx) {
+            return std::task::Poll::Ready(Err(closed_error()));
+        }
         std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.poll_closed(cx) {
+            return std::task::Poll::Ready(Ok(()));
+        }
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -298,6 +340,9 @@ impl tokio::io::AsyncWrite for GrpcConn {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.poll_closed(cx) {
+            return std::task::Poll::Ready(Err(closed_error()));
+        }
         std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -305,44 +350,61 @@ impl tokio::io::AsyncWrite for GrpcConn {
     }
 }
 
-/// Connections of the gRPC port for tonic: at most `max_connections` at once (more wait in the
-/// accept queue), TLS when configured (ALPN `h2`; handshakes in their own tasks, each holding a
-/// slot, within `handshake`). The accept task ends when the stream is dropped.
+/// Connections of the gRPC port for tonic, under the same rules as the HTTP port: at most
+/// `max_connections` at once (at the cap the longest-idle connection is shed for a new one; with
+/// all of them busy, new ones wait in the accept queue), TLS when configured (ALPN `h2`;
+/// handshakes in their own tasks, each holding a slot, within `idle`), and a connection with no
+/// call in progress for `idle` (one that never sent its HTTP/2 preface included) is closed. The
+/// returned layer must wrap the gRPC services (`Server::builder().layer(..)`): it counts the calls
+/// in progress on each connection, and gives every call's request messages `body_timeout` from
+/// its headers to arrive (`DEADLINE_EXCEEDED` beyond; `securellm.v1.Gateway` calls get their own,
+/// audited deadline once authenticated, see `grpc::AuthFirst`). The accept task ends when the
+/// stream is dropped.
 pub fn grpc_incoming(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     max_connections: usize,
-    handshake: Duration,
-) -> impl futures::Stream<Item = std::io::Result<GrpcConn>> + Send + 'static {
+    idle: Duration,
+    body_timeout: Duration,
+) -> (
+    impl futures::Stream<Item = std::io::Result<GrpcConn>> + Send + 'static,
+    ActiveCalls,
+) {
     let acceptor = tls.map(|tls| {
         let mut cfg = (*tls).clone();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
-    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let tracker = Tracker::new(max_connections);
+    let layer = ActiveCalls {
+        tracker: tracker.clone(),
+        body_timeout,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<GrpcConn>>(64);
     tokio::spawn(async move {
         loop {
-            let slot = tokio::select! {
-                _ = tx.closed() => return,
-                s = slots.clone().acquire_owned() => match s {
-                    Ok(s) => s,
-                    Err(_) => return,
-                },
-            };
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
                 c = accept(&listener) => c,
+            };
+            let slot = tokio::select! {
+                _ = tx.closed() => return,
+                s = tracker.admit() => s,
             };
             let info = tonic::transport::server::TcpConnectInfo {
                 local_addr: tcp.local_addr().ok(),
                 remote_addr: Some(remote),
             };
+            let (conn, mut closed) = tracker.register(remote, slot);
+            let watchdog = conn.watchdog(idle);
             let Some(acceptor) = acceptor.clone() else {
                 let conn = GrpcConn {
                     io: Box::new(tcp),
                     info,
-                    _slot: slot,
+                    closed: Some(closed),
+                    is_closed: false,
+                    _watchdog: watchdog,
+                    _conn: conn,
                 };
                 if tx.send(Ok(conn)).await.is_err() {
                     return;
@@ -351,12 +413,22 @@ pub fn grpc_incoming(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                let handshake = tokio::select! {
+                    r = tokio::time::timeout(idle, acceptor.accept(tcp)) => r,
+                    _ = &mut closed => {
+                        tracing::debug!(%remote, "gRPC TLS handshake shed");
+                        return;
+                    }
+                };
+                match handshake {
                     Ok(Ok(stream)) => {
                         let conn = GrpcConn {
                             io: Box::new(stream),
                             info,
-                            _slot: slot,
+                            closed: Some(closed),
+                            is_closed: false,
+                            _watchdog: watchdog,
+                            _conn: conn,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -366,19 +438,260 @@ pub fn grpc_incoming(
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    (tokio_stream::wrappers::ReceiverStream::new(rx), layer)
+}
+
+/// Tower layer for the gRPC server: counts each call as in progress on its connection (found by
+/// the peer address tonic puts in the request) until its response body is done, so the idle
+/// watchdog and shedding leave connections with calls in progress alone; and bounds the time a
+/// call's request messages take to arrive.
+#[derive(Clone)]
+pub struct ActiveCalls {
+    tracker: Arc<Tracker>,
+    body_timeout: Duration,
+}
+
+impl<S> tower::Layer<S> for ActiveCalls {
+    type Service = CountCalls<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CountCalls {
+            inner,
+            tracker: self.tracker.clone(),
+            body_timeout: self.body_timeout,
+        }
+    }
+}
+
+/// See [`ActiveCalls`].
+#[derive(Clone)]
+pub struct CountCalls<S> {
+    inner: S,
+    tracker: Arc<Tracker>,
+    body_timeout: Duration,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, R> tower::Service<hyper::Request<tonic::body::Body>> for CountCalls<S>
+where
+    S: tower::Service<hyper::Request<tonic::body::Body>, Response = hyper::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: hyper::body::Body + Unpin + Send + 'static,
+{
+    type Response = hyper::Response<Guarded<R, Busy>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<tonic::body::Body>) -> Self::Future {
+        // Gateway calls get the same deadline, audited, once authenticated (`grpc::AuthFirst`).
+        let req = if req.uri().path().starts_with("/securellm.v1.Gateway/") {
+            req
+        } else {
+            let total = self.body_timeout;
+            req.map(|b| {
+                tonic::body::Body::new(crate::app::DeadlineBody::new(
+                    b,
+                    total,
+                    Some(Box::new(|| {
+                        Box::new(tonic::Status::deadline_exceeded(
+                            "the request message did not arrive in time",
+                        )) as Box<dyn std::error::Error + Send + Sync>
+                    })),
+                ))
+            })
+        };
+        let busy = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|i| i.remote_addr)
+            .and_then(|a| self.tracker.activity_of(&a))
+            .map(Busy::new);
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let r = answer.await?;
+            Ok(r.map(|b| Guarded {
+                inner: b,
+                guard: busy,
+            }))
+        })
+    }
+}
+
+/// The open connections of one port: the cap, and which connection to shed when it is reached.
+pub(crate) struct Tracker {
+    slots: Arc<Semaphore>,
+    conns: std::sync::Mutex<HashMap<u64, Arc<Entry>>>,
+    /// The connection of each peer address (for gRPC calls, which carry only the address).
+    by_addr: std::sync::Mutex<HashMap<SocketAddr, (u64, Arc<Activity>)>>,
+    next: AtomicU64,
+}
+
+/// One open connection as the tracker sees it.
+struct Entry {
+    activity: Arc<Activity>,
+    /// Fired to close the connection (idle watchdog, or shed at the cap).
+    close: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Entry {
+    /// Close the connection; false if it was closed already.
+    fn close(&self) -> bool {
+        match self.close.lock().ok().and_then(|mut c| c.take()) {
+            Some(tx) => {
+                let _ = tx.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn closing(&self) -> bool {
+        self.close.lock().map(|c| c.is_none()).unwrap_or(true)
+    }
+}
+
+impl Tracker {
+    fn new(max_connections: usize) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            conns: std::sync::Mutex::new(HashMap::new()),
+            by_addr: std::sync::Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// A slot for a connection just accepted. At the cap, the connection that has had no request
+    /// in progress for longest is closed to make room, so idle connections cannot lock new
+    /// callers out; with every connection busy, this waits for one to end or to turn idle (the
+    /// accept queue holds the rest).
+    async fn admit(&self) -> OwnedSemaphorePermit {
+        loop {
+            if let Ok(p) = self.slots.clone().try_acquire_owned() {
+                return p;
+            }
+            let wait = if self.shed_one() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(50)
+            };
+            if let Ok(Ok(p)) = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await
+            {
+                return p;
+            }
+        }
+    }
+
+    /// Close the connection idle for longest (a new one counts as idle since it opened, so it is
+    /// the last candidate); false if every connection has a request in progress (or is closing
+    /// already).
+    fn shed_one(&self) -> bool {
+        let Ok(conns) = self.conns.lock() else {
+            return false;
+        };
+        let victim = conns
+            .values()
+            .filter(|e| e.activity.active.load(Ordering::SeqCst) == 0 && !e.closing())
+            .min_by_key(|e| e.activity.since());
+        match victim {
+            Some(e) => {
+                tracing::debug!("connection cap reached: closing the longest-idle connection");
+                e.close()
+            }
+            None => false,
+        }
+    }
+
+    /// Register a connection admitted with `slot`; the receiver fires when it is to be closed.
+    fn register(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        slot: OwnedSemaphorePermit,
+    ) -> (Conn, oneshot::Receiver<()>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let entry = Arc::new(Entry {
+            activity: Activity::new(),
+            close: std::sync::Mutex::new(Some(tx)),
+        });
+        if let Ok(mut c) = self.conns.lock() {
+            c.insert(id, entry.clone());
+        }
+        if let Ok(mut a) = self.by_addr.lock() {
+            a.insert(addr, (id, entry.activity.clone()));
+        }
+        let conn = Conn {
+            tracker: self.clone(),
+            id,
+            addr,
+            entry,
+            _slot: slot,
+        };
+        (conn, rx)
+    }
+
+    fn activity_of(&self, addr: &SocketAddr) -> Option<Arc<Activity>> {
+        self.by_addr
+            .lock()
+            .ok()
+            .and_then(|a| a.get(addr).map(|(_, act)| act.clone()))
+    }
+}
+
+/// One open connection: its slot and its place in the tracker, both given back when dropped.
+pub(crate) struct Conn {
+    tracker: Arc<Tracker>,
+    id: u64,
+    addr: SocketAddr,
+    entry: Arc<Entry>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    fn activity(&self) -> &Arc<Activity> {
+        &self.entry.activity
+    }
+
+    /// A task that closes the connection once it has had no request in progress for `limit`.
+    fn watchdog(&self, limit: Duration) -> AbortOnDrop {
+        let entry = self.entry.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            idle_for(entry.activity.clone(), limit).await;
+            entry.close();
+        }))
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.tracker.conns.lock() {
+            c.remove(&self.id);
+        }
+        if let Ok(mut a) = self.tracker.by_addr.lock()
+            && a.get(&self.addr).is_some_and(|(id, _)| *id == self.id)
+        {
+            a.remove(&self.addr);
+        }
+    }
 }
 
 /// Requests in progress on one connection and when that count last changed.
-struct Activity {
-    active: std::sync::atomic::AtomicUsize,
+pub(crate) struct Activity {
+    active: AtomicUsize,
     changed: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl Activity {
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            active: std::sync::atomic::AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             changed: std::sync::Mutex::new(tokio::time::Instant::now()),
         })
     }
@@ -388,14 +701,21 @@ impl Activity {
             *t = tokio::time::Instant::now();
         }
     }
+
+    fn since(&self) -> tokio::time::Instant {
+        self.changed
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|_| tokio::time::Instant::now())
+    }
 }
 
 /// One request in progress (from its head to the end of its response body).
-struct Busy(Arc<Activity>);
+pub struct Busy(Arc<Activity>);
 
 impl Busy {
     fn new(a: Arc<Activity>) -> Self {
-        a.active.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        a.active.fetch_add(1, Ordering::SeqCst);
         a.touch();
         Self(a)
     }
@@ -404,27 +724,43 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.touch();
-        self.0
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// A response body that keeps its request counted as in progress until it is done.
-struct Counted {
-    inner: axum::body::Body,
-    _busy: Busy,
+/// A response body that holds `guard` (a request counted as in progress, an in-flight slot)
+/// until it is done or dropped.
+pub struct Guarded<B, G> {
+    inner: B,
+    guard: Option<G>,
 }
 
-impl hyper::body::Body for Counted {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
+impl<B, G> Guarded<B, G> {
+    pub fn new(inner: B, guard: G) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B, G> hyper::body::Body for Guarded<B, G>
+where
+    B: hyper::body::Body + Unpin,
+    G: Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None)) {
+            self.guard = None;
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -439,15 +775,8 @@ impl hyper::body::Body for Counted {
 /// Resolves once the connection has had no request in progress for `limit`.
 async fn idle_for(a: Arc<Activity>, limit: Duration) {
     loop {
-        let since = a
-            .changed
-            .lock()
-            .map(|t| *t)
-            .unwrap_or_else(|_| tokio::time::Instant::now());
-        let deadline = since + limit;
-        if a.active.load(std::sync::atomic::Ordering::SeqCst) == 0
-            && tokio::time::Instant::now() >= deadline
-        {
+        let deadline = a.since() + limit;
+        if a.active.load(Ordering::SeqCst) == 0 && tokio::time::Instant::now() >= deadline {
             return;
         }
         let next = if tokio::time::Instant::now() >= deadline {
@@ -460,7 +789,7 @@ async fn idle_for(a: Arc<Activity>, limit: Duration) {
 }
 
 /// Aborts the task when dropped (a connection's watchdog ends with the connection).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -60,8 +60,9 @@ fn new_request_id() -> String {
     )
 }
 
-/// Authenticate `Authorization: Bearer <API key or JWT>`. A failure writes its audit row and
-/// counts against the client address's failed-authentication limit.
+/// Authenticate `Authorization: Bearer <API key or JWT>`. A failure is audited (aggregated per
+/// address and window: [`crate::audit::AuditLog::append_auth_failure`]) and counts against the
+/// client address's failed-authentication limit.
 pub fn authenticate(
     st: &AppState,
     client: &str,
@@ -70,7 +71,7 @@ pub fn authenticate(
     authorization: Option<&str>,
 ) -> Result<Caller, ApiError> {
     let deny = |e: ApiError| {
-        st.audit.append_nowait(AuditEntry {
+        st.audit.append_auth_failure(AuditEntry {
             time_ms: now_ms(),
             request_id: request_id.to_string(),
             client_addr: client.to_string(),
@@ -187,7 +188,7 @@ pub async fn list_models(
         }
         data
     });
-    st.audit.append_nowait(AuditEntry {
+    let entry = AuditEntry {
         time_ms: now_ms(),
         request_id: request_id.to_string(),
         subject: caller.key.subject.clone(),
@@ -198,8 +199,28 @@ pub async fn list_models(
         status: out.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200),
         latency_us: started.elapsed().as_micros() as u64,
         ..AuditEntry::default()
-    });
+    };
+    if st.audit_sync && out.is_ok() {
+        // Fail-closed: no answer before its row is committed.
+        st.audit
+            .append(entry)
+            .await
+            .map_err(|e| audit_unavailable(&e))?;
+    } else {
+        st.audit.append_nowait(entry);
+    }
     out
+}
+
+/// The answer when `audit_mode = "sync"` cannot commit a row.
+fn audit_unavailable(e: &crate::audit::AuditError) -> ApiError {
+    tracing::error!("audit row not committed, answer withheld: {e}");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "The request could not be recorded in the audit log; its answer is withheld.",
+    )
+    .code("audit_unavailable")
 }
 
 /// `{"object": "list", "data": [...]}` as OpenAI answers `GET /v1/models`.
@@ -219,6 +240,8 @@ pub struct AuditGuard {
     st: Shared,
     pub entry: AuditEntry,
     started: Instant,
+    /// Committed already (`audit_mode = "sync"`).
+    written: bool,
 }
 
 const CLIENT_CLOSED: u16 = 499;
@@ -239,8 +262,34 @@ impl AuditGuard {
     }
 }
 
+impl AuditGuard {
+    /// With `audit_mode = "sync"`: commit the row now and wait for it (the drop then writes
+    /// nothing). If this is cancelled before the row is queued, the drop still queues it.
+    async fn commit_if_sync(&mut self) -> Result<(), ApiError> {
+        if !self.st.audit_sync || self.written {
+            return Ok(());
+        }
+        let st = self.st.clone();
+        let permit = st
+            .audit
+            .reserve()
+            .await
+            .map_err(|e| audit_unavailable(&e))?;
+        self.entry.latency_us = self.started.elapsed().as_micros() as u64;
+        self.written = true;
+        permit
+            .send(std::mem::take(&mut self.entry))
+            .await
+            .map(|_| ())
+            .map_err(|e| audit_unavailable(&e))
+    }
+}
+
 impl Drop for AuditGuard {
     fn drop(&mut self) {
+        if self.written {
+            return;
+        }
         self.entry.latency_us = self.started.elapsed().as_micros() as u64;
         self.st.audit.append_nowait(std::mem::take(&mut self.entry));
     }
@@ -340,6 +389,7 @@ pub async fn infer(
             ..AuditEntry::default()
         },
         started: Instant::now(),
+        written: false,
     };
     // The whole request until its answer starts (a model load included) is bounded here, so a
     // time-out is audited as the 504 the caller gets.
@@ -373,6 +423,8 @@ pub async fn infer(
                         audit.entry.completion_tokens = usage.completion;
                         finish.settle(*usage);
                     }
+                    // Fail-closed mode: the answer waits for its row.
+                    audit.commit_if_sync().await?;
                     complete
                 }
             };
@@ -470,7 +522,11 @@ fn account(items: ItemStream, audit: AuditGuard, finish: Finish) -> RelayStream 
                     audit.entry.prompt_tokens = usage.prompt;
                     audit.entry.completion_tokens = usage.completion;
                     finish.settle(usage);
-                    None
+                    // Fail-closed mode: the stream ends cleanly only once its row is committed.
+                    match audit.commit_if_sync().await {
+                        Ok(()) => None,
+                        Err(e) => Some((Err(e), (items, None))),
+                    }
                 }
             }
         },

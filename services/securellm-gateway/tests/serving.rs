@@ -323,51 +323,82 @@ async fn slow_idle_and_oversized_clients_are_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_limit_wait_instead_of_piling_up() {
+async fn at_the_connection_limit_an_idle_connection_makes_room_and_a_busy_one_does_not() {
     securellm_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let gw = gateway(dir.path(), |c| {
         c.max_connections = 1;
-        c.header_read_timeout_ms = 700;
+        // Long: only shedding can explain a prompt answer below.
+        c.header_read_timeout_ms = 30_000;
+        c.body_read_timeout_ms = 4_000;
     })
     .await;
     let addr = gw.http_addr;
-    // One idle connection takes the only slot until the header timeout closes it.
+    // An idle connection holding the only slot is closed to make room for a new caller.
     let mut hog = TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
-    let r = reqwest::get(format!("http://{addr}/health")).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        reqwest::get(format!("http://{addr}/health")),
+    )
+    .await
+    .expect("an idle connection kept the only slot")
+    .unwrap();
     assert_eq!(r.status(), 200);
-    let waited = started.elapsed();
+    drop(r);
     assert!(
-        waited >= Duration::from_millis(400),
-        "the second connection was served while the first held the only slot ({waited:?})"
-    );
-    assert!(
-        read_until_closed(&mut hog, Duration::from_secs(1))
+        read_until_closed(&mut hog, Duration::from_secs(5))
             .await
             .1
-            .is_some()
+            .is_some(),
+        "the idle connection was shed"
     );
-    // The gRPC port has its own cap: a held connection makes the next one wait.
+    // A connection with a request in progress (an upload whose body has not all arrived) keeps
+    // its slot: the next caller waits until it ends (408 at the body deadline).
+    let (key, rec) = gw
+        .state
+        .keys
+        .create(NewKey {
+            name: "k".into(),
+            models: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    busy.write_all(format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 100\r\n\r\n{{").as_bytes())
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if gw.state.inflight.of_key(&rec.id) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.state.inflight.of_key(&rec.id), 1);
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        reqwest::get(format!("http://{addr}/health")),
+    )
+    .await
+    .expect("never served after the busy connection ended")
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let waited = started.elapsed();
+    let (text, _) = read_until_closed(&mut busy, Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        waited >= Duration::from_millis(1_000),
+        "served while the only slot had a request in progress ({waited:?})"
+    );
+    // The gRPC port has its own cap, with the same rule: an idle connection makes room.
     let hog = TcpStream::connect(gw.grpc_addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", gw.grpc_addr))
         .unwrap()
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_millis(300));
-    let waited = async {
-        let ch = ch.connect().await?;
-        let mut c = securellm_proto::v1::gateway_client::GatewayClient::new(ch);
-        c.list_models(securellm_proto::v1::GatewayListModelsRequest {})
-            .await
-            .map(|_| ())
-            .map_err(|e| e.into())
-    };
-    let r: Result<(), Box<dyn std::error::Error>> = waited.await;
-    assert!(r.is_err(), "served while the only gRPC slot was taken");
-    drop(hog);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(10));
     let ch = ch.connect().await.unwrap();
     let mut c = securellm_proto::v1::gateway_client::GatewayClient::new(ch);
     let e = c
@@ -377,8 +408,9 @@ async fn connections_beyond_the_limit_wait_instead_of_piling_up() {
     assert_eq!(
         e.code(),
         tonic::Code::Unauthenticated,
-        "served once the slot was free"
+        "served: the idle connection made room"
     );
+    drop(hog);
     gw.shutdown().await;
 }
 
