@@ -19,6 +19,11 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("corrupt row in {table}: {message}")]
     Corrupt {
         table: &'static str,
@@ -43,14 +48,41 @@ pub struct Measurement {
     pub measured_ms: u64,
 }
 
+/// Make `path`'s directory 0700 and the file itself 0600 (creating it empty if missing).
+fn private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    for ext in ["-wal", "-shm"] {
+        let side = std::path::PathBuf::from(format!("{}{ext}", path.display()));
+        if side.exists() {
+            std::fs::set_permissions(&side, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
 }
 
 impl Store {
-    /// Open (creating) the database file and run migrations.
+    /// Open (creating) the database file and run migrations. The file is for the service only:
+    /// created 0600 (SQLite gives its -wal / -shm files the same mode) in a 0700 directory, and
+    /// tightened to that when found looser.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        private(path).map_err(|source| StoreError::File {
+            path: path.display().to_string(),
+            source,
+        })?;
         let opts = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -178,5 +210,40 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The catalogue is for the service only: 0600 in a 0700 directory, also when an older
+    /// version left it world-readable.
+    #[tokio::test]
+    async fn the_database_is_private_to_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("registry");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let db = data.join("registry.db");
+        let s = Store::open(&db).await.unwrap();
+        s.close().await;
+        assert_eq!(mode(&db), 0o600);
+        assert_eq!(mode(&data), 0o700);
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = Store::open(&db).await.unwrap();
+        assert!(s.load_models().await.unwrap().is_empty());
+        assert_eq!(mode(&db), 0o600);
+        for side in ["registry.db-wal", "registry.db-shm"] {
+            let p = data.join(side);
+            if p.exists() {
+                assert_eq!(mode(&p), 0o600, "{side}");
+            }
+        }
     }
 }

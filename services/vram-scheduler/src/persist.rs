@@ -33,16 +33,36 @@ pub fn snapshot_path(data_dir: &Path) -> PathBuf {
     data_dir.join("scheduler-leases.json")
 }
 
-/// Write atomically (temporary file + rename).
+/// Write atomically and durably: a temporary file (mode 0600: lease ids are capabilities to
+/// release memory), fsync, rename over the old one, fsync of the directory. The directory is kept
+/// 0700.
 pub fn save(path: &Path, snap: &Snapshot) -> Result<(), PersistError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let w = |source| PersistError::Write {
         path: path.to_path_buf(),
         source,
     };
     let json = serde_json::to_vec_pretty(snap).map_err(|e| w(std::io::Error::other(e)))?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).map_err(w)?;
-    std::fs::rename(&tmp, path).map_err(w)
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(w)?;
+    f.write_all(&json).map_err(w)?;
+    f.sync_all().map_err(w)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(w)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(w)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(w)?;
+    }
+    Ok(())
 }
 
 /// Read a snapshot; a missing file is an empty snapshot.
@@ -78,6 +98,11 @@ mod tests {
         };
         save(&p, &snap).unwrap();
         assert_eq!(load(&p).unwrap(), snap);
+        // For the service only: the file 0600, its directory 0700.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(mode(dir.path()), 0o700);
         std::fs::write(&p, b"{not json").unwrap();
         assert!(matches!(load(&p), Err(PersistError::Corrupt { .. })));
     }
