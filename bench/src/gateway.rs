@@ -195,6 +195,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 requests_per_minute: Some(100_000_000),
                 tokens_per_minute: Some(4_000_000_000),
                 max_concurrent: Some(10_000),
+                max_tokens: None,
             }),
             ..Default::default()
         })

@@ -29,6 +29,14 @@ pub enum KeysAction {
         /// Requests in flight at once.
         #[arg(long)]
         concurrent: Option<u32>,
+        /// The largest `max_tokens` a request may ask for (below the gateway's cap).
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Priority of the model loads this key triggers (-1000..=1000; default: the model's).
+        /// A key never evicts the model of a key with a higher priority; e.g. 10 interactive,
+        /// -10 batch.
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
     },
     /// Key records (never secrets).
     List {
@@ -59,6 +67,8 @@ pub async fn run(
             rpm,
             tpm,
             concurrent,
+            max_tokens,
+            priority,
         } => {
             let r = c
                 .create_api_key(pb::CreateApiKeyRequest {
@@ -68,9 +78,11 @@ pub async fn run(
                         requests_per_minute: rpm,
                         tokens_per_minute: tpm,
                         max_concurrent: concurrent,
+                        max_tokens,
                     }),
                     expires_at_ms: None,
                     subject: String::new(),
+                    priority,
                 })
                 .await
                 .map_err(msg)?
@@ -91,8 +103,8 @@ pub async fn run(
                 .map_err(msg)?
                 .into_inner();
             println!(
-                "{:<18} {:<16} {:<16} {:<9} {:<24} {:>6} {:>8}",
-                "ID", "NAME", "PREFIX", "STATE", "MODELS", "RPM", "TPM"
+                "{:<18} {:<16} {:<16} {:<9} {:<24} {:>6} {:>8} {:>5}",
+                "ID", "NAME", "PREFIX", "STATE", "MODELS", "RPM", "TPM", "PRIO"
             );
             for k in r.keys {
                 let l = k.limits.unwrap_or_default();
@@ -103,14 +115,15 @@ pub async fn run(
                     _ => "?",
                 };
                 println!(
-                    "{:<18} {:<16} {:<16} {:<9} {:<24} {:>6} {:>8}",
+                    "{:<18} {:<16} {:<16} {:<9} {:<24} {:>6} {:>8} {:>5}",
                     k.id,
                     k.name,
                     k.secret_prefix,
                     state,
                     k.models.map(|m| m.patterns.join(",")).unwrap_or_default(),
                     l.requests_per_minute.map_or("-".into(), |v| v.to_string()),
-                    l.tokens_per_minute.map_or("-".into(), |v| v.to_string())
+                    l.tokens_per_minute.map_or("-".into(), |v| v.to_string()),
+                    k.priority.map_or("-".into(), |v| v.to_string())
                 );
             }
         }

@@ -1208,6 +1208,7 @@ impl Actor {
             } else {
                 None
             },
+            load_progress: (!self.waiters.is_empty()).then(|| self.progress.borrow().clone()),
         }
     }
 }

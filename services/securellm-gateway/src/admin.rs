@@ -188,12 +188,28 @@ fn key_pb(k: &KeyRecord, now: u64) -> pb::ApiKey {
             requests_per_minute: k.rpm,
             tokens_per_minute: k.tpm.map(u64::from),
             max_concurrent: k.concurrent,
+            max_tokens: k.max_tokens,
         }),
         state: state as i32,
         created_at_ms: k.created_ms,
         expires_at_ms: k.expires_ms,
         revoked_at_ms: k.revoked_ms,
         last_used_at_ms: None,
+        priority: k.priority,
+    }
+}
+
+/// The range a key's priority may take.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+
+fn check_priority(p: Option<i32>) -> Result<Option<i32>, Status> {
+    match p {
+        Some(v) if !PRIORITY_RANGE.contains(&v) => Err(Status::invalid_argument(format!(
+            "invalid `priority`: {v} is outside {}..={}",
+            PRIORITY_RANGE.start(),
+            PRIORITY_RANGE.end()
+        ))),
+        p => Ok(p),
     }
 }
 
@@ -242,8 +258,8 @@ impl AdminService {
                         .tokens_per_minute
                         .map(|t| u32::try_from(t).unwrap_or(u32::MAX)),
                     concurrent: limits.max_concurrent,
-                    // Not in the admin API's limits message yet.
-                    max_tokens: None,
+                    max_tokens: limits.max_tokens,
+                    priority: check_priority(r.priority)?,
                     expires_ms: r.expires_at_ms,
                 })
                 .await
@@ -293,6 +309,18 @@ impl AdminService {
         let out: Result<Response<pb::ApiKey>, Status> = async {
             let r = request.into_inner();
             let tpm = |t: Option<u64>| t.map(|t| u32::try_from(t).unwrap_or(u32::MAX));
+            // Present limits replace all of them, `max_tokens` included (absent = none).
+            let max_tokens = r.limits.as_ref().map(|l| l.max_tokens.unwrap_or(0));
+            let priority = match (r.priority, r.clear_priority) {
+                (Some(_), true) => {
+                    return Err(Status::invalid_argument(
+                        "invalid `clear_priority`: give either `priority` or `clear_priority`",
+                    ));
+                }
+                (Some(p), false) => Some(check_priority(Some(p))?),
+                (None, true) => Some(None),
+                (None, false) => None,
+            };
             let rec = self
                 .state
                 .keys
@@ -308,7 +336,8 @@ impl AdminService {
                                 l.max_concurrent,
                             )
                         }),
-                        max_tokens: None,
+                        max_tokens,
+                        priority,
                         expires_ms: r.expires_at_ms,
                     },
                 )

@@ -367,6 +367,10 @@ async fn infer(
                 loop {
                     match items.next().await {
                         Some(Ok(StreamItem::Usage(_))) => continue,
+                        Some(Ok(StreamItem::Comment(c))) => {
+                            let frame = format!(": {}\n\n", c.replace(['\r', '\n'], " "));
+                            return Some((Ok(Bytes::from(frame)), Some(items)));
+                        }
                         Some(Ok(StreamItem::Data(d))) => {
                             let mut frame = Vec::with_capacity(d.len() + 8);
                             frame.extend_from_slice(b"data: ");

@@ -369,6 +369,8 @@ impl GatewayService {
                 loop {
                     match items.next().await {
                         Some(Ok(StreamItem::Usage(u))) => pending = Some(u),
+                        // gRPC callers get no progress comments (the proto has no place for them).
+                        Some(Ok(StreamItem::Comment(_))) => {}
                         Some(Ok(StreamItem::Data(d))) => {
                             let chunk = pb::GatewayStreamChunk {
                                 data_json: d.to_vec(),

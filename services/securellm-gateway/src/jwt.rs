@@ -99,6 +99,9 @@ struct Claims {
     tpm: Option<u32>,
     #[serde(default)]
     concurrent: Option<u32>,
+    /// The priority of the loads this caller triggers (see `KeyRecord::priority`).
+    #[serde(default)]
+    priority: Option<i32>,
     /// Largest `max_tokens` this caller may ask for (below the gateway's `max_tokens_cap`).
     #[serde(default)]
     max_tokens: Option<u32>,
@@ -229,6 +232,12 @@ impl JwtVerifier {
             tpm: c.tpm,
             concurrent: c.concurrent,
             max_tokens: c.max_tokens,
+            priority: c.priority.map(|p| {
+                p.clamp(
+                    *crate::admin::PRIORITY_RANGE.start(),
+                    *crate::admin::PRIORITY_RANGE.end(),
+                )
+            }),
             created_ms: 0,
             expires_ms: Some(c.exp.saturating_mul(1000)),
             revoked_ms: None,

@@ -49,6 +49,10 @@ pub struct KeyRecord {
     pub concurrent: Option<u32>,
     /// Largest `max_tokens` a request may ask for (the gateway's `max_tokens_cap` bounds it too).
     pub max_tokens: Option<u32>,
+    /// The priority of the loads this caller's requests trigger (GPU memory leases), and of a
+    /// loaded model it uses; `None`: the model's configured priority. A lower-priority caller
+    /// never evicts a higher-priority caller's model.
+    pub priority: Option<i32>,
     pub created_ms: u64,
     pub expires_ms: Option<u64>,
     pub revoked_ms: Option<u64>,
@@ -101,6 +105,8 @@ pub struct NewKey {
     pub concurrent: Option<u32>,
     /// Largest `max_tokens` a request may ask for; `None` or 0 = the gateway's cap only.
     pub max_tokens: Option<u32>,
+    /// See [`KeyRecord::priority`].
+    pub priority: Option<i32>,
     pub expires_ms: Option<u64>,
 }
 
@@ -114,6 +120,8 @@ pub struct KeyUpdate {
     pub limits: Option<(Option<u32>, Option<u32>, Option<u32>)>,
     /// New per-key `max_tokens` cap; 0 = none (the gateway's cap only).
     pub max_tokens: Option<u32>,
+    /// New priority; `Some(None)` = back to the model's.
+    pub priority: Option<Option<i32>>,
     /// New expiry in unix ms; 0 = never.
     pub expires_ms: Option<u64>,
 }
@@ -176,23 +184,30 @@ impl KeyStore {
                 prefix TEXT NOT NULL, subject TEXT NOT NULL, models TEXT NOT NULL,
                 rpm INTEGER, tpm INTEGER, concurrent INTEGER,
                 created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER,
-                max_tokens INTEGER)",
+                max_tokens INTEGER, priority INTEGER)",
         )
         .execute(&pool)
         .await?;
-        // Added later: older databases get the column.
-        let has_max_tokens = sqlx::query("SELECT name FROM pragma_table_info('api_keys')")
+        // Added later: older databases get the columns.
+        let have: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('api_keys')")
             .fetch_all(&pool)
             .await?
             .iter()
-            .any(|r| {
-                r.try_get::<String, _>("name")
-                    .is_ok_and(|n| n == "max_tokens")
-            });
-        if !has_max_tokens {
-            sqlx::query("ALTER TABLE api_keys ADD COLUMN max_tokens INTEGER")
+            .filter_map(|r| r.try_get::<String, _>("name").ok())
+            .collect();
+        let missing: Vec<&str> = ["max_tokens", "priority"]
+            .into_iter()
+            .filter(|c| !have.iter().any(|h| h == c))
+            .collect();
+        if !missing.is_empty() {
+            for c in missing {
+                // `c` is one of the fixed column names above.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER TABLE api_keys ADD COLUMN {c} INTEGER"
+                )))
                 .execute(&pool)
                 .await?;
+            }
             // Connections opened before the change may hold the old table shape.
             pool.close().await;
             pool = connect().await?;
@@ -232,6 +247,9 @@ impl KeyStore {
                     tpm: opt("tpm")?,
                     concurrent: opt("concurrent")?,
                     max_tokens: opt("max_tokens")?,
+                    priority: r
+                        .try_get::<Option<i64>, _>("priority")?
+                        .and_then(|v| i32::try_from(v).ok()),
                     created_ms: r.try_get::<i64, _>("created_ms")? as u64,
                     expires_ms: r.try_get::<Option<i64>, _>("expires_ms")?.map(|v| v as u64),
                     revoked_ms: r.try_get::<Option<i64>, _>("revoked_ms")?.map(|v| v as u64),
@@ -268,14 +286,15 @@ impl KeyStore {
             tpm: k.tpm.filter(|&v| v > 0),
             concurrent: k.concurrent.filter(|&v| v > 0),
             max_tokens: k.max_tokens.filter(|&v| v > 0),
+            priority: k.priority,
             created_ms: now_ms(),
             expires_ms: k.expires_ms,
             revoked_ms: None,
             admin: false,
         };
         sqlx::query(
-            "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms, max_tokens)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms, max_tokens, priority)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&rec.id)
         .bind(hash(&secret).to_vec())
@@ -289,6 +308,7 @@ impl KeyStore {
         .bind(rec.created_ms as i64)
         .bind(rec.expires_ms.map(|v| v as i64))
         .bind(rec.max_tokens.map(i64::from))
+        .bind(rec.priority.map(i64::from))
         .execute(&self.pool)
         .await?;
         self.reload().await?;
@@ -337,6 +357,9 @@ impl KeyStore {
         if let Some(m) = u.max_tokens {
             rec.max_tokens = Some(m).filter(|&v| v > 0);
         }
+        if let Some(p) = u.priority {
+            rec.priority = p;
+        }
         if let Some(e) = u.expires_ms {
             if e != 0 && e <= now_ms() {
                 return Err(KeyError::Invalid {
@@ -348,7 +371,7 @@ impl KeyStore {
         }
         sqlx::query(
             "UPDATE api_keys SET name = ?, models = ?, rpm = ?, tpm = ?, concurrent = ?, expires_ms = ?,
-             max_tokens = ? WHERE id = ? AND revoked_ms IS NULL",
+             max_tokens = ?, priority = ? WHERE id = ? AND revoked_ms IS NULL",
         )
         .bind(&rec.name)
         .bind(serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()))
@@ -357,6 +380,7 @@ impl KeyStore {
         .bind(rec.concurrent.map(i64::from))
         .bind(rec.expires_ms.map(|v| v as i64))
         .bind(rec.max_tokens.map(i64::from))
+        .bind(rec.priority.map(i64::from))
         .bind(id)
         .execute(&self.pool)
         .await?;

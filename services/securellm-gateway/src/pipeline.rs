@@ -504,6 +504,10 @@ fn account(items: ItemStream, audit: AuditGuard, finish: Finish) -> RelayStream 
                         (items, Some((audit, finish, usage))),
                     ))
                 }
+                Some(Ok(StreamItem::Comment(c))) => Some((
+                    Ok(StreamItem::Comment(c)),
+                    (items, Some((audit, finish, usage))),
+                )),
                 Some(Ok(d)) => {
                     finish.relayed = finish.relayed.saturating_add(1);
                     Some((Ok(d), (items, Some((audit, finish, usage)))))
@@ -603,7 +607,7 @@ async fn infer_inner(
     };
     let prompt_estimate = estimate_prompt_tokens(&v);
     let estimate = checked.reservation(prompt_estimate, limits.tpm);
-    let (permit, rl_headers) = match st.limits.admit(&caller.key.id, &limits, estimate) {
+    let (permit, mut rl_headers) = match st.limits.admit(&caller.key.id, &limits, estimate) {
         Admission::Allowed { permit, headers } => (permit, headers),
         Admission::Limited {
             retry_after,
@@ -703,7 +707,15 @@ async fn infer_inner(
     let reply = if !stream {
         let a = st
             .local
-            .call(endpoint, &model, body, rid, who, deadline)
+            .call(
+                endpoint,
+                &model,
+                body,
+                rid,
+                who,
+                deadline,
+                caller.key.priority,
+            )
             .await?;
         Reply::Complete {
             status: a.status,
@@ -713,7 +725,16 @@ async fn infer_inner(
     } else {
         match st
             .local
-            .stream(endpoint, &model, body, rid, who, deadline, relay_usage)
+            .stream(
+                endpoint,
+                &model,
+                body,
+                rid,
+                who,
+                deadline,
+                relay_usage,
+                caller.key.priority,
+            )
             .await?
         {
             StreamAnswer::Refused { status, body } => Reply::Complete {
@@ -722,6 +743,15 @@ async fn infer_inner(
                 usage: Usage::default(),
             },
             StreamAnswer::Streaming(items) => Reply::Stream(items),
+            StreamAnswer::Waiting {
+                items,
+                queue_position,
+            } => {
+                if let Some(p) = queue_position {
+                    rl_headers.push(("x-securellm-queue-position", p.to_string()));
+                }
+                Reply::Stream(items)
+            }
         }
     };
     Ok((reply, rl_headers, finish))

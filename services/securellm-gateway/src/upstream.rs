@@ -44,16 +44,24 @@ pub struct Answer {
     pub usage: Usage,
 }
 
-/// One streamed item: an SSE payload to relay, or usage to account (not relayed).
+/// One streamed item: an SSE payload to relay, usage to account (not relayed), or where a request
+/// that waits for its model stands (an SSE comment line, ignored by OpenAI clients).
 pub enum StreamItem {
     Data(Bytes),
     Usage(Usage),
+    Comment(String),
 }
 
 pub type ItemStream = Pin<Box<dyn Stream<Item = Result<StreamItem, ApiError>> + Send>>;
 
 /// The start of a streamed answer.
 pub enum StreamAnswer {
+    /// The request waits for its model; `items` begin with comments saying where it stands
+    /// (`queue_position`: its first place in the scheduler's queue, if it queued).
+    Waiting {
+        items: ItemStream,
+        queue_position: Option<u32>,
+    },
     /// The upstream refused (status ≥ 400) with this body.
     Refused {
         status: u16,
@@ -89,6 +97,7 @@ impl Local {
         request_id: &str,
         caller: &str,
         deadline_ms: u64,
+        priority: Option<i32>,
     ) -> pb::InferenceRequest {
         pb::InferenceRequest {
             request_id: request_id.to_string(),
@@ -96,10 +105,11 @@ impl Local {
             body_json: body.to_vec(),
             deadline_ms,
             caller: caller.to_string(),
-            priority: None,
+            priority,
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn call(
         &self,
         endpoint: Endpoint,
@@ -108,9 +118,10 @@ impl Local {
         request_id: &str,
         caller: &str,
         deadline_ms: u64,
+        priority: Option<i32>,
     ) -> Result<Answer, ApiError> {
         let mut c = self.client.clone();
-        let req = Self::request(model, body, request_id, caller, deadline_ms);
+        let req = Self::request(model, body, request_id, caller, deadline_ms, priority);
         let r = match endpoint {
             Endpoint::Chat => c.chat(req).await,
             Endpoint::Completions => c.complete(req).await,
@@ -136,9 +147,10 @@ impl Local {
         caller: &str,
         deadline_ms: u64,
         relay_usage: bool,
+        priority: Option<i32>,
     ) -> Result<StreamAnswer, ApiError> {
         let mut c = self.client.clone();
-        let req = Self::request(model, body, request_id, caller, deadline_ms);
+        let req = Self::request(model, body, request_id, caller, deadline_ms, priority);
         let mut s = match endpoint {
             Endpoint::Completions => c.complete_stream(req).await,
             _ => c.chat_stream(req).await,
@@ -154,30 +166,35 @@ impl Local {
                 ))
             })?
             .map_err(|s| from_status(&s))?;
-        if let Some(start) = first.start
+        if let Some(start) = &first.start
             && start.http_status >= 400
         {
             return Ok(StreamAnswer::Refused {
                 status: u16::try_from(start.http_status).unwrap_or(502),
-                body: Bytes::from(start.error_body_json),
+                body: Bytes::from(start.error_body_json.clone()),
             });
         }
-        let items = s.flat_map(move |chunk| {
-            let out: Vec<Result<StreamItem, ApiError>> = match chunk {
-                Err(st) => vec![Err(from_status(&st))],
-                Ok(c) => {
-                    let mut v = Vec::new();
-                    if let Some(u) = c.usage {
-                        v.push(Ok(StreamItem::Usage(usage_of(Some(u)))));
-                    }
-                    if !c.data_json.is_empty() && (!c.usage_only || relay_usage) {
-                        v.push(Ok(StreamItem::Data(Bytes::from(c.data_json))));
-                    }
-                    v
-                }
-            };
-            futures::stream::iter(out)
+        // The request waits for its model: the answer starts now (200) so the caller hears where
+        // it stands; a failure after this point is an error event in the stream.
+        let waiting = first.start.is_none() && first.progress.is_some();
+        // Its place in the scheduler's queue when the answer starts (0 when it waits for a load
+        // with nobody ahead of it).
+        let queue_position = first.progress.as_ref().map(|p| {
+            if p.phase == pb::load_progress::Phase::Queued as i32 {
+                p.position
+            } else {
+                0
+            }
         });
+        let lead = futures::stream::iter(map_chunk(Ok(first), relay_usage));
+        let items = lead
+            .chain(s.flat_map(move |chunk| futures::stream::iter(map_chunk(chunk, relay_usage))));
+        if waiting {
+            return Ok(StreamAnswer::Waiting {
+                items: Box::pin(items),
+                queue_position,
+            });
+        }
         Ok(StreamAnswer::Streaming(Box::pin(items)))
     }
 
@@ -194,7 +211,7 @@ impl Local {
 
     /// Local models from the registry, for `/v1/models`.
     pub async fn models(
-        registry: &mut securellm_proto::v1::model_registry_client::ModelRegistryClient<Channel>,
+        registry: &mut securellm_proto::v1::model_registry_client::ModelRegistryClient<AuthChannel>,
     ) -> Result<Vec<pb::Model>, ApiError> {
         let r = registry
             .list_models(pb::ListModelsRequest {
@@ -205,4 +222,78 @@ impl Local {
             .map_err(|s| from_status(&s))?;
         Ok(r.into_inner().models)
     }
+}
+
+/// One message of the backend manager's stream as the items the gateway relays: progress as a
+/// comment, a late refused start (after progress) as an error, payloads and usage as they come.
+fn map_chunk(
+    chunk: Result<pb::InferenceChunk, tonic::Status>,
+    relay_usage: bool,
+) -> Vec<Result<StreamItem, ApiError>> {
+    let c = match chunk {
+        Err(st) => return vec![Err(from_status(&st))],
+        Ok(c) => c,
+    };
+    let mut v = Vec::new();
+    if let Some(p) = &c.progress {
+        v.push(Ok(StreamItem::Comment(progress_comment(p))));
+    }
+    if let Some(start) = &c.start
+        && start.http_status >= 400
+    {
+        v.push(Err(refused_error(
+            u16::try_from(start.http_status).unwrap_or(502),
+            &start.error_body_json,
+        )));
+        return v;
+    }
+    if let Some(u) = c.usage {
+        v.push(Ok(StreamItem::Usage(usage_of(Some(u)))));
+    }
+    if !c.data_json.is_empty() && (!c.usage_only || relay_usage) {
+        v.push(Ok(StreamItem::Data(Bytes::from(c.data_json))));
+    }
+    v
+}
+
+/// `queued position=2 queue_length=3 model=…` / `loading model=… phase=starting`: the text of the
+/// SSE comment a waiting request gets.
+pub fn progress_comment(p: &pb::LoadProgress) -> String {
+    use pb::load_progress::Phase;
+    match Phase::try_from(p.phase).unwrap_or(Phase::Unspecified) {
+        Phase::Queued => format!(
+            "queued position={} queue_length={} model={}{}",
+            p.position,
+            p.queue_length,
+            p.model,
+            if p.evictions_requested {
+                " evicting=true"
+            } else {
+                ""
+            }
+        ),
+        Phase::Unloading => format!("loading model={} phase=waiting_for_unload", p.model),
+        Phase::Leasing => format!("loading model={} phase=leasing", p.model),
+        Phase::Starting => format!("loading model={} phase=starting", p.model),
+        Phase::Ready => format!("loading model={} phase=ready", p.model),
+        Phase::Unspecified => format!("loading model={}", p.model),
+    }
+}
+
+/// An upstream's refusal after the stream had started, in OpenAI's error shape (its own message
+/// and code when it sent JSON).
+fn refused_error(status: u16, body: &[u8]) -> ApiError {
+    let status =
+        axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(500).collect());
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    ApiError::new(status, kind, message)
 }

@@ -893,6 +893,49 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+    // Priority and the per-key max_tokens through the admin API: set, shown, cleared; an
+    // impossible priority is refused and changes nothing.
+    let updated = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            id: key.id.clone(),
+            priority: Some(-10),
+            limits: Some(pb::ApiKeyLimits {
+                requests_per_minute: Some(100),
+                max_tokens: Some(3),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.priority, Some(-10));
+    assert_eq!(updated.limits.unwrap().max_tokens, Some(3));
+    let e = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            id: key.id.clone(),
+            priority: Some(5_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("priority"), "{e:?}");
+    let cleared = admin
+        .update_api_key(pb::UpdateApiKeyRequest {
+            id: key.id.clone(),
+            clear_priority: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.priority, None);
+    assert_eq!(
+        cleared.limits.unwrap().max_tokens,
+        Some(3),
+        "limits absent from the update stay"
+    );
     let revoked = admin
         .revoke_api_key(pb::RevokeApiKeyRequest { id: key.id.clone() })
         .await

@@ -707,6 +707,7 @@ async fn sync_audit_mode_answers_only_after_the_row_is_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sync_audit_every_2xx_survives_kill_9() {
     use tokio::io::AsyncBufReadExt;
+    securellm_common::tls::install_crypto_provider();
     let base = fake_openai().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("gw");

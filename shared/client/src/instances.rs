@@ -56,6 +56,14 @@ pub fn render(instances: &[pb::BackendInstance], now: u64) -> String {
             idle,
             i.crash_count
         );
+        if i.waiting > 0 {
+            let why = i.load_progress.as_ref().map_or(String::new(), |p| {
+                let mut t = progress(p);
+                t.insert_str(0, ": ");
+                t
+            });
+            out += &format!("  {} request(s) waiting{why}\n", i.waiting);
+        }
         if !i.last_error.is_empty() && i.state == pb::InstanceState::Failed as i32 {
             out += &format!(
                 "  last error: {}\n",
@@ -86,6 +94,28 @@ pub fn unloaded(model: &str, r: &pb::UnloadResponse) -> String {
     }
 }
 
+/// Where a request that waits for its model stands, in words.
+pub fn progress(p: &pb::LoadProgress) -> String {
+    use pb::load_progress::Phase;
+    match Phase::try_from(p.phase).unwrap_or(Phase::Unspecified) {
+        Phase::Queued => format!(
+            "queued for GPU memory, position {} of {}{}",
+            p.position + 1,
+            p.queue_length.max(p.position + 1),
+            if p.evictions_requested {
+                " (other models asked to make room)"
+            } else {
+                ""
+            }
+        ),
+        Phase::Unloading => "waiting for the previous process to stop".into(),
+        Phase::Leasing => "asking for GPU memory".into(),
+        Phase::Starting => "starting the engine".into(),
+        Phase::Ready => "ready".into(),
+        Phase::Unspecified => "waiting".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +141,35 @@ mod tests {
             "{s}"
         );
         assert_eq!(render(&[], 0), "no models loaded\n");
+    }
+
+    #[test]
+    fn waiting_requests_say_where_they_stand() {
+        let i = pb::BackendInstance {
+            id: "model-b".into(),
+            state: pb::InstanceState::Leasing as i32,
+            waiting: 2,
+            load_progress: Some(pb::LoadProgress {
+                phase: pb::load_progress::Phase::Queued as i32,
+                model: "model-b".into(),
+                position: 0,
+                queue_length: 1,
+                evictions_requested: true,
+            }),
+            ..Default::default()
+        };
+        let s = render(&[i], 0);
+        assert!(
+            s.contains(
+                "2 request(s) waiting: queued for GPU memory, position 1 of 1 (other models asked to make room)"
+            ),
+            "{s}"
+        );
+        let p = pb::LoadProgress {
+            phase: pb::load_progress::Phase::Starting as i32,
+            ..Default::default()
+        };
+        assert_eq!(progress(&p), "starting the engine");
     }
 
     #[test]

@@ -78,7 +78,13 @@ pub fn render_status(st: &pb::SchedulerStatus, now: u64) -> String {
         for l in &st.leases {
             let state = match l.evict_by_ms {
                 Some(d) => format!("evicting (by {})", until(now, d)),
-                None if l.idle => "idle".into(),
+                None if l.idle && l.last_used_ms > 0 => {
+                    format!(
+                        "idle {} (yields to equal priority)",
+                        ago(now, l.last_used_ms)
+                    )
+                }
+                None if l.idle => "idle (yields to equal priority)".into(),
                 None => "active".into(),
             };
             out += &format!(
@@ -106,7 +112,11 @@ pub fn render_status(st: &pb::SchedulerStatus, now: u64) -> String {
             out += &format!(
                 "  #{} {:<28} {:>10} prio {:>3} gpu {:<4} waited {} (gives up in {})\n",
                 q.position,
-                q.holder,
+                if q.label.is_empty() {
+                    q.holder.clone()
+                } else {
+                    format!("{} ({})", q.holder, q.label)
+                },
                 format_bytes(q.bytes),
                 q.priority,
                 q.gpu_index.map_or("any".to_string(), |g| g.to_string()),

@@ -1077,6 +1077,8 @@ pub async fn read_sse(
                         if let Some(data) = line.strip_prefix("data:") {
                             out.events.push(data.trim().to_string());
                             on_event(out.events.len() - 1);
+                        } else if let Some(c) = line.strip_prefix(':') {
+                            out.comments.push(c.trim().to_string());
                         }
                     }
                 }
@@ -1090,6 +1092,8 @@ pub async fn read_sse(
 pub struct SseOutcome {
     /// `data:` payloads (`[DONE]` included as is).
     pub events: Vec<String>,
+    /// SSE comment lines (`: …`), without the colon.
+    pub comments: Vec<String>,
     pub timed_out: bool,
     pub transport_error: Option<String>,
 }

@@ -153,3 +153,177 @@ async fn a_busy_model_is_not_drained_for_a_request_of_its_own_priority() {
     assert_eq!(n.len(), 1, "{:?}", events.all());
     assert!(n[0].detail.contains("idle lease yields"), "{}", n[0].detail);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_stream_hears_where_it_stands_and_the_openai_client_ignores_it() {
+    let s = full_gpu_stack().await;
+    let r = s.chat(&s.api_key, "model-a", 4, "load-a").await;
+    assert_eq!(r.status, 200);
+    // B must wait for A to yield and for its own load: it is told so as SSE comments, before its
+    // tokens, and the answer says where it stood in the scheduler's queue.
+    let resp = s.chat_stream(&s.api_key, "model-b", 8, "wait-b").await;
+    assert_eq!(resp.status(), 200);
+    let pos = resp
+        .headers()
+        .get("x-securellm-queue-position")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert_eq!(pos.as_deref(), Some("0"), "{:?}", resp.headers());
+    let out = read_sse(resp, Duration::from_secs(30), |_| {}).await;
+    assert!(out.done(), "{out:?}");
+    assert!(
+        out.comments
+            .iter()
+            .any(|c| c.starts_with("loading model=model-b phase=")),
+        "{:?}",
+        out.comments
+    );
+    assert!(
+        out.comments
+            .iter()
+            .any(|c| c.starts_with("queued position=0 ") && c.contains("model=model-b")),
+        "{:?}",
+        out.comments
+    );
+    assert!(!out.json().is_empty());
+    // A model that is ready streams without any comment.
+    let resp = s.chat_stream(&s.api_key, "model-b", 8, "warm-b").await;
+    assert!(resp.headers().get("x-securellm-queue-position").is_none());
+    let out = read_sse(resp, Duration::from_secs(30), |_| {}).await;
+    assert!(out.done() && out.comments.is_empty(), "{out:?}");
+    // The official client streams through a swap (comments included) without error.
+    let code = r#"
+import os, openai
+c = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key=os.environ["API_KEY"])
+text = ""
+for ch in c.chat.completions.create(model="model-a", stream=True, max_tokens=8,
+                                     messages=[{"role": "user", "content": "hi"}]):
+    if ch.choices and ch.choices[0].delta.content:
+        text += ch.choices[0].delta.content
+assert text, "no content"
+print("OK")
+"#;
+    let out = tokio::process::Command::new(securellm_e2e::python())
+        .args(["-c", code])
+        .env("BASE_URL", s.base_url())
+        .env("API_KEY", &s.api_key)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "python client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = s.status().await;
+    assert_eq!(st.leases.len(), 1);
+    assert_eq!(
+        st.leases[0].label, "model-a",
+        "the client's request swapped A back in"
+    );
+}
+
+/// Per-key priority: a batch key's load never evicts an interactive key's model (idle or not), and
+/// an interactive key's load evicts a batch model at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_key_never_evicts_an_interactive_keys_model_and_the_reverse_is_immediate() {
+    let s = full_gpu_stack().await;
+    let events = LeaseEvents::follow(s.scheduler.grpc).await;
+    let key = |name: &str, priority: i32| {
+        let s = &s;
+        let name = name.to_string();
+        async move {
+            let r = s
+                .admin()
+                .await
+                .create_api_key(pb::CreateApiKeyRequest {
+                    name,
+                    models: Some(pb::ApiKeyModelPatterns {
+                        patterns: vec!["*".into()],
+                    }),
+                    priority: Some(priority),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.key.unwrap().priority, Some(priority));
+            r.secret
+        }
+    };
+    let interactive = key("interactive", 10).await;
+    let batch = key("batch", -10).await;
+    // The keys list shows the priorities.
+    let gw = s.gateway.grpc.to_string();
+    let token = s.gateway_data().join("admin-token");
+    let list = s.cli(&[
+        "keys",
+        "--gateway",
+        &gw,
+        "--admin-token-file",
+        token.to_str().unwrap(),
+        "list",
+    ]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("PRIO"),
+        "{text}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("interactive") && l.trim_end().ends_with("10")),
+        "{text}"
+    );
+
+    let r = s.chat(&interactive, "model-a", 4, "int-a").await;
+    assert_eq!(r.status, 200);
+    let st = s.status().await;
+    assert_eq!(
+        st.leases[0].priority, 10,
+        "the load took the key's priority"
+    );
+    // A is idle now, but the batch key may not evict it: its request waits.
+    let s = std::sync::Arc::new(s);
+    let b = {
+        let (s, batch) = (s.clone(), batch.clone());
+        tokio::spawn(async move { s.chat(&batch, "model-b", 4, "batch-b").await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    use pb::lease_event::Kind;
+    assert!(
+        events.of(Kind::EvictionNotice, "model-a").is_empty(),
+        "{:?}",
+        events.all()
+    );
+    assert!(!b.is_finished(), "the batch request did not wait");
+    // A goes (unloaded by its operator): the batch request is served, at its own priority.
+    s.backend_client()
+        .await
+        .unload(pb::UnloadRequest {
+            model: "model-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = b.await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let st = s.status().await;
+    assert_eq!(
+        (st.leases[0].label.as_str(), st.leases[0].priority),
+        ("model-b", -10)
+    );
+    // The interactive key takes the GPU back at once.
+    let t = Instant::now();
+    let r = s.chat(&interactive, "model-a", 4, "int-a2").await;
+    assert_eq!(r.status, 200);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let n = events.of(Kind::EvictionNotice, "model-b");
+    assert_eq!(n.len(), 1, "{:?}", events.all());
+    assert!(
+        !n[0].detail.contains("idle lease yields"),
+        "{}",
+        n[0].detail
+    );
+}
