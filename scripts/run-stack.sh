@@ -10,6 +10,9 @@
 #   BACKEND_LISTEN      backend-manager's gRPC address (default 127.0.0.1:50053)
 #   GATEWAY_LISTEN      securellm-gateway's gRPC address (default 127.0.0.1:50054)
 #   GATEWAY_HTTP_LISTEN securellm-gateway's OpenAI HTTP address (default 127.0.0.1:8088)
+#   SECURELLM_INTERNAL_TOKEN_FILE
+#                       the internal token the services require of each other and of the CLI
+#                       (default $DATA_DIR/internal-token; the first service creates it, mode 0600)
 #
 # A port of 0 picks a free one (the services print the address they got; the rest of the stack
 # and the printed examples use it).
@@ -27,6 +30,9 @@ BACKEND_LISTEN="${BACKEND_LISTEN:-127.0.0.1:50053}"
 GATEWAY_LISTEN="${GATEWAY_LISTEN:-127.0.0.1:50054}"
 GATEWAY_HTTP_LISTEN="${GATEWAY_HTTP_LISTEN:-127.0.0.1:8088}"
 mkdir -p "$DATA_DIR/logs"
+# One internal token for the four services and the CLI: nobody without it calls the scheduler,
+# the registry or the backend manager around the gateway.
+export SECURELLM_INTERNAL_TOKEN_FILE="${SECURELLM_INTERNAL_TOKEN_FILE:-$DATA_DIR/internal-token}"
 
 LLAMA_SERVER="${LLAMA_SERVER:-$("$ROOT/scripts/install-llama-server.sh" | tail -n 1)}"
 export LLAMA_SERVER
@@ -135,12 +141,20 @@ HTTP="$(ready_addr http)"
 KEY="$(head -n 1 "$DATA_DIR/api-key")"
 MODEL="$("$BIN/securellm" --registry "$REGISTRY" models 2>/dev/null | awk 'NR==2 {print $1}' || true)"
 MODEL="${MODEL:-tiny}"
-# The CLI's defaults are the default addresses; name the others.
-CLI_EXPORT=""
+# The CLI's defaults are the default addresses and ~/.local/share/securellm/internal-token; name
+# the others.
+EXPORTS=""
 if [ "$SCHEDULER $REGISTRY $BACKEND $GATEWAY" != \
      "127.0.0.1:50051 127.0.0.1:50052 127.0.0.1:50053 127.0.0.1:50054" ]; then
-  CLI_EXPORT="  export SECURELLM_SCHEDULER=$SCHEDULER SECURELLM_REGISTRY=$REGISTRY"
-  CLI_EXPORT+=" SECURELLM_BACKEND=$BACKEND SECURELLM_GATEWAY=$GATEWAY"$'\n'
+  EXPORTS=" SECURELLM_SCHEDULER=$SCHEDULER SECURELLM_REGISTRY=$REGISTRY"
+  EXPORTS+=" SECURELLM_BACKEND=$BACKEND SECURELLM_GATEWAY=$GATEWAY"
+fi
+if [ "$SECURELLM_INTERNAL_TOKEN_FILE" != "$HOME/.local/share/securellm/internal-token" ]; then
+  EXPORTS+=" SECURELLM_INTERNAL_TOKEN_FILE=$SECURELLM_INTERNAL_TOKEN_FILE"
+fi
+CLI_EXPORT=""
+if [ -n "$EXPORTS" ]; then
+  CLI_EXPORT="  export$EXPORTS"$'\n'
 fi
 cat <<EOF
 

@@ -3,7 +3,8 @@
 Asserts: the four services exist and run the right binary; every flag they pass is one the binary's
 `--help` lists; each healthcheck runs `securellm health` on the port the service listens on;
 services reach each other by service name on the ports those listen on; named volumes are declared;
-the gateway publishes its HTTP port; GPU reservations use the NVIDIA driver.
+the gateway publishes its HTTP port; GPU reservations use the NVIDIA driver; the four share one
+internal token file on a volume they all mount.
 
 Usage: python tests/compose_check.py [BIN_DIR]   (default: $CARGO_TARGET_DIR or target, /debug)
 """
@@ -77,6 +78,18 @@ for name in ("vram-scheduler", "backend-manager"):
     devices = services.get(name, {}).get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     if not any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices):
         err(f"{name}: no NVIDIA GPU reservation")
+
+# One internal token for all four, on a volume each of them mounts.
+token_files = {}
+for name, svc in services.items():
+    cmd = svc.get("command") or []
+    args = dict(zip(cmd[1::2], cmd[2::2]))
+    token_files[name] = args.get("--internal-token-file")
+    mounts = [v.split(":")[1] for v in svc.get("volumes", []) if ":" in v]
+    if token_files[name] and not any(token_files[name].startswith(m.rstrip("/") + "/") for m in mounts):
+        err(f"{name}: --internal-token-file {token_files[name]} is on no volume it mounts")
+if len(set(token_files.values())) != 1 or None in token_files.values():
+    err(f"the services must share one --internal-token-file: {token_files}")
 
 if errors:
     print("docker-compose.yml check FAILED:\n  " + "\n  ".join(errors))

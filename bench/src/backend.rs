@@ -3,6 +3,9 @@
 //!     (HTTP), same body, `max_tokens` 1, interleaved so drift hits both equally;
 //! (b) cold start: a streaming request for an unloaded model until its first chunk, vs a raw
 //!     llama-server started by the benchmark itself with the same flags until its first chunk.
+//!
+//! The services run as deployed, with the internal token; the direct requests carry the engine's
+//! own API key (the manager's child: read from its environment, as only its user can).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,6 +13,7 @@ use std::time::{Duration, Instant};
 use backend_manager::backend::llamacpp::LlamaCpp;
 use backend_manager::backend::{Backend, StartSpec};
 use backend_manager::config::{BackendConfig, ModelSettings};
+use securellm_common::internal_auth::{InternalToken, authenticated};
 use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
@@ -52,6 +56,16 @@ fn find_llama_server(a: &Args) -> anyhow::Result<PathBuf> {
 const BODY: &str =
     r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":1,"temperature":0}"#;
 
+/// The API key the manager gave its llama-server child (`LLAMA_API_KEY` in the child's
+/// environment, readable by the same user only).
+fn child_api_key(pid: u32) -> anyhow::Result<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ"))?;
+    env.split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"LLAMA_API_KEY="))
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .ok_or_else(|| anyhow::anyhow!("no LLAMA_API_KEY in the environment of {pid}"))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -65,10 +79,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let model_path = models.join("tiny.gguf");
     write_tiny_llama(&model_path, &TinyLlamaOptions::default())?;
 
+    let token = InternalToken::generate();
     let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
         listen: "127.0.0.1:0".into(),
         inventory: vram_scheduler::config::InventoryMode::Simulated,
         simulate_gpus: vec![securellm_common::ByteSize(8 << 30)],
+        internal_token: Some(token.clone()),
         ..Default::default()
     })
     .await?;
@@ -76,6 +92,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         registry: registry::config::RegistrySection {
             listen: "127.0.0.1:0".into(),
             watch: false,
+            internal_token: Some(token.clone()),
             ..Default::default()
         },
         roots: vec![models.clone()],
@@ -93,10 +110,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             idle_ttl_ms: Some(0),
             ..Default::default()
         },
+        internal_token: Some(token.clone()),
         ..BackendConfig::default()
     };
     let manager = backend_manager::start(&cfg).await?;
-    let mut client = BackendManagerClient::connect(format!("http://{}", manager.addr)).await?;
+    let mut client = BackendManagerClient::new(authenticated(
+        tonic::transport::Channel::from_shared(format!("http://{}", manager.addr))?
+            .connect()
+            .await?,
+        Some(&token),
+    ));
     let http = reqwest::Client::new();
     let req = || pb::InferenceRequest {
         model: "tiny".into(),
@@ -115,8 +138,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("no instance"))?;
     let direct_url = format!("{}/v1/chat/completions", inst.endpoint);
+    let key = child_api_key(inst.pid)?;
     for _ in 0..20 {
         http.post(&direct_url)
+            .bearer_auth(&key)
             .body(BODY)
             .send()
             .await?
@@ -130,6 +155,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         let r = http
             .post(&direct_url)
+            .bearer_auth(&key)
             .header("content-type", "application/json")
             .body(BODY)
             .send()
@@ -210,12 +236,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         let started = raw_backend.start(&spec).await?;
         let body = BODY.replace("\"max_tokens\":1", "\"max_tokens\":1,\"stream\":true");
-        let r = http
-            .post(format!("{}/v1/chat/completions", started.endpoint))
+        let mut r = http.post(format!("{}/v1/chat/completions", started.endpoint));
+        if let Some(k) = &started.api_key {
+            r = r.bearer_auth(k);
+        }
+        let r = r
             .header("content-type", "application/json")
             .body(body)
             .send()
             .await?;
+        anyhow::ensure!(r.status().is_success(), "raw llama-server: {}", r.status());
         let mut bytes = r.bytes_stream();
         bytes.next().await;
         cold_raw.push(t.elapsed().as_secs_f64() * 1e6);

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use securellm_common::internal_auth::{AuthChannel, InternalToken, authenticated};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::acquire_lease_update::Update;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
@@ -27,7 +28,7 @@ pub struct Args {
     connections: usize,
 }
 
-async fn grpc_round_trip(c: &mut VramSchedulerClient<Channel>, i: usize) -> anyhow::Result<()> {
+async fn grpc_round_trip(c: &mut VramSchedulerClient<AuthChannel>, i: usize) -> anyhow::Result<()> {
     let mut s = c
         .acquire_lease(pb::AcquireLeaseRequest {
             holder: format!("bench-{i}"),
@@ -114,25 +115,29 @@ fn row(name: &str, c: usize, s: &Samples) {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
+    // As deployed: every call carries the internal token and the server checks it.
+    let token = InternalToken::generate();
     let cfg = SchedulerConfig {
         listen: "127.0.0.1:0".into(),
         inventory: InventoryMode::Simulated,
         simulate_gpus: vec![securellm_common::ByteSize(1 << 40)],
+        internal_token: Some(token.clone()),
         ..SchedulerConfig::default()
     };
     let server = vram_scheduler::start(&cfg).await?;
     let url = format!("http://{}", server.addr);
     let mut clients = Vec::new();
     for _ in 0..a.connections.max(1) {
-        clients.push(VramSchedulerClient::new(
+        clients.push(VramSchedulerClient::new(authenticated(
             Channel::from_shared(url.clone())?
                 .tcp_nodelay(true)
                 .connect()
                 .await?,
-        ));
+            Some(&token),
+        )));
     }
     let dur = Duration::from_secs_f64(a.seconds);
-    let grpc = |clients: Vec<VramSchedulerClient<Channel>>| {
+    let grpc = |clients: Vec<VramSchedulerClient<AuthChannel>>| {
         move |i: usize| {
             let mut c = clients[i % clients.len()].clone();
             async move { grpc_round_trip(&mut c, i).await }

@@ -310,12 +310,17 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         };
         let t = Instant::now();
         let started = raw.start(&spec).await?;
-        let r = http
-            .post(format!("{}/v1/chat/completions", started.endpoint))
+        // The backend gave the child a key of its own.
+        let mut r = http.post(format!("{}/v1/chat/completions", started.endpoint));
+        if let Some(k) = &started.api_key {
+            r = r.bearer_auth(k);
+        }
+        let r = r
             .header("content-type", "application/json")
             .body(body("model-a"))
             .send()
             .await?;
+        anyhow::ensure!(r.status().is_success(), "raw llama-server: {}", r.status());
         let mut s = r.bytes_stream();
         s.next().await;
         cold.push(t.elapsed().as_secs_f64() * 1e3);

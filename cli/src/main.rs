@@ -92,7 +92,10 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Vram { action } => vram::run(&endpoint(&cli.services.scheduler), action).await,
+        Command::Vram { action } => {
+            let token = cli.services.internal_token()?;
+            vram::run(&endpoint(&cli.services.scheduler), &token, action).await
+        }
         Command::DemoModel { path, bigger } => {
             use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
             let opts = if bigger {
@@ -124,7 +127,10 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Status { gateway, json } => {
+            // Without the internal token the services still answer health checks; what needs
+            // the token is reported as refused.
             let addrs = status::Addresses {
+                internal_token: cli.services.internal_token().ok(),
                 scheduler: cli.services.scheduler,
                 registry: cli.services.registry,
                 backend: cli.services.backend,
@@ -136,9 +142,21 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Health { addr, service } => health::run(&endpoint(&addr), &service).await,
-        Command::Ps => ps::ps(&endpoint(&cli.services.backend)).await,
-        Command::Load { model } => ps::load(&endpoint(&cli.services.backend), &model).await,
-        Command::Unload { model } => ps::unload(&endpoint(&cli.services.backend), &model).await,
-        Command::Models { action } => models::run(&endpoint(&cli.services.registry), action).await,
+        Command::Ps => {
+            let token = cli.services.internal_token()?;
+            ps::ps(&endpoint(&cli.services.backend), &token).await
+        }
+        Command::Load { model } => {
+            let token = cli.services.internal_token()?;
+            ps::load(&endpoint(&cli.services.backend), &token, &model).await
+        }
+        Command::Unload { model } => {
+            let token = cli.services.internal_token()?;
+            ps::unload(&endpoint(&cli.services.backend), &token, &model).await
+        }
+        Command::Models { action } => {
+            let token = cli.services.internal_token()?;
+            models::run(&endpoint(&cli.services.registry), &token, action).await
+        }
     }
 }

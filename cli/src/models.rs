@@ -4,11 +4,11 @@
 use std::io::Write;
 
 use clap::Subcommand;
-use securellm_client::{connect_to, models};
+use securellm_client::{connect_internal, models};
+use securellm_common::internal_auth::{AuthChannel, InternalToken};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsAction {
@@ -25,8 +25,13 @@ pub enum ModelsAction {
     },
 }
 
-pub async fn run(endpoint: &str, action: Option<ModelsAction>) -> anyhow::Result<()> {
-    let mut c = ModelRegistryClient::new(connect_to("registry", endpoint, None).await?);
+pub async fn run(
+    endpoint: &str,
+    token: &InternalToken,
+    action: Option<ModelsAction>,
+) -> anyhow::Result<()> {
+    let mut c =
+        ModelRegistryClient::new(connect_internal("registry", endpoint, Some(token), None).await?);
     match action {
         None => table(&mut c).await,
         Some(ModelsAction::Show { name }) => show(&mut c, &name).await,
@@ -34,12 +39,12 @@ pub async fn run(endpoint: &str, action: Option<ModelsAction>) -> anyhow::Result
     }
 }
 
-async fn table(c: &mut ModelRegistryClient<Channel>) -> anyhow::Result<()> {
+async fn table(c: &mut ModelRegistryClient<AuthChannel>) -> anyhow::Result<()> {
     print!("{}", models::table(c).await?);
     Ok(())
 }
 
-async fn show(c: &mut ModelRegistryClient<Channel>, name: &str) -> anyhow::Result<()> {
+async fn show(c: &mut ModelRegistryClient<AuthChannel>, name: &str) -> anyhow::Result<()> {
     let text = models::detail(c, name)
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
@@ -58,7 +63,7 @@ pub fn progress_bar(done: u64, total: u64) -> String {
     )
 }
 
-async fn rescan(c: &mut ModelRegistryClient<Channel>, full: bool) -> anyhow::Result<()> {
+async fn rescan(c: &mut ModelRegistryClient<AuthChannel>, full: bool) -> anyhow::Result<()> {
     let mut s = c
         .rescan(pb::RescanRequest {
             roots: Vec::new(),

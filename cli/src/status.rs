@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use securellm_common::format_bytes;
+use securellm_common::internal_auth::{InternalToken, authenticated};
 use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
@@ -32,8 +33,10 @@ const WINDOW_MS: u64 = 60_000;
 /// At most this many audit rows are fetched (the admin API's maximum).
 const MAX_ROWS: u32 = 10_000;
 
-/// The services' addresses (as given: `HOST:PORT` or a URL).
+/// The services' addresses (as given: `HOST:PORT` or a URL) and the internal token (health
+/// checks need none; the scheduler's and the manager's state do).
 pub struct Addresses {
+    pub internal_token: Option<InternalToken>,
     pub scheduler: String,
     pub registry: String,
     pub backend: String,
@@ -121,8 +124,9 @@ where
 /// Ask all four services at once.
 pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Report {
     let token = token(admin_token_file).ok().filter(|t| !t.is_empty());
+    let internal = addrs.internal_token.as_ref();
     let scheduler = probe("vram-scheduler", &addrs.scheduler, |ch| async move {
-        VramSchedulerClient::new(ch)
+        VramSchedulerClient::new(authenticated(ch, internal))
             .get_status(pb::GetStatusRequest {})
             .await
             .map(|r| r.into_inner())
@@ -130,7 +134,7 @@ pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Re
     });
     let registry = probe("registry", &addrs.registry, |_| async { Ok(()) });
     let backend = probe("backend-manager", &addrs.backend, |ch| async move {
-        BackendManagerClient::new(ch)
+        BackendManagerClient::new(authenticated(ch, internal))
             .list_instances(pb::ListInstancesRequest::default())
             .await
             .map(|r| r.into_inner().instances)

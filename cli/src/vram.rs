@@ -2,9 +2,10 @@
 //! its events.
 
 use clap::Subcommand;
-use securellm_client::connect_to;
+use securellm_client::connect_internal;
 use securellm_client::vram::render_status;
 use securellm_common::format_bytes;
+use securellm_common::internal_auth::InternalToken;
 use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
@@ -20,8 +21,14 @@ pub enum VramAction {
     },
 }
 
-pub async fn run(endpoint: &str, action: Option<VramAction>) -> anyhow::Result<()> {
-    let mut c = VramSchedulerClient::new(connect_to("vram-scheduler", endpoint, None).await?);
+pub async fn run(
+    endpoint: &str,
+    token: &InternalToken,
+    action: Option<VramAction>,
+) -> anyhow::Result<()> {
+    let mut c = VramSchedulerClient::new(
+        connect_internal("vram-scheduler", endpoint, Some(token), None).await?,
+    );
     match action {
         None => {
             let st = c.get_status(pb::GetStatusRequest {}).await?.into_inner();

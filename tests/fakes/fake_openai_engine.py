@@ -18,6 +18,10 @@ as far as the backend manager uses them:
 Unknown flags are refused (exit status 2, like both real CLIs); a memory fraction outside (0, 1] is
 refused (exit status 1).
 
+API key: as the real engines read `--api-key` from the environment (`VLLM_API_KEY` for vLLM,
+`API_KEY` for the TGI launcher), so does the fake; when it is set, every request but `GET /health`
+needs `Authorization: Bearer <key>`, else 401.
+
 Endpoints: GET /health (503 while "loading", then 200), GET /v1/models, POST /v1/chat/completions
 and POST /v1/completions (non-streaming, or `stream: true` as server-sent events ending with
 `data: [DONE]`; with `stream_options.include_usage` every chunk has `"usage": null` and a last
@@ -26,7 +30,7 @@ chunk with `choices: []` carries the usage, as vLLM does). Generated text is `to
 
 Test hooks (environment):
   FAKE_ENGINE_ARGS=FILE    write the argv received (JSON list, program excluded) to FILE.
-  FAKE_ENGINE_ENV=FILE     write {"CUDA_VISIBLE_DEVICES": value or null} to FILE.
+  FAKE_ENGINE_ENV=FILE     write {"CUDA_VISIBLE_DEVICES": value or null, "api_key_set": bool} to FILE.
   FAKE_ENGINE_LOAD_MS=N    answer /health 503 for N ms after start (default 200).
   FAKE_ENGINE_FAIL=MSG     print MSG to stderr and exit 1 at once (a failed start).
   FAKE_ENGINE_TOKEN_MS=N   wait N ms before each streamed token (default 0).
@@ -44,6 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MODE = None  # "vllm" | "tgi"
 OPTS = None
 READY_AT = 0.0
+API_KEY = None
 
 
 def vllm_parser():
@@ -106,7 +111,15 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
+    def authorized(self):
+        if not API_KEY or self.headers.get("authorization") == f"Bearer {API_KEY}":
+            return True
+        self.send_json(401, {"error": "Unauthorized"})
+        return False
+
     def do_GET(self):
+        if self.path != "/health" and not self.authorized():
+            return
         if self.path == "/health":
             if time.monotonic() < READY_AT:
                 self.send_json(503, {"error": "loading"})
@@ -136,6 +149,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         n = int(self.headers.get("content-length") or 0)
+        if not self.authorized():
+            self.rfile.read(n)
+            return
         try:
             b = json.loads(self.rfile.read(n) or b"{}")
         except json.JSONDecodeError as e:
@@ -224,14 +240,16 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
-    global MODE, OPTS, READY_AT
+    global MODE, OPTS, READY_AT, API_KEY
     argv = sys.argv[1:]
+    MODE = "vllm" if argv[:1] == ["serve"] else "tgi"
+    API_KEY = os.environ.get("VLLM_API_KEY" if MODE == "vllm" else "API_KEY") or None
     if os.environ.get("FAKE_ENGINE_ARGS"):
         with open(os.environ["FAKE_ENGINE_ARGS"], "w") as f:
             json.dump(argv, f)
     if os.environ.get("FAKE_ENGINE_ENV"):
         with open(os.environ["FAKE_ENGINE_ENV"], "w") as f:
-            json.dump({"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
+            json.dump({"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "api_key_set": API_KEY is not None}, f)
     if os.environ.get("FAKE_ENGINE_FAIL"):
         print(os.environ["FAKE_ENGINE_FAIL"], file=sys.stderr, flush=True)
         return 1

@@ -6,7 +6,8 @@
 //! (so a chat from an assistant is authenticated, rate-limited and audited like any client's).
 //! A failure (a service down, a timeout, an unknown model, a bad argument) is a tool error whose
 //! text says what went wrong; the server keeps serving. The text the tools return is the text the
-//! `securellm` CLI prints (`securellm_client`).
+//! `securellm` CLI prints (`securellm_client`). Calls to the scheduler, the registry and the
+//! backend manager carry the internal token (read from its file at each call).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,8 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
 use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
-use securellm_client::{admin, connect_to, instances, models, status_text, vram};
+use securellm_client::{admin, connect_internal, connect_to, instances, models, status_text, vram};
+use securellm_common::internal_auth::AuthChannel;
 use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
@@ -43,6 +45,11 @@ pub struct Config {
     pub api_key_file: Option<PathBuf>,
     /// The admin token file for `audit_verify` (see `securellm_client::admin::token`).
     pub admin_token_file: Option<PathBuf>,
+    /// The internal token file for the scheduler, the registry and the backend manager (see
+    /// `securellm_client::internal_token_path`), read at each call (so a token created after the
+    /// MCP server started is found); `None`, or no such file: no token is sent, and services that
+    /// require one refuse the call.
+    pub internal_token_file: Option<PathBuf>,
     /// The limit of a status or catalogue call.
     pub timeout: Duration,
     /// The limit of `load_model`, `unload_model` and `chat` (a load may wait for GPU memory).
@@ -59,6 +66,7 @@ impl Default for Config {
             gateway_http: securellm_client::DEFAULT_GATEWAY_HTTP.into(),
             api_key_file: None,
             admin_token_file: None,
+            internal_token_file: None,
             timeout: Duration::from_secs(5),
             long_timeout: Duration::from_secs(120),
         }
@@ -214,6 +222,20 @@ impl SecureLlmMcp {
         })
     }
 
+    /// A channel to an internal service, its calls carrying the internal token.
+    async fn connect(
+        &self,
+        service: &str,
+        addr: &str,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<AuthChannel> {
+        let token = match &self.cfg.internal_token_file {
+            Some(f) => securellm_client::read_internal_token_if_present(f)?,
+            None => None,
+        };
+        connect_internal(service, addr, token.as_ref(), timeout).await
+    }
+
     fn err(&self, s: tonic::Status, timeout: Duration) -> String {
         status_text(&s, timeout)
     }
@@ -224,7 +246,8 @@ impl SecureLlmMcp {
     )]
     async fn vram_status(&self) -> ToolResult {
         let t = self.cfg.timeout;
-        let ch = connect_to("vram-scheduler", &self.cfg.scheduler, Some(t))
+        let ch = self
+            .connect("vram-scheduler", &self.cfg.scheduler, Some(t))
             .await
             .map_err(|e| e.to_string())?;
         let st = VramSchedulerClient::new(ch)
@@ -241,7 +264,8 @@ impl SecureLlmMcp {
     )]
     async fn list_models(&self) -> ToolResult {
         let t = self.cfg.timeout;
-        let ch = connect_to("registry", &self.cfg.registry, Some(t))
+        let ch = self
+            .connect("registry", &self.cfg.registry, Some(t))
             .await
             .map_err(|e| e.to_string())?;
         models::table(&mut ModelRegistryClient::new(ch))
@@ -256,7 +280,8 @@ impl SecureLlmMcp {
     async fn show_model(&self, Parameters(a): Parameters<ModelName>) -> ToolResult {
         let name = non_empty("name", &a.name)?;
         let t = self.cfg.timeout;
-        let ch = connect_to("registry", &self.cfg.registry, Some(t))
+        let ch = self
+            .connect("registry", &self.cfg.registry, Some(t))
             .await
             .map_err(|e| e.to_string())?;
         models::detail(&mut ModelRegistryClient::new(ch), name)
@@ -270,7 +295,8 @@ impl SecureLlmMcp {
     )]
     async fn loaded_models(&self) -> ToolResult {
         let t = self.cfg.timeout;
-        let ch = connect_to("backend manager", &self.cfg.backend, Some(t))
+        let ch = self
+            .connect("backend manager", &self.cfg.backend, Some(t))
             .await
             .map_err(|e| e.to_string())?;
         let l = BackendManagerClient::new(ch)
@@ -293,7 +319,8 @@ impl SecureLlmMcp {
     async fn load_model(&self, Parameters(a): Parameters<ModelName>) -> ToolResult {
         let name = non_empty("name", &a.name)?;
         let t = self.cfg.long_timeout;
-        let ch = connect_to("backend manager", &self.cfg.backend, Some(t))
+        let ch = self
+            .connect("backend manager", &self.cfg.backend, Some(t))
             .await
             .map_err(|e| e.to_string())?;
         let i = BackendManagerClient::new(ch)
@@ -320,7 +347,8 @@ impl SecureLlmMcp {
     async fn unload_model(&self, Parameters(a): Parameters<ModelName>) -> ToolResult {
         let name = non_empty("name", &a.name)?;
         let t = self.cfg.long_timeout;
-        let ch = connect_to("backend manager", &self.cfg.backend, Some(t))
+        let ch = self
+            .connect("backend manager", &self.cfg.backend, Some(t))
             .await
             .map_err(|e| e.to_string())?;
         let r = BackendManagerClient::new(ch)

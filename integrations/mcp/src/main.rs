@@ -51,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     securellm_common::telemetry::init("warn,securellm_mcp=info");
     securellm_common::tls::install_crypto_provider();
+    let internal_token_file = Some(args.services.internal_token_path());
     let cfg = Config {
         scheduler: args.services.scheduler,
         registry: args.services.registry,
@@ -59,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         gateway_http: args.gateway_http,
         api_key_file: args.api_key_file,
         admin_token_file: args.gateway.admin_token_file,
+        internal_token_file,
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
         long_timeout: Duration::from_millis(args.long_timeout_ms.max(1)),
     };

@@ -511,3 +511,40 @@ async fn http_refuses_a_non_loopback_address() {
     assert!(!out.status.success());
     assert!(err.contains("only a loopback address is allowed"), "{err}");
 }
+
+/// Against services that require the internal token, the tools present the one in
+/// `--internal-token-file`; without it the call is refused and the tool error says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_present_the_internal_token() {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("internal-token");
+    let token = securellm_common::internal_auth::load_or_create(&file).unwrap();
+    let s = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
+        listen: "127.0.0.1:0".into(),
+        inventory: vram_scheduler::config::InventoryMode::Simulated,
+        simulate_gpus: vec![securellm_common::ByteSize(1 << 30)],
+        internal_token: Some(token),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addr = s.addr.to_string();
+    let with = flags(&[
+        ("scheduler", &addr),
+        ("internal-token-file", file.to_str().unwrap()),
+    ]);
+    let c = stdio_client(home.path(), &with).await;
+    let text = ok(&c, "vram_status", json!({})).await;
+    assert!(text.contains("simulated"), "{text}");
+    let without = flags(&[
+        ("scheduler", &addr),
+        ("internal-token-file", "/nonexistent/internal-token"),
+    ]);
+    let c = stdio_client(home.path(), &without).await;
+    let text = tool_error(&c, "vram_status", json!({})).await;
+    assert!(
+        text.contains("Unauthenticated") && text.contains("internal token"),
+        "{text}"
+    );
+    s.shutdown().await;
+}

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use securellm_common::config::ConfigError;
+use securellm_common::internal_auth::{self, InternalToken};
 use serde::Deserialize;
 
 /// Settings an instance runs with; every field optional so layers can be merged
@@ -133,6 +134,13 @@ pub struct BackendConfig {
     /// `[backend.tgi]`: serve safetensors folders with Text Generation Inference. Absent: not
     /// configured.
     pub tgi: Option<EngineConfig>,
+    /// The internal token file (default `<data dir>/internal-token`).
+    pub internal_token_file: Option<PathBuf>,
+    /// The token every call to this service must carry (health checks excepted) and that its calls
+    /// to the scheduler and the registry carry; read or created by `resolve`. `None` = open: only
+    /// in-process tests start a manager that way.
+    #[serde(skip)]
+    pub internal_token: Option<InternalToken>,
 }
 
 /// `[backend.ollama]`.
@@ -213,6 +221,8 @@ impl Default for BackendConfig {
             ollama: None,
             vllm: None,
             tgi: None,
+            internal_token_file: None,
+            internal_token: None,
         }
     }
 }
@@ -245,6 +255,11 @@ pub struct Args {
     /// Lease TTL (ms); the manager renews at a third of it.
     #[arg(long)]
     pub lease_ttl_ms: Option<u64>,
+    /// The internal token: every caller must present it, and the manager presents it to the
+    /// scheduler and the registry (created with a random value if missing; default
+    /// <data dir>/internal-token).
+    #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
+    pub internal_token_file: Option<PathBuf>,
 }
 
 impl BackendConfig {
@@ -287,6 +302,14 @@ impl BackendConfig {
             return Err(field("threads", "must be at least 1".into()));
         }
         c.validate_backends().map_err(|(f, m)| field(&f, m))?;
+        if let Some(v) = &args.internal_token_file {
+            c.internal_token_file = Some(v.clone());
+        }
+        c.internal_token = Some(internal_auth::for_service(
+            c.internal_token_file.as_deref(),
+            c.data_dir.as_deref(),
+            "backend",
+        )?);
         Ok(c)
     }
 

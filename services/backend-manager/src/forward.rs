@@ -4,6 +4,8 @@
 //! `stream_options.include_usage`; everything else passes through. Responses come back byte for
 //! byte. Streams are parsed as server-sent events and relayed one `data:` payload at a time, never
 //! buffered. Dropping the returned future or stream drops the upstream request, which cancels it.
+//! The engine's per-instance API key, when it has one, goes with every request as
+//! `Authorization: Bearer`.
 
 use std::time::Duration;
 
@@ -188,17 +190,31 @@ pub struct Answer {
     pub usage: Option<Usage>,
 }
 
+/// `POST base+path` with the engine's API key, if any.
+fn request(
+    http: &reqwest::Client,
+    base: &str,
+    api_key: Option<&str>,
+    endpoint: Endpoint,
+) -> reqwest::RequestBuilder {
+    let req = http.post(format!("{base}{}", endpoint.path()));
+    match api_key {
+        Some(k) => req.bearer_auth(k),
+        None => req,
+    }
+}
+
 /// POST and wait for the whole answer.
 pub async fn post(
     http: &reqwest::Client,
     base: &str,
+    api_key: Option<&str>,
     endpoint: Endpoint,
     body: Bytes,
     request_id: &str,
     timeout: Option<Duration>,
 ) -> Result<Answer, ForwardError> {
-    let mut req = http
-        .post(format!("{base}{}", endpoint.path()))
+    let mut req = request(http, base, api_key, endpoint)
         .header("content-type", "application/json")
         .header("x-request-id", request_id)
         .body(body);
@@ -231,13 +247,13 @@ pub struct StreamAnswer {
 pub async fn post_stream(
     http: &reqwest::Client,
     base: &str,
+    api_key: Option<&str>,
     endpoint: Endpoint,
     body: Bytes,
     request_id: &str,
     first_byte_timeout: Option<Duration>,
 ) -> Result<StreamAnswer, ForwardError> {
-    let req = http
-        .post(format!("{base}{}", endpoint.path()))
+    let req = request(http, base, api_key, endpoint)
         .header("content-type", "application/json")
         .header("accept", "text/event-stream")
         .header("x-request-id", request_id)

@@ -163,7 +163,7 @@ impl BackendService {
         let http = self.manager.shared.http.clone();
         let mut abort = t.abort.clone();
         let answer = tokio::select! {
-            a = forward::post(&http, &t.endpoint, endpoint, body, &rid, Some(timeout)) => match a {
+            a = forward::post(&http, &t.endpoint, t.api_key.as_deref(), endpoint, body, &rid, Some(timeout)) => match a {
                 Ok(a) => a,
                 Err(e) => return Err(upstream_failure(e, &t).await),
             },
@@ -309,7 +309,7 @@ impl PendingStream {
         let first = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let mut abort = t.abort.clone();
         let answer = tokio::select! {
-            a = forward::post_stream(&http, &t.endpoint, endpoint, body, &rid, Some(first)) => match a {
+            a = forward::post_stream(&http, &t.endpoint, t.api_key.as_deref(), endpoint, body, &rid, Some(first)) => match a {
                 Ok(a) => a,
                 Err(e) => return Err(upstream_failure(e, &t).await),
             },

@@ -21,13 +21,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use securellm_common::internal_auth::AuthChannel;
 use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::backend::{Backend, Backends, Measured, StartSpec, Started};
 use crate::config::{BackendConfig, Effective};
@@ -38,8 +38,8 @@ pub struct Shared {
     /// Every configured backend; each instance holds the one chosen for its model.
     pub backends: Backends,
     pub http: reqwest::Client,
-    pub scheduler: VramSchedulerClient<Channel>,
-    pub registry: ModelRegistryClient<Channel>,
+    pub scheduler: VramSchedulerClient<AuthChannel>,
+    pub registry: ModelRegistryClient<AuthChannel>,
     pub events: broadcast::Sender<pb::InstanceEvent>,
 }
 
@@ -86,6 +86,8 @@ pub enum State {
 /// Permission to send one request to the upstream. Dropping it ends the request's accounting.
 pub struct Ticket {
     pub endpoint: String,
+    /// The engine's per-instance API key, sent with the request (never logged).
+    pub api_key: Option<Arc<str>>,
     pub model_id: String,
     pub served_name: String,
     pub instance_id: String,
@@ -706,6 +708,7 @@ impl Actor {
         let started = self.started.as_ref();
         Ticket {
             endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
+            api_key: started.and_then(|s| s.api_key.clone()),
             model_id: self.model.id.clone(),
             served_name: started
                 .map(|s| s.served_name.clone())

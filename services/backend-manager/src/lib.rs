@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use securellm_common::internal_auth::{self, AuthChannel};
 use securellm_common::serve;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
@@ -65,16 +66,21 @@ impl RunningManager {
     }
 }
 
-fn lazy_channel(addr: &str) -> Result<tonic::transport::Channel, StartError> {
+/// A channel to `addr` whose calls carry the internal token.
+fn lazy_channel(addr: &str, cfg: &BackendConfig) -> Result<AuthChannel, StartError> {
     let url = grpc_url(addr);
-    Ok(Endpoint::from_shared(url.clone())
+    let channel = Endpoint::from_shared(url.clone())
         .map_err(|e| StartError::Address {
             addr: url,
             message: e.to_string(),
         })?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
-        .connect_lazy())
+        .connect_lazy();
+    Ok(internal_auth::authenticated(
+        channel,
+        cfg.internal_token.as_ref(),
+    ))
 }
 
 /// Start the manager with the llama.cpp backend and the Ollama / vLLM / TGI backends configured.
@@ -106,8 +112,8 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
         cfg: cfg.clone(),
         backends,
         http,
-        scheduler: VramSchedulerClient::new(lazy_channel(&cfg.scheduler)?),
-        registry: ModelRegistryClient::new(lazy_channel(&cfg.registry)?),
+        scheduler: VramSchedulerClient::new(lazy_channel(&cfg.scheduler, cfg)?),
+        registry: ModelRegistryClient::new(lazy_channel(&cfg.registry, cfg)?),
         events,
     });
     let manager = Manager::new(shared);
@@ -118,6 +124,10 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(internal_auth::require(
+                cfg.internal_token.as_ref(),
+                "backend-manager",
+            ))
             .add_service(health)
             .add_service(serve::reflection_v1()?)
             .add_service(serve::reflection_v1alpha()?)

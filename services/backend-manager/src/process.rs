@@ -20,11 +20,23 @@ use tokio::sync::{mpsc, watch};
 const TAIL_LINES: usize = 40;
 
 /// What to run.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ChildSpec {
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// Added to the manager's environment (may hold the engine's API key: `Debug` shows only the
+    /// names).
     pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ChildSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSpec")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// How a child ended.

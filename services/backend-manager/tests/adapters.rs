@@ -577,6 +577,17 @@ fn recorded(dir: &Path) -> (Vec<String>, Value) {
     (argv, env)
 }
 
+/// A request straight to the engine's loopback port, without the manager's key: 401.
+async fn refused_without_the_key(port: u32) {
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "hf-model", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
+
 fn flag<'a>(argv: &'a [String], name: &str) -> &'a str {
     let i = argv
         .iter()
@@ -647,6 +658,11 @@ async fn vllm_is_spawned_with_its_memory_bounded_to_the_lease_and_a_crash_is_not
         env["CUDA_VISIBLE_DEVICES"], "",
         "simulated GPU: no GPU visible"
     );
+    // The engine got a key of its own (in its environment, not on its command line), the manager
+    // sends it, and nobody else gets in without it.
+    assert_eq!(env["api_key_set"], true, "{env}");
+    assert!(!argv.iter().any(|a| a == "--api-key"), "{argv:?}");
+    refused_without_the_key(i.port).await;
 
     // The engine dies mid-request: noticed at once, the request fails with ABORTED, FAILED,
     // lease released; the next request restarts it.
@@ -742,6 +758,8 @@ async fn tgi_is_spawned_with_a_cuda_memory_fraction_equal_to_lease_over_total() 
     assert!(flag(&argv, "--shard-uds-path").ends_with(&format!("securellm-tgi-{}", i.port)));
     assert_ne!(flag(&argv, "--master-port"), "29500");
     assert_eq!(env["CUDA_VISIBLE_DEVICES"], "");
+    assert_eq!(env["api_key_set"], true, "{env}");
+    refused_without_the_key(i.port).await;
 
     // Completions work too.
     let r = s

@@ -1,15 +1,19 @@
 //! The backend manager with real parts: the real llama-server (`LLAMA_SERVER`, or the binary
 //! `scripts/install-llama-server.sh` builds), the real scheduler and registry over loopback gRPC,
-//! generated tiny GGUF models in temporary directories.
+//! generated tiny GGUF models in temporary directories. The services require the internal token
+//! (one per test, in its temporary directory), so every call the manager makes to the scheduler and
+//! the registry shows it presents the token; the tests' own clients present it too.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use backend_manager::config::{BackendConfig, ModelSettings};
+use securellm_common::internal_auth::{AuthChannel, InternalToken, authenticated};
 use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
+use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
@@ -17,6 +21,21 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
+
+/// A channel to `addr` whose calls carry `token`.
+async fn connect(addr: impl std::fmt::Display, token: &InternalToken) -> AuthChannel {
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    authenticated(ch, Some(token))
+}
+
+/// The internal token of a test, in the file `<dir>/internal-token` (for the binaries).
+fn test_token(dir: &Path) -> InternalToken {
+    securellm_common::internal_auth::load_or_create(&dir.join("internal-token")).unwrap()
+}
 
 /// The llama-server binary: `$LLAMA_SERVER`, else the installer's cached build.
 fn llama_server() -> PathBuf {
@@ -47,9 +66,10 @@ struct Stack {
     scheduler: vram_scheduler::RunningScheduler,
     _registry: registry::RunningRegistry,
     manager: backend_manager::RunningManager,
-    client: BackendManagerClient<Channel>,
-    sched: VramSchedulerClient<Channel>,
+    client: BackendManagerClient<AuthChannel>,
+    sched: VramSchedulerClient<AuthChannel>,
     cfg: BackendConfig,
+    token: InternalToken,
 }
 
 fn tiny(name: &str, seed: u64) -> TinyLlamaOptions {
@@ -66,11 +86,13 @@ async fn stack(gpu: u64, grace_ms: u64, tweak: impl FnOnce(&mut BackendConfig)) 
     std::fs::create_dir_all(&models).unwrap();
     write_tiny_llama(models.join("tiny.gguf"), &tiny("tiny", 1)).unwrap();
     write_tiny_llama(models.join("other.gguf"), &tiny("other", 2)).unwrap();
+    let token = test_token(dir.path());
     let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
         listen: "127.0.0.1:0".into(),
         inventory: vram_scheduler::config::InventoryMode::Simulated,
         simulate_gpus: vec![securellm_common::ByteSize(gpu)],
         eviction_grace_ms: grace_ms,
+        internal_token: Some(token.clone()),
         ..Default::default()
     })
     .await
@@ -79,6 +101,7 @@ async fn stack(gpu: u64, grace_ms: u64, tweak: impl FnOnce(&mut BackendConfig)) 
         registry: registry::config::RegistrySection {
             listen: "127.0.0.1:0".into(),
             watch: false,
+            internal_token: Some(token.clone()),
             ..Default::default()
         },
         roots: vec![models.clone()],
@@ -99,16 +122,13 @@ async fn stack(gpu: u64, grace_ms: u64, tweak: impl FnOnce(&mut BackendConfig)) 
             idle_ttl_ms: Some(0),
             ..Default::default()
         },
+        internal_token: Some(token.clone()),
         ..BackendConfig::default()
     };
     tweak(&mut cfg);
     let manager = backend_manager::start(&cfg).await.unwrap();
-    let client = BackendManagerClient::connect(format!("http://{}", manager.addr))
-        .await
-        .unwrap();
-    let sched = VramSchedulerClient::connect(format!("http://{}", scheduler.addr))
-        .await
-        .unwrap();
+    let client = BackendManagerClient::new(connect(manager.addr, &token).await);
+    let sched = VramSchedulerClient::new(connect(scheduler.addr, &token).await);
     Stack {
         _dir: dir,
         models,
@@ -118,6 +138,7 @@ async fn stack(gpu: u64, grace_ms: u64, tweak: impl FnOnce(&mut BackendConfig)) 
         client,
         sched,
         cfg,
+        token,
     }
 }
 
@@ -134,7 +155,7 @@ fn chat(model: &str, max_tokens: u32) -> pb::InferenceRequest {
     }
 }
 
-async fn leases(s: &mut VramSchedulerClient<Channel>) -> Vec<pb::Lease> {
+async fn leases(s: &mut VramSchedulerClient<AuthChannel>) -> Vec<pb::Lease> {
     s.get_status(pb::GetStatusRequest {})
         .await
         .unwrap()
@@ -142,7 +163,7 @@ async fn leases(s: &mut VramSchedulerClient<Channel>) -> Vec<pb::Lease> {
         .leases
 }
 
-async fn instance(c: &mut BackendManagerClient<Channel>, model: &str) -> pb::BackendInstance {
+async fn instance(c: &mut BackendManagerClient<AuthChannel>, model: &str) -> pb::BackendInstance {
     let l = c
         .list_instances(pb::ListInstancesRequest {
             model: model.into(),
@@ -158,7 +179,7 @@ async fn instance(c: &mut BackendManagerClient<Channel>, model: &str) -> pb::Bac
 }
 
 async fn wait_for<F: Fn(&pb::BackendInstance) -> bool>(
-    c: &mut BackendManagerClient<Channel>,
+    c: &mut BackendManagerClient<AuthChannel>,
     model: &str,
     f: F,
 ) -> pb::BackendInstance {
@@ -453,11 +474,7 @@ async fn bad_input_gets_clear_errors_and_leaks_nothing() {
     )
     .unwrap();
     w.write_file(s.models.join("weird.gguf")).unwrap();
-    let mut reg = securellm_proto::v1::model_registry_client::ModelRegistryClient::connect(
-        format!("http://{}", s._registry.addr),
-    )
-    .await
-    .unwrap();
+    let mut reg = ModelRegistryClient::new(connect(s._registry.addr, &s.token).await);
     let mut r = reg
         .rescan(pb::RescanRequest::default())
         .await
@@ -491,11 +508,7 @@ async fn two_models_that_do_not_fit_together_wait_or_evict_by_priority() {
     s.client.chat(chat("tiny", 2)).await.unwrap();
     // Leave room for half of "other" only: it cannot load beside "tiny", but can once "tiny" is
     // evicted.
-    let mut reg = securellm_proto::v1::model_registry_client::ModelRegistryClient::connect(
-        format!("http://{}", s._registry.addr),
-    )
-    .await
-    .unwrap();
+    let mut reg = ModelRegistryClient::new(connect(s._registry.addr, &s.token).await);
     let need = reg
         .estimate(pb::EstimateRequest {
             model: "other".into(),
@@ -558,6 +571,8 @@ async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
             "--scheduler",
             &s.scheduler.addr.to_string(),
         ])
+        .arg("--internal-token-file")
+        .arg(s._dir.path().join("internal-token"))
         .args(["--registry", &s._registry.addr.to_string()])
         .arg("--llama-server")
         .arg(llama_server())
@@ -572,9 +587,7 @@ async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
         .strip_prefix("ready backend-manager grpc=")
         .unwrap()
         .to_string();
-    let mut c = BackendManagerClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut c = BackendManagerClient::new(connect(&addr, &s.token).await);
     c.chat(chat("tiny", 2)).await.unwrap();
     let pid = instance(&mut c, "tiny").await.pid;
     assert!(Path::new(&format!("/proc/{pid}")).exists());
@@ -606,10 +619,16 @@ fn scheduler_binary() -> PathBuf {
     p
 }
 
-async fn spawn_scheduler(listen: &str, data_dir: &Path) -> (tokio::process::Child, String) {
+async fn spawn_scheduler(
+    listen: &str,
+    data_dir: &Path,
+    token_file: &Path,
+) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(scheduler_binary())
         .args(["--listen", listen, "--simulate-gpu", "1GiB", "--data-dir"])
         .arg(data_dir)
+        .arg("--internal-token-file")
+        .arg(token_file)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -635,11 +654,15 @@ async fn after_a_scheduler_restart_the_manager_reattaches_and_nothing_is_double_
     std::fs::create_dir_all(&models).unwrap();
     write_tiny_llama(models.join("tiny.gguf"), &tiny("tiny", 1)).unwrap();
     // A real scheduler process (so that killing it really drops every connection).
-    let (mut sched_proc, addr) = spawn_scheduler("127.0.0.1:0", &dir.path().join("sched-a")).await;
+    let token = test_token(dir.path());
+    let token_file = dir.path().join("internal-token");
+    let (mut sched_proc, addr) =
+        spawn_scheduler("127.0.0.1:0", &dir.path().join("sched-a"), &token_file).await;
     let reg = registry::start(&registry::config::RegistryConfig {
         registry: registry::config::RegistrySection {
             listen: "127.0.0.1:0".into(),
             watch: false,
+            internal_token: Some(token.clone()),
             ..Default::default()
         },
         roots: vec![models.clone()],
@@ -659,27 +682,22 @@ async fn after_a_scheduler_restart_the_manager_reattaches_and_nothing_is_double_
             idle_ttl_ms: Some(0),
             ..Default::default()
         },
+        internal_token: Some(token.clone()),
         ..BackendConfig::default()
     })
     .await
     .unwrap();
-    let mut client = BackendManagerClient::connect(format!("http://{}", manager.addr))
-        .await
-        .unwrap();
+    let mut client = BackendManagerClient::new(connect(manager.addr, &token).await);
     client.chat(chat("tiny", 2)).await.unwrap();
-    let mut c = VramSchedulerClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut c = VramSchedulerClient::new(connect(&addr, &token).await);
     let before = leases(&mut c).await;
     assert_eq!(before.len(), 1);
     // kill -9 the scheduler and start a fresh one on the same port with an empty data dir: it
     // knows nothing of the lease.
     sched_proc.start_kill().unwrap();
     sched_proc.wait().await.unwrap();
-    let (_sched2, _) = spawn_scheduler(&addr, &dir.path().join("sched-b")).await;
-    let mut c = VramSchedulerClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let (_sched2, _) = spawn_scheduler(&addr, &dir.path().join("sched-b"), &token_file).await;
+    let mut c = VramSchedulerClient::new(connect(&addr, &token).await);
     let mut after = Vec::new();
     for _ in 0..100 {
         after = leases(&mut c).await;
@@ -926,4 +944,93 @@ async fn start_of(
             (None, None) => panic!("data before start"),
         }
     }
+}
+
+/// Nobody walks around the gateway: the manager refuses every call without the internal token (and
+/// loads nothing for it), and its llama-server child refuses requests without the child's own API
+/// key, which is in the child's environment, never on its command line.
+#[tokio::test]
+async fn callers_without_the_token_or_the_childs_key_are_refused() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    let ch = Channel::from_shared(format!("http://{}", s.manager.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let wrong = InternalToken::generate();
+    for (what, t) in [("no token", None), ("a wrong token", Some(&wrong))] {
+        let mut c = BackendManagerClient::new(authenticated(ch.clone(), t));
+        let e = c.chat(chat("tiny", 2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        let e = c.chat_stream(chat("tiny", 2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        let e = c
+            .load(pb::LoadRequest {
+                model: "tiny".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        let e = c
+            .list_instances(pb::ListInstancesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+    }
+    assert!(
+        leases(&mut s.sched).await.is_empty(),
+        "nothing was loaded for the refused calls"
+    );
+
+    // With the token the model loads; its child wants a key of its own.
+    s.client.chat(chat("tiny", 2)).await.unwrap();
+    let i = instance(&mut s.client, "tiny").await;
+    let base = format!("http://127.0.0.1:{}", i.port);
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2
+    });
+    let post = |path: &str, key: Option<&str>| {
+        let r = http.post(format!("{base}{path}")).json(&body);
+        match key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    };
+    for (what, key) in [
+        ("no key", None),
+        ("a wrong key", Some(wrong.expose())),
+        ("the internal token", Some(s.token.expose())),
+    ] {
+        for path in ["/v1/chat/completions", "/completion", "/slots"] {
+            let r = post(path, key).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 401, "{path} with {what}");
+        }
+    }
+    let r = http.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "health checks stay open");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", i.pid)).unwrap();
+    let environ = std::fs::read(format!("/proc/{}/environ", i.pid)).unwrap();
+    let key = environ
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(b"LLAMA_API_KEY="))
+        .map(|k| String::from_utf8(k.to_vec()).unwrap())
+        .expect("the key is in the child's environment");
+    assert_eq!(key.len(), 64);
+    assert!(
+        !cmdline.windows(key.len()).any(|w| w == key.as_bytes()),
+        "the key is not on the command line (every local user can read it)"
+    );
+    let r = post("/v1/chat/completions", Some(&key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "the child's own key is the one it checks"
+    );
 }

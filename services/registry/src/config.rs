@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use securellm_common::ByteSize;
 use securellm_common::config::ConfigError;
+use securellm_common::internal_auth::{self, InternalToken};
 use serde::Deserialize;
 
 /// `[registry]` in the config file.
@@ -24,6 +25,12 @@ pub struct RegistrySection {
     pub watch_debounce_ms: u64,
     /// Fixed GPU runtime overhead added to estimates (CUDA context etc.).
     pub runtime_overhead: ByteSize,
+    /// The internal token file (default `<data dir>/internal-token`).
+    pub internal_token_file: Option<PathBuf>,
+    /// The token every call must carry (health checks excepted), read or created by `resolve`.
+    /// `None` = open: only in-process tests start a registry that way.
+    #[serde(skip)]
+    pub internal_token: Option<InternalToken>,
 }
 
 impl Default for RegistrySection {
@@ -34,6 +41,8 @@ impl Default for RegistrySection {
             watch: true,
             watch_debounce_ms: 300,
             runtime_overhead: ByteSize(0),
+            internal_token_file: None,
+            internal_token: None,
         }
     }
 }
@@ -66,6 +75,10 @@ pub struct Args {
     /// Do not watch the roots for changes.
     #[arg(long)]
     pub no_watch: bool,
+    /// The internal token every caller must present (created with a random value if missing;
+    /// default <data dir>/internal-token).
+    #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
+    pub internal_token_file: Option<PathBuf>,
 }
 
 /// Everything the registry needs, resolved.
@@ -117,6 +130,14 @@ impl RegistryConfig {
                 });
             }
         }
+        if let Some(v) = &args.internal_token_file {
+            registry.internal_token_file = Some(v.clone());
+        }
+        registry.internal_token = Some(internal_auth::for_service(
+            registry.internal_token_file.as_deref(),
+            Some(&data_dir),
+            "registry",
+        )?);
         Ok(Self {
             registry,
             roots,

@@ -118,6 +118,10 @@ pub async fn start(cfg: &RegistryConfig) -> Result<RunningRegistry, StartError> 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(securellm_common::internal_auth::require(
+                cfg.registry.internal_token.as_ref(),
+                "registry",
+            ))
             .add_service(health)
             .add_service(serve::reflection_v1()?)
             .add_service(serve::reflection_v1alpha()?)

@@ -915,3 +915,52 @@ async fn names_that_are_not_utf8_are_reported_and_skipped() {
         pb::ModelStatus::Incomplete as i32
     );
 }
+
+/// With an internal token configured, every call without it (or with another one) is refused
+/// before it reaches the catalogue; health checks stay open; the token works.
+#[tokio::test]
+async fn calls_without_the_internal_token_are_refused() {
+    use securellm_common::internal_auth::{InternalToken, authenticated};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    std::fs::create_dir_all(&root).unwrap();
+    write_tiny_llama(root.join("a.gguf"), &tiny("a")).unwrap();
+    let token = InternalToken::generate();
+    let mut cfg = config(vec![root], &dir.path().join("data"), BTreeMap::new());
+    cfg.registry.internal_token = Some(token.clone());
+    let r = registry::start(&cfg).await.unwrap();
+    let ch = Channel::from_shared(format!("http://{}", r.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let wrong = InternalToken::generate();
+    for (what, t) in [("no token", None), ("a wrong token", Some(&wrong))] {
+        let mut c = ModelRegistryClient::new(authenticated(ch.clone(), t));
+        let e = c
+            .list_models(pb::ListModelsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        let e = c.rescan(pb::RescanRequest::default()).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+    }
+    let h = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let models = ModelRegistryClient::new(authenticated(ch, Some(&token)))
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    by_name(&models, "a");
+    r.shutdown().await;
+}

@@ -25,8 +25,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use securellm_common::internal_auth::AuthChannel;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
-use tonic::transport::Channel;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -46,7 +46,7 @@ pub struct AppState {
     pub clouds: Vec<crate::cloud::Cloud>,
     pub redactor: crate::redact::Redactor,
     pub local: Local,
-    pub registry: ModelRegistryClient<Channel>,
+    pub registry: ModelRegistryClient<AuthChannel>,
     pub audit: AuditLog,
     pub limits: RateLimiter,
     /// Requests in progress per key and per address (checked before the body is read).

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use securellm_common::ByteSize;
 use securellm_common::config::ConfigError;
+use securellm_common::internal_auth::{self, InternalToken};
 use serde::Deserialize;
 
 /// `[gateway]` in the config file.
@@ -61,6 +62,12 @@ pub struct GatewayConfig {
     /// The admin token for the GatewayAdmin gRPC service (created with a random value if missing);
     /// default `<data-dir>/admin-token`.
     pub admin_token_file: Option<PathBuf>,
+    /// The internal token file (default `<data-dir>/internal-token`): the gateway presents the
+    /// token to the backend manager and the registry.
+    pub internal_token_file: Option<PathBuf>,
+    /// That token, read or created by `resolve`; `None`: none is sent (in-process tests).
+    #[serde(skip)]
+    pub internal_token: Option<InternalToken>,
     /// JWT bearer tokens (`[gateway.jwt]`); absent = API keys only.
     pub jwt: Option<crate::jwt::JwtConfig>,
     /// Cloud upstreams by name (`[gateway.upstreams.<name>]`).
@@ -95,6 +102,8 @@ impl Default for GatewayConfig {
             worker_threads: 0,
             bootstrap_key_file: None,
             admin_token_file: None,
+            internal_token_file: None,
+            internal_token: None,
             jwt: None,
             upstreams: Default::default(),
             redact_patterns: Default::default(),
@@ -142,6 +151,10 @@ pub struct Args {
     /// Async worker threads (0 = one per CPU core).
     #[arg(long, env = "SECURELLM_GATEWAY_WORKER_THREADS")]
     pub worker_threads: Option<u32>,
+    /// The internal token presented to the backend manager and the registry (created with a
+    /// random value if missing; default <data dir>/internal-token).
+    #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
+    pub internal_token_file: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -203,6 +216,14 @@ impl GatewayConfig {
                 message: "must be at least 1000".into(),
             });
         }
+        if let Some(v) = &args.internal_token_file {
+            c.internal_token_file = Some(v.clone());
+        }
+        c.internal_token = Some(internal_auth::for_service(
+            c.internal_token_file.as_deref(),
+            c.data_dir.as_deref(),
+            "gateway",
+        )?);
         Ok(c)
     }
 }

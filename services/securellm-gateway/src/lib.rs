@@ -109,16 +109,24 @@ impl RunningGateway {
     }
 }
 
-fn channel(addr: &str) -> Result<tonic::transport::Channel, StartError> {
+/// A channel to an internal service whose calls carry the internal token.
+fn channel(
+    addr: &str,
+    cfg: &GatewayConfig,
+) -> Result<securellm_common::internal_auth::AuthChannel, StartError> {
     let url = if addr.starts_with("http") {
         addr.to_string()
     } else {
         format!("http://{addr}")
     };
-    Ok(tonic::transport::Endpoint::from_shared(url.clone())
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .map_err(|_| StartError::Address(url))?
         .tcp_nodelay(true)
-        .connect_lazy())
+        .connect_lazy();
+    Ok(securellm_common::internal_auth::authenticated(
+        channel,
+        cfg.internal_token.as_ref(),
+    ))
 }
 
 /// Open the key store and audit log, then serve HTTP and gRPC.
@@ -174,9 +182,10 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         jwt,
         clouds,
         redactor,
-        local: upstream::Local::new(channel(&cfg.backend)?),
+        local: upstream::Local::new(channel(&cfg.backend, cfg)?),
         registry: securellm_proto::v1::model_registry_client::ModelRegistryClient::new(channel(
             &cfg.registry,
+            cfg,
         )?),
         audit,
         limits: ratelimit::RateLimiter::new(),

@@ -6,9 +6,9 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use securellm_common::internal_auth::AuthChannel;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
-use tonic::transport::Channel;
 
 use crate::error::{ApiError, from_status};
 
@@ -73,7 +73,7 @@ pub enum StreamAnswer {
 /// The backend manager.
 #[derive(Clone)]
 pub struct Local {
-    client: BackendManagerClient<Channel>,
+    client: BackendManagerClient<AuthChannel>,
 }
 
 fn usage_of(u: Option<pb::TokenUsage>) -> Usage {
@@ -85,7 +85,8 @@ fn usage_of(u: Option<pb::TokenUsage>) -> Usage {
 }
 
 impl Local {
-    pub fn new(channel: Channel) -> Self {
+    /// The manager over `channel`, whose calls carry the internal token.
+    pub fn new(channel: AuthChannel) -> Self {
         Self {
             client: BackendManagerClient::new(channel),
         }

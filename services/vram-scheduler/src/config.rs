@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use securellm_common::ByteSize;
+use securellm_common::internal_auth::{self, InternalToken};
 use serde::Deserialize;
 
 use crate::table::Limits;
@@ -43,6 +44,12 @@ pub struct SchedulerConfig {
     /// How long those current requests get to finish.
     pub busy_drain_ms: u64,
     pub persist_interval_ms: u64,
+    /// The internal token file (default `<data dir>/internal-token`).
+    pub internal_token_file: Option<PathBuf>,
+    /// The token every call must carry (health checks excepted), read or created by `resolve`.
+    /// `None` = open: only in-process tests start a scheduler that way.
+    #[serde(skip)]
+    pub internal_token: Option<InternalToken>,
 }
 
 impl Default for SchedulerConfig {
@@ -61,6 +68,8 @@ impl Default for SchedulerConfig {
             preempt_busy_after_ms: l.preempt_busy_after_ms,
             busy_drain_ms: l.busy_drain_ms,
             persist_interval_ms: 100,
+            internal_token_file: None,
+            internal_token: None,
         }
     }
 }
@@ -100,6 +109,10 @@ pub struct Args {
     /// How often NVML is read.
     #[arg(long)]
     pub refresh_interval_ms: Option<u64>,
+    /// The internal token every caller must present (created with a random value if missing;
+    /// default <data dir>/internal-token).
+    #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
+    pub internal_token_file: Option<PathBuf>,
 }
 
 impl SchedulerConfig {
@@ -137,7 +150,15 @@ impl SchedulerConfig {
         if let Some(v) = args.refresh_interval_ms {
             c.refresh_interval_ms = v;
         }
+        if let Some(v) = &args.internal_token_file {
+            c.internal_token_file = Some(v.clone());
+        }
         c.validate()?;
+        c.internal_token = Some(internal_auth::for_service(
+            c.internal_token_file.as_deref(),
+            c.data_dir.as_deref(),
+            "scheduler",
+        )?);
         Ok(c)
     }
 

@@ -186,6 +186,10 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(securellm_common::internal_auth::require(
+                cfg.internal_token.as_ref(),
+                "vram-scheduler",
+            ))
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_alpha)

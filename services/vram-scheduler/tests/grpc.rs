@@ -1,9 +1,10 @@
 //! The real scheduler over real gRPC on loopback: in-process servers for most behaviours, the
-//! built binary for restart / re-attach and reflection.
+//! built binary for restart / re-attach, reflection and the internal token.
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use securellm_common::internal_auth::{AuthChannel, InternalToken, authenticated};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::acquire_lease_update::Update;
 use securellm_proto::v1::lease_event::Kind;
@@ -34,15 +35,17 @@ async fn start(
     grace_ms: u64,
 ) -> (
     vram_scheduler::RunningScheduler,
-    VramSchedulerClient<Channel>,
+    VramSchedulerClient<AuthChannel>,
 ) {
     let s = vram_scheduler::start(&config(sizes, grace_ms))
         .await
         .unwrap();
-    let c = VramSchedulerClient::connect(format!("http://{}", s.addr))
+    let ch = Channel::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
-    (s, c)
+    (s, VramSchedulerClient::new(authenticated(ch, None)))
 }
 
 fn acq(holder: &str, bytes: u64, priority: i32, wait_ms: u64) -> pb::AcquireLeaseRequest {
@@ -58,7 +61,7 @@ fn acq(holder: &str, bytes: u64, priority: i32, wait_ms: u64) -> pb::AcquireLeas
 }
 
 /// Acquire and wait for the grant.
-async fn lease(c: &mut VramSchedulerClient<Channel>, r: pb::AcquireLeaseRequest) -> pb::Lease {
+async fn lease(c: &mut VramSchedulerClient<AuthChannel>, r: pb::AcquireLeaseRequest) -> pb::Lease {
     let mut s = c.acquire_lease(r).await.unwrap().into_inner();
     while let Some(u) = s.next().await {
         if let Update::Granted(l) = u.unwrap().update.unwrap() {
@@ -449,10 +452,12 @@ async fn simulated_foreign_usage_is_settable_and_not_grantable() {
     assert_eq!(e.code(), Code::NotFound);
 }
 
-/// A scheduler binary as a child process.
+/// A scheduler binary as a child process, and the internal token it created in its data
+/// directory.
 struct Binary {
     child: tokio::process::Child,
     addr: String,
+    token: InternalToken,
 }
 
 async fn spawn_binary(data_dir: &std::path::Path) -> Binary {
@@ -465,6 +470,7 @@ async fn spawn_binary(data_dir: &std::path::Path) -> Binary {
             "--data-dir",
         ])
         .arg(data_dir)
+        .env_remove(securellm_common::internal_auth::TOKEN_FILE_ENV)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -480,14 +486,21 @@ async fn spawn_binary(data_dir: &std::path::Path) -> Binary {
         .strip_prefix("ready vram-scheduler grpc=")
         .expect(&line)
         .to_string();
-    Binary { child, addr }
+    let token = securellm_common::internal_auth::load(&data_dir.join("internal-token")).unwrap();
+    Binary { child, addr, token }
 }
 
 impl Binary {
-    async fn client(&self) -> VramSchedulerClient<Channel> {
-        VramSchedulerClient::connect(format!("http://{}", self.addr))
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
             .await
             .unwrap()
+    }
+
+    async fn client(&self) -> VramSchedulerClient<AuthChannel> {
+        VramSchedulerClient::new(authenticated(self.channel().await, Some(&self.token)))
     }
 
     async fn stop(mut self) {
@@ -579,12 +592,8 @@ async fn reflection_lists_every_contract_and_health_is_serving() {
 
     let dir = tempfile::tempdir().unwrap();
     let b = spawn_binary(dir.path()).await;
-    let ch = Channel::from_shared(format!("http://{}", b.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut r = ServerReflectionClient::new(ch.clone());
+    let ch = b.channel().await;
+    let mut r = ServerReflectionClient::new(authenticated(ch.clone(), Some(&b.token)));
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -625,6 +634,77 @@ async fn reflection_lists_every_contract_and_health_is_serving() {
         s.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    b.stop().await;
+}
+
+/// The binary creates its internal token (0600) on first start and refuses every call without it
+/// or with another one (reflection included); health checks stay open; the token works.
+#[tokio::test]
+async fn the_binary_refuses_callers_without_the_internal_token() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let b = spawn_binary(dir.path()).await;
+    let file = dir.path().join("internal-token");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let ch = b.channel().await;
+    let wrong = InternalToken::generate();
+    for (what, token) in [("no token", None), ("a wrong token", Some(&wrong))] {
+        let mut c = VramSchedulerClient::new(authenticated(ch.clone(), token));
+        let e = c.get_status(pb::GetStatusRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        let e = c
+            .acquire_lease(acq("intruder", GIB, 100, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        let mut r = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            authenticated(ch.clone(), token),
+        );
+        let e = r
+            .server_reflection_info(tokio_stream::iter([
+                tonic_reflection::pb::v1::ServerReflectionRequest {
+                    host: String::new(),
+                    message_request: Some(
+                        tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                            String::new(),
+                        ),
+                    ),
+                },
+            ]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+    }
+    // A raw header without the Bearer scheme is not enough either.
+    let raw: tonic::metadata::MetadataValue<_> = b.token.expose().parse().unwrap();
+    let mut req = tonic::Request::new(pb::GetStatusRequest {});
+    req.metadata_mut().insert("authorization", raw);
+    let e = VramSchedulerClient::new(ch.clone())
+        .get_status(req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // Health checks need no token.
+    let s = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // Nothing was granted to the refused callers; the token works.
+    let st = b
+        .client()
+        .await
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.leases.is_empty() && st.queue.is_empty(), "{st:?}");
     b.stop().await;
 }
 

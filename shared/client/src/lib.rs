@@ -4,6 +4,8 @@
 //! - the services' default addresses and their flags ([`ServiceArgs`], [`admin::GatewayArgs`]),
 //! - channels with connect and call timeouts ([`connect`], [`connect_to`]) and readable errors
 //!   ([`status_text`]),
+//! - the internal token the vram-scheduler, the registry and the backend manager require
+//!   ([`ServiceArgs::internal_token`], [`connect_internal`]; health checks need none),
 //! - the gateway's admin token and an authenticated admin client ([`admin`]),
 //! - the text of GPUs and leases ([`vram`]), loaded models ([`instances`]) and the model catalogue
 //!   ([`models`]).
@@ -13,9 +15,11 @@ pub mod instances;
 pub mod models;
 pub mod vram;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use securellm_common::internal_auth::{self, AuthChannel, InternalToken};
 use tonic::transport::Channel;
 
 /// The loopback ports `make run` uses.
@@ -40,6 +44,44 @@ pub struct ServiceArgs {
     /// The backend manager's gRPC address.
     #[arg(long, global = true, env = "SECURELLM_BACKEND", default_value = DEFAULT_BACKEND)]
     pub backend: String,
+    /// The internal token those three services require (default <data dir>/internal-token, the
+    /// data dir being $SECURELLM_DATA_DIR when set).
+    #[arg(long, global = true, env = internal_auth::TOKEN_FILE_ENV)]
+    pub internal_token_file: Option<PathBuf>,
+}
+
+impl ServiceArgs {
+    /// The internal token file: `--internal-token-file`, else `<data dir>/internal-token`.
+    pub fn internal_token_path(&self) -> PathBuf {
+        internal_token_path(self.internal_token_file.clone())
+    }
+
+    /// The internal token, read from [`Self::internal_token_path`] (never created here).
+    pub fn internal_token(&self) -> anyhow::Result<InternalToken> {
+        read_internal_token(&self.internal_token_path())
+    }
+}
+
+/// `file`, else `<data dir>/internal-token` (the data dir being `$SECURELLM_DATA_DIR` when set,
+/// as `make run` sets it, else the default one).
+pub fn internal_token_path(file: Option<PathBuf>) -> PathBuf {
+    file.unwrap_or_else(|| {
+        let dir = std::env::var_os("SECURELLM_DATA_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(securellm_common::config::default_data_dir);
+        internal_auth::default_path(&dir)
+    })
+}
+
+/// The internal token at `path`; the error names the file, why, and how to point at another.
+pub fn read_internal_token(path: &std::path::Path) -> anyhow::Result<InternalToken> {
+    internal_auth::load(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (the SecureLLM services require it; set --internal-token-file or {})",
+            internal_auth::TOKEN_FILE_ENV
+        )
+    })
 }
 
 /// `HOST:PORT` → `http://HOST:PORT`; a URL is kept as it is.
@@ -77,6 +119,29 @@ pub async fn connect_to(
     connect(&url, CONNECT_TIMEOUT, call_timeout)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the {service} at {url}: {}", e.root_cause()))
+}
+
+/// [`read_internal_token`], but `None` when the file does not exist (yet): the services then
+/// refuse the calls that need it with `UNAUTHENTICATED`, saying so.
+pub fn read_internal_token_if_present(
+    path: &std::path::Path,
+) -> anyhow::Result<Option<InternalToken>> {
+    match internal_auth::load(path) {
+        Err(e) if e.is_missing() => Ok(None),
+        _ => read_internal_token(path).map(Some),
+    }
+}
+
+/// [`connect_to`] an internal service (vram-scheduler, registry, backend manager): every call
+/// carries `token` (`None`: nothing, for services started open in tests).
+pub async fn connect_internal(
+    service: &str,
+    addr: &str,
+    token: Option<&InternalToken>,
+    call_timeout: Option<Duration>,
+) -> anyhow::Result<AuthChannel> {
+    let ch = connect_to(service, addr, call_timeout).await?;
+    Ok(internal_auth::authenticated(ch, token))
 }
 
 /// A gRPC error as a person reads it: "no answer within 5 s" for a call that ran past

@@ -5,9 +5,9 @@
 use std::fmt::Write;
 
 use securellm_common::format_bytes;
+use securellm_common::internal_auth::AuthChannel;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
-use tonic::transport::Channel;
 
 /// Context used for the table's estimate column.
 pub const DEFAULT_CONTEXT: i64 = 4096;
@@ -47,7 +47,7 @@ pub fn params(n: Option<u64>) -> String {
 /// The registry's estimate for one slot, f16 KV cache, all layers on the GPU (`None` when it
 /// cannot estimate).
 pub async fn estimate(
-    c: &mut ModelRegistryClient<Channel>,
+    c: &mut ModelRegistryClient<AuthChannel>,
     id: &str,
     context: i64,
 ) -> Option<pb::MemoryEstimate> {
@@ -65,7 +65,7 @@ pub async fn estimate(
 
 /// Every model as a table: name (aliases), format, parameters, quantization, size, context,
 /// estimate at [`DEFAULT_CONTEXT`], status.
-pub async fn table(c: &mut ModelRegistryClient<Channel>) -> Result<String, tonic::Status> {
+pub async fn table(c: &mut ModelRegistryClient<AuthChannel>) -> Result<String, tonic::Status> {
     let models = c
         .list_models(pb::ListModelsRequest::default())
         .await?
@@ -119,7 +119,7 @@ pub async fn table(c: &mut ModelRegistryClient<Channel>) -> Result<String, tonic
 
 /// One model (id, alias or name) in detail, with estimates at 2k–32k context.
 pub async fn detail(
-    c: &mut ModelRegistryClient<Channel>,
+    c: &mut ModelRegistryClient<AuthChannel>,
     name: &str,
 ) -> Result<String, tonic::Status> {
     let m = c

@@ -4,11 +4,13 @@
 //! - [`config`]: one TOML file with a section per service; flags override it, it overrides defaults.
 //! - [`telemetry`]: logging to stderr, filtered by `RUST_LOG`.
 //! - [`serve`]: binding a gRPC listener, health + reflection, the `ready` line, graceful shutdown.
+//! - [`internal_auth`]: the internal token every call between SecureLLM's processes carries.
 //! - [`time`]: unix milliseconds, the time unit of every contract.
 //! - [`tls`]: the process-wide rustls crypto provider.
 
 pub mod bytesize;
 pub mod config;
+pub mod internal_auth;
 pub mod serve;
 pub mod telemetry;
 pub mod time;

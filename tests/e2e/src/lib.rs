@@ -9,6 +9,10 @@
 //! s.backend.kill9(); s.backend.restart().await;       // same port, same flags
 //! ```
 //!
+//! The four share one internal token (the file `<stack dir>/internal-token`, passed to each with
+//! `--internal-token-file`); the harness's gRPC clients of the scheduler, the registry and the
+//! backend manager present it ([`internal_token`]), as does the CLI that [`Stack::cli`] runs.
+//!
 //! Every process is killed when its [`Service`] is dropped, and also dies with the test process
 //! (`PR_SET_PDEATHSIG`), so a test that fails or is killed by a timeout leaves nothing running;
 //! llama-server children die with their manager the same way. When a test fails, the tail of every
@@ -26,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use securellm_common::internal_auth::{AuthChannel, InternalToken, authenticated};
 use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
@@ -40,6 +45,26 @@ use tonic::transport::Channel;
 pub use securellm_proto::v1;
 
 pub const MIB: u64 = 1 << 20;
+
+/// The internal token of every stack this test process starts (one per process is enough: each
+/// stack has its own copy of the file).
+pub fn internal_token() -> &'static InternalToken {
+    static TOKEN: std::sync::OnceLock<InternalToken> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(InternalToken::generate)
+}
+
+/// Write [`internal_token`] to `path` (mode 0600), as a service would have created it.
+fn write_internal_token(path: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    writeln!(f, "{}", internal_token().expose()).unwrap();
+}
 
 /// Where the workspace's binaries are: beside this test's executable (`target/debug/deps/x` →
 /// `target/debug/`).
@@ -508,6 +533,8 @@ impl Stack {
             )
             .unwrap();
         }
+        let token_file = root.join("internal-token");
+        write_internal_token(&token_file);
         let config = root.join("securellm.toml");
         std::fs::write(
             &config,
@@ -532,6 +559,8 @@ impl Stack {
         let os = |s: &str| OsString::from(s);
         let path = |p: PathBuf| p.into_os_string();
         let mut sched_args = vec![
+            os("--internal-token-file"),
+            path(token_file.clone()),
             os("--config"),
             path(config.clone()),
             os("--data-dir"),
@@ -547,6 +576,8 @@ impl Stack {
         let registry = Service::start(
             "registry",
             vec![
+                os("--internal-token-file"),
+                path(token_file.clone()),
                 os("--config"),
                 path(config.clone()),
                 os("--data-dir"),
@@ -561,6 +592,8 @@ impl Stack {
         let backend = Service::start(
             "backend-manager",
             vec![
+                os("--internal-token-file"),
+                path(token_file.clone()),
                 os("--config"),
                 path(config.clone()),
                 os("--data-dir"),
@@ -580,6 +613,8 @@ impl Stack {
         let gateway = Service::start(
             "securellm-gateway",
             vec![
+                os("--internal-token-file"),
+                path(token_file.clone()),
                 os("--config"),
                 path(config.clone()),
                 os("--data-dir"),
@@ -625,6 +660,11 @@ impl Stack {
         self.dir.path()
     }
 
+    /// The internal token file the four services share.
+    pub fn internal_token_file(&self) -> PathBuf {
+        self.root().join("internal-token")
+    }
+
     /// The gateway's data directory (audit log, keys, admin token).
     pub fn gateway_data(&self) -> PathBuf {
         self.root().join("gateway")
@@ -650,16 +690,26 @@ impl Stack {
             .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
     }
 
-    pub async fn scheduler_client(&self) -> VramSchedulerClient<Channel> {
-        VramSchedulerClient::new(Self::channel(self.scheduler.grpc).await)
+    /// A channel to an internal service whose calls carry `token` (`None`: no token).
+    pub async fn channel_with(addr: SocketAddr, token: Option<&InternalToken>) -> AuthChannel {
+        authenticated(Self::channel(addr).await, token)
     }
 
-    pub async fn registry_client(&self) -> ModelRegistryClient<Channel> {
-        ModelRegistryClient::new(Self::channel(self.registry.grpc).await)
+    /// A channel to an internal service whose calls carry the stack's internal token.
+    async fn internal(addr: SocketAddr) -> AuthChannel {
+        Self::channel_with(addr, Some(internal_token())).await
     }
 
-    pub async fn backend_client(&self) -> BackendManagerClient<Channel> {
-        BackendManagerClient::new(Self::channel(self.backend.grpc).await)
+    pub async fn scheduler_client(&self) -> VramSchedulerClient<AuthChannel> {
+        VramSchedulerClient::new(Self::internal(self.scheduler.grpc).await)
+    }
+
+    pub async fn registry_client(&self) -> ModelRegistryClient<AuthChannel> {
+        ModelRegistryClient::new(Self::internal(self.registry.grpc).await)
+    }
+
+    pub async fn backend_client(&self) -> BackendManagerClient<AuthChannel> {
+        BackendManagerClient::new(Self::internal(self.backend.grpc).await)
     }
 
     /// GatewayAdmin with the admin token.
@@ -858,7 +908,8 @@ impl Stack {
                 cmd.env_remove(&k);
             }
         }
-        cmd.env("SECURELLM_SCHEDULER", self.scheduler.grpc.to_string())
+        cmd.env("SECURELLM_INTERNAL_TOKEN_FILE", self.internal_token_file())
+            .env("SECURELLM_SCHEDULER", self.scheduler.grpc.to_string())
             .env("SECURELLM_REGISTRY", self.registry.grpc.to_string())
             .env("SECURELLM_BACKEND", self.backend.grpc.to_string())
             .args(args)
@@ -1003,7 +1054,7 @@ impl LeaseEvents {
     /// Follow the scheduler at `addr` (the subscription is live when this returns).
     pub async fn follow(addr: SocketAddr) -> LeaseEvents {
         use tokio_stream::StreamExt;
-        let mut c = VramSchedulerClient::new(Stack::channel(addr).await);
+        let mut c = VramSchedulerClient::new(Stack::internal(addr).await);
         let mut stream = c
             .watch_events(pb::WatchEventsRequest::default())
             .await

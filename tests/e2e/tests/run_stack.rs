@@ -661,6 +661,20 @@ fn make_run_serves_the_demo_model_and_ctrl_c_stops_everything() {
         chat_requests += 1;
     }
 
+    // The internal token the services share: created by the first of them, for the service user
+    // only; the printed CLI hint names it.
+    let internal_token = data_dir.join("internal-token");
+    let mode = std::fs::metadata(&internal_token)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap_or_else(|e| panic!("{}: {e}", internal_token.display()));
+    assert_eq!(mode, 0o600, "{}", internal_token.display());
+    assert_eq!(
+        printed.exports.get("SECURELLM_INTERNAL_TOKEN_FILE"),
+        Some(&internal_token.to_string_lossy().into_owned()),
+        "printed export line: {:?}",
+        printed.exports
+    );
+
     // -- securellm status against the stack's addresses --
     let token_file = data_dir.join("gateway/admin-token");
     let ran = run(
@@ -671,6 +685,8 @@ fn make_run_serves_the_demo_model_and_ctrl_c_stops_everything() {
             .arg(addr("registry", "grpc"))
             .arg("--backend")
             .arg(addr("backend-manager", "grpc"))
+            .arg("--internal-token-file")
+            .arg(&internal_token)
             .arg("status")
             .arg("--gateway")
             .arg(addr("securellm-gateway", "grpc"))

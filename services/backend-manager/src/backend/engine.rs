@@ -1,6 +1,6 @@
 //! What the spawned OpenAI-compatible engines (vLLM, TGI) share: the command from config, a free
-//! loopback port, the memory fraction, "spawn and wait for `/health`", and attaching to an engine
-//! that already runs.
+//! loopback port, the memory fraction, "spawn and wait for `/health`" (with a per-instance API
+//! key in the engine's environment), and attaching to an engine that already runs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -62,19 +62,24 @@ async fn healthy(http: &reqwest::Client, endpoint: &str) -> bool {
 
 /// Spawn `program args` (own process group, dies with the manager) that will listen on
 /// `127.0.0.1:port`, and wait until `GET /health` answers 2xx. Fails fast, with the last lines of
-/// its output, if the child exits first; stops it on a timeout.
+/// its output, if the child exits first; stops it on a timeout. A fresh API key is put in the
+/// child's environment as `api_key_env` (the variable the engine reads its `--api-key` from).
 pub async fn launch(
     http: &reqwest::Client,
     spec: &StartSpec,
     program: PathBuf,
     args: Vec<String>,
     port: u16,
+    api_key_env: &str,
 ) -> Result<Started, BackendError> {
+    let api_key = super::new_api_key();
+    let mut env = cuda_env(spec);
+    env.push((api_key_env.to_string(), api_key.to_string()));
     let child = process::spawn(
         &ChildSpec {
             program: program.clone(),
             args,
-            env: cuda_env(spec),
+            env,
         },
         None,
     )
@@ -116,6 +121,7 @@ pub async fn launch(
         process: Some(child),
         measured: None,
         served_name: spec.alias.clone(),
+        api_key: Some(api_key),
     })
 }
 
@@ -160,6 +166,8 @@ pub async fn attach(
         process: None,
         measured: None,
         served_name: listed.unwrap_or_else(|| spec.alias.clone()),
+        // Started by someone else, with whatever key they gave it (none known here).
+        api_key: None,
     })
 }
 

@@ -8,6 +8,11 @@
 //! the context or layers; see ARCHITECTURE.md). `CUDA_VISIBLE_DEVICES` pins it to the leased GPU
 //! (empty on a simulated GPU: CPU only). `-lv 4` makes it log its buffer sizes ("model buffer
 //! size", "KV buffer size", "compute buffer size"), parsed here to settle the lease.
+//!
+//! Each child gets a random API key in `LLAMA_API_KEY` (llama-server's `--api-key`, through the
+//! environment so that it is not on the command line): without it the child answers 401 to
+//! everything but `/health` (and its model list), so nobody on the machine can skip the gateway by
+//! calling the child's loopback port.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,6 +22,9 @@ use tokio::sync::mpsc;
 
 use super::{Backend, BackendError, Measured, StartSpec, Started};
 use crate::process::{self, ChildSpec};
+
+/// llama-server reads `--api-key` from this variable.
+pub const API_KEY_ENV: &str = "LLAMA_API_KEY";
 
 /// The llama.cpp backend.
 pub struct LlamaCpp {
@@ -121,10 +129,13 @@ impl Backend for LlamaCpp {
     }
 
     async fn start(&self, spec: &StartSpec) -> Result<Started, BackendError> {
+        let api_key = super::new_api_key();
+        let mut env = super::engine::cuda_env(spec);
+        env.push((API_KEY_ENV.into(), api_key.to_string()));
         let child_spec = ChildSpec {
             program: self.binary.clone(),
             args: self.args(spec),
-            env: super::engine::cuda_env(spec),
+            env,
         };
         let (tx, mut lines) = mpsc::unbounded_channel();
         let child = process::spawn(&child_spec, Some(tx)).map_err(|e| BackendError::Spawn {
@@ -199,6 +210,7 @@ impl Backend for LlamaCpp {
             process: Some(child),
             measured: (measured.total() > 0).then_some(measured),
             served_name: spec.alias.clone(),
+            api_key: Some(api_key),
         })
     }
 }

@@ -12,6 +12,11 @@
 //!
 //! Every backend speaks an OpenAI-compatible HTTP API once started; forwarding is shared
 //! (`forward.rs`).
+//!
+//! Nobody but the manager may talk to an engine the manager spawns (that would walk around the
+//! gateway's keys, limits and audit): each spawned engine gets a random API key of its own
+//! ([`new_api_key`]), passed in its environment (never on its command line, which every local
+//! user can read) and sent by the manager as `Authorization: Bearer` with every request.
 
 pub mod engine;
 pub mod llamacpp;
@@ -65,6 +70,13 @@ pub struct Started {
     pub measured: Option<Measured>,
     /// The `model` to put in request bodies (what the engine answers to).
     pub served_name: String,
+    /// The API key the engine requires (`Authorization: Bearer`), when the manager gave it one.
+    pub api_key: Option<Arc<str>>,
+}
+
+/// A fresh random API key for one engine instance (256 bits, hex).
+pub fn new_api_key() -> Arc<str> {
+    securellm_common::internal_auth::random_hex(32).into()
 }
 
 /// Memory an engine reported.

@@ -245,6 +245,8 @@ impl Backend for Ollama {
             process: None,
             measured,
             served_name: name.to_string(),
+            // The daemon is shared and has no API keys of its own.
+            api_key: None,
         })
     }
 

@@ -7,7 +7,9 @@
 //! down to 4 decimals, clamped to 0.01..=0.99). The socket path and the master port are per
 //! instance so that two TGI instances on one machine do not collide on the launcher's defaults
 //! (`/tmp/text-generation-server`, 29500). `CUDA_VISIBLE_DEVICES` pins it to the leased GPU. Ready
-//! when `GET /health` answers 200; the lease stays at the estimate.
+//! when `GET /health` answers 200; the lease stays at the estimate. A random per-instance API key
+//! goes in `API_KEY` (the launcher's `--api-key`; TGI releases without it ignore the variable and
+//! stay open on the loopback port).
 //!
 //! With `endpoint` set, nothing is spawned: the manager waits for the server's `/health` and
 //! forwards to it.
@@ -30,6 +32,8 @@ pub struct Tgi {
 impl Tgi {
     /// Used when `[backend.tgi]` has no `command`.
     pub const DEFAULT_COMMAND: &'static [&'static str] = &["text-generation-launcher"];
+    /// The launcher reads `--api-key` from this variable.
+    pub const API_KEY_ENV: &'static str = "API_KEY";
 
     /// The arguments after the configured command.
     pub fn args(spec: &StartSpec, port: u16, master_port: u16, fraction: &str) -> Vec<String> {
@@ -85,6 +89,6 @@ impl Backend for Tgi {
         };
         let (program, mut args) = engine::command(&self.cfg, Self::DEFAULT_COMMAND);
         args.extend(Self::args(spec, port, master_port, &fraction));
-        engine::launch(&self.http, spec, program, args, port).await
+        engine::launch(&self.http, spec, program, args, port, Self::API_KEY_ENV).await
     }
 }

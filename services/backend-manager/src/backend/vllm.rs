@@ -5,7 +5,9 @@
 //! GPU total (rounded down to 4 decimals, clamped to 0.01..=0.99), so vLLM's whole footprint
 //! (weights, activations, KV cache) stays inside the lease. `CUDA_VISIBLE_DEVICES` pins it to the
 //! leased GPU. Ready when `GET /health` answers 200. vLLM prints no buffer sizes the manager could
-//! parse: the lease stays at the estimate.
+//! parse: the lease stays at the estimate. A random per-instance API key goes in `VLLM_API_KEY`
+//! (vLLM's `--api-key`); vLLM checks it only under `/v1` (other routes of its, e.g. `/tokenize`,
+//! stay open on the loopback port).
 //!
 //! With `endpoint` set, nothing is spawned: the manager waits for the server's `/health` and
 //! forwards to it (its memory is whatever it was started with).
@@ -28,6 +30,8 @@ pub struct Vllm {
 impl Vllm {
     /// Used when `[backend.vllm]` has no `command`.
     pub const DEFAULT_COMMAND: &'static [&'static str] = &["vllm", "serve"];
+    /// vLLM reads `--api-key` from this variable.
+    pub const API_KEY_ENV: &'static str = "VLLM_API_KEY";
 
     /// The arguments after the configured command.
     pub fn args(spec: &StartSpec, port: u16, fraction: &str) -> Vec<String> {
@@ -70,6 +74,6 @@ impl Backend for Vllm {
         })?;
         let (program, mut args) = engine::command(&self.cfg, Self::DEFAULT_COMMAND);
         args.extend(Self::args(spec, port, &fraction));
-        engine::launch(&self.http, spec, program, args, port).await
+        engine::launch(&self.http, spec, program, args, port, Self::API_KEY_ENV).await
     }
 }
