@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
-use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use rmcp::model::{
+    Implementation, ProgressNotificationParam, RequestMetaObject, ServerCapabilities, ServerConfig,
+};
+use rmcp::{Peer, RoleServer, ServerHandler, schemars, tool, tool_handler, tool_router};
 use securellm_client::{admin, connect_internal, connect_to, instances, models, status_text, vram};
 use securellm_common::internal_auth::AuthChannel;
 use securellm_common::time::now_ms;
@@ -316,19 +318,26 @@ impl SecureLlmMcp {
             open_world_hint = false
         )
     )]
-    async fn load_model(&self, Parameters(a): Parameters<ModelName>) -> ToolResult {
+    async fn load_model(
+        &self,
+        Parameters(a): Parameters<ModelName>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+    ) -> ToolResult {
         let name = non_empty("name", &a.name)?;
         let t = self.cfg.long_timeout;
         let ch = self
             .connect("backend manager", &self.cfg.backend, Some(t))
             .await
             .map_err(|e| e.to_string())?;
-        let i = BackendManagerClient::new(ch)
-            .load(pb::LoadRequest {
-                model: name.to_string(),
-                deadline_ms: now_ms() + t.as_millis() as u64,
-                ..Default::default()
-            })
+        let mut client = BackendManagerClient::new(ch);
+        let load = client.load(pb::LoadRequest {
+            model: name.to_string(),
+            deadline_ms: now_ms() + t.as_millis() as u64,
+            ..Default::default()
+        });
+        let i = self
+            .with_load_progress(name, &meta, &peer, load)
             .await
             .map_err(|s| format!("cannot load {name}: {}", self.err(s, t)))?
             .into_inner();
@@ -370,7 +379,12 @@ impl SecureLlmMcp {
             open_world_hint = true
         )
     )]
-    async fn chat(&self, Parameters(a): Parameters<ChatArgs>) -> ToolResult {
+    async fn chat(
+        &self,
+        Parameters(a): Parameters<ChatArgs>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+    ) -> ToolResult {
         let model = non_empty("model", &a.model)?;
         if a.prompt.trim().is_empty() {
             return Err("`prompt` must not be empty".into());
@@ -386,12 +400,9 @@ impl SecureLlmMcp {
             "messages": [{"role": "user", "content": a.prompt}],
             "max_tokens": max_tokens,
         });
+        let send = self.http.post(&url).bearer_auth(key).json(&body).send();
         let r = self
-            .http
-            .post(&url)
-            .bearer_auth(key)
-            .json(&body)
-            .send()
+            .with_load_progress(model, &meta, &peer, send)
             .await
             .map_err(|e| {
                 if e.is_timeout() {
@@ -449,6 +460,64 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
     cur.to_string()
 }
+
+impl SecureLlmMcp {
+    /// Run `fut`; meanwhile, if the client asked for progress (`_meta.progressToken`), tell it
+    /// where a request waiting for `model` stands (queue position, loading phase), from the
+    /// backend manager's instance list, each time that changes.
+    async fn with_load_progress<F: std::future::Future>(
+        &self,
+        model: &str,
+        meta: &RequestMetaObject,
+        peer: &Peer<RoleServer>,
+        fut: F,
+    ) -> F::Output {
+        let Some(token) = meta.get_progress_token() else {
+            return fut.await;
+        };
+        tokio::pin!(fut);
+        let mut tick = tokio::time::interval(PROGRESS_POLL);
+        let (mut sent, mut last) = (0u32, String::new());
+        loop {
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = tick.tick() => {
+                    let Some(text) = self.load_progress(model).await else { continue };
+                    if text != last {
+                        sent += 1;
+                        let note = ProgressNotificationParam::new(token.clone(), f64::from(sent))
+                            .with_message(text.clone());
+                        let _ = peer.notify_progress(note).await;
+                        last = text;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `model-b: queued for GPU memory, position 1 of 2`, while requests wait for the model.
+    async fn load_progress(&self, model: &str) -> Option<String> {
+        let ch = self
+            .connect("backend manager", &self.cfg.backend, Some(self.cfg.timeout))
+            .await
+            .ok()?;
+        let l = BackendManagerClient::new(ch)
+            .list_instances(pb::ListInstancesRequest {
+                model: model.to_string(),
+                states: Vec::new(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        l.instances.iter().find_map(|i| {
+            let p = i.load_progress.as_ref()?;
+            Some(format!("{}: {}", i.model_name, instances::progress(p)))
+        })
+    }
+}
+
+/// How often a waiting tool call looks at where its model stands.
+const PROGRESS_POLL: Duration = Duration::from_millis(200);
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for SecureLlmMcp {

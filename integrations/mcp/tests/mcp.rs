@@ -548,3 +548,187 @@ async fn tools_present_the_internal_token() {
     );
     s.shutdown().await;
 }
+
+/// Collects the progress notifications the server sends.
+#[derive(Clone, Default)]
+struct ProgressSink(Arc<Mutex<Vec<String>>>);
+
+impl rmcp::ClientHandler for ProgressSink {
+    async fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _context: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(params.message.unwrap_or_default());
+    }
+}
+
+/// `load_model` of a model that has to wait for GPU memory tells the client where it stands
+/// (MCP progress notifications), with the real llama-server: one simulated GPU that holds one of
+/// two models, the first one busy (its engine stopped mid-request), so the second one waits in
+/// the scheduler's queue until the first one's request ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_model_reports_its_place_in_the_queue_as_progress() {
+    use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
+    use securellm_proto::v1 as pb;
+    use securellm_proto::v1::backend_manager_client::BackendManagerClient;
+    use securellm_proto::v1::model_registry_client::ModelRegistryClient;
+    use tokio_stream::StreamExt;
+    let llama = std::env::var_os("LLAMA_SERVER")
+        .map(PathBuf::from)
+        .expect("LLAMA_SERVER (make test sets it)");
+    let home = tempfile::tempdir().unwrap();
+    let models = home.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    for (i, name) in ["mcp-a", "mcp-b"].iter().enumerate() {
+        write_tiny_llama(
+            models.join(format!("{name}.gguf")),
+            &TinyLlamaOptions {
+                name: (*name).into(),
+                seed: 1 + i as u64,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    let r = registry::start(&registry::config::RegistryConfig {
+        registry: registry::config::RegistrySection {
+            listen: "127.0.0.1:0".into(),
+            watch: false,
+            ..Default::default()
+        },
+        roots: vec![models],
+        aliases: Default::default(),
+        data_dir: home.path().join("registry"),
+    })
+    .await
+    .unwrap();
+    let mut reg = ModelRegistryClient::connect(format!("http://{}", r.addr))
+        .await
+        .unwrap();
+    let est = reg
+        .estimate(pb::EstimateRequest {
+            model: "mcp-a".into(),
+            context: 512,
+            parallel: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .gpu_bytes;
+    // Holds one model, not two.
+    let s = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
+        listen: "127.0.0.1:0".into(),
+        inventory: vram_scheduler::config::InventoryMode::Simulated,
+        simulate_gpus: vec![securellm_common::ByteSize(est + est / 2)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let m = backend_manager::start(&backend_manager::config::BackendConfig {
+        listen: "127.0.0.1:0".into(),
+        scheduler: s.addr.to_string(),
+        registry: r.addr.to_string(),
+        llama_server: Some(llama),
+        defaults: backend_manager::config::ModelSettings {
+            context: Some(512),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut backend = BackendManagerClient::connect(format!("http://{}", m.addr))
+        .await
+        .unwrap();
+    // A holds memory and serves a request that does not end while its engine is stopped.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200});
+    let mut st = backend
+        .chat_stream(pb::InferenceRequest {
+            model: "mcp-a".into(),
+            body_json: serde_json::to_vec(&body).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let c = st.next().await.unwrap().unwrap();
+        if !c.data_json.is_empty() {
+            break;
+        }
+    }
+    let pid = backend
+        .list_instances(pb::ListInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .into_iter()
+        .find(|i| i.model_name == "mcp-a")
+        .unwrap()
+        .pid as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+
+    let sink = ProgressSink::default();
+    let (transport, _stderr) = TokioChildProcess::builder(command(
+        home.path(),
+        &flags(&[
+            ("registry", &r.addr.to_string()),
+            ("backend", &m.addr.to_string()),
+        ]),
+    ))
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
+    let c = sink.clone().serve(transport).await.expect("initialize");
+    let mut p = CallToolRequestParams::new("load_model");
+    p = p.with_arguments(json!({"name": "mcp-b"}).as_object().unwrap().clone());
+    let mut meta = rmcp::model::RequestMetaObject::default();
+    meta.set_progress_token(rmcp::model::ProgressToken(
+        rmcp::model::NumberOrString::Number(7),
+    ));
+    p.meta = Some(meta);
+    let peer = c.peer().clone();
+    let call = tokio::spawn(async move { peer.call_tool(p).await });
+    // B waits behind the busy A, and the client hears so.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let seen = sink.0.lock().unwrap().clone();
+        if seen
+            .iter()
+            .any(|m| m.starts_with("mcp-b: queued for GPU memory, position 1"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no queue progress: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!call.is_finished(), "B did not wait");
+    // A's request ends; A is idle and yields; B loads.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    while st.next().await.is_some() {}
+    let r2 = tokio::time::timeout(std::time::Duration::from_secs(30), call)
+        .await
+        .expect("load_model returned")
+        .unwrap()
+        .unwrap();
+    let text: String = r2
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect();
+    assert!(r2.is_error != Some(true), "{text}");
+    assert!(text.starts_with("mcp-b ready"), "{text}");
+    c.cancel().await.unwrap();
+    m.shutdown().await;
+    r.shutdown().await;
+    s.shutdown().await;
+}

@@ -15,7 +15,7 @@ try:
     stream = client.chat.completions.create(
         model=os.environ["MODEL"],
         messages=[{"role": "user", "content": "tell me a long story"}],
-        max_tokens=100000,
+        max_tokens=4000,  # within the gateway's default max_tokens_cap (4096)
         stream=True,
         extra_headers={"x-request-id": os.environ["RID"]},
     )
