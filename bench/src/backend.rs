@@ -34,8 +34,9 @@ pub struct Args {
     llama_server: Option<PathBuf>,
 }
 
-fn find_llama_server(a: &Args) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &a.llama_server {
+/// `given`, else the path `scripts/install-llama-server.sh` prints (building it if needed).
+pub(crate) fn find_llama_server(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
         return Ok(p.clone());
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-llama-server.sh");
@@ -72,7 +73,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let llama = find_llama_server(&a)?;
+    let llama = find_llama_server(a.llama_server.as_ref())?;
     let dir = tempfile::tempdir()?;
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models)?;

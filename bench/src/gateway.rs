@@ -118,22 +118,13 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-pub async fn run(a: Args) -> anyhow::Result<()> {
-    // The mock upstream.
-    let app = axum::Router::new().route("/v1/chat/completions", post(mock));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mock_addr = l.local_addr()?;
-    tokio::spawn(async move { axum::serve(l, app).await });
-
-    // The gateway binary, configured with the mock as a cloud upstream.
-    let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("securellm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[gateway.upstreams.mock]\nbase_url = \"http://{mock_addr}/v1\"\nmodels = [\"mock-model\"]\nredaction = \"allow\"\n"
-        ),
-    )?;
+/// Start the release gateway binary (beside this one) with `config`, `data_dir` and `extra`
+/// flags; its `ready` line once it accepts connections (the child dies with the handle).
+pub(crate) async fn spawn_gateway(
+    config: &std::path::Path,
+    data_dir: &std::path::Path,
+    extra: &[std::ffi::OsString],
+) -> anyhow::Result<(tokio::process::Child, String)> {
     let bin: PathBuf = std::env::current_exe()?.with_file_name("securellm-gateway");
     anyhow::ensure!(
         bin.is_file(),
@@ -142,9 +133,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     );
     let mut child = tokio::process::Command::new(&bin)
         .arg("--config")
-        .arg(&cfg)
+        .arg(config)
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
+        .arg(data_dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -161,6 +153,26 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .next_line()
         .await?
         .ok_or_else(|| anyhow::anyhow!("gateway exited"))?;
+    Ok((child, ready))
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    // The mock upstream.
+    let app = axum::Router::new().route("/v1/chat/completions", post(mock));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mock_addr = l.local_addr()?;
+    tokio::spawn(async move { axum::serve(l, app).await });
+
+    // The gateway binary, configured with the mock as a cloud upstream.
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("securellm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[gateway.upstreams.mock]\nbase_url = \"http://{mock_addr}/v1\"\nmodels = [\"mock-model\"]\nredaction = \"allow\"\n"
+        ),
+    )?;
+    let (mut child, ready) = spawn_gateway(&cfg, &dir.path().join("data"), &[]).await?;
     let grpc = ready
         .split_whitespace()
         .find_map(|w| w.strip_prefix("grpc="))

@@ -10,7 +10,7 @@
 //! All settings are the defaults a new user gets (priority 0, 5-minute idle TTL): a swap is an
 //! idle model yielding to a request of equal priority.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,6 @@ use futures::StreamExt;
 use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -37,25 +36,6 @@ pub struct Args {
 }
 
 const CONTEXT: u32 = 512;
-
-fn find_llama_server(a: &Args) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &a.llama_server {
-        return Ok(p.clone());
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-llama-server.sh");
-    let out = std::process::Command::new(script).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "llama-server not found; run `make llama-server`"
-    );
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    ))
-}
 
 fn body(model: &str) -> String {
     format!(
@@ -115,7 +95,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.swaps >= 2 && a.cold >= 1, "--swaps >= 2, --cold >= 1");
-    let llama = find_llama_server(&a)?;
+    let llama = crate::backend::find_llama_server(a.llama_server.as_ref())?;
     let dir = tempfile::tempdir()?;
     let models = dir.path().join("models");
     std::fs::create_dir_all(&models)?;
@@ -183,40 +163,21 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         &gw_cfg,
         "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n",
     )?;
-    let bin: PathBuf = std::env::current_exe()?.with_file_name("securellm-gateway");
-    anyhow::ensure!(
-        bin.is_file(),
-        "{} missing: cargo build --release -p securellm-gateway",
-        bin.display()
-    );
     let key_file = dir.path().join("api-key");
-    let mut child = tokio::process::Command::new(&bin)
-        .arg("--config")
-        .arg(&gw_cfg)
-        .arg("--data-dir")
-        .arg(dir.path().join("gateway"))
-        .arg("--backend")
-        .arg(manager.addr.to_string())
-        .arg("--registry")
-        .arg(registry.addr.to_string())
-        .arg("--bootstrap-key-file")
-        .arg(&key_file)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(
-        child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    let flag = |s: &str| std::ffi::OsString::from(s);
+    let (child, ready) = crate::gateway::spawn_gateway(
+        &gw_cfg,
+        &dir.path().join("gateway"),
+        &[
+            flag("--backend"),
+            flag(&manager.addr.to_string()),
+            flag("--registry"),
+            flag(&registry.addr.to_string()),
+            flag("--bootstrap-key-file"),
+            key_file.clone().into_os_string(),
+        ],
     )
-    .lines();
-    let ready = lines
-        .next_line()
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("gateway exited"))?;
+    .await?;
     let http_addr = ready
         .split_whitespace()
         .find_map(|w| w.strip_prefix("http="))
