@@ -607,6 +607,10 @@ impl LeaseTable {
             .into_iter()
             .find_map(|(t, l)| (t == ticket).then_some(l))
         {
+            // This grant may have taken memory a waiter counted on: look for other memory for them.
+            for i in 0..self.queue.len() {
+                self.preempt_for(i, now_ms);
+            }
             // The caller hears through the return value, not a notice.
             self.notices.retain(|n| n.ticket() != ticket);
             self.refresh_positions();
