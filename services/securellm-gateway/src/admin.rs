@@ -9,9 +9,9 @@ use securellm_proto::v1::gateway_admin_server::{GatewayAdmin, GatewayAdminServer
 use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
-use crate::app::Shared;
 use crate::audit::{AuditEntry, AuditFilter, TamperKind};
 use crate::keys::{KeyError, KeyRecord, KeyUpdate, NewKey};
+use crate::state::Shared;
 
 pub struct AdminService {
     state: Shared,

@@ -13,7 +13,6 @@
 //! answers back into HTTP (SSE for streams).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -25,43 +24,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use securellm_common::internal_auth::AuthChannel;
-use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::audit::AuditLog;
 use crate::error::ApiError;
-use crate::keys::KeyStore;
+use crate::listener::BodyTimedOut;
 use crate::pipeline::{self, Mode, Reply};
-use crate::ratelimit::RateLimiter;
-use crate::upstream::{Endpoint, Local, StreamItem};
+use crate::upstream::{Endpoint, StreamItem};
 
-/// Everything the handlers share.
-pub struct AppState {
-    pub keys: KeyStore,
-    /// JWT verification, when configured.
-    pub jwt: Option<crate::jwt::JwtVerifier>,
-    /// Cloud upstreams (checked before the local backend, by model name).
-    pub clouds: Vec<crate::cloud::Cloud>,
-    pub redactor: crate::redact::Redactor,
-    pub local: Local,
-    pub registry: ModelRegistryClient<AuthChannel>,
-    pub audit: AuditLog,
-    pub limits: RateLimiter,
-    /// Requests in progress per key and per address (checked before the body is read).
-    pub inflight: crate::inflight::InFlight,
-    /// `audit_mode = "sync"`: no 2xx is given (no stream ends) before its audit row is committed;
-    /// a row that cannot be committed turns the answer into a 503.
-    pub audit_sync: bool,
-    /// A request body must arrive completely within this of its head (HTTP and gRPC).
-    pub body_read_timeout: Duration,
-    pub request_timeout: Duration,
-    /// The largest `max_tokens` a request may ask for; filled in for local models when absent.
-    pub max_tokens_cap: u32,
-}
-
-pub type Shared = Arc<AppState>;
+pub use crate::state::{AppState, Shared};
 
 pub use crate::pipeline::Caller;
 
@@ -142,114 +113,21 @@ async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) ->
 /// Gives the request body a deadline: `total` from now (the request head has arrived).
 async fn body_deadline(State(total): State<Duration>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let body = Body::new(DeadlineBody::new(body, total, None));
+    let body = Body::new(crate::listener::DeadlineBody::new(body, total, None));
     next.run(Request::from_parts(parts, body)).await
-}
-
-/// The error of a body that did not arrive by its deadline.
-#[derive(Debug)]
-pub struct BodyTimedOut;
-
-impl std::fmt::Display for BodyTimedOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the request body did not arrive in time")
-    }
-}
-
-impl std::error::Error for BodyTimedOut {}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A request body that must arrive completely by a fixed deadline, however its bytes trickle in
-/// (a gap timer alone lets a client send a byte every few seconds forever). Data that is ready is
-/// always delivered; the deadline only ends a wait. On expiry it fails with `on_timeout()` (or
-/// [`BodyTimedOut`]).
-pub struct DeadlineBody<B> {
-    inner: B,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-    on_timeout: Option<Box<dyn FnOnce() -> BoxError + Send>>,
-}
-
-impl<B> DeadlineBody<B> {
-    pub fn new(
-        inner: B,
-        total: Duration,
-        on_timeout: Option<Box<dyn FnOnce() -> BoxError + Send>>,
-    ) -> Self {
-        Self {
-            inner,
-            deadline: Box::pin(tokio::time::sleep(total)),
-            on_timeout,
-        }
-    }
-}
-
-impl<B> hyper::body::Body for DeadlineBody<B>
-where
-    B: hyper::body::Body + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        use std::future::Future;
-        use std::task::Poll;
-        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let e = match self.on_timeout.take() {
-                        Some(f) => f(),
-                        None => Box::new(BodyTimedOut),
-                    };
-                    Poll::Ready(Some(Err(e)))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 /// Ready when the registry and the backend manager both answer (within 2 s each); the error
 /// names what is unreachable. Cloud upstreams are not probed (that would spend their quota).
 async fn ready(State(st): State<Shared>) -> Response {
-    let limit = Duration::from_secs(2);
-    let mut reg = st.registry.clone();
-    let (registry, backend) = tokio::join!(
-        tokio::time::timeout(
-            limit,
-            reg.list_models(securellm_proto::v1::ListModelsRequest::default()),
-        ),
-        tokio::time::timeout(limit, st.local.ping()),
-    );
-    let mut down = Vec::new();
-    if !matches!(registry, Ok(Ok(_))) {
-        down.push("the model registry");
-    }
-    if !matches!(backend, Ok(Ok(()))) {
-        down.push("the backend manager");
-    }
-    if down.is_empty() {
-        axum::Json(serde_json::json!({"status": "ready"})).into_response()
-    } else {
-        ApiError::new(
+    match st.upstreams.local.ready().await {
+        Ok(()) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(down) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             format!("not ready: {} unreachable", down.join(" and ")),
         )
-        .into_response()
+        .into_response(),
     }
 }
 

@@ -15,7 +15,10 @@ use serde::Deserialize;
 use crate::error::ApiError;
 use crate::keys::glob;
 use crate::redact::Policy;
-use crate::upstream::{Endpoint, ItemStream, StreamItem, Usage};
+use crate::upstream::{
+    Answer, BoxFuture, Endpoint, ItemStream, ModelEntry, Reach, StreamAnswer, StreamItem, Upstream,
+    UpstreamRequest, Usage,
+};
 use futures::StreamExt;
 
 /// `[gateway.upstreams.<name>]`.
@@ -131,9 +134,7 @@ pub fn from_config(
 
 /// The upstream serving `model`, if a cloud one does.
 pub fn route<'a>(clouds: &'a [Cloud], model: &str) -> Option<&'a Cloud> {
-    clouds
-        .iter()
-        .find(|c| c.models.iter().any(|p| glob(p, model)))
+    clouds.iter().find(|c| c.serves_model(model))
 }
 
 /// A cloud answer.
@@ -461,6 +462,124 @@ impl Cloud {
             body,
             usage,
         })
+    }
+}
+
+impl Cloud {
+    /// Does one of its model patterns match `model`?
+    pub fn serves_model(&self, model: &str) -> bool {
+        self.models.iter().any(|p| glob(p, model))
+    }
+}
+
+impl Upstream for Cloud {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn reach(&self) -> Reach {
+        Reach::Remote(self.policy)
+    }
+
+    fn serves(&self, model: &str) -> bool {
+        self.serves_model(model)
+    }
+
+    /// The body says whether to stream; a stream always asks for the usage chunk, to count
+    /// tokens (relayed only when the client asked for it).
+    fn prepare(&self, endpoint: Endpoint, body: &mut serde_json::Value, stream: bool) {
+        if let serde_json::Value::Object(m) = body
+            && endpoint != Endpoint::Embeddings
+        {
+            m.insert("stream".into(), serde_json::Value::Bool(stream));
+            if stream {
+                m.insert(
+                    "stream_options".into(),
+                    serde_json::json!({"include_usage": true}),
+                );
+            }
+        }
+    }
+
+    fn complete<'a>(&'a self, r: UpstreamRequest<'a>) -> BoxFuture<'a, Result<Answer, ApiError>> {
+        Box::pin(async move {
+            match self
+                .call(
+                    r.endpoint,
+                    r.body,
+                    r.request_id,
+                    false,
+                    r.relay_usage,
+                    r.timeout,
+                )
+                .await?
+            {
+                CloudAnswer::Complete {
+                    status,
+                    body,
+                    usage,
+                } => Ok(Answer {
+                    status,
+                    body,
+                    usage,
+                }),
+                // `call` streams only when asked to.
+                CloudAnswer::Stream { .. } => Err(ApiError::new(
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    format!("upstream {} answered with a stream", self.name),
+                )),
+            }
+        })
+    }
+
+    fn stream<'a>(
+        &'a self,
+        r: UpstreamRequest<'a>,
+    ) -> BoxFuture<'a, Result<StreamAnswer, ApiError>> {
+        Box::pin(async move {
+            Ok(
+                match self
+                    .call(
+                        r.endpoint,
+                        r.body,
+                        r.request_id,
+                        true,
+                        r.relay_usage,
+                        r.timeout,
+                    )
+                    .await?
+                {
+                    CloudAnswer::Complete {
+                        status,
+                        body,
+                        usage,
+                    } => StreamAnswer::Refused {
+                        status,
+                        body,
+                        usage,
+                    },
+                    CloudAnswer::Stream { items, .. } => StreamAnswer::Streaming(items),
+                },
+            )
+        })
+    }
+
+    /// Its exact model names (patterns are not listable).
+    fn models(&self) -> BoxFuture<'_, Result<Vec<ModelEntry>, ApiError>> {
+        let models = self
+            .models
+            .iter()
+            .filter(|m| !m.contains('*') && !m.contains('?'))
+            .map(|m| ModelEntry {
+                id: m.clone(),
+                owned_by: self.name.clone(),
+                created: 0,
+                upstream: self.name.clone(),
+                registry_id: String::new(),
+            })
+            .collect();
+        Box::pin(async move { Ok(models) })
     }
 }
 

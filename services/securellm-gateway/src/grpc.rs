@@ -16,9 +16,9 @@ use securellm_proto::v1::gateway_server::{Gateway, GatewayServer};
 use tonic::metadata::{BinaryMetadataValue, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
-use crate::app::Shared;
 use crate::error::ApiError;
 use crate::pipeline::{self, Caller, Mode, Reply};
+use crate::state::Shared;
 use crate::upstream::{Endpoint, StreamItem, Usage};
 
 pub struct GatewayService {
@@ -140,7 +140,7 @@ where
                 let total = self.state.body_read_timeout;
                 // The handler takes the caller from here instead of authenticating again.
                 let mut req = req.map(|b| {
-                    tonic::body::Body::new(crate::app::DeadlineBody::new(
+                    tonic::body::Body::new(crate::listener::DeadlineBody::new(
                         b,
                         total,
                         Some(on_timeout),

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use axum::http::StatusCode;
 use securellm_common::time::now_ms;
 
-use crate::app::AppState;
 use crate::audit::AuditEntry;
 use crate::error::ApiError;
 use crate::pipeline::Caller;
+use crate::state::AppState;
 
 /// The counts of requests in progress.
 #[derive(Clone)]

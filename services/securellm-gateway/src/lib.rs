@@ -13,7 +13,9 @@
 //! - [`ratelimit`]: requests / tokens per minute and concurrency per subject; failed-auth limits.
 //! - [`redact`]: secrets in prompts bound for cloud upstreams.
 //! - [`audit`]: the hash-chained, group-committed audit log.
-//! - [`upstream`]: the local backend manager over gRPC.
+//! - [`state`]: what the request path shares ([`state::AppState`]).
+//! - [`upstream`]: the [`upstream::Upstream`] seam and the routing table; the local backend
+//!   manager over gRPC.
 //! - [`cloud`]: OpenAI-compatible cloud upstreams (redacted prompts).
 //! - [`error`]: OpenAI-shaped errors.
 //! - [`validate`]: the OpenAI request schema, checked before routing; the `max_tokens` cap.
@@ -32,6 +34,7 @@ pub mod listener;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod redact;
+pub mod state;
 pub mod upstream;
 pub mod validate;
 
@@ -82,7 +85,7 @@ pub enum StartError {
 pub struct RunningGateway {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
-    pub state: app::Shared,
+    pub state: state::Shared,
     stop: Option<oneshot::Sender<()>>,
     http_stop: Option<oneshot::Sender<()>>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -177,16 +180,18 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         },
     )
     .await?;
-    let state = Arc::new(app::AppState {
+    let local = upstream::Local::new(channel(&cfg.backend, cfg)?, channel(&cfg.registry, cfg)?);
+    let state = Arc::new(state::AppState {
         keys,
         jwt,
-        clouds,
+        upstreams: upstream::Upstreams {
+            remote: clouds
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn upstream::Upstream>)
+                .collect(),
+            local: Arc::new(local),
+        },
         redactor,
-        local: upstream::Local::new(channel(&cfg.backend, cfg)?),
-        registry: securellm_proto::v1::model_registry_client::ModelRegistryClient::new(channel(
-            &cfg.registry,
-            cfg,
-        )?),
         audit,
         limits: ratelimit::RateLimiter::new(),
         inflight: inflight::InFlight::new(

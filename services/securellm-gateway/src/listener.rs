@@ -497,7 +497,7 @@ where
         } else {
             let total = self.body_timeout;
             req.map(|b| {
-                tonic::body::Body::new(crate::app::DeadlineBody::new(
+                tonic::body::Body::new(DeadlineBody::new(
                     b,
                     total,
                     Some(Box::new(|| {
@@ -761,6 +761,82 @@ where
             self.guard = None;
         }
         r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The error of a body that did not arrive by its deadline.
+#[derive(Debug)]
+pub struct BodyTimedOut;
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body did not arrive in time")
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body that must arrive completely by a fixed deadline, however its bytes trickle in
+/// (a gap timer alone lets a client send a byte every few seconds forever). Data that is ready is
+/// always delivered; the deadline only ends a wait. On expiry it fails with `on_timeout()` (or
+/// [`BodyTimedOut`]).
+pub struct DeadlineBody<B> {
+    inner: B,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    on_timeout: Option<Box<dyn FnOnce() -> BoxError + Send>>,
+}
+
+impl<B> DeadlineBody<B> {
+    pub fn new(
+        inner: B,
+        total: Duration,
+        on_timeout: Option<Box<dyn FnOnce() -> BoxError + Send>>,
+    ) -> Self {
+        Self {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(total)),
+            on_timeout,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for DeadlineBody<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let e = match self.on_timeout.take() {
+                        Some(f) => f(),
+                        None => Box::new(BodyTimedOut),
+                    };
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -18,12 +18,15 @@ use futures::{Stream, StreamExt};
 use securellm_common::time::now_ms;
 use serde_json::Value;
 
-use crate::app::{AppState, Shared};
 use crate::audit::AuditEntry;
 use crate::error::ApiError;
 use crate::keys::KeyRecord;
 use crate::ratelimit::{Admission, Limits};
-use crate::upstream::{Endpoint, ItemStream, Local, StreamAnswer, StreamItem, Usage};
+use crate::state::{AppState, Shared};
+pub use crate::upstream::ModelEntry;
+use crate::upstream::{
+    Endpoint, ItemStream, Reach, StreamAnswer, StreamItem, UpstreamRequest, Usage,
+};
 
 /// Who is calling.
 #[derive(Clone, Debug)]
@@ -137,20 +140,8 @@ pub fn authenticate(
     })
 }
 
-/// One model the caller may use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelEntry {
-    pub id: String,
-    pub owned_by: String,
-    pub created: u64,
-    /// "local" or the cloud upstream's name.
-    pub upstream: String,
-    /// Registry id for local models.
-    pub registry_id: String,
-}
-
-/// The models `caller` may use: local ones from the registry, then configured cloud ones (exact
-/// names only; patterns are not listable). Audited.
+/// The models `caller` may use: each upstream's in routing table order (local ones from the
+/// registry, then configured cloud ones, exact names only; patterns are not listable). Audited.
 pub async fn list_models(
     st: &Shared,
     caller: &Caller,
@@ -158,36 +149,19 @@ pub async fn list_models(
     endpoint: &str,
 ) -> Result<Vec<ModelEntry>, ApiError> {
     let started = Instant::now();
-    let mut reg = st.registry.clone();
-    let out = Local::models(&mut reg).await.map(|ms| {
-        let mut data: Vec<ModelEntry> = ms
-            .into_iter()
-            .filter(|m| caller.key.allows(&m.name))
-            .map(|m| ModelEntry {
-                id: m.name,
-                owned_by: "securellm".into(),
-                created: m.first_seen_ms / 1000,
-                upstream: "local".into(),
-                registry_id: m.id,
-            })
-            .collect();
-        for c in &st.clouds {
-            for m in c
-                .models
-                .iter()
-                .filter(|m| !m.contains('*') && !m.contains('?') && caller.key.allows(m))
-            {
-                data.push(ModelEntry {
-                    id: m.clone(),
-                    owned_by: c.name.clone(),
-                    created: 0,
-                    upstream: c.name.clone(),
-                    registry_id: String::new(),
-                });
-            }
+    let out = async {
+        let mut data = Vec::new();
+        for u in st.upstreams.all() {
+            data.extend(
+                u.models()
+                    .await?
+                    .into_iter()
+                    .filter(|m| caller.key.allows(&m.id)),
+            );
         }
-        data
-    });
+        Ok::<_, ApiError>(data)
+    }
+    .await;
     let entry = AuditEntry {
         time_ms: now_ms(),
         request_id: request_id.to_string(),
@@ -595,9 +569,12 @@ async fn infer_inner(
         .and_then(Value::as_bool)
         .unwrap_or(false);
     // Validate: the OpenAI schema, and the `max_tokens` cap (filled in for local models).
-    let cloud = crate::cloud::route(&st.clouds, &model);
+    // Route: a cloud upstream if one serves the model, else the local backend manager.
+    let upstream = st.upstreams.route(&model);
+    let reach = upstream.reach();
     let cap = crate::validate::cap(st.max_tokens_cap, caller.key.max_tokens);
-    let checked = crate::validate::check(endpoint, &mut v, &model, cloud.is_some(), cap)?;
+    let remote = matches!(reach, Reach::Remote(_));
+    let checked = crate::validate::check(endpoint, &mut v, &model, remote, cap)?;
     // Rate-limit: the state belongs to the key (its id), never to its free-text name or subject.
     // The token reservation covers the generation bound; the real usage is settled at the end.
     let limits = Limits {
@@ -639,51 +616,55 @@ async fn infer_inner(
         settled: false,
         relayed: 0,
     };
-    // Route: a cloud upstream if one serves the model, else the local backend manager.
-    if let Some(cloud) = cloud {
-        audit.entry.upstream = cloud.name.clone();
-        // Redact: every string leaving the machine (the body's, and the request id it is sent
-        // with) passes the upstream's policy first.
-        let mut upstream_rid = rid.to_string();
-        match st
-            .redactor
-            .apply_to_upstream(&mut v, &mut upstream_rid, cloud.policy)
-        {
-            Ok(n) => audit.entry.redactions = u32::try_from(n).unwrap_or(u32::MAX),
-            Err(blocked) => {
-                return Err(ApiError::bad_request(format!(
-                    "The request was blocked: it contains secrets ({}) and upstream {} does not accept them.",
-                    blocked.kinds.join(", "),
-                    cloud.name
-                ))
-                .code("secret_detected"));
+    if upstream.name() != audit.entry.upstream {
+        audit.entry.upstream = upstream.name().to_string();
+    }
+    // Redact: every string leaving the machine (the body's, and the request id it is sent with)
+    // passes the upstream's policy first.
+    let redacted_rid;
+    let upstream_rid = match reach {
+        Reach::Local => rid,
+        Reach::Remote(policy) => {
+            let mut r = rid.to_string();
+            match st.redactor.apply_to_upstream(&mut v, &mut r, policy) {
+                Ok(n) => audit.entry.redactions = u32::try_from(n).unwrap_or(u32::MAX),
+                Err(blocked) => {
+                    return Err(ApiError::bad_request(format!(
+                        "The request was blocked: it contains secrets ({}) and upstream {} does not accept them.",
+                        blocked.kinds.join(", "),
+                        upstream.name()
+                    ))
+                    .code("secret_detected"));
+                }
             }
+            redacted_rid = r;
+            &redacted_rid
         }
-        if let Value::Object(m) = &mut v
-            && endpoint != Endpoint::Embeddings
-        {
-            m.insert("stream".into(), Value::Bool(stream));
-            if stream {
-                // Always ask for the usage chunk, to count tokens; relayed only when asked for.
-                m.insert(
-                    "stream_options".into(),
-                    serde_json::json!({"include_usage": true}),
-                );
-            }
+    };
+    upstream.prepare(endpoint, &mut v, stream);
+    // Forward: the validated body, re-serialised, so that no parser difference (duplicate
+    // keys...) reaches the engine.
+    let request = UpstreamRequest {
+        endpoint,
+        model: &model,
+        body: Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+        request_id: upstream_rid,
+        caller: &caller.key.subject,
+        priority: caller.key.priority,
+        deadline_ms: now_ms() + st.request_timeout.as_millis() as u64,
+        timeout: st.request_timeout,
+        relay_usage,
+    };
+    let reply = if !stream {
+        let a = upstream.complete(request).await?;
+        Reply::Complete {
+            status: a.status,
+            body: a.body,
+            usage: a.usage,
         }
-        let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
-        let reply = match cloud
-            .call(
-                endpoint,
-                body,
-                &upstream_rid,
-                stream,
-                relay_usage,
-                st.request_timeout,
-            )
-            .await?
-        {
-            crate::cloud::CloudAnswer::Complete {
+    } else {
+        match upstream.stream(request).await? {
+            StreamAnswer::Refused {
                 status,
                 body,
                 usage,
@@ -691,56 +672,6 @@ async fn infer_inner(
                 status,
                 body,
                 usage,
-            },
-            crate::cloud::CloudAnswer::Stream { status, items } => {
-                audit.entry.status = status;
-                Reply::Stream(items)
-            }
-        };
-        return Ok((reply, rl_headers, finish));
-    }
-    // Forward to the backend manager (it sets `stream` / `stream_options` itself): the validated
-    // body, re-serialised, so that no parser difference (duplicate keys...) reaches the engine.
-    let body = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
-    let deadline = now_ms() + st.request_timeout.as_millis() as u64;
-    let who = &caller.key.subject;
-    let reply = if !stream {
-        let a = st
-            .local
-            .call(
-                endpoint,
-                &model,
-                body,
-                rid,
-                who,
-                deadline,
-                caller.key.priority,
-            )
-            .await?;
-        Reply::Complete {
-            status: a.status,
-            body: a.body,
-            usage: a.usage,
-        }
-    } else {
-        match st
-            .local
-            .stream(
-                endpoint,
-                &model,
-                body,
-                rid,
-                who,
-                deadline,
-                relay_usage,
-                caller.key.priority,
-            )
-            .await?
-        {
-            StreamAnswer::Refused { status, body } => Reply::Complete {
-                status,
-                body,
-                usage: Usage::default(),
             },
             StreamAnswer::Streaming(items) => Reply::Stream(items),
             StreamAnswer::Waiting {
