@@ -75,9 +75,14 @@ bench-estimate:
 bench-backend:
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)" $(CARGO) run --release -p securellm-bench -- backend
 
+# nginx is the zero-work reverse proxy the gateway is measured against (Debian's `nginx` package:
+# the binary, proxy module included); installed here once if missing.
+BENCH_GATEWAY_ARGS ?= --seconds 5
 bench-gateway:
+	@test -n "$$SECURELLM_BENCH_NGINX" || test -x /usr/sbin/nginx || command -v nginx >/dev/null || \
+		sudo -n apt-get install -y --no-install-recommends nginx || apt-get install -y --no-install-recommends nginx
 	$(CARGO) build --release -p securellm-gateway
-	$(CARGO) run --release -p securellm-bench -- gateway
+	$(CARGO) run --release -p securellm-bench -- gateway $(BENCH_GATEWAY_ARGS)
 
 bench-swap:
 	$(CARGO) build --release -p securellm-gateway

@@ -1,8 +1,10 @@
-//! Gateway overhead: a fast mock OpenAI upstream (Rust, loopback) called directly vs through the
-//! gateway binary (API-key auth, a rate limit high enough never to trigger, audit on), at
-//! concurrency 1, 16 and 64; the gateway's RSS; and time to first byte of a 50-chunk stream.
+//! Gateway overhead: a fast mock OpenAI upstream (Rust, loopback) called directly, through nginx
+//! as a zero-work reverse proxy (the ceiling of any proxy hop on this benchmark), and through the
+//! gateway binary (API-key auth, a rate limit high enough never to trigger, redaction scan, audit
+//! on), at concurrency 1, 16 and 64 with the same load generator; 50-chunk streams at
+//! concurrency 16 (streams/s, time to first byte); each proxy's CPU per request; the gateway's RSS.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -19,9 +21,20 @@ pub struct Args {
     /// Seconds per measured run.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Record a `perf` profile of the gateway process during its concurrency-64 run into this
+    /// file (needs `perf` on PATH).
+    #[arg(long)]
+    perf_record: Option<PathBuf>,
+    /// `perf record --call-graph` mode for `--perf-record` (`fp`, `dwarf,8192`, ...).
+    #[arg(long, default_value = "dwarf,8192")]
+    perf_call_graph: String,
 }
 
 const REPLY: &str = r#"{"id":"chatcmpl-mock","object":"chat.completion","created":1,"model":"mock-model","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+const BODY: &str =
+    r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#;
+const STREAM_BODY: &str =
+    r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
 
 async fn mock(body: String) -> axum::response::Response {
     use axum::response::IntoResponse;
@@ -41,10 +54,83 @@ async fn mock(body: String) -> axum::response::Response {
     ([("content-type", "application/json")], REPLY).into_response()
 }
 
+/// One way to reach the mock: its URL, the API key it wants, and the processes whose CPU time
+/// counts as that hop's cost (none for direct).
+struct Target {
+    name: &'static str,
+    url: String,
+    key: Option<String>,
+    pids: Vec<u32>,
+}
+
+/// One measured run: latencies (or times to first byte, for streams), and the CPU time the
+/// proxy's processes and the benchmark process (load generator + mock) spent during it.
+struct Run {
+    s: Samples,
+    proxy_cpu_s: f64,
+    bench_cpu_s: f64,
+}
+
+impl Run {
+    /// CPU microseconds per request (or stream) of the proxy / of the benchmark process.
+    fn proxy_us(&self) -> f64 {
+        self.proxy_cpu_s * 1e6 / (self.s.latencies_us.len() as f64).max(1.0)
+    }
+    fn bench_us(&self) -> f64 {
+        self.bench_cpu_s * 1e6 / (self.s.latencies_us.len() as f64).max(1.0)
+    }
+}
+
+/// utime + stime of `pid` (all its threads, live and exited) in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0 // USER_HZ is 100 on Linux
+}
+
+fn cpu_sum(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| cpu_s(p)).sum()
+}
+
+async fn measured<F: Future<Output = anyhow::Result<Samples>>>(
+    t: &Target,
+    f: F,
+) -> anyhow::Result<Run> {
+    let me = std::process::id();
+    let (p0, b0) = (cpu_sum(&t.pids), cpu_s(me));
+    let s = f.await?;
+    Ok(Run {
+        s,
+        proxy_cpu_s: cpu_sum(&t.pids) - p0,
+        bench_cpu_s: cpu_s(me) - b0,
+    })
+}
+
+fn request(http: &reqwest::Client, t: &Target, body: &'static str) -> reqwest::RequestBuilder {
+    let r = http
+        .post(&t.url)
+        .header("content-type", "application/json")
+        .body(body);
+    match &t.key {
+        Some(k) => r.bearer_auth(k),
+        None => r,
+    }
+}
+
+/// `c` clients, each sending non-streaming requests back to back for `dur`; per-request latency.
 async fn run_load(
     http: &reqwest::Client,
-    url: &str,
-    key: Option<&str>,
+    t: &Target,
     c: usize,
     dur: Duration,
 ) -> anyhow::Result<Samples> {
@@ -52,21 +138,16 @@ async fn run_load(
     let deadline = start + dur;
     let mut tasks = Vec::new();
     for _ in 0..c {
-        let http = http.clone();
-        let url = url.to_string();
-        let key = key.map(str::to_string);
+        let r = request(http, t, BODY);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let mut r = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#);
-                if let Some(k) = &key {
-                    r = r.bearer_auth(k);
-                }
-                let resp = r.send().await?;
+                let resp = r
+                    .try_clone()
+                    .ok_or_else(|| anyhow::anyhow!("request not clonable"))?
+                    .send()
+                    .await?;
                 anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
                 resp.bytes().await?;
                 lat.push(t.elapsed().as_secs_f64() * 1e6);
@@ -81,21 +162,57 @@ async fn run_load(
     Ok(Samples::new(all, start.elapsed()))
 }
 
-async fn ttfb(http: &reqwest::Client, url: &str, key: Option<&str>) -> anyhow::Result<f64> {
+/// `c` clients, each reading 50-chunk streams to the end back to back for `dur`; per-stream time
+/// to first byte (the samples) — streams/s is the samples' rate.
+async fn run_streams(
+    http: &reqwest::Client,
+    t: &Target,
+    c: usize,
+    dur: Duration,
+) -> anyhow::Result<Samples> {
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let r = request(http, t, STREAM_BODY);
+        tasks.push(tokio::spawn(async move {
+            let mut ttfb = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let resp = r
+                    .try_clone()
+                    .ok_or_else(|| anyhow::anyhow!("request not clonable"))?
+                    .send()
+                    .await?;
+                anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
+                let mut s = resp.bytes_stream();
+                s.next().await.transpose()?;
+                ttfb.push(t.elapsed().as_secs_f64() * 1e6);
+                let mut done = false;
+                while let Some(chunk) = s.next().await {
+                    done |= chunk?.windows(6).any(|w| w == b"[DONE]");
+                }
+                anyhow::ensure!(done, "stream ended without [DONE]");
+            }
+            anyhow::Ok(ttfb)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(Samples::new(all, start.elapsed()))
+}
+
+/// Median time to first byte of 50 streams one after the other (no other load).
+async fn ttfb(http: &reqwest::Client, t: &Target) -> anyhow::Result<f64> {
     let mut v = Vec::new();
     for _ in 0..50 {
-        let t = Instant::now();
-        let mut r = http
-            .post(url)
-            .header("content-type", "application/json")
-            .body(r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#);
-        if let Some(k) = key {
-            r = r.bearer_auth(k);
-        }
-        let resp = r.send().await?;
+        let start = Instant::now();
+        let resp = request(http, t, STREAM_BODY).send().await?;
         let mut s = resp.bytes_stream();
         s.next().await;
-        v.push(t.elapsed().as_secs_f64() * 1e6);
+        v.push(start.elapsed().as_secs_f64() * 1e6);
         while s.next().await.is_some() {}
     }
     v.sort_by(f64::total_cmp);
@@ -156,6 +273,216 @@ pub(crate) async fn spawn_gateway(
     Ok((child, ready))
 }
 
+/// The nginx binary: `SECURELLM_BENCH_NGINX`, else `/usr/sbin/nginx`, else `nginx` on PATH.
+fn find_nginx() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SECURELLM_BENCH_NGINX") {
+        return Ok(p.into());
+    }
+    let sbin = PathBuf::from("/usr/sbin/nginx");
+    if sbin.is_file() {
+        return Ok(sbin);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("nginx"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "nginx not found (the baseline proxy): apt-get install nginx, or set SECURELLM_BENCH_NGINX"
+            )
+        })
+}
+
+/// nginx as a zero-work reverse proxy in front of the mock, from a generated config in `dir`:
+/// one worker process per core (what the gateway's tokio runtime runs by default), HTTP/1.1 to
+/// a keep-alive upstream pool, no access log, no response buffering (streams pass chunk by
+/// chunk, like the gateway's). Killed (master and workers) when dropped.
+struct Nginx {
+    child: std::process::Child,
+    workers: Vec<u32>,
+}
+
+impl Nginx {
+    async fn start(
+        dir: &Path,
+        upstream: std::net::SocketAddr,
+        workers: usize,
+    ) -> anyhow::Result<(Self, u16)> {
+        let bin = find_nginx()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let d = dir.display();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"daemon off;
+master_process on;
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+    upstream mock {{
+        server {upstream};
+        keepalive 256;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+            ),
+        )?;
+        let child = std::process::Command::new(&bin)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
+        let mut n = Nginx {
+            child,
+            workers: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = n.child.try_wait()? {
+                let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+                anyhow::bail!("nginx exited ({st}): {log}");
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                n.workers = children_of(n.child.id());
+                if n.workers.len() >= workers {
+                    break;
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "nginx did not start listening");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok((n, port))
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.child.id())
+            .chain(self.workers.iter().copied())
+            .collect()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM to the master: it stops its workers and exits.
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for w in &self.workers {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(w.to_string())
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// `perf record` attached to `pid` until stopped (SIGINT, so it writes its file).
+struct Perf(std::process::Child);
+
+impl Perf {
+    fn start(pid: u32, out: &Path, call_graph: &str) -> anyhow::Result<Self> {
+        let child = std::process::Command::new("perf")
+            .args(["record", "-F", "499", "--call-graph", call_graph, "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("perf: {e}"))?;
+        // Give it time to attach before the load starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Perf(child))
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        std::process::Command::new("kill")
+            .arg("-INT")
+            .arg(self.0.id().to_string())
+            .status()?;
+        self.0.wait()?;
+        Ok(())
+    }
+}
+
+fn row(name: &str, r: &Run) -> String {
+    format!(
+        "{name:<8} {:>8.0} req/s p50 {:>6.0} us p99 {:>6.0} us | cpu/req: proxy {:>5.1} us, client+mock {:>5.1} us",
+        r.s.ops_per_s(),
+        r.s.percentile(50.0),
+        r.s.percentile(99.0),
+        r.proxy_us(),
+        r.bench_us()
+    )
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
 pub async fn run(a: Args) -> anyhow::Result<()> {
     // The mock upstream.
     let app = axum::Router::new().route("/v1/chat/completions", post(mock));
@@ -184,6 +511,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_string();
     let pid = child.id().unwrap_or(0);
+
+    // nginx with as many workers as the gateway has runtime threads (its default: one per core).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ngx_dir = tempfile::tempdir()?;
+    let (nginx, ngx_port) = Nginx::start(ngx_dir.path(), mock_addr, cores).await?;
 
     // A key with limits far above what the benchmark can reach.
     let token = std::fs::read_to_string(dir.path().join("data/admin-token"))?
@@ -219,44 +551,135 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .pool_max_idle_per_host(256)
         .tcp_nodelay(true)
         .build()?;
-    let direct = format!("http://{mock_addr}/v1/chat/completions");
-    let via = format!("http://{http_addr}/v1/chat/completions");
+    let targets = [
+        Target {
+            name: "direct",
+            url: format!("http://{mock_addr}/v1/chat/completions"),
+            key: None,
+            pids: Vec::new(),
+        },
+        Target {
+            name: "nginx",
+            url: format!("http://127.0.0.1:{ngx_port}/v1/chat/completions"),
+            key: None,
+            pids: nginx.pids(),
+        },
+        Target {
+            name: "gateway",
+            url: format!("http://{http_addr}/v1/chat/completions"),
+            key: Some(key),
+            pids: vec![pid],
+        },
+    ];
     let dur = Duration::from_secs_f64(a.seconds);
-    run_load(&http, &via, Some(&key), 8, Duration::from_millis(500)).await?;
-    run_load(&http, &direct, None, 8, Duration::from_millis(500)).await?;
-    let mut results = Vec::new();
+    println!(
+        "{cores} cores; {:.1} s per run; nginx {} worker(s); the same mock and load generator for all three",
+        a.seconds, cores
+    );
+    for t in &targets {
+        run_load(&http, t, 8, Duration::from_millis(500)).await?;
+    }
+    // results[c][target]
+    let mut results: Vec<Vec<Run>> = Vec::new();
     for c in [1usize, 16, 64] {
-        let d = run_load(&http, &direct, None, c, dur).await?;
-        let g = run_load(&http, &via, Some(&key), c, dur).await?;
+        let mut runs = Vec::new();
+        for t in &targets {
+            let perf = match (&a.perf_record, t.name, c) {
+                (Some(out), "gateway", 64) => Some(Perf::start(pid, out, &a.perf_call_graph)?),
+                _ => None,
+            };
+            let r = measured(t, run_load(&http, t, c, dur)).await?;
+            if let Some(p) = perf {
+                p.stop()?;
+            }
+            println!("c={c:<3} {}", row(t.name, &r));
+            runs.push(r);
+        }
+        results.push(runs);
+    }
+    let mut streams = Vec::new();
+    for t in &targets {
+        let r = measured(t, run_streams(&http, t, 16, dur)).await?;
         println!(
-            "c={c:<3} direct {:>8.0} req/s p50 {:>7.0} us p99 {:>7.0} us | gateway {:>8.0} req/s p50 {:>7.0} us p99 {:>7.0} us",
-            d.ops_per_s(),
-            d.percentile(50.0),
-            d.percentile(99.0),
-            g.ops_per_s(),
-            g.percentile(50.0),
-            g.percentile(99.0)
+            "stream c=16 {:<8} {:>7.0} streams/s ttfb p50 {:>6.0} us p99 {:>6.0} us | cpu/stream: proxy {:>6.1} us, client+mock {:>6.1} us",
+            t.name,
+            r.s.ops_per_s(),
+            r.s.percentile(50.0),
+            r.s.percentile(99.0),
+            r.proxy_us(),
+            r.bench_us()
         );
-        results.push((c, d, g));
+        streams.push(r);
     }
     let rss = rss_mib(pid);
-    let t_direct = ttfb(&http, &direct, None).await?;
-    let t_via = ttfb(&http, &via, Some(&key)).await?;
+    let mut seq_ttfb = Vec::new();
+    for t in &targets {
+        seq_ttfb.push(ttfb(&http, t).await?);
+    }
     println!(
-        "gateway RSS after the runs: {rss:.1} MiB; TTFB (50-chunk stream, median of 50): direct {t_direct:.0} us, gateway {t_via:.0} us"
+        "gateway RSS after the runs: {rss:.1} MiB; TTFB (50-chunk stream, one at a time, median of 50): direct {:.0} us, nginx {:.0} us, gateway {:.0} us",
+        seq_ttfb[0], seq_ttfb[1], seq_ttfb[2]
     );
     let _ = child.start_kill();
-    let (_, d16, g16) = &results[1];
-    let (_, d64, g64) = &results[2];
+    drop(nginx);
+
+    let p99 = |c: usize, t: usize| results[c][t].s.percentile(99.0);
+    let p50 = |c: usize, t: usize| results[c][t].s.percentile(50.0);
+    let rps = |c: usize, t: usize| results[c][t].s.ops_per_s();
+    let (d, n, g) = (0, 1, 2);
+    let gateway_vs_direct = rps(2, g) / rps(2, d).max(1e-9);
+    let gateway_vs_nginx = rps(2, g) / rps(2, n).max(1e-9);
+    let nginx_vs_direct = rps(2, n) / rps(2, d).max(1e-9);
+    let added_p99 = p99(1, g) - p99(1, d);
+    let nginx_added_p99 = p99(1, n) - p99(1, d);
+    let sps = |t: usize| streams[t].s.ops_per_s();
+    let sttfb = |t: usize| streams[t].s.percentile(50.0);
+    let stream_vs_nginx = sps(g) / sps(n).max(1e-9);
+    let ttfb_vs_nginx = sttfb(g) - sttfb(n);
+    let targets_met = [
+        gateway_vs_nginx >= 0.8,
+        added_p99 - nginx_added_p99 <= 500.0,
+        stream_vs_nginx >= 0.8,
+        ttfb_vs_nginx <= 300.0,
+    ];
     println!(
-        "RESULT added_p99_us_c16={:.0} added_p50_us_c16={:.0} gateway_vs_direct_x={:.2} gateway_rps_c64={:.0} direct_rps_c64={:.0} gateway_rss_mib={:.1} ttfb_added_us={:.0}",
-        g16.percentile(99.0) - d16.percentile(99.0),
-        g16.percentile(50.0) - d16.percentile(50.0),
-        g64.ops_per_s() / d64.ops_per_s().max(1e-9),
-        g64.ops_per_s(),
-        d64.ops_per_s(),
-        rss,
-        t_via - t_direct
+        "target: throughput at c=64 >= 0.8 x nginx's: {} ({gateway_vs_nginx:.2} x; nginx itself {nginx_vs_direct:.2} x direct, the gateway {gateway_vs_direct:.2} x)",
+        met(targets_met[0])
+    );
+    println!(
+        "target: added p99 at c=16 within 0.5 ms of nginx's: {} (gateway +{added_p99:.0} us, nginx +{nginx_added_p99:.0} us over direct)",
+        met(targets_met[1])
+    );
+    println!(
+        "target: streams/s at c=16 >= 0.8 x nginx's: {} ({stream_vs_nginx:.2} x; nginx {:.2} x direct)",
+        met(targets_met[2]),
+        sps(n) / sps(d).max(1e-9)
+    );
+    println!(
+        "target: stream TTFB (p50 at c=16) within 0.3 ms of nginx's: {} (gateway {:.0} us, nginx {:.0} us, direct {:.0} us)",
+        met(targets_met[3]),
+        sttfb(g),
+        sttfb(n),
+        sttfb(d)
+    );
+    println!(
+        "gateway CPU per request at c=64: {:.1} us (nginx {:.1} us; client+mock in the direct run {:.1} us)",
+        results[2][g].proxy_us(),
+        results[2][n].proxy_us(),
+        results[2][d].bench_us()
+    );
+    println!(
+        "RESULT added_p99_us_c16={added_p99:.0} added_p50_us_c16={:.0} gateway_vs_direct_x={gateway_vs_direct:.2} gateway_rps_c64={:.0} direct_rps_c64={:.0} gateway_rss_mib={rss:.1} ttfb_added_us={:.0} gateway_vs_nginx_x={gateway_vs_nginx:.2} nginx_vs_direct_x={nginx_vs_direct:.2} nginx_rps_c64={:.0} nginx_added_p99_us_c16={nginx_added_p99:.0} stream_gateway_vs_nginx_x={stream_vs_nginx:.2} stream_nginx_vs_direct_x={:.2} gateway_streams_per_s_c16={:.0} ttfb_added_vs_nginx_us={ttfb_vs_nginx:.0} gateway_cpu_us_per_req_c64={:.1} nginx_cpu_us_per_req_c64={:.1} targets_met={}/4",
+        p50(1, g) - p50(1, d),
+        rps(2, g),
+        rps(2, d),
+        seq_ttfb[2] - seq_ttfb[0],
+        rps(2, n),
+        sps(n) / sps(d).max(1e-9),
+        sps(g),
+        results[2][g].proxy_us(),
+        results[2][n].proxy_us(),
+        targets_met.iter().filter(|&&m| m).count()
     );
     Ok(())
 }
