@@ -54,7 +54,7 @@ pub struct ModelRef {
 }
 
 /// Why a request could not be served.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InstanceError {
     #[error("{0}")]
     Unavailable(String),

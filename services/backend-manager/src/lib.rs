@@ -3,6 +3,8 @@
 //! - [`backend`]: engines behind one trait: llama.cpp (tested for real), Ollama, vLLM, TGI (tested
 //!   against fakes of their HTTP APIs and command lines).
 //! - [`process`]: supervised children (own process group, die with the manager, no zombies).
+//! - [`lifecycle`]: an instance's life cycle as a pure state machine (`step(state, event, now)`
+//!   → new state and actions), unit-tested without processes.
 //! - [`instance`]: one actor per model instance (load on demand, single flight, idle unload,
 //!   eviction, crash recovery).
 //! - [`manager`]: model resolution, the routing table, the scheduler watch (evictions, re-attach).
@@ -15,6 +17,7 @@ pub mod config;
 pub mod forward;
 pub mod grpc;
 pub mod instance;
+pub mod lifecycle;
 pub mod manager;
 pub mod process;
 
