@@ -10,6 +10,8 @@
 #   BACKEND_LISTEN      backend-manager's gRPC address (default 127.0.0.1:50053)
 #   GATEWAY_LISTEN      securellm-gateway's gRPC address (default 127.0.0.1:50054)
 #   GATEWAY_HTTP_LISTEN securellm-gateway's OpenAI HTTP address (default 127.0.0.1:8088)
+#   SECURELLM_STACK_FILE where to tell the CLI and the MCP server about this stack (default
+#                       ${XDG_STATE_HOME:-~/.local/state}/securellm/stack; removed on stop)
 #   SECURELLM_INTERNAL_TOKEN_FILE
 #                       the internal token the services require of each other and of the CLI
 #                       (default $DATA_DIR/internal-token; the first service creates it, mode 0600)
@@ -30,6 +32,8 @@ BACKEND_LISTEN="${BACKEND_LISTEN:-127.0.0.1:50053}"
 GATEWAY_LISTEN="${GATEWAY_LISTEN:-127.0.0.1:50054}"
 GATEWAY_HTTP_LISTEN="${GATEWAY_HTTP_LISTEN:-127.0.0.1:8088}"
 mkdir -p "$DATA_DIR/logs"
+DATA_DIR="$(cd "$DATA_DIR" && pwd)"
+STACK_FILE="${SECURELLM_STACK_FILE:-${XDG_STATE_HOME:-$HOME/.local/state}/securellm/stack}"
 # One internal token for the four services and the CLI: nobody without it calls the scheduler,
 # the registry or the backend manager around the gateway.
 export SECURELLM_INTERNAL_TOKEN_FILE="${SECURELLM_INTERNAL_TOKEN_FILE:-$DATA_DIR/internal-token}"
@@ -75,6 +79,10 @@ cleanup() {
   for (( i=${#PIDS[@]}-1; i>=0; i-- )); do
     stop "${PIDS[$i]}"
   done
+  # The stack file, if it is still this stack's (another `make run` may have replaced it).
+  if [ -f "$STACK_FILE" ] && grep -qx "PID=$$" "$STACK_FILE" 2>/dev/null; then
+    rm -f "$STACK_FILE"
+  fi
   echo "stopped"
 }
 trap 'cleanup; exit 130' INT
@@ -141,13 +149,34 @@ HTTP="$(ready_addr http)"
 KEY="$(head -n 1 "$DATA_DIR/api-key")"
 MODEL="$("$BIN/securellm" --registry "$REGISTRY" models 2>/dev/null | awk 'NR==2 {print $1}' || true)"
 MODEL="${MODEL:-tiny}"
-# The CLI's defaults are the default addresses and ~/.local/share/securellm/internal-token; name
-# the others.
+# The CLI and the MCP server find this stack through the stack file (what no flag or variable
+# sets); written atomically, for this user only.
+mkdir -p "$(dirname "$STACK_FILE")"
+(
+  umask 077
+  cat > "$STACK_FILE.tmp.$$" <<STACK
+# written by scripts/run-stack.sh; removed when it stops
+PID=$$
+SECURELLM_DATA_DIR=$DATA_DIR
+SECURELLM_SCHEDULER=$SCHEDULER
+SECURELLM_REGISTRY=$REGISTRY
+SECURELLM_BACKEND=$BACKEND
+SECURELLM_GATEWAY=$GATEWAY
+SECURELLM_GATEWAY_HTTP=$HTTP
+SECURELLM_INTERNAL_TOKEN_FILE=$SECURELLM_INTERNAL_TOKEN_FILE
+STACK
+  mv -f "$STACK_FILE.tmp.$$" "$STACK_FILE"
+)
+# For another machine or user, the exports say the same (the defaults are the default addresses and
+# ~/.local/share/securellm).
 EXPORTS=""
 if [ "$SCHEDULER $REGISTRY $BACKEND $GATEWAY" != \
      "127.0.0.1:50051 127.0.0.1:50052 127.0.0.1:50053 127.0.0.1:50054" ]; then
   EXPORTS=" SECURELLM_SCHEDULER=$SCHEDULER SECURELLM_REGISTRY=$REGISTRY"
   EXPORTS+=" SECURELLM_BACKEND=$BACKEND SECURELLM_GATEWAY=$GATEWAY"
+fi
+if [ "$DATA_DIR" != "$HOME/.local/share/securellm" ]; then
+  EXPORTS+=" SECURELLM_DATA_DIR=$DATA_DIR"
 fi
 if [ "$SECURELLM_INTERNAL_TOKEN_FILE" != "$HOME/.local/share/securellm/internal-token" ]; then
   EXPORTS+=" SECURELLM_INTERNAL_TOKEN_FILE=$SECURELLM_INTERNAL_TOKEN_FILE"
@@ -169,7 +198,8 @@ SecureLLM is up.
 
   python3 -c 'from openai import OpenAI; c = OpenAI(base_url="http://$HTTP/v1", api_key="$KEY"); print(c.chat.completions.create(model="$MODEL", messages=[{"role": "user", "content": "Hello"}], max_tokens=32).choices[0].message.content)'
 
-${CLI_EXPORT}  ./target/release/securellm vram | ps | models | audit tail --data-dir $DATA_DIR/gateway
-Ctrl-C stops everything.
+  ./target/release/securellm status | vram | ps | models | keys list | audit tail
+  (the CLI and securellm-mcp find this stack through $STACK_FILE)
+${CLI_EXPORT}Ctrl-C stops everything.
 EOF
 wait

@@ -17,8 +17,10 @@ pub enum AuditAction {
     },
 }
 
+/// The audit database: `<stack data dir>/gateway/gateway-audit.db` (as `make run` lays it out),
+/// or `<dir>/gateway-audit.db` when `dir` is the gateway's own data directory.
 fn db(data_dir: &Path) -> PathBuf {
-    data_dir.join("gateway-audit.db")
+    securellm_client::gateway_file(data_dir, "gateway-audit.db")
 }
 
 pub async fn run(data_dir: &Path, action: AuditAction) -> anyhow::Result<()> {

@@ -51,9 +51,6 @@ enum Command {
     Unload { model: String },
     /// The gateway's tamper-evident audit log: verify the chain, show the newest rows.
     Audit {
-        /// The gateway's data directory.
-        #[arg(long, env = "SECURELLM_DATA_DIR")]
-        data_dir: Option<std::path::PathBuf>,
         #[command(subcommand)]
         action: audit::AuditAction,
     },
@@ -94,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Vram { action } => {
             let token = cli.services.internal_token()?;
-            vram::run(&endpoint(&cli.services.scheduler), &token, action).await
+            vram::run(&endpoint(&cli.services.scheduler()), &token, action).await
         }
         Command::DemoModel { path, bigger } => {
             use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
@@ -114,29 +111,23 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Audit { data_dir, action } => {
-            let dir = data_dir.unwrap_or_else(securellm_common::config::default_data_dir);
-            audit::run(&dir, action).await
-        }
+        Command::Audit { action } => audit::run(&cli.services.data_dir(), action).await,
         Command::Keys { gateway, action } => {
-            keys::run(
-                &endpoint(&gateway.gateway),
-                gateway.admin_token_file,
-                action,
-            )
-            .await
+            let token_file = gateway.admin_token_path(&cli.services.data_dir());
+            keys::run(&endpoint(&gateway.gateway()), Some(token_file), action).await
         }
         Command::Status { gateway, json } => {
             // Without the internal token the services still answer health checks; what needs
             // the token is reported as refused.
             let addrs = status::Addresses {
                 internal_token: cli.services.internal_token().ok(),
-                scheduler: cli.services.scheduler,
-                registry: cli.services.registry,
-                backend: cli.services.backend,
-                gateway: gateway.gateway,
+                scheduler: cli.services.scheduler(),
+                registry: cli.services.registry(),
+                backend: cli.services.backend(),
+                gateway: gateway.gateway(),
             };
-            if !status::run(&addrs, gateway.admin_token_file, json).await? {
+            let token_file = gateway.admin_token_path(&cli.services.data_dir());
+            if !status::run(&addrs, Some(token_file), json).await? {
                 std::process::exit(1);
             }
             Ok(())
@@ -144,19 +135,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Health { addr, service } => health::run(&endpoint(&addr), &service).await,
         Command::Ps => {
             let token = cli.services.internal_token()?;
-            ps::ps(&endpoint(&cli.services.backend), &token).await
+            ps::ps(&endpoint(&cli.services.backend()), &token).await
         }
         Command::Load { model } => {
             let token = cli.services.internal_token()?;
-            ps::load(&endpoint(&cli.services.backend), &token, &model).await
+            ps::load(&endpoint(&cli.services.backend()), &token, &model).await
         }
         Command::Unload { model } => {
             let token = cli.services.internal_token()?;
-            ps::unload(&endpoint(&cli.services.backend), &token, &model).await
+            ps::unload(&endpoint(&cli.services.backend()), &token, &model).await
         }
         Command::Models { action } => {
             let token = cli.services.internal_token()?;
-            models::run(&endpoint(&cli.services.registry), &token, action).await
+            models::run(&endpoint(&cli.services.registry()), &token, action).await
         }
     }
 }

@@ -123,7 +123,8 @@ where
 
 /// Ask all four services at once.
 pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Report {
-    let token = token(admin_token_file).ok().filter(|t| !t.is_empty());
+    // Why there is no token is what the user needs to see ("cannot read <path> (set ...)").
+    let token = token(admin_token_file).map_err(|e| format!("no admin token: {e:#}"));
     let internal = addrs.internal_token.as_ref();
     let scheduler = probe("vram-scheduler", &addrs.scheduler, |ch| async move {
         VramSchedulerClient::new(authenticated(ch, internal))
@@ -140,9 +141,9 @@ pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Re
             .map(|r| r.into_inner().instances)
             .map_err(|s| status_reason(&s))
     });
-    let have_token = token.is_some();
+    let no_token = token.as_ref().err().cloned();
     let gateway = probe("securellm-gateway", &addrs.gateway, |ch| async move {
-        let token = token.ok_or_else(|| "no admin token".to_string())?;
+        let token = token?;
         let mut c = admin_client(ch, &token).map_err(|e| reason(&e))?;
         let r = c
             .query_audit(pb::QueryAuditRequest {
@@ -167,10 +168,10 @@ pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Re
         services: vec![s, r, b, g],
         scheduler,
         models,
-        requests: match requests {
-            _ if !have_token => Requests::Unknown("no admin token".into()),
-            Ok((rows, truncated)) => Requests::Counted { rows, truncated },
-            Err(e) => Requests::Unknown(e),
+        requests: match (no_token, requests) {
+            (Some(why), _) => Requests::Unknown(why),
+            (None, Ok((rows, truncated))) => Requests::Counted { rows, truncated },
+            (None, Err(e)) => Requests::Unknown(e),
         },
     }
 }

@@ -30,6 +30,7 @@ async fn status(addrs: &[String], token_file: &str, extra: &[&str]) -> (Output, 
     let t = Instant::now();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm"))
         .env_remove("SECURELLM_ADMIN_TOKEN")
+        .env("SECURELLM_STACK_FILE", "/nonexistent/securellm-stack")
         .args(["--scheduler", &addrs[0]])
         .args(["--registry", &addrs[1]])
         .args(["--backend", &addrs[2]])
@@ -82,7 +83,11 @@ async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
     }
     assert!(s.contains("GPUS: unknown (vram-scheduler down)"), "{s}");
     assert!(s.contains("MODELS: unknown (backend-manager down)"), "{s}");
-    assert!(s.contains("requests/s: unknown (no admin token)"), "{s}");
+    // The reason names the file it looked for and how to point at another.
+    assert!(
+        s.contains("requests/s: unknown (no admin token: cannot read the admin token /nonexistent/admin-token (set --data-dir"),
+        "{s}"
+    );
 
     let (o, _) = status(&addrs, "/nonexistent/admin-token", &["--json"]).await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -93,7 +98,8 @@ async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
         assert!(v["services"][name]["error"].is_string(), "{v}");
     }
     assert_eq!(v["gpus"], Value::Null);
-    assert_eq!(v["unknown"]["requests"], "no admin token");
+    let why = v["unknown"]["requests"].as_str().unwrap_or_default();
+    assert!(why.starts_with("no admin token: cannot read"), "{v}");
 }
 
 #[tokio::test]

@@ -125,7 +125,7 @@ fn api_key(file: Option<&PathBuf>) -> Result<String, String> {
     }
     let path = file
         .cloned()
-        .unwrap_or_else(|| securellm_common::config::default_data_dir().join("api-key"));
+        .unwrap_or_else(|| securellm_client::data_dir(None).join("api-key"));
     let key = std::fs::read_to_string(&path).map_err(|e| {
         format!(
             "no API key for the gateway: cannot read {} ({e}); set --api-key-file or SECURELLM_API_KEY",

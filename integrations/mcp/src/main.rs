@@ -28,9 +28,10 @@ struct Args {
     services: ServiceArgs,
     #[command(flatten)]
     gateway: GatewayArgs,
-    /// The gateway's OpenAI HTTP API (HOST:PORT or a base URL), used by the `chat` tool.
-    #[arg(long, env = "SECURELLM_GATEWAY_HTTP", default_value = securellm_client::DEFAULT_GATEWAY_HTTP)]
-    gateway_http: String,
+    /// The gateway's OpenAI HTTP API (HOST:PORT or a base URL), used by the `chat` tool
+    /// [default: the running stack's, else 127.0.0.1:8088].
+    #[arg(long, env = "SECURELLM_GATEWAY_HTTP")]
+    gateway_http: Option<String>,
     /// The file holding the gateway API key for `chat` (default: $SECURELLM_API_KEY, else
     /// <data dir>/api-key).
     #[arg(long)]
@@ -52,14 +53,20 @@ async fn main() -> anyhow::Result<()> {
     securellm_common::telemetry::init("warn,securellm_mcp=info");
     securellm_common::tls::install_crypto_provider();
     let internal_token_file = Some(args.services.internal_token_path());
+    let data_dir = args.services.data_dir();
     let cfg = Config {
-        scheduler: args.services.scheduler,
-        registry: args.services.registry,
-        backend: args.services.backend,
-        gateway: args.gateway.gateway,
-        gateway_http: args.gateway_http,
-        api_key_file: args.api_key_file,
-        admin_token_file: args.gateway.admin_token_file,
+        scheduler: args.services.scheduler(),
+        registry: args.services.registry(),
+        backend: args.services.backend(),
+        gateway: args.gateway.gateway(),
+        gateway_http: args.gateway_http.unwrap_or_else(|| {
+            securellm_client::stack::get(securellm_client::stack::GATEWAY_HTTP)
+                .unwrap_or_else(|| securellm_client::DEFAULT_GATEWAY_HTTP.to_string())
+        }),
+        api_key_file: args
+            .api_key_file
+            .or_else(|| args.services.data_dir.as_ref().map(|d| d.join("api-key"))),
+        admin_token_file: Some(args.gateway.admin_token_path(&data_dir)),
         internal_token_file,
         timeout: Duration::from_millis(args.timeout_ms.max(1)),
         long_timeout: Duration::from_millis(args.long_timeout_ms.max(1)),

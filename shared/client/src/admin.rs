@@ -5,7 +5,7 @@
 //! The admin token: `$SECURELLM_ADMIN_TOKEN`, else `--admin-token-file` (default
 //! `<data dir>/gateway/admin-token`, which the gateway writes on first start).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -20,39 +20,52 @@ use crate::DEFAULT_GATEWAY;
 /// Where the gateway's admin API is and how to authenticate to it.
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
-    /// The gateway's gRPC address.
-    #[arg(long, env = "SECURELLM_GATEWAY", default_value = DEFAULT_GATEWAY)]
-    pub gateway: String,
-    /// The admin token file (default <data dir>/gateway/admin-token).
+    /// The gateway's gRPC address [default: the running stack's, else 127.0.0.1:50054].
+    #[arg(long, env = "SECURELLM_GATEWAY")]
+    pub gateway: Option<String>,
+    /// The admin token file [default: <data dir>/gateway/admin-token].
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
 }
 
+impl GatewayArgs {
+    /// The gateway's gRPC address: the flag, else the running stack's, else the default.
+    pub fn gateway(&self) -> String {
+        crate::flag_stack_default(&self.gateway, crate::stack::GATEWAY, DEFAULT_GATEWAY)
+    }
+
+    /// The admin token file: the flag, else the one in the stack's data directory `data_dir`.
+    pub fn admin_token_path(&self, data_dir: &Path) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| crate::gateway_file(data_dir, "admin-token"))
+    }
+}
+
 /// The admin token: `$SECURELLM_ADMIN_TOKEN`, else the file (default
-/// `<data dir>/gateway/admin-token`, the data dir being `$SECURELLM_DATA_DIR` when set).
+/// `<data dir>/gateway/admin-token`, the data dir as [`crate::data_dir`] finds it).
 pub fn token(file: Option<PathBuf>) -> anyhow::Result<String> {
     if let Ok(t) = std::env::var("SECURELLM_ADMIN_TOKEN")
         && !t.is_empty()
     {
         return Ok(t);
     }
-    // The stack's data directory: `$SECURELLM_DATA_DIR` (as `make run` uses it), else the default.
-    let path = file.unwrap_or_else(|| {
-        std::env::var_os("SECURELLM_DATA_DIR")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(securellm_common::config::default_data_dir)
-            .join("gateway/admin-token")
-    });
-    Ok(std::fs::read_to_string(&path)
+    let path = file.unwrap_or_else(|| crate::gateway_file(&crate::data_dir(None), "admin-token"));
+    let t = std::fs::read_to_string(&path)
         .with_context(|| {
             format!(
-                "cannot read the admin token {} (set --admin-token-file or SECURELLM_ADMIN_TOKEN)",
+                "cannot read the admin token {} (set --data-dir, --admin-token-file or SECURELLM_ADMIN_TOKEN)",
                 path.display()
             )
         })?
         .trim()
-        .to_string())
+        .to_string();
+    anyhow::ensure!(
+        !t.is_empty(),
+        "the admin token file {} is empty",
+        path.display()
+    );
+    Ok(t)
 }
 
 /// A GatewayAdmin client that sends `authorization: Bearer <token>` with every call.

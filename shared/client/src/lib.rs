@@ -8,11 +8,13 @@
 //!   ([`ServiceArgs::internal_token`], [`connect_internal`]; health checks need none),
 //! - the gateway's admin token and an authenticated admin client ([`admin`]),
 //! - the text of GPUs and leases ([`vram`]), loaded models ([`instances`]) and the model catalogue
-//!   ([`models`]).
+//!   ([`models`]),
+//! - the stack `make run` started, found without flags ([`stack`]).
 
 pub mod admin;
 pub mod instances;
 pub mod models;
+pub mod stack;
 pub mod vram;
 
 use std::path::PathBuf;
@@ -32,28 +34,58 @@ pub const DEFAULT_GATEWAY_HTTP: &str = "127.0.0.1:8088";
 /// How long [`connect_to`] waits for a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The internal services' gRPC addresses (`HOST:PORT` or a URL), from flags or the environment.
+/// The internal services' gRPC addresses (`HOST:PORT` or a URL) and the stack's data directory,
+/// from flags or the environment, else from the running stack's file ([`stack`]), else the
+/// defaults `make run` uses.
 #[derive(Debug, Clone, Args)]
 pub struct ServiceArgs {
-    /// The vram-scheduler's gRPC address.
-    #[arg(long, global = true, env = "SECURELLM_SCHEDULER", default_value = DEFAULT_SCHEDULER)]
-    pub scheduler: String,
-    /// The registry's gRPC address.
-    #[arg(long, global = true, env = "SECURELLM_REGISTRY", default_value = DEFAULT_REGISTRY)]
-    pub registry: String,
-    /// The backend manager's gRPC address.
-    #[arg(long, global = true, env = "SECURELLM_BACKEND", default_value = DEFAULT_BACKEND)]
-    pub backend: String,
-    /// The internal token those three services require (default <data dir>/internal-token, the
-    /// data dir being $SECURELLM_DATA_DIR when set).
+    /// The vram-scheduler's gRPC address [default: the running stack's, else 127.0.0.1:50051].
+    #[arg(long, global = true, env = "SECURELLM_SCHEDULER")]
+    pub scheduler: Option<String>,
+    /// The registry's gRPC address [default: the running stack's, else 127.0.0.1:50052].
+    #[arg(long, global = true, env = "SECURELLM_REGISTRY")]
+    pub registry: Option<String>,
+    /// The backend manager's gRPC address [default: the running stack's, else 127.0.0.1:50053].
+    #[arg(long, global = true, env = "SECURELLM_BACKEND")]
+    pub backend: Option<String>,
+    /// The stack's data directory (`make run`'s DATA_DIR) [default: the running stack's, else
+    /// ~/.local/share/securellm].
+    #[arg(long, global = true, env = stack::DATA_DIR)]
+    pub data_dir: Option<PathBuf>,
+    /// The internal token those three services require [default: the running stack's, else
+    /// <data dir>/internal-token].
     #[arg(long, global = true, env = internal_auth::TOKEN_FILE_ENV)]
     pub internal_token_file: Option<PathBuf>,
 }
 
 impl ServiceArgs {
-    /// The internal token file: `--internal-token-file`, else `<data dir>/internal-token`.
+    pub fn scheduler(&self) -> String {
+        flag_stack_default(&self.scheduler, stack::SCHEDULER, DEFAULT_SCHEDULER)
+    }
+
+    pub fn registry(&self) -> String {
+        flag_stack_default(&self.registry, stack::REGISTRY, DEFAULT_REGISTRY)
+    }
+
+    pub fn backend(&self) -> String {
+        flag_stack_default(&self.backend, stack::BACKEND, DEFAULT_BACKEND)
+    }
+
+    /// `--data-dir` / `$SECURELLM_DATA_DIR`, else the running stack's, else the default.
+    pub fn data_dir(&self) -> PathBuf {
+        data_dir(self.data_dir.clone())
+    }
+
+    /// The internal token file: `--internal-token-file`, else `<--data-dir>/internal-token` when
+    /// a data directory was given, else the running stack's, else `<default data dir>/internal-token`.
     pub fn internal_token_path(&self) -> PathBuf {
-        internal_token_path(self.internal_token_file.clone())
+        if let Some(f) = &self.internal_token_file {
+            return f.clone();
+        }
+        if let Some(d) = &self.data_dir {
+            return internal_auth::default_path(d);
+        }
+        internal_token_path(None)
     }
 
     /// The internal token, read from [`Self::internal_token_path`] (never created here).
@@ -62,16 +94,56 @@ impl ServiceArgs {
     }
 }
 
-/// `file`, else `<data dir>/internal-token` (the data dir being `$SECURELLM_DATA_DIR` when set,
-/// as `make run` sets it, else the default one).
-pub fn internal_token_path(file: Option<PathBuf>) -> PathBuf {
-    file.unwrap_or_else(|| {
-        let dir = std::env::var_os("SECURELLM_DATA_DIR")
+/// `flag` (which clap fills from the flag or its environment variable), else `key` in the
+/// running stack's file, else `default`.
+pub(crate) fn flag_stack_default(flag: &Option<String>, key: &str, default: &str) -> String {
+    flag.clone()
+        .or_else(|| stack::get(key))
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// `dir`, else the running stack's data directory, else the default one
+/// (`~/.local/share/securellm`).
+pub fn data_dir(dir: Option<PathBuf>) -> PathBuf {
+    dir.or_else(|| {
+        std::env::var_os(stack::DATA_DIR)
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(securellm_common::config::default_data_dir);
-        internal_auth::default_path(&dir)
     })
+    .or_else(|| stack::get(stack::DATA_DIR).map(PathBuf::from))
+    .unwrap_or_else(securellm_common::config::default_data_dir)
+}
+
+/// A file the gateway keeps in its data directory (`admin-token`, `gateway-audit.db`), given the
+/// stack's data directory: `<dir>/gateway/<name>` (where `make run` puts the gateway), else
+/// `<dir>/<name>` when only that exists (`dir` is the gateway's own data directory, or a gateway
+/// started without `--data-dir`).
+pub fn gateway_file(dir: &std::path::Path, name: &str) -> PathBuf {
+    let nested = dir.join("gateway").join(name);
+    let flat = dir.join(name);
+    if !nested.exists() && flat.exists() {
+        flat
+    } else {
+        nested
+    }
+}
+
+/// `file`, else the running stack's internal token file, else `<data dir>/internal-token` (the
+/// data dir being `$SECURELLM_DATA_DIR` when set, as `make run` sets it, else the default one).
+pub fn internal_token_path(file: Option<PathBuf>) -> PathBuf {
+    file.or_else(|| {
+        std::env::var_os(internal_auth::TOKEN_FILE_ENV)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+    })
+    .or_else(|| {
+        // An explicit data directory in the environment names its own token.
+        std::env::var_os(stack::DATA_DIR)
+            .filter(|d| !d.is_empty())
+            .map(|d| internal_auth::default_path(std::path::Path::new(&d)))
+    })
+    .or_else(|| stack::get(stack::INTERNAL_TOKEN_FILE).map(PathBuf::from))
+    .unwrap_or_else(|| internal_auth::default_path(&data_dir(None)))
 }
 
 /// The internal token at `path`; the error names the file, why, and how to point at another.

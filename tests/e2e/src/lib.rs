@@ -908,7 +908,9 @@ impl Stack {
                 cmd.env_remove(&k);
             }
         }
-        cmd.env("SECURELLM_INTERNAL_TOKEN_FILE", self.internal_token_file())
+        // Never the developer's own `make run` stack (its stack file).
+        cmd.env("SECURELLM_STACK_FILE", "/nonexistent/securellm-stack")
+            .env("SECURELLM_INTERNAL_TOKEN_FILE", self.internal_token_file())
             .env("SECURELLM_SCHEDULER", self.scheduler.grpc.to_string())
             .env("SECURELLM_REGISTRY", self.registry.grpc.to_string())
             .env("SECURELLM_BACKEND", self.backend.grpc.to_string())

@@ -93,15 +93,21 @@ fn signal(pid: i32, sig: i32) {
     }
 }
 
+/// Where the script tells the CLI about its stack (this test's own file, never the developer's).
+fn stack_file() -> PathBuf {
+    std::env::temp_dir().join(format!("securellm-e2e-stack-{}", std::process::id()))
+}
+
 /// The environment of everything this test runs: no SECURELLM_* from the test's environment
-/// (SECURELLM_MODELS in particular), loopback never through a proxy.
+/// (SECURELLM_MODELS in particular) except this test's stack file, loopback never through a proxy.
 fn clean_env(cmd: &mut Command) -> &mut Command {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("SECURELLM_") {
             cmd.env_remove(&k);
         }
     }
-    cmd.env("NO_PROXY", "127.0.0.1,localhost")
+    cmd.env("SECURELLM_STACK_FILE", stack_file())
+        .env("NO_PROXY", "127.0.0.1,localhost")
         .env("no_proxy", "127.0.0.1,localhost")
 }
 
@@ -703,6 +709,36 @@ fn make_run_serves_the_demo_model_and_ctrl_c_stops_everything() {
         ran.describe()
     );
 
+    // -- the CLI finds the stack by itself (the stack file): no flag, no variable --
+    let ran = run(
+        clean_env(&mut Command::new(binary("securellm"))).arg("status"),
+        &scratch,
+        "securellm status (no flags)",
+        Duration::from_secs(30),
+    );
+    assert!(
+        ran.status.success()
+            && ran.stdout.contains(&model)
+            && ran.stdout.contains("requests/s:")
+            && !ran.stdout.contains("requests/s: unknown"),
+        "securellm status without flags: {}",
+        ran.describe()
+    );
+    // The banner's `audit tail`, and `--data-dir` after the subcommand (a global flag).
+    let ran = run(
+        clean_env(&mut Command::new(binary("securellm")))
+            .args(["audit", "tail", "--data-dir"])
+            .arg(&data_dir),
+        &scratch,
+        "securellm audit tail --data-dir DATA_DIR",
+        Duration::from_secs(30),
+    );
+    assert!(
+        ran.status.success() && ran.stdout.contains("/v1/chat/completions"),
+        "securellm audit tail --data-dir: {}",
+        ran.describe()
+    );
+
     // -- the stack's processes: the four services and a llama-server serving the model --
     let procs = stack.processes();
     let bin = bin_dir();
@@ -773,6 +809,13 @@ fn make_run_serves_the_demo_model_and_ctrl_c_stops_everything() {
     }
     let left = processes_mentioning(&dir);
     assert!(left.is_empty(), "left behind after Ctrl-C: {left:?}");
+
+    // The stack file went with the stack.
+    assert!(
+        !stack_file().exists(),
+        "{} left after the stop",
+        stack_file().display()
+    );
 
     // Leases released before the scheduler wrote its last snapshot.
     let leases = snapshot_leases(&data_dir);

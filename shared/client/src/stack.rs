@@ -1,0 +1,133 @@
+//! The stack `make run` started, found without flags.
+//!
+//! `scripts/run-stack.sh` writes `KEY=VALUE` lines to [`path`] once the four services are ready
+//! (their actual addresses, the data directory, the internal token file and its own PID) and
+//! removes the file when it stops. The CLI and the MCP server read it for whatever no flag or
+//! environment variable sets, so `securellm status` in another terminal finds a stack started
+//! with a custom `DATA_DIR` or free ports (port 0). A file whose PID is no longer running is
+//! ignored (a stack killed without cleanup).
+//!
+//! Precedence everywhere: flag, then environment variable, then this file, then the default.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Overrides [`path`] (tests, several stacks side by side).
+pub const STACK_FILE_ENV: &str = "SECURELLM_STACK_FILE";
+
+/// The keys `run-stack.sh` writes (the environment variables of the same names).
+pub const DATA_DIR: &str = "SECURELLM_DATA_DIR";
+pub const SCHEDULER: &str = "SECURELLM_SCHEDULER";
+pub const REGISTRY: &str = "SECURELLM_REGISTRY";
+pub const BACKEND: &str = "SECURELLM_BACKEND";
+pub const GATEWAY: &str = "SECURELLM_GATEWAY";
+pub const GATEWAY_HTTP: &str = "SECURELLM_GATEWAY_HTTP";
+pub const INTERNAL_TOKEN_FILE: &str = "SECURELLM_INTERNAL_TOKEN_FILE";
+/// The PID of the script that runs the stack.
+pub const PID: &str = "PID";
+
+/// `$SECURELLM_STACK_FILE`, else `$XDG_STATE_HOME/securellm/stack`, else
+/// `~/.local/state/securellm/stack`; `None` without a home.
+pub fn path() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(p) = var(STACK_FILE_ENV) {
+        return Some(PathBuf::from(p));
+    }
+    let state = var("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("securellm/stack"))
+}
+
+/// What a stack file says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stack {
+    values: BTreeMap<String, String>,
+}
+
+impl Stack {
+    /// `KEY=VALUE` lines; blank lines, `#` comments and lines without `=` are skipped; the value
+    /// is everything after the first `=` (paths may hold spaces), trimmed.
+    pub fn parse(text: &str) -> Self {
+        let values = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            .collect();
+        Self { values }
+    }
+
+    /// The value of `key`, if the file has a non-empty one.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// Whether the process that wrote the file still runs (no PID: assumed to).
+    pub fn is_running(&self) -> bool {
+        match self.get(PID).map(str::parse::<u32>) {
+            None => true,
+            Some(Ok(pid)) => pid_alive(pid),
+            Some(Err(_)) => false,
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pid_alive(_pid: u32) -> bool {
+    true
+}
+
+/// The running stack's file, read once per process; `None` when there is none, it cannot be read,
+/// or its stack has stopped.
+pub fn current() -> Option<&'static Stack> {
+    static CURRENT: OnceLock<Option<Stack>> = OnceLock::new();
+    CURRENT
+        .get_or_init(|| {
+            let text = std::fs::read_to_string(path()?).ok()?;
+            Some(Stack::parse(&text)).filter(Stack::is_running)
+        })
+        .as_ref()
+}
+
+/// `key` from the running stack's file.
+pub fn get(key: &str) -> Option<String> {
+    current().and_then(|s| s.get(key)).map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keys_values_with_spaces_and_skips_noise() {
+        let s = Stack::parse(
+            "# written by run-stack.sh\nSECURELLM_DATA_DIR=/tmp/my data\n\nnot a pair\n\
+             SECURELLM_SCHEDULER = 127.0.0.1:4000\nEMPTY=\nURL=http://h:1/?a=b\n",
+        );
+        assert_eq!(s.get(DATA_DIR), Some("/tmp/my data"));
+        assert_eq!(s.get(SCHEDULER), Some("127.0.0.1:4000"));
+        assert_eq!(s.get("EMPTY"), None);
+        assert_eq!(s.get("URL"), Some("http://h:1/?a=b"));
+        assert_eq!(s.get("not a pair"), None);
+    }
+
+    #[test]
+    fn a_stopped_stack_is_not_running() {
+        let me = std::process::id();
+        assert!(Stack::parse(&format!("PID={me}")).is_running());
+        assert!(Stack::parse("X=1").is_running());
+        assert!(!Stack::parse("PID=garbage").is_running());
+        // PIDs are below 2^22 on Linux: this one is never running.
+        #[cfg(target_os = "linux")]
+        assert!(!Stack::parse("PID=4294967295").is_running());
+    }
+}
