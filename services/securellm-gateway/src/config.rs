@@ -69,9 +69,9 @@ pub struct GatewayConfig {
     #[serde(skip)]
     pub internal_token: Option<InternalToken>,
     /// JWT bearer tokens (`[gateway.jwt]`); absent = API keys only.
-    pub jwt: Option<crate::jwt::JwtConfig>,
+    pub jwt: Option<crate::auth::jwt::JwtConfig>,
     /// Cloud upstreams by name (`[gateway.upstreams.<name>]`).
-    pub upstreams: std::collections::BTreeMap<String, crate::cloud::CloudConfig>,
+    pub upstreams: std::collections::BTreeMap<String, crate::upstream::cloud::CloudConfig>,
     /// Extra secret patterns for redaction: name → regex.
     pub redact_patterns: std::collections::BTreeMap<String, String>,
     /// The largest `max_tokens` (or `max_completion_tokens`) a request may ask for (400 beyond);

@@ -1,42 +1,49 @@
 //! securellm-gateway: the one external door.
 //!
-//! - [`admin`]: the `GatewayAdmin` gRPC service (keys, audit), behind an admin token.
-//! - [`app`]: the OpenAI-compatible HTTP API (the tower stack in front of the pipeline).
-//! - [`listener`]: the HTTP listener and the gRPC port's connections (TLS, HTTP/1.1 + HTTP/2,
-//!   connection cap with shedding of idle connections, idle and header limits).
-//! - [`inflight`]: requests in progress per key and per address, capped before bodies are read.
-//! - [`grpc`]: the same API over gRPC (`securellm.v1.Gateway`).
-//! - [`pipeline`]: the request path both transports share: authenticate → authorize → rate-limit
-//!   → redact → audit → route → forward.
-//! - [`keys`]: API keys (hashed, constant-time lookup, model patterns, limits).
-//! - [`jwt`]: JWT bearer tokens (algorithm pinned; exp, nbf, iss, aud checked).
-//! - [`ratelimit`]: requests / tokens per minute and concurrency per subject; failed-auth limits.
-//! - [`redact`]: secrets in prompts bound for cloud upstreams.
-//! - [`audit`]: the hash-chained, group-committed audit log.
+//! Folders by concern:
+//! - [`http`]: the OpenAI-compatible HTTP API (the tower stack in front of the pipeline).
+//! - [`grpc`]: the same API over gRPC (`securellm.v1.Gateway`), and [`grpc::admin`], the
+//!   `GatewayAdmin` service (keys, audit) behind an admin token.
+//! - [`pipeline`]: the request path both transports share: authenticate → authorize → validate →
+//!   rate-limit → redact → audit → route → forward.
 //! - [`state`]: what the request path shares ([`state::AppState`]).
 //! - [`upstream`]: the [`upstream::Upstream`] seam and the routing table; the local backend
-//!   manager over gRPC.
-//! - [`cloud`]: OpenAI-compatible cloud upstreams (redacted prompts).
-//! - [`error`]: OpenAI-shaped errors.
+//!   manager over gRPC ([`upstream::Local`]) and OpenAI-compatible cloud upstreams
+//!   ([`upstream::cloud`], redacted prompts).
+//! - [`auth`]: API keys ([`auth::keys`]) and JWT bearer tokens ([`auth::jwt`]).
+//! - [`limits`]: requests / tokens per minute and concurrency per key, failed-auth limits
+//!   ([`limits::ratelimit`]); requests in progress per key and address ([`limits::inflight`]).
+//! - [`audit`]: the hash-chained, group-committed audit log: the row encoding an outside
+//!   verifier ports (`audit/encoding.rs`), the writer (`audit/writer.rs`), the chain walk
+//!   (`audit/verify.rs`).
+//! - [`listener`]: the HTTP listener and the gRPC port's connections (TLS, HTTP/1.1 + HTTP/2,
+//!   connection cap with shedding of idle connections, idle, header and body deadlines).
+//! - [`redact`]: secrets in prompts bound for cloud upstreams.
 //! - [`validate`]: the OpenAI request schema, checked before routing; the `max_tokens` cap.
+//! - [`error`]: OpenAI-shaped errors.
+//!
+//! The former flat paths (`keys`, `jwt`, `ratelimit`, `inflight`, `cloud`, `app`, `admin`) are
+//! re-exported.
 
-pub mod admin;
-pub mod app;
 pub mod audit;
-pub mod cloud;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod grpc;
-pub mod inflight;
-pub mod jwt;
-pub mod keys;
+pub mod http;
+pub mod limits;
 pub mod listener;
 pub mod pipeline;
-pub mod ratelimit;
 pub mod redact;
 pub mod state;
 pub mod upstream;
 pub mod validate;
+
+pub use auth::{jwt, keys};
+pub use grpc::admin;
+pub use http as app;
+pub use limits::{inflight, ratelimit};
+pub use upstream::cloud;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -18,7 +18,7 @@
 //! - **request bodies**: `body_read_timeout` for the whole body, counted from the request head
 //!   however the bytes trickle in (slowloris on bodies, see `app::router`), at most `max_body`
 //!   bytes; per-key and per-address caps on requests in progress, checked on the headers before
-//!   any body is read (`crate::inflight`).
+//!   any body is read (`crate::limits::inflight`).
 //!
 //! gRPC: [`grpc_incoming`] gives the gRPC port the same connection rules (cap with shedding of
 //! the longest-idle connection, the HTTP/2 preface and TLS handshake within

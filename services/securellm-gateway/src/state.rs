@@ -1,20 +1,20 @@
 //! What the request path shares: the stores, the limiters, the audit log, the upstreams and the
-//! settings. Built once by [`crate::start`]; both transports ([`crate::app`], [`crate::grpc`])
+//! settings. Built once by [`crate::start`]; both transports ([`crate::http`], [`crate::grpc`])
 //! and the [`crate::pipeline`] take it by reference.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::audit::AuditLog;
-use crate::keys::KeyStore;
-use crate::ratelimit::RateLimiter;
+use crate::auth::keys::KeyStore;
+use crate::limits::ratelimit::RateLimiter;
 use crate::upstream::Upstreams;
 
 /// Everything the handlers share.
 pub struct AppState {
     pub keys: KeyStore,
     /// JWT verification, when configured.
-    pub jwt: Option<crate::jwt::JwtVerifier>,
+    pub jwt: Option<crate::auth::jwt::JwtVerifier>,
     /// Where requests go: the cloud upstreams (checked first, by model name), then the local
     /// backend manager.
     pub upstreams: Upstreams,
@@ -22,7 +22,7 @@ pub struct AppState {
     pub audit: AuditLog,
     pub limits: RateLimiter,
     /// Requests in progress per key and per address (checked before the body is read).
-    pub inflight: crate::inflight::InFlight,
+    pub inflight: crate::limits::inflight::InFlight,
     /// `audit_mode = "sync"`: no 2xx is given (no stream ends) before its audit row is committed;
     /// a row that cannot be committed turns the answer into a 503.
     pub audit_sync: bool,

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::keys::KeyRecord;
+use crate::auth::keys::KeyRecord;
 
 /// `[gateway.jwt]` in the config file.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -234,8 +234,8 @@ impl JwtVerifier {
             max_tokens: c.max_tokens,
             priority: c.priority.map(|p| {
                 p.clamp(
-                    *crate::admin::PRIORITY_RANGE.start(),
-                    *crate::admin::PRIORITY_RANGE.end(),
+                    *crate::grpc::admin::PRIORITY_RANGE.start(),
+                    *crate::grpc::admin::PRIORITY_RANGE.end(),
                 )
             }),
             created_ms: 0,

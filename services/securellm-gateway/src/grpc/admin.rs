@@ -10,7 +10,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{AuditEntry, AuditFilter, TamperKind};
-use crate::keys::{KeyError, KeyRecord, KeyUpdate, NewKey};
+use crate::auth::keys::{KeyError, KeyRecord, KeyUpdate, NewKey};
 use crate::state::Shared;
 
 pub struct AdminService {
@@ -54,7 +54,7 @@ impl AdminService {
             None
         } else {
             match &self.state.jwt {
-                Some(v) if crate::jwt::JwtVerifier::looks_like_jwt(given) => {
+                Some(v) if crate::auth::jwt::JwtVerifier::looks_like_jwt(given) => {
                     match v.verify(given) {
                         Ok(k) if k.admin => {
                             call.subject = k.subject;

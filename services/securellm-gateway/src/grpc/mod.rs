@@ -4,6 +4,8 @@
 //! forward), so the two transports cannot drift apart. Errors are gRPC statuses carrying the HTTP
 //! status and the exact OpenAI error body in trailers (see `proto/securellm/v1/gateway.proto`).
 
+pub mod admin;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
@@ -101,7 +103,8 @@ where
                 Box::pin(async move { Ok(st.into_http()) })
             }
             Ok(caller) => {
-                let slot = match crate::inflight::admit(&self.state, &caller, &rid, &label) {
+                let slot = match crate::limits::inflight::admit(&self.state, &caller, &rid, &label)
+                {
                     Ok(slot) => slot,
                     Err(e) => {
                         let mut st = status_of(&e);

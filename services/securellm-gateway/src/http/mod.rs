@@ -97,7 +97,7 @@ async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) ->
     let path = req.uri().path().to_string();
     match pipeline::authenticate(&st, &client, &rid, &path, authz) {
         Ok(caller) => {
-            let slot = match crate::inflight::admit(&st, &caller, &rid, &path) {
+            let slot = match crate::limits::inflight::admit(&st, &caller, &rid, &path) {
                 Ok(slot) => slot,
                 Err(e) => return e.into_response(),
             };

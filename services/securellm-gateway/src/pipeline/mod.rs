@@ -1,4 +1,4 @@
-//! The request path after the transport, shared by HTTP ([`crate::app`]) and gRPC
+//! The request path after the transport, shared by HTTP ([`crate::http`]) and gRPC
 //! ([`crate::grpc`]):
 //!
 //! ```text
@@ -19,9 +19,9 @@ use securellm_common::time::now_ms;
 use serde_json::Value;
 
 use crate::audit::AuditEntry;
+use crate::auth::keys::KeyRecord;
 use crate::error::ApiError;
-use crate::keys::KeyRecord;
-use crate::ratelimit::{Admission, Limits};
+use crate::limits::ratelimit::{Admission, Limits};
 use crate::state::{AppState, Shared};
 pub use crate::upstream::ModelEntry;
 use crate::upstream::{
@@ -101,7 +101,7 @@ pub fn authenticate(
     } else {
         match (&st.jwt, st.keys.lookup(token)) {
             (_, Some(k)) => Ok(k),
-            (Some(v), None) if crate::jwt::JwtVerifier::looks_like_jwt(token) => v
+            (Some(v), None) if crate::auth::jwt::JwtVerifier::looks_like_jwt(token) => v
                 .verify(token)
                 .map_err(|why| ApiError::unauthorized(format!("Invalid bearer token: {why}."))),
             _ => Err(ApiError::unauthorized("Incorrect API key provided.")),
@@ -425,7 +425,7 @@ struct Finish {
     /// Tokens reserved at admission (prompt estimate + generation bound).
     estimate: u32,
     prompt_estimate: u32,
-    _permit: crate::ratelimit::Permit,
+    _permit: crate::limits::ratelimit::Permit,
     settled: bool,
     /// Payloads relayed so far (a stream cut short is charged about one token each).
     relayed: u32,

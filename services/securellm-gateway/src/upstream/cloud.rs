@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use crate::auth::keys::glob;
 use crate::error::ApiError;
-use crate::keys::glob;
 use crate::redact::Policy;
 use crate::upstream::{
     Answer, BoxFuture, Endpoint, ItemStream, ModelEntry, Reach, StreamAnswer, StreamItem, Upstream,

@@ -1,0 +1,203 @@
+//! The writer task: it owns the write connection, takes whatever entries are queued as one batch,
+//! chains them onto the head and commits them in ONE transaction (one fsync), then acknowledges
+//! each (see the module doc of [`super`], "Durability and group commit").
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use sqlx::sqlite::SqliteConnection;
+use sqlx::{Connection, QueryBuilder, Sqlite};
+use tokio::sync::{mpsc, oneshot};
+
+use super::encoding::Fields;
+use super::{Ack, AuditError, AuditOptions, Cmd, Counters, read_head};
+
+/// Most rows per INSERT statement inside a batch (a power of two).
+pub(super) const ROWS_PER_INSERT: usize = 64;
+
+/// The next INSERT's row count: the largest power of two ≤ `left`, at most [`ROWS_PER_INSERT`].
+pub(super) fn chunk_len(left: usize) -> usize {
+    if left >= ROWS_PER_INSERT {
+        ROWS_PER_INSERT
+    } else {
+        1 << (usize::BITS - 1 - left.leading_zeros())
+    }
+}
+
+pub(super) async fn run_writer(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Cmd>,
+    options: AuditOptions,
+    counters: Arc<Counters>,
+) {
+    let max_batch = options.max_batch.max(1);
+    let mut batch: Vec<(Box<Fields>, Option<Ack>)> = Vec::with_capacity(max_batch);
+    let mut flushes: Vec<oneshot::Sender<Result<(), AuditError>>> = Vec::new();
+    let mut close: Option<oneshot::Sender<()>> = None;
+    while let Some(first) = rx.recv().await {
+        let mut stop = accept(first, &mut batch, &mut flushes, &mut close);
+        let deadline = tokio::time::Instant::now() + options.linger;
+        while !stop && batch.len() < max_batch {
+            let cmd = match rx.try_recv() {
+                Ok(cmd) => cmd,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if options.linger.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(cmd)) => cmd,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            };
+            stop = accept(cmd, &mut batch, &mut flushes, &mut close);
+        }
+        let outcome = if batch.is_empty() {
+            Ok(())
+        } else {
+            commit(&mut conn, &mut batch, &counters).await
+        };
+        for f in flushes.drain(..) {
+            let _ = f.send(outcome.clone().map_err(AuditError::NotCommitted));
+        }
+        if let Some(done) = close.take() {
+            // Entries queued after the close are dropped unacknowledged (their callers see
+            // `Closed`).
+            rx.close();
+            let _ = conn.close().await;
+            let _ = done.send(());
+            tracing::info!("audit writer closed");
+            return;
+        }
+    }
+    let _ = conn.close().await;
+    tracing::debug!("audit writer stopped: all handles dropped");
+}
+
+/// Take one command into the batch; true if the batch should be committed now.
+fn accept(
+    cmd: Cmd,
+    batch: &mut Vec<(Box<Fields>, Option<Ack>)>,
+    flushes: &mut Vec<oneshot::Sender<Result<(), AuditError>>>,
+    close: &mut Option<oneshot::Sender<()>>,
+) -> bool {
+    match cmd {
+        Cmd::Append(fields, ack) => {
+            batch.push((fields, ack));
+            false
+        }
+        Cmd::Flush(ack) => {
+            flushes.push(ack);
+            true
+        }
+        Cmd::Close(ack) => {
+            *close = Some(ack);
+            true
+        }
+    }
+}
+
+/// Write and commit the batch, then acknowledge each entry; the batch is empty afterwards.
+async fn commit(
+    conn: &mut SqliteConnection,
+    batch: &mut Vec<(Box<Fields>, Option<Ack>)>,
+    counters: &Counters,
+) -> Result<(), String> {
+    match write_batch(conn, batch).await {
+        Ok(ids) => {
+            counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters.rows.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            for ((_, ack), id) in batch.drain(..).zip(ids) {
+                if let Some(ack) = ack {
+                    let _ = ack.send(Ok(id));
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+            let message = e.to_string();
+            tracing::error!(entries = batch.len(), error = %message, "audit batch not committed");
+            for (_, ack) in batch.drain(..) {
+                if let Some(ack) = ack {
+                    let _ = ack.send(Err(AuditError::NotCommitted(message.clone())));
+                }
+            }
+            Err(message)
+        }
+    }
+}
+
+/// One transaction: read the head, insert the chained rows, move the head, commit (fsync).
+async fn write_batch(
+    conn: &mut SqliteConnection,
+    batch: &[(Box<Fields>, Option<Ack>)],
+) -> Result<Vec<i64>, AuditError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let head = read_head(&mut tx)
+        .await?
+        .ok_or_else(|| AuditError::Corrupt("the head record (audit_head) is missing".into()))?;
+    let mut id = head.last_id;
+    let mut hash = head.last_hash;
+    // (id, prev_hash, row_hash) of each entry, chained in order.
+    let mut links = Vec::with_capacity(batch.len());
+    for (f, _) in batch {
+        id = id
+            .checked_add(1)
+            .ok_or_else(|| AuditError::Corrupt("row id overflow".into()))?;
+        let row_hash = f.chain_hash(&hash).ok_or_else(|| {
+            AuditError::Corrupt(format!(
+                "the head hash {hash:?} is not 64 lowercase hex digits"
+            ))
+        })?;
+        links.push((id, std::mem::replace(&mut hash, row_hash.clone()), row_hash));
+    }
+    // Multi-row INSERTs (18 parameters a row, well under SQLite's 32766) of power-of-two sizes
+    // up to ROWS_PER_INSERT: at most seven distinct statements, so each is prepared once and then
+    // comes from the connection's statement cache (a statement per batch size would be prepared
+    // on almost every batch).
+    let mut start = 0;
+    while start < batch.len() {
+        let n = chunk_len(batch.len() - start);
+        let (rows, chain) = (&batch[start..start + n], &links[start..start + n]);
+        start += n;
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO audit (id, time_ms, request_id, subject, key_id, client_addr, endpoint, \
+             model, upstream, status, error_code, prompt_tokens, completion_tokens, latency_us, \
+             redactions, streamed, prev_hash, row_hash) ",
+        );
+        qb.push_values(
+            rows.iter().zip(chain),
+            |mut b, ((f, _), (id, prev, row_hash))| {
+                b.push_bind(*id)
+                    .push_bind(f.time_ms)
+                    .push_bind(f.request_id.clone())
+                    .push_bind(f.subject.clone())
+                    .push_bind(f.key_id.clone())
+                    .push_bind(f.client_addr.clone())
+                    .push_bind(f.endpoint.clone())
+                    .push_bind(f.model.clone())
+                    .push_bind(f.upstream.clone())
+                    .push_bind(f.status)
+                    .push_bind(f.error_code.clone())
+                    .push_bind(f.prompt_tokens)
+                    .push_bind(f.completion_tokens)
+                    .push_bind(f.latency_us)
+                    .push_bind(f.redactions)
+                    .push_bind(f.streamed)
+                    .push_bind(prev.clone())
+                    .push_bind(row_hash.clone());
+            },
+        );
+        qb.build().execute(&mut *tx).await?;
+    }
+    let ids = links.iter().map(|(id, _, _)| *id).collect();
+    sqlx::query("UPDATE audit_head SET last_id = ?, last_hash = ? WHERE id = 1")
+        .bind(id)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
