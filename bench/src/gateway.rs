@@ -488,6 +488,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let app = axum::Router::new().route("/v1/chat/completions", post(mock));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mock_addr = l.local_addr()?;
+    // TCP_NODELAY as every server here sets it (the gateway, nginx on keep-alive connections):
+    // without it a 50-chunk stream waits on Nagle + delayed ACKs (~40 ms a stream), which caps
+    // streams/s for all three alike and hides what the proxies cost.
+    let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(l, app).await });
 
     // The gateway binary, configured with the mock as a cloud upstream.
