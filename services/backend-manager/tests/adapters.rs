@@ -2,200 +2,67 @@
 //! loopback gRPC), against fakes that speak the engines' real HTTP APIs and accept their command
 //! lines (`tests/fakes/`): the real engines cannot run on this machine.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use backend_manager::config::{BackendConfig, EngineConfig, ModelSettings, OllamaConfig};
-use securellm_gguf::testmodels::TinyLlamaOptions;
+use backend_manager::config::{BackendConfig, EngineConfig, OllamaConfig};
+use securellm_common::internal_auth::AuthChannel;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
-use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use securellm_testkit::models::{write_ollama, write_safetensors};
+use securellm_testkit::{
+    MIB, alive as running, fake, instance, instances, kill9, leases, no_lease_left,
+    stream_start as start_of, wait_for_instance as wait_for,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic::transport::Channel;
 
-const MIB: u64 = 1 << 20;
-
-fn fake(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fakes")
-        .join(name)
-        .canonicalize()
-        .expect("tests/fakes")
-}
-
-/// The llama-server binary: `$LLAMA_SERVER`, else the installer's cached build.
-fn llama_server() -> PathBuf {
-    if let Some(p) = std::env::var_os("LLAMA_SERVER") {
-        return p.into();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new(root.join("scripts/install-llama-server.sh"))
-        .output()
-        .expect("run scripts/install-llama-server.sh");
-    assert!(out.status.success(), "llama-server is needed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    )
-}
-
-/// A model in an Ollama store under `root/ollama` (manifest → GGUF blob); returns `name:tag`.
-fn write_ollama(root: &Path, model: &str, tag: &str, seed: u64) -> String {
-    let store = root.join("ollama");
-    std::fs::create_dir_all(store.join("blobs")).unwrap();
-    let bytes = securellm_gguf::testmodels::tiny_llama(&TinyLlamaOptions {
-        name: model.into(),
-        seed,
-        ..TinyLlamaOptions::default()
-    })
-    .unwrap();
-    let hex = format!("{:064x}", bytes.len() as u128 * 7919 + seed as u128);
-    std::fs::write(store.join("blobs").join(format!("sha256-{hex}")), &bytes).unwrap();
-    let dir = store
-        .join("manifests/registry.ollama.ai/library")
-        .join(model);
-    std::fs::create_dir_all(&dir).unwrap();
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "layers": [
-            {"mediaType": "application/vnd.ollama.image.model", "digest": format!("sha256:{hex}"), "size": bytes.len()},
-        ]
-    });
-    std::fs::write(dir.join(tag), serde_json::to_vec(&manifest).unwrap()).unwrap();
-    format!("{model}:{tag}")
-}
-
-/// A Hugging Face folder: `config.json` + `model.safetensors`.
-fn write_safetensors(root: &Path, name: &str) {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "model_type": "mistral", "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 128,
-            "max_position_embeddings": 4096, "vocab_size": 1000, "torch_dtype": "bfloat16"
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    registry::safetensors::write_test_file(
-        &dir.join("model.safetensors"),
-        &[
-            ("model.embed_tokens.weight", "BF16", &[1000, 64]),
-            ("lm_head.weight", "BF16", &[1000, 64]),
-        ],
-    )
-    .unwrap();
-}
-
+/// The kit's stack with this file's clients, and the simulated GPU's size.
 struct Stack {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    _scheduler: vram_scheduler::RunningScheduler,
-    _registry: registry::RunningRegistry,
-    _manager: backend_manager::RunningManager,
-    client: BackendManagerClient<Channel>,
-    sched: VramSchedulerClient<Channel>,
-    reg: ModelRegistryClient<Channel>,
+    kit: securellm_testkit::Stack,
+    client: BackendManagerClient<AuthChannel>,
+    sched: VramSchedulerClient<AuthChannel>,
     gpu: u64,
 }
 
-/// What the manager asks the scheduler for (as `instance.rs` computes it).
-async fn lease_size(reg: &mut ModelRegistryClient<Channel>, model: &str) -> u64 {
-    let e = reg
-        .estimate(pb::EstimateRequest {
-            model: model.into(),
-            context: 512,
-            parallel: 1,
-            cache_type: pb::KvCacheType::F16 as i32,
-            gpu_layers: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+/// What the manager asks the scheduler for (as `instance.rs` computes it) from the estimate.
+fn lease_size(e: &pb::MemoryEstimate) -> u64 {
     e.gpu_bytes.max(e.total_bytes.min(1 << 20)).max(1)
 }
 
 /// Models written by `write` under the registry's root; the simulated GPU is 1 GiB, or four times
 /// the lease `size_for` needs (so a memory fraction lease / total is about 0.25, not clamped).
 async fn stack(
-    write: impl FnOnce(&Path),
+    write: impl FnOnce(&Path) + Send + 'static,
     size_for: Option<&str>,
-    tweak: impl FnOnce(&mut BackendConfig),
+    tweak: impl FnOnce(&mut BackendConfig) + Send + 'static,
 ) -> Stack {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("models");
-    std::fs::create_dir_all(&root).unwrap();
-    write(&root);
-    let reg_srv = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            ..Default::default()
-        },
-        roots: vec![root.clone()],
-        aliases: Default::default(),
-        data_dir: dir.path().join("registry"),
-    })
-    .await
-    .unwrap();
-    let mut reg = ModelRegistryClient::connect(format!("http://{}", reg_srv.addr))
-        .await
-        .unwrap();
-    let gpu = match size_for {
-        Some(m) => 4 * lease_size(&mut reg, m).await,
-        None => 1 << 30,
-    };
-    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(gpu)],
-        eviction_grace_ms: 10_000,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut cfg = BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: scheduler.addr.to_string(),
-        registry: reg_srv.addr.to_string(),
-        llama_server: Some(llama_server()),
-        lease_ttl_ms: 3_000,
-        stop_grace_ms: 2_000,
-        start_timeout_ms: 20_000,
-        defaults: ModelSettings {
-            context: Some(512),
-            idle_ttl_ms: Some(0),
-            ..Default::default()
-        },
-        ..BackendConfig::default()
-    };
-    tweak(&mut cfg);
-    let manager = backend_manager::start(&cfg).await.unwrap();
-    let client = BackendManagerClient::connect(format!("http://{}", manager.addr))
-        .await
-        .unwrap();
-    let sched = VramSchedulerClient::connect(format!("http://{}", scheduler.addr))
-        .await
-        .unwrap();
+    let b = securellm_testkit::Stack::new()
+        .write_models(write)
+        .eviction_grace_ms(10_000)
+        .manager(|c| {
+            c.lease_ttl_ms = 3_000;
+            c.stop_grace_ms = 2_000;
+            c.start_timeout_ms = 20_000;
+            tweak(c);
+        });
+    let kit = match size_for {
+        Some(m) => b.gpu_for(m, |e| 4 * lease_size(e)),
+        None => b.gpu(1u64 << 30),
+    }
+    .start()
+    .await;
+    let client = kit.backend_client().await;
+    let sched = kit.scheduler_client().await;
+    let gpu = kit.gpus()[0];
     Stack {
-        _dir: dir,
-        root,
-        _scheduler: scheduler,
-        _registry: reg_srv,
-        _manager: manager,
+        kit,
         client,
         sched,
-        reg,
         gpu,
     }
 }
@@ -213,60 +80,8 @@ fn chat(model: &str, max_tokens: u32) -> pb::InferenceRequest {
     }
 }
 
-async fn leases(s: &mut VramSchedulerClient<Channel>) -> Vec<pb::Lease> {
-    s.get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .leases
-}
-
-async fn no_lease_left(s: &mut VramSchedulerClient<Channel>) -> bool {
-    for _ in 0..100 {
-        if leases(s).await.is_empty() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
-async fn instances(c: &mut BackendManagerClient<Channel>) -> Vec<pb::BackendInstance> {
-    c.list_instances(pb::ListInstancesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .instances
-}
-
-async fn instance(c: &mut BackendManagerClient<Channel>, model: &str) -> pb::BackendInstance {
-    instances(c)
-        .await
-        .into_iter()
-        .find(|i| i.model_name == model)
-        .expect("instance")
-}
-
-async fn wait_for<F: Fn(&pb::BackendInstance) -> bool>(
-    c: &mut BackendManagerClient<Channel>,
-    model: &str,
-    f: F,
-) -> pb::BackendInstance {
-    for _ in 0..200 {
-        let i = instance(c, model).await;
-        if f(&i) {
-            return i;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "condition not reached for {model}: {:?}",
-        instance(c, model).await
-    );
-}
-
 /// Chat through the manager, non-streaming then streaming; returns the non-streaming body.
-async fn chat_both_ways(c: &mut BackendManagerClient<Channel>, model: &str) -> Value {
+async fn chat_both_ways(c: &mut BackendManagerClient<AuthChannel>, model: &str) -> Value {
     let r = c.chat(chat(model, 5)).await.unwrap().into_inner();
     assert_eq!(
         r.http_status,
@@ -303,17 +118,6 @@ async fn chat_both_ways(c: &mut BackendManagerClient<Channel>, model: &str) -> V
         "the usage chunk the manager asked for is marked"
     );
     v
-}
-
-fn kill9(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status();
-}
-
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
 }
 
 /// The fake Ollama daemon on a free port; killed when dropped.
@@ -426,7 +230,9 @@ async fn ollama_loads_through_the_daemon_settles_the_lease_to_size_vram_and_unlo
     assert_eq!(log[0]["prompt"], "");
     // The registry learnt what Ollama used.
     let e = s
-        .reg
+        .kit
+        .registry_client()
+        .await
         .estimate(pb::EstimateRequest {
             model: "llamette:3b".into(),
             context: 512,
@@ -509,7 +315,7 @@ async fn ollama_missing_model_or_unreachable_daemon_is_a_clear_error_and_leaks_n
             write_ollama(r, "llamette", "3b", 1);
         },
         None,
-        |c| {
+        move |c| {
             c.ollama = Some(OllamaConfig {
                 url: format!("http://127.0.0.1:{port}"),
             })
@@ -639,7 +445,7 @@ async fn vllm_is_spawned_with_its_memory_bounded_to_the_lease_and_a_crash_is_not
 
     let (argv, env) = recorded(rec.path());
     assert_eq!(argv[0], "serve");
-    let model_dir = s.root.join("hf-model");
+    let model_dir = s.kit.models_dir().join("hf-model");
     assert_eq!(Path::new(&argv[1]), model_dir, "{argv:?}");
     assert_eq!(flag(&argv, "--host"), "127.0.0.1");
     assert_eq!(flag(&argv, "--port"), i.port.to_string());
@@ -746,7 +552,7 @@ async fn tgi_is_spawned_with_a_cuda_memory_fraction_equal_to_lease_over_total() 
     assert_eq!(l.len(), 1);
 
     let (argv, env) = recorded(rec.path());
-    let model_dir = s.root.join("hf-model");
+    let model_dir = s.kit.models_dir().join("hf-model");
     assert_eq!(Path::new(flag(&argv, "--model-id")), model_dir);
     assert_eq!(flag(&argv, "--hostname"), "127.0.0.1");
     assert_eq!(flag(&argv, "--port"), i.port.to_string());
@@ -909,19 +715,4 @@ async fn a_safetensors_model_without_vllm_or_tgi_is_failed_precondition_naming_t
         instances(&mut s.client).await.is_empty(),
         "no instance made"
     );
-}
-
-/// The stream's `start`, after the `progress` messages a request that waits for its model gets.
-async fn start_of(
-    st: &mut tonic::Streaming<pb::InferenceChunk>,
-) -> (pb::InferenceStreamStart, Vec<pb::LoadProgress>) {
-    let mut progress = Vec::new();
-    loop {
-        let m = st.next().await.expect("a message").expect("no error");
-        match (m.start, m.progress) {
-            (Some(s), _) => return (s, progress),
-            (None, Some(p)) => progress.push(p),
-            (None, None) => panic!("data before start"),
-        }
-    }
 }

@@ -4,196 +4,54 @@
 //! (one per test, in its temporary directory), so every call the manager makes to the scheduler and
 //! the registry shows it presents the token; the tests' own clients present it too.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use backend_manager::config::{BackendConfig, ModelSettings};
 use securellm_common::internal_auth::{AuthChannel, InternalToken, authenticated};
-use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_client::BackendManagerClient;
-use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use securellm_testkit::models::tiny;
+use securellm_testkit::{
+    MIB, chat_request as chat, connect, instance, kill9, leases, llama_server,
+    stream_start as start_of, wait_for_instance as wait_for,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const MIB: u64 = 1 << 20;
-
-/// A channel to `addr` whose calls carry `token`.
-async fn connect(addr: impl std::fmt::Display, token: &InternalToken) -> AuthChannel {
-    let ch = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    authenticated(ch, Some(token))
-}
-
-/// The internal token of a test, in the file `<dir>/internal-token` (for the binaries).
-fn test_token(dir: &Path) -> InternalToken {
-    securellm_common::internal_auth::load_or_create(&dir.join("internal-token")).unwrap()
-}
-
-/// The llama-server binary: `$LLAMA_SERVER`, else the installer's cached build.
-fn llama_server() -> PathBuf {
-    if let Some(p) = std::env::var_os("LLAMA_SERVER") {
-        return p.into();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new(root.join("scripts/install-llama-server.sh"))
-        .output()
-        .expect("run scripts/install-llama-server.sh");
-    assert!(
-        out.status.success(),
-        "llama-server is needed: run `make llama-server` ({})",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    )
-}
-
+/// The kit's stack with this file's clients: the manager's and the scheduler's.
 struct Stack {
-    _dir: tempfile::TempDir,
-    models: PathBuf,
-    scheduler: vram_scheduler::RunningScheduler,
-    _registry: registry::RunningRegistry,
-    manager: backend_manager::RunningManager,
+    kit: securellm_testkit::Stack,
     client: BackendManagerClient<AuthChannel>,
     sched: VramSchedulerClient<AuthChannel>,
-    cfg: BackendConfig,
-    token: InternalToken,
 }
 
-fn tiny(name: &str, seed: u64) -> TinyLlamaOptions {
-    TinyLlamaOptions {
-        name: name.into(),
-        seed,
-        ..TinyLlamaOptions::default()
-    }
-}
-
-async fn stack(gpu: u64, grace_ms: u64, tweak: impl FnOnce(&mut BackendConfig)) -> Stack {
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    write_tiny_llama(models.join("tiny.gguf"), &tiny("tiny", 1)).unwrap();
-    write_tiny_llama(models.join("other.gguf"), &tiny("other", 2)).unwrap();
-    let token = test_token(dir.path());
-    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(gpu)],
-        eviction_grace_ms: grace_ms,
-        internal_token: Some(token.clone()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let reg = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            internal_token: Some(token.clone()),
-            ..Default::default()
-        },
-        roots: vec![models.clone()],
-        aliases: Default::default(),
-        data_dir: dir.path().join("registry"),
-    })
-    .await
-    .unwrap();
-    let mut cfg = BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: scheduler.addr.to_string(),
-        registry: reg.addr.to_string(),
-        llama_server: Some(llama_server()),
-        lease_ttl_ms: 3_000,
-        stop_grace_ms: 2_000,
-        defaults: ModelSettings {
-            context: Some(512),
-            idle_ttl_ms: Some(0),
-            ..Default::default()
-        },
-        internal_token: Some(token.clone()),
-        ..BackendConfig::default()
-    };
-    tweak(&mut cfg);
-    let manager = backend_manager::start(&cfg).await.unwrap();
-    let client = BackendManagerClient::new(connect(manager.addr, &token).await);
-    let sched = VramSchedulerClient::new(connect(scheduler.addr, &token).await);
-    Stack {
-        _dir: dir,
-        models,
-        scheduler,
-        _registry: reg,
-        manager,
-        client,
-        sched,
-        cfg,
-        token,
-    }
-}
-
-fn chat(model: &str, max_tokens: u32) -> pb::InferenceRequest {
-    pb::InferenceRequest {
-        model: model.into(),
-        body_json: serde_json::to_vec(&serde_json::json!({
-            "messages": [{"role": "user", "content": "hello there"}],
-            "max_tokens": max_tokens,
-            "temperature": 0
-        }))
-        .unwrap(),
-        ..Default::default()
-    }
-}
-
-async fn leases(s: &mut VramSchedulerClient<AuthChannel>) -> Vec<pb::Lease> {
-    s.get_status(pb::GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .leases
-}
-
-async fn instance(c: &mut BackendManagerClient<AuthChannel>, model: &str) -> pb::BackendInstance {
-    let l = c
-        .list_instances(pb::ListInstancesRequest {
-            model: model.into(),
-            states: vec![],
+/// Models `tiny` and `other`, one simulated GPU of `gpu` bytes, the internal token; the manager
+/// with a 3 s lease TTL and a 2 s stop grace, then `tweak`.
+async fn stack(
+    gpu: u64,
+    grace_ms: u64,
+    tweak: impl FnOnce(&mut BackendConfig) + Send + 'static,
+) -> Stack {
+    let kit = securellm_testkit::Stack::new()
+        .gpu(gpu)
+        .eviction_grace_ms(grace_ms)
+        .models(&["tiny", "other"])
+        .internal_token()
+        .manager(|c| {
+            c.lease_ttl_ms = 3_000;
+            c.stop_grace_ms = 2_000;
+            tweak(c);
         })
-        .await
-        .unwrap()
-        .into_inner()
-        .instances;
-    l.into_iter()
-        .find(|i| i.model_name == model)
-        .expect("instance")
-}
-
-async fn wait_for<F: Fn(&pb::BackendInstance) -> bool>(
-    c: &mut BackendManagerClient<AuthChannel>,
-    model: &str,
-    f: F,
-) -> pb::BackendInstance {
-    for _ in 0..200 {
-        let i = instance(c, model).await;
-        if f(&i) {
-            return i;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "condition not reached for {model}: {:?}",
-        instance(c, model).await
-    );
+        .start()
+        .await;
+    let client = kit.backend_client().await;
+    let sched = kit.scheduler_client().await;
+    Stack { kit, client, sched }
 }
 
 #[tokio::test]
@@ -372,7 +230,7 @@ async fn a_crashed_child_fails_in_flight_requests_and_the_next_request_restarts_
         .into_inner();
     st.next().await.unwrap().unwrap();
     st.next().await.unwrap().unwrap();
-    kill9(pid);
+    kill9(pid as u32);
     let mut err = None;
     while let Some(c) = tokio::time::timeout(Duration::from_secs(10), st.next())
         .await
@@ -406,12 +264,6 @@ async fn a_crashed_child_fails_in_flight_requests_and_the_next_request_restarts_
     let r = s.client.chat(chat("tiny", 2)).await.unwrap().into_inner();
     assert_eq!(r.http_status, 200);
     assert_eq!(leases(&mut s.sched).await.len(), 1);
-}
-
-fn kill9(pid: i32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status();
 }
 
 #[tokio::test]
@@ -473,8 +325,8 @@ async fn bad_input_gets_clear_errors_and_leaks_nothing() {
         securellm_gguf::MetadataValue::String("nosuchtokenizer".into()),
     )
     .unwrap();
-    w.write_file(s.models.join("weird.gguf")).unwrap();
-    let mut reg = ModelRegistryClient::new(connect(s._registry.addr, &s.token).await);
+    w.write_file(s.kit.models_dir().join("weird.gguf")).unwrap();
+    let mut reg = s.kit.registry_client().await;
     let mut r = reg
         .rescan(pb::RescanRequest::default())
         .await
@@ -508,7 +360,7 @@ async fn two_models_that_do_not_fit_together_wait_or_evict_by_priority() {
     s.client.chat(chat("tiny", 2)).await.unwrap();
     // Leave room for half of "other" only: it cannot load beside "tiny", but can once "tiny" is
     // evicted.
-    let mut reg = ModelRegistryClient::new(connect(s._registry.addr, &s.token).await);
+    let mut reg = s.kit.registry_client().await;
     let need = reg
         .estimate(pb::EstimateRequest {
             model: "other".into(),
@@ -558,7 +410,6 @@ async fn two_models_that_do_not_fit_together_wait_or_evict_by_priority() {
         .into_inner();
     let g = &st.gpus[0];
     assert!(g.leased_bytes + g.foreign_bytes + g.reserve_bytes <= g.total_bytes);
-    let _ = (&s.scheduler, &s.cfg);
 }
 
 #[tokio::test]
@@ -569,11 +420,11 @@ async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
             "--listen",
             "127.0.0.1:0",
             "--scheduler",
-            &s.scheduler.addr.to_string(),
+            &s.kit.scheduler_addr().to_string(),
         ])
         .arg("--internal-token-file")
-        .arg(s._dir.path().join("internal-token"))
-        .args(["--registry", &s._registry.addr.to_string()])
+        .arg(s.kit.token_file())
+        .args(["--registry", &s.kit.registry_addr().to_string()])
         .arg("--llama-server")
         .arg(llama_server())
         .stdout(Stdio::piped())
@@ -587,7 +438,7 @@ async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
         .strip_prefix("ready backend-manager grpc=")
         .unwrap()
         .to_string();
-    let mut c = BackendManagerClient::new(connect(&addr, &s.token).await);
+    let mut c = BackendManagerClient::new(connect(&addr, s.kit.token()).await);
     c.chat(chat("tiny", 2)).await.unwrap();
     let pid = instance(&mut c, "tiny").await.pid;
     assert!(Path::new(&format!("/proc/{pid}")).exists());
@@ -602,21 +453,7 @@ async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(gone, "llama-server {pid} outlived its manager");
-    drop(s.manager);
-}
-
-/// The scheduler binary, built beside this test's binary (`cargo nextest run --workspace` and
-/// `make test` build every binary first).
-fn scheduler_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("vram-scheduler");
-    assert!(
-        p.is_file(),
-        "{} missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
-    p
+    drop(s.kit);
 }
 
 async fn spawn_scheduler(
@@ -624,7 +461,7 @@ async fn spawn_scheduler(
     data_dir: &Path,
     token_file: &Path,
 ) -> (tokio::process::Child, String) {
-    let mut child = tokio::process::Command::new(scheduler_binary())
+    let mut child = tokio::process::Command::new(securellm_testkit::binary("vram-scheduler"))
         .args(["--listen", listen, "--simulate-gpu", "1GiB", "--data-dir"])
         .arg(data_dir)
         .arg("--internal-token-file")
@@ -649,47 +486,22 @@ async fn spawn_scheduler(
 
 #[tokio::test]
 async fn after_a_scheduler_restart_the_manager_reattaches_and_nothing_is_double_booked() {
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    write_tiny_llama(models.join("tiny.gguf"), &tiny("tiny", 1)).unwrap();
     // A real scheduler process (so that killing it really drops every connection).
-    let token = test_token(dir.path());
+    let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("internal-token");
+    let token = securellm_common::internal_auth::load_or_create(&token_file).unwrap();
     let (mut sched_proc, addr) =
         spawn_scheduler("127.0.0.1:0", &dir.path().join("sched-a"), &token_file).await;
-    let reg = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            internal_token: Some(token.clone()),
-            ..Default::default()
-        },
-        roots: vec![models.clone()],
-        aliases: Default::default(),
-        data_dir: dir.path().join("registry"),
-    })
-    .await
-    .unwrap();
-    let manager = backend_manager::start(&BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: addr.clone(),
-        registry: reg.addr.to_string(),
-        llama_server: Some(llama_server()),
-        lease_ttl_ms: 3_000,
-        defaults: ModelSettings {
-            context: Some(512),
-            idle_ttl_ms: Some(0),
-            ..Default::default()
-        },
-        internal_token: Some(token.clone()),
-        ..BackendConfig::default()
-    })
-    .await
-    .unwrap();
-    let mut client = BackendManagerClient::new(connect(manager.addr, &token).await);
+    let kit = securellm_testkit::Stack::new()
+        .models(&["tiny"])
+        .with_token(token.clone())
+        .external_scheduler(&addr)
+        .manager(|c| c.lease_ttl_ms = 3_000)
+        .start()
+        .await;
+    let mut client = kit.backend_client().await;
     client.chat(chat("tiny", 2)).await.unwrap();
-    let mut c = VramSchedulerClient::new(connect(&addr, &token).await);
+    let mut c = VramSchedulerClient::new(connect(&addr, Some(&token)).await);
     let before = leases(&mut c).await;
     assert_eq!(before.len(), 1);
     // kill -9 the scheduler and start a fresh one on the same port with an empty data dir: it
@@ -697,7 +509,7 @@ async fn after_a_scheduler_restart_the_manager_reattaches_and_nothing_is_double_
     sched_proc.start_kill().unwrap();
     sched_proc.wait().await.unwrap();
     let (_sched2, _) = spawn_scheduler(&addr, &dir.path().join("sched-b"), &token_file).await;
-    let mut c = VramSchedulerClient::new(connect(&addr, &token).await);
+    let mut c = VramSchedulerClient::new(connect(&addr, Some(&token)).await);
     let mut after = Vec::new();
     for _ in 0..100 {
         after = leases(&mut c).await;
@@ -720,7 +532,7 @@ async fn after_a_scheduler_restart_the_manager_reattaches_and_nothing_is_double_
     let r = client.chat(chat("tiny", 2)).await.unwrap().into_inner();
     assert_eq!(r.http_status, 200);
     assert_eq!(r.load_wait_ms, 0, "no reload");
-    manager.shutdown().await;
+    kit.shutdown().await;
 }
 
 #[tokio::test]
@@ -931,28 +743,13 @@ async fn a_stream_ends_at_its_deadline_and_when_the_engine_stalls() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-/// The stream's `start`, after the `progress` messages a request that waits for its model gets.
-async fn start_of(
-    st: &mut tonic::Streaming<pb::InferenceChunk>,
-) -> (pb::InferenceStreamStart, Vec<pb::LoadProgress>) {
-    let mut progress = Vec::new();
-    loop {
-        let m = st.next().await.expect("a message").expect("no error");
-        match (m.start, m.progress) {
-            (Some(s), _) => return (s, progress),
-            (None, Some(p)) => progress.push(p),
-            (None, None) => panic!("data before start"),
-        }
-    }
-}
-
 /// Nobody walks around the gateway: the manager refuses every call without the internal token (and
 /// loads nothing for it), and its llama-server child refuses requests without the child's own API
 /// key, which is in the child's environment, never on its command line.
 #[tokio::test]
 async fn callers_without_the_token_or_the_childs_key_are_refused() {
     let mut s = stack(1 << 30, 10_000, |_| {}).await;
-    let ch = Channel::from_shared(format!("http://{}", s.manager.addr))
+    let ch = Channel::from_shared(format!("http://{}", s.kit.manager_addr()))
         .unwrap()
         .connect()
         .await
@@ -1003,7 +800,7 @@ async fn callers_without_the_token_or_the_childs_key_are_refused() {
     for (what, key) in [
         ("no key", None),
         ("a wrong key", Some(wrong.expose())),
-        ("the internal token", Some(s.token.expose())),
+        ("the internal token", Some(s.kit.token().unwrap().expose())),
     ] {
         for path in ["/v1/chat/completions", "/completion", "/slots"] {
             let r = post(path, key).send().await.unwrap();
