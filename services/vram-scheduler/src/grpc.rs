@@ -4,6 +4,7 @@
 use std::pin::Pin;
 
 use futures::Stream;
+use securellm_common::errors::{self, Reason};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::vram_scheduler_server::{VramScheduler, VramSchedulerServer};
 use tokio::sync::mpsc;
@@ -37,8 +38,11 @@ fn status_of(e: CallError) -> Status {
         CallError::Stopped(s) => Status::unavailable(s.to_string()),
         CallError::Table(t) => match &t {
             TableError::InvalidArgument { .. } => Status::invalid_argument(t.to_string()),
+            TableError::NeverFits { .. } => errors::status(Reason::NeverFits, t.to_string()),
             TableError::NotFound(m) => Status::not_found(m.clone()),
-            TableError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+            TableError::ResourceExhausted(m) => {
+                errors::status(Reason::InsufficientGpuMemory, m.clone())
+            }
             TableError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
         },
     }

@@ -328,6 +328,9 @@ pub enum TableError {
         field: &'static str,
         message: String,
     },
+    /// More memory than any eligible GPU could ever grant (`ErrorInfo` reason `NEVER_FITS`).
+    #[error("invalid `bytes`: {bytes} bytes can never fit: the largest eligible GPU can grant at most {capacity} bytes (total minus reserve)")]
+    NeverFits { bytes: u64, capacity: u64 },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -578,13 +581,10 @@ impl LeaseTable {
             .max()
             .unwrap_or(0);
         if req.bytes > capacity {
-            return Err(invalid(
-                "bytes",
-                format!(
-                    "{} bytes can never fit: the largest eligible GPU can grant at most {} bytes (total minus reserve)",
-                    req.bytes, capacity
-                ),
-            ));
+            return Err(TableError::NeverFits {
+                bytes: req.bytes,
+                capacity,
+            });
         }
 
         let ticket = self.next_id("q");

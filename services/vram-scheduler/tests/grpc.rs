@@ -157,6 +157,16 @@ async fn bad_input_gets_clear_status_codes() {
             e.message()
         );
     }
+    // What can never fit says so in a form a program reads (not only in words); other invalid
+    // input carries no such reason.
+    use securellm_common::errors::{Reason, reason_of};
+    let e = c
+        .acquire_lease(acq("a", 100 * GIB, 0, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&e), Some(Reason::NeverFits), "{e:?}");
+    let e = c.acquire_lease(acq("a", 0, 0, 0)).await.unwrap_err();
+    assert_eq!(reason_of(&e), None, "{e:?}");
     let e = c
         .renew_lease(pb::RenewLeaseRequest {
             lease_id: "nope".into(),
