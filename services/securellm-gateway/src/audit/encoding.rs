@@ -165,3 +165,106 @@ impl Fields {
         Some(hex::encode(h.finalize()))
     }
 }
+
+/// The test vector: fixed rows and their exact encodings and hashes, computed once (by an
+/// independent implementation of the format above, in Python with `hashlib`) and written down.
+/// A change to the encoding breaks these tests; an outside verifier checks its port against them.
+#[cfg(test)]
+mod vector {
+    use super::*;
+
+    /// Row 1 of a log.
+    pub(super) fn row1() -> AuditEntry {
+        AuditEntry {
+            time_ms: 1_700_000_000_123,
+            request_id: "req_0123456789abcdef".into(),
+            subject: "alice".into(),
+            key_id: "key_7f3a".into(),
+            client_addr: "192.0.2.10".into(),
+            endpoint: "/v1/chat/completions".into(),
+            model: "llama-3-8b".into(),
+            upstream: "local".into(),
+            status: 200,
+            error_code: String::new(),
+            prompt_tokens: 12,
+            completion_tokens: 34,
+            latency_us: 56_789,
+            redactions: 1,
+            streamed: true,
+        }
+    }
+
+    /// Row 2: empty fields, non-ASCII text (lengths count UTF-8 bytes), an error.
+    fn row2() -> AuditEntry {
+        AuditEntry {
+            time_ms: 1_700_000_000_456,
+            request_id: "req_2".into(),
+            subject: String::new(),
+            key_id: String::new(),
+            client_addr: "2001:db8::1".into(),
+            endpoint: "grpc:/securellm.v1.Gateway/Chat".into(),
+            model: "modèle-π".into(),
+            upstream: "acme".into(),
+            status: 429,
+            error_code: "rate_limit_exceeded".into(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            latency_us: 0,
+            redactions: 0,
+            streamed: false,
+        }
+    }
+
+    const ROW1_ENCODING: &str = "534c4155444954310000018bcfe5687b00000000000000147265715f3031323334\
+        35363738396162636465660000000000000005616c69636500000000000000086b65795f37663361000000\
+        000000000a3139322e302e322e313000000000000000142f76312f636861742f636f6d706c6574696f6e73\
+        000000000000000a6c6c616d612d332d386200000000000000056c6f63616c00000000000000c800000000\
+        00000000000000000000000c0000000000000022000000000000ddd5000000000000000100000000000000\
+        01";
+    const ROW1_HASH: &str = "fc91810d8470044f674def484f03aba520b0e0848c018c444e07c0b4679db026";
+    const ROW2_HASH: &str = "45f96daf975541651984907b2cc392bb4f300eedc232184f26cea27812442c9f";
+
+    #[test]
+    fn a_fixed_row_encodes_and_hashes_to_the_written_down_bytes() {
+        let e = canonical_encoding(&row1());
+        assert_eq!(e.len(), 206);
+        assert_eq!(&e[..8], ENCODING_TAG);
+        assert_eq!(hex::encode(&e), ROW1_ENCODING);
+        assert_eq!(
+            chain_hash(GENESIS_HASH, &row1()).as_deref(),
+            Some(ROW1_HASH)
+        );
+    }
+
+    #[test]
+    fn the_next_row_chains_onto_the_first() {
+        assert_eq!(chain_hash(ROW1_HASH, &row2()).as_deref(), Some(ROW2_HASH));
+        // The previous hash is part of the input: the same row after another hash differs.
+        assert_ne!(
+            chain_hash(GENESIS_HASH, &row2()).as_deref(),
+            Some(ROW2_HASH)
+        );
+        // A previous hash that is not 64 lowercase hex digits is refused.
+        assert_eq!(chain_hash(&ROW1_HASH.to_uppercase(), &row2()), None);
+        assert_eq!(chain_hash("00", &row2()), None);
+    }
+
+    #[test]
+    fn stored_values_are_what_is_hashed() {
+        // Text past MAX_FIELD_BYTES is cut (at a character boundary) before encoding, so the
+        // hash of an over-long entry is the hash of the row as stored.
+        let mut long = row1();
+        long.model = "é".repeat(MAX_FIELD_BYTES);
+        let mut cut = row1();
+        cut.model = "é".repeat(MAX_FIELD_BYTES / 2);
+        assert_eq!(canonical_encoding(&long), canonical_encoding(&cut));
+        let mut big = row1();
+        big.latency_us = u64::MAX;
+        let mut clamped = row1();
+        clamped.latency_us = i64::MAX as u64;
+        assert_eq!(
+            chain_hash(GENESIS_HASH, &big),
+            chain_hash(GENESIS_HASH, &clamped)
+        );
+    }
+}

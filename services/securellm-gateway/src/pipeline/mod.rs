@@ -687,3 +687,6 @@ async fn infer_inner(
     };
     Ok((reply, rl_headers, finish))
 }
+
+#[cfg(test)]
+mod tests;
