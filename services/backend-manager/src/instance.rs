@@ -1,23 +1,19 @@
-//! One actor per model instance: the state machine
-//! `Unloaded → Leasing → Starting → Ready ⇄ Busy → Draining → Stopped`, with `Failed` on a crash or
-//! a failed start.
+//! One actor per model instance. The decisions are [`crate::lifecycle`]'s (a pure state machine:
+//! `step(state, event, now) → (state, actions)`); this actor only performs them and turns what
+//! happens (replies, task results, the child's exit, the timer) back into events.
 //!
-//! - **Single flight**: requests for an instance that is not ready queue as waiters; the first one
-//!   starts the only load; all are answered when it finishes.
-//! - **Lease first**: estimate (registry) → lease (scheduler, may queue) → start → settle the lease
-//!   to what the engine says it allocated → renew every TTL/3. The lease is released only after
-//!   the process has exited.
-//! - **Idle unload**: the TTL counts from the end of the last request. A request that arrives while
-//!   an unload is under way waits for it, then the instance loads again (never an error, never a
-//!   deadlock: the stop and the reload are both driven by this one actor).
-//! - **Eviction / unload**: stop taking new work, let in-flight requests finish up to the deadline,
-//!   then abort them, stop the process, release.
-//! - **Crash**: the child's exit is seen at once; in-flight requests are aborted with a clear error,
-//!   the lease is released, and the next request restarts it after an exponential backoff.
-//!
-//! Long steps (load, stop) run in tasks that report back with a message, so the actor always
-//! answers.
+//! - **Commands** from [`InstanceHandle`]s arrive on a bounded channel ([`COMMAND_QUEUE`]): a
+//!   caller waits for room (an acquire within its deadline), it is never dropped silently.
+//! - **Reports** from the actor's own tasks (lease, start, stop, renewals) and from its tickets
+//!   come on a second channel, unbounded but bounded in practice by the work the actor itself
+//!   started (one message per task, one per ticket).
+//! - **Long steps** (lease, start, stop) run in tasks that report back, so the actor always
+//!   answers; a request during an unload waits and triggers the reload (no lock is held across
+//!   the stop).
+//! - **The child** ([`Started`]) lives here, not in the state machine; the machine knows which
+//!   generation runs. Each ticket and each exit watcher carries its generation as a typed field.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +27,10 @@ use tokio_stream::StreamExt;
 
 use crate::backend::{Backend, Backends, Measured, StartSpec, Started};
 use crate::config::{BackendConfig, Effective};
+use crate::lifecycle::{Action, Event, LeaseInfo, Lifecycle, Params, Renewal};
+
+/// How many commands may wait for an instance actor before senders wait for room.
+pub const COMMAND_QUEUE: usize = 256;
 
 /// What every instance shares.
 pub struct Shared {
@@ -72,17 +72,6 @@ pub enum InstanceError {
     NotFound(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    Unloaded,
-    Leasing,
-    Starting,
-    Ready,
-    Draining,
-    Stopped,
-    Failed,
-}
-
 /// Permission to send one request to the upstream. Dropping it ends the request's accounting.
 pub struct Ticket {
     pub endpoint: String,
@@ -94,93 +83,61 @@ pub struct Ticket {
     pub load_wait_ms: u64,
     /// Becomes `Some(reason)` when the request must be aborted (crash, eviction deadline).
     pub abort: watch::Receiver<Option<String>>,
-    done: Option<(mpsc::UnboundedSender<Msg>, u64)>,
+    done: Option<(mpsc::UnboundedSender<Report>, u64)>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Some((tx, generation)) = self.done.take() {
-            let _ = tx.send(Msg::Done { generation });
+            let _ = tx.send(Report::Event(Event::Done { generation }));
         }
     }
 }
 
-struct Lease {
-    id: String,
-    bytes: u64,
-    gpu: u32,
-}
-
-/// What a successful load hands back.
-struct Loaded {
-    started: Started,
-    lease: Option<Lease>,
-    estimated: u64,
-}
-
-/// A request waiting for the instance to be ready.
-struct Waiter {
-    deadline_ms: u64,
-    /// The request's priority (its caller's, else the model's).
-    priority: i32,
-    reply: oneshot::Sender<Result<Ticket, InstanceError>>,
-}
-
-enum Msg {
+/// What a handle asks of the actor.
+enum Command {
     Acquire {
         deadline_ms: u64,
         priority: Option<i32>,
         reply: oneshot::Sender<Result<Ticket, InstanceError>>,
     },
-    Done {
-        generation: u64,
-    },
-    LoadDone(Result<Loaded, InstanceError>),
-    Exited(String),
-    StopDone,
     Unload {
         drain_timeout_ms: u64,
         force: bool,
-        reason: String,
-        reply: Option<oneshot::Sender<bool>>,
+        reply: oneshot::Sender<bool>,
     },
     Evict {
         lease_id: String,
         deadline_ms: u64,
     },
-    /// A re-attach this instance asked for confirmed or restored lease `0`.
-    Reattached(String),
-    /// The scheduler withdrew its eviction notice for this lease.
     EvictionWithdrawn {
         lease_id: String,
     },
-    /// The scheduler no longer has our lease (expired, revoked, lost in a restart).
     LeaseLost {
         lease_id: String,
         reason: String,
     },
-    /// The answer to renewal number `seq` of lease `lease_id` (a late answer about an older lease
-    /// is ignored): whether an eviction notice stands on it.
-    Renewed {
-        lease_id: String,
-        seq: u64,
-        result: Result<Option<u64>, tonic::Code>,
-    },
-    /// The load's place in the scheduler's queue changed.
-    Queued(pb::QueuePosition),
-    /// The lease was granted (the process is starting): from now on it is renewed, and eviction
-    /// notices for it reach this instance.
-    Granted {
-        id: String,
-        bytes: u64,
-        gpu: u32,
-    },
     View(oneshot::Sender<pb::BackendInstance>),
-    LeaseId(oneshot::Sender<Option<HeldLease>>),
+    Lease(oneshot::Sender<Option<HeldLease>>),
     /// Retire if idle and unloaded (answers whether it did): later acquires are refused so the
     /// manager can replace this instance with one of other settings.
     Retire(oneshot::Sender<bool>),
-    Tick,
+}
+
+/// What the actor's own tasks and tickets report.
+enum Report {
+    Event(Event),
+    /// The start task of `generation` ended: the child (and the settled lease size), or why not.
+    Started {
+        generation: u64,
+        lease_id: String,
+        result: Result<(Started, u64), InstanceError>,
+    },
+    /// The child of `generation` exited.
+    Exited {
+        generation: u64,
+        exit: String,
+    },
 }
 
 /// A lease an instance holds, as the manager presents it when re-attaching.
@@ -200,33 +157,40 @@ pub struct InstanceHandle {
     pub model: ModelRef,
     /// The settings the instance was created with (fixed for its life).
     pub settings: Effective,
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Command>,
     progress: watch::Receiver<pb::LoadProgress>,
 }
 
 impl InstanceHandle {
     /// Get a ticket: at once if ready, else after the (single) load, within `deadline_ms`.
     /// `priority` is the caller's (None: the model's); a load it triggers leases memory at that
-    /// priority, and a loaded instance it uses is raised to it.
+    /// priority, and a loaded instance it uses is raised to it. A full command queue makes the
+    /// caller wait for room, within the same deadline.
     pub async fn acquire(
         &self,
         deadline_ms: u64,
         priority: Option<i32>,
     ) -> Result<Ticket, InstanceError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Acquire {
-                deadline_ms,
-                priority,
-                reply,
-            })
-            .map_err(|_| {
-                InstanceError::Unavailable("the backend manager is shutting down".into())
-            })?;
         let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(InstanceError::Unavailable("the instance stopped".into())),
+        let asked = async {
+            self.tx
+                .send(Command::Acquire {
+                    deadline_ms,
+                    priority,
+                    reply,
+                })
+                .await
+                .map_err(|_| {
+                    InstanceError::Unavailable("the backend manager is shutting down".into())
+                })?;
+            match rx.await {
+                Ok(r) => r,
+                Err(_) => Err(InstanceError::Unavailable("the instance stopped".into())),
+            }
+        };
+        match tokio::time::timeout(wait, asked).await {
+            Ok(r) => r,
             Err(_) => Err(InstanceError::DeadlineExceeded(format!(
                 "model {} was not ready before the deadline",
                 self.model.name
@@ -247,95 +211,76 @@ impl InstanceHandle {
     /// Retire the instance if it is unloaded and nobody waits for it; true if it did.
     pub async fn retire(&self) -> bool {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Retire(reply));
+        let _ = self.tx.send(Command::Retire(reply)).await;
         rx.await.unwrap_or(true)
     }
 
     /// Unload; resolves to whether it was loaded, after the lease was released.
     pub async fn unload(&self, drain_timeout_ms: u64, force: bool) -> bool {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Unload {
-            drain_timeout_ms,
-            force,
-            reason: "unload requested".into(),
-            reply: Some(reply),
-        });
+        let _ = self
+            .tx
+            .send(Command::Unload {
+                drain_timeout_ms,
+                force,
+                reply,
+            })
+            .await;
         rx.await.unwrap_or(false)
     }
 
-    pub fn evict(&self, lease_id: String, deadline_ms: u64) {
-        let _ = self.tx.send(Msg::Evict {
-            lease_id,
-            deadline_ms,
-        });
+    pub async fn evict(&self, lease_id: String, deadline_ms: u64) {
+        let _ = self
+            .tx
+            .send(Command::Evict {
+                lease_id,
+                deadline_ms,
+            })
+            .await;
     }
 
-    pub fn eviction_withdrawn(&self, lease_id: String) {
-        let _ = self.tx.send(Msg::EvictionWithdrawn { lease_id });
+    pub async fn eviction_withdrawn(&self, lease_id: String) {
+        let _ = self.tx.send(Command::EvictionWithdrawn { lease_id }).await;
     }
 
-    pub fn lease_lost(&self, lease_id: String, reason: String) {
-        let _ = self.tx.send(Msg::LeaseLost { lease_id, reason });
+    pub async fn lease_lost(&self, lease_id: String, reason: String) {
+        let _ = self.tx.send(Command::LeaseLost { lease_id, reason }).await;
     }
 
     pub async fn view(&self) -> Option<pb::BackendInstance> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::View(tx)).ok()?;
+        self.tx.send(Command::View(tx)).await.ok()?;
         rx.await.ok()
     }
 
     /// The lease held now.
     pub async fn lease(&self) -> Option<HeldLease> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::LeaseId(tx)).ok()?;
+        self.tx.send(Command::Lease(tx)).await.ok()?;
         rx.await.ok().flatten()
     }
 }
 
+/// The actor: the state machine and the I/O handles it cannot hold (replies, the child, watch
+/// channels).
 struct Actor {
     id: String,
     model: ModelRef,
     backend: Arc<dyn Backend>,
     settings: Effective,
     shared: Arc<Shared>,
-    tx: mpsc::UnboundedSender<Msg>,
-    state: State,
-    generation: u64,
-    waiters: Vec<Waiter>,
-    /// Replaced by an instance with other settings: acquires are refused.
-    retired: bool,
+    life: Lifecycle,
+    /// Where tasks and tickets report.
+    me: mpsc::UnboundedSender<Report>,
+    next_reply: u64,
+    waiters: HashMap<u64, oneshot::Sender<Result<Ticket, InstanceError>>>,
+    unloads: HashMap<u64, oneshot::Sender<bool>>,
+    retire: Option<oneshot::Sender<bool>>,
+    /// The child serving now (generation `life.child`).
     started: Option<Started>,
-    lease: Option<Lease>,
-    estimated: u64,
-    measured: Option<u64>,
-    in_flight: u32,
-    requests_total: u64,
-    last_used_ms: u64,
-    started_at_ms: Option<u64>,
-    ready_at_ms: Option<u64>,
-    load_began_ms: u64,
+    /// A child whose start succeeded, until the machine adopts or discards it.
+    pending: Option<(u64, Started)>,
     abort: watch::Sender<Option<String>>,
-    drain_deadline_ms: Option<u64>,
-    evict_by_ms: Option<u64>,
-    unload_replies: Vec<oneshot::Sender<bool>>,
-    stopping: bool,
-    crash_count: u32,
-    consecutive_crashes: u32,
-    last_error: String,
-    last_error_at_ms: Option<u64>,
-    restart_after_ms: Option<u64>,
-    next_renew_ms: u64,
-    renewing: bool,
-    /// The priority of the lease held now (raised by the callers that use it).
-    lease_priority: i32,
-    /// What the scheduler was last told: idle, and the priority.
-    reported: Option<(bool, i32)>,
-    /// Renewals sent so far.
-    renew_seq: u64,
-    /// A notice arrived while busy: the first renewal numbered above this says whether it stands
-    /// (a notice that only an idle lease had to honour is withdrawn once the scheduler hears it is
-    /// busy).
-    notice_check_after: Option<u64>,
     /// What waiting requests are told (see [`InstanceHandle::progress`]).
     progress: watch::Sender<pb::LoadProgress>,
 }
@@ -348,483 +293,315 @@ pub fn spawn(
     backend: Arc<dyn Backend>,
     shared: Arc<Shared>,
 ) -> InstanceHandle {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, commands) = mpsc::channel(COMMAND_QUEUE);
+    let (me, reports) = mpsc::unbounded_channel();
     let (abort, _) = watch::channel(None);
     let (progress, progress_rx) = watch::channel(pb::LoadProgress {
         phase: pb::load_progress::Phase::Leasing as i32,
         model: model.name.clone(),
         ..Default::default()
     });
+    let cfg = &shared.cfg;
+    let params = Params {
+        model: model.name.clone(),
+        priority: settings.priority,
+        idle_ttl_ms: settings.idle_ttl_ms,
+        lease_ttl_ms: cfg.lease_ttl_ms,
+        lease_wait_ms: cfg.lease_wait_ms,
+        drain_timeout_ms: cfg.drain_timeout_ms,
+        stop_grace_ms: cfg.stop_grace_ms,
+        backoff_ms: cfg.backoff_ms,
+        max_backoff_ms: cfg.max_backoff_ms,
+    };
     let actor = Actor {
         id: id.clone(),
         model: model.clone(),
         backend,
-        settings,
+        settings: settings.clone(),
         shared,
-        tx: tx.clone(),
-        state: State::Unloaded,
-        generation: 0,
-        waiters: Vec::new(),
-        retired: false,
+        life: Lifecycle::new(params),
+        me,
+        next_reply: 0,
+        waiters: HashMap::new(),
+        unloads: HashMap::new(),
+        retire: None,
         started: None,
-        lease: None,
-        estimated: 0,
-        measured: None,
-        in_flight: 0,
-        requests_total: 0,
-        last_used_ms: 0,
-        started_at_ms: None,
-        ready_at_ms: None,
-        load_began_ms: 0,
+        pending: None,
         abort,
-        drain_deadline_ms: None,
-        evict_by_ms: None,
-        unload_replies: Vec::new(),
-        stopping: false,
-        crash_count: 0,
-        consecutive_crashes: 0,
-        last_error: String::new(),
-        last_error_at_ms: None,
-        restart_after_ms: None,
-        next_renew_ms: 0,
-        renewing: false,
-        lease_priority: 0,
-        reported: None,
-        renew_seq: 0,
-        notice_check_after: None,
         progress,
     };
-    let fixed = actor.settings.clone();
-    tokio::spawn(actor.run(rx));
+    tokio::spawn(actor.run(commands, reports));
     InstanceHandle {
         id,
         model,
-        settings: fixed,
+        settings,
         tx,
         progress: progress_rx,
     }
 }
 
-fn state_pb(s: State, in_flight: u32) -> pb::InstanceState {
-    match s {
-        State::Unloaded => pb::InstanceState::Unloaded,
-        State::Leasing => pb::InstanceState::Leasing,
-        State::Starting => pb::InstanceState::Starting,
-        State::Ready if in_flight > 0 => pb::InstanceState::Busy,
-        State::Ready => pb::InstanceState::Ready,
-        State::Draining => pb::InstanceState::Draining,
-        State::Stopped => pb::InstanceState::Stopped,
-        State::Failed => pb::InstanceState::Failed,
+fn cache_type_pb(cache_type: &str) -> pb::KvCacheType {
+    match cache_type {
+        "q8_0" => pb::KvCacheType::Q80,
+        "q4_0" => pb::KvCacheType::Q40,
+        _ => pb::KvCacheType::F16,
     }
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut reports: mpsc::UnboundedReceiver<Report>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let msg = tokio::select! {
-                m = rx.recv() => match m { Some(m) => m, None => break },
-                _ = tick.tick() => Msg::Tick,
-            };
-            self.handle(msg);
-            self.report_changes();
-            if self.retired {
+            tokio::select! {
+                c = commands.recv() => match c {
+                    Some(c) => self.command(c),
+                    None => break,
+                },
+                // Never closed: the actor holds a sender.
+                Some(r) = reports.recv() => self.report(r),
+                _ = tick.tick() => {
+                    // Waiters whose deadline passed have given up (their receiver is gone).
+                    let gone: Vec<u64> = self
+                        .waiters
+                        .iter()
+                        .filter(|(_, r)| r.is_closed())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    if !gone.is_empty() {
+                        for id in &gone {
+                            self.waiters.remove(id);
+                        }
+                        self.apply(Event::WaitersGone(gone));
+                    }
+                    self.apply(Event::Tick);
+                }
+            }
+            if self.life.retired {
                 // Replaced: nothing to stop or release (it was idle); a late request sees the
                 // channel closed and the manager looks the model up again.
                 return;
             }
         }
-        // The manager is going away: stop the backend and release the lease.
+        // Every handle is gone (the manager is going away): stop the backend, release the lease.
         if let Some(s) = self.started.take() {
             self.backend
                 .stop(&s, Duration::from_millis(self.shared.cfg.stop_grace_ms))
                 .await;
         }
-        if let Some(l) = self.lease.take() {
+        if let Some(l) = self.life.lease.take() {
             release_lease(&self.shared, &self.id, l.id).await;
         }
     }
 
-    fn emit(&self, kind: pb::InstanceEventKind, previous: State, detail: &str) {
-        let _ = self.shared.events.send(pb::InstanceEvent {
-            kind: kind as i32,
-            instance: Some(self.view()),
-            previous_state: state_pb(previous, 0) as i32,
-            at_ms: now_ms(),
-            detail: detail.to_string(),
-        });
+    fn reply_id(&mut self) -> u64 {
+        self.next_reply += 1;
+        self.next_reply
     }
 
-    /// Tell waiting requests where they stand.
-    fn set_progress(&self, phase: pb::load_progress::Phase, queue: Option<&pb::QueuePosition>) {
-        let p = pb::LoadProgress {
-            phase: phase as i32,
-            model: self.model.name.clone(),
-            position: queue.map_or(0, |q| q.position),
-            queue_length: queue.map_or(0, |q| q.queue_length),
-            evictions_requested: queue.is_some_and(|q| q.evictions_requested),
-        };
-        self.progress.send_if_modified(|cur| {
-            let changed = *cur != p;
-            *cur = p;
-            changed
-        });
-    }
-
-    fn set_state(&mut self, s: State, detail: &str) {
-        use pb::load_progress::Phase;
-        let phase = match s {
-            State::Ready => Phase::Ready,
-            State::Leasing => Phase::Leasing,
-            State::Starting => Phase::Starting,
-            State::Draining => Phase::Unloading,
-            // The next request loads it again.
-            State::Unloaded | State::Stopped | State::Failed => Phase::Leasing,
-        };
-        self.set_progress(phase, None);
-        if s != self.state {
-            let prev = self.state;
-            self.state = s;
-            tracing::info!(instance = %self.id, from = ?prev, to = ?s, "{detail}");
-            self.emit(pb::InstanceEventKind::StateChanged, prev, detail);
-        }
-    }
-
-    fn handle(&mut self, msg: Msg) {
-        match msg {
-            Msg::Acquire { reply, .. } if self.retired => {
-                let _ = reply.send(Err(InstanceError::Unavailable(format!(
-                    "model {} was replaced to change its settings; retry",
-                    self.model.name
-                ))));
-            }
-            Msg::Acquire {
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Acquire {
                 deadline_ms,
                 priority,
                 reply,
             } => {
-                let priority = priority.unwrap_or(self.settings.priority);
-                self.acquire(deadline_ms, priority, reply)
+                let waiter = self.reply_id();
+                self.waiters.insert(waiter, reply);
+                self.apply(Event::Acquire {
+                    waiter,
+                    deadline_ms,
+                    priority,
+                });
             }
-            Msg::Retire(reply) => {
-                let idle = matches!(self.state, State::Unloaded | State::Stopped | State::Failed)
-                    && self.waiters.is_empty()
-                    && self.in_flight == 0
-                    && !self.stopping;
-                if idle {
-                    self.retired = true;
-                }
-                let _ = reply.send(idle);
-            }
-            Msg::Done { generation } => {
-                if generation == self.generation && self.in_flight > 0 {
-                    self.in_flight -= 1;
-                    self.last_used_ms = now_ms();
-                    if self.in_flight == 0 && self.state == State::Draining {
-                        self.begin_stop("drained");
-                    }
-                }
-            }
-            Msg::LoadDone(r) => self.load_done(r),
-            Msg::Exited(exit) => self.exited(exit),
-            Msg::StopDone => self.stop_done(),
-            Msg::Unload {
+            Command::Unload {
                 drain_timeout_ms,
                 force,
-                reason,
                 reply,
             } => {
-                let loaded = matches!(
-                    self.state,
-                    State::Ready | State::Draining | State::Leasing | State::Starting
-                );
-                if let Some(r) = reply {
-                    if loaded || self.stopping {
-                        self.unload_replies.push(r);
-                    } else {
-                        let _ = r.send(false);
-                    }
-                }
-                if loaded {
-                    let timeout = if drain_timeout_ms == 0 {
-                        self.shared.cfg.drain_timeout_ms
-                    } else {
-                        drain_timeout_ms
-                    };
-                    self.drain(now_ms() + if force { 0 } else { timeout }, &reason);
-                }
+                let id = self.reply_id();
+                self.unloads.insert(id, reply);
+                self.apply(Event::Unload {
+                    reply: Some(id),
+                    drain_timeout_ms,
+                    force,
+                    reason: "unload requested".into(),
+                });
             }
-            Msg::Evict {
+            Command::Evict {
                 lease_id,
                 deadline_ms,
-            } => {
-                if self.lease.as_ref().is_some_and(|l| l.id == lease_id) {
-                    self.evict_by_ms = Some(deadline_ms);
-                    self.emit(
-                        pb::InstanceEventKind::EvictionNotice,
-                        self.state,
-                        "eviction notice",
-                    );
-                    if self.state == State::Ready && !self.idle_now() {
-                        // Busy: the notice may have been for an idle lease (one of equal
-                        // priority may only take idle memory). Tell the scheduler we are busy;
-                        // its answer says whether the notice still stands.
-                        self.notice_check_after = Some(self.renew_seq);
-                        self.reported = None;
-                    } else {
-                        self.honour_notice(deadline_ms);
-                    }
-                }
-            }
-            Msg::Reattached(lease_id) => {
-                // The instance let the lease go meanwhile (stopped, released): the re-attach
-                // brought back a lease nobody holds, so give it back at once.
-                if self.lease.as_ref().is_none_or(|l| l.id != lease_id) {
-                    let shared = self.shared.clone();
-                    let id = self.id.clone();
-                    tokio::spawn(async move { release_lease(&shared, &id, lease_id).await });
-                }
-            }
-            Msg::EvictionWithdrawn { lease_id } => {
-                // Only a drain the notice caused is called off: not an unload someone asked
-                // for, not a stop already under way.
-                if self.lease.as_ref().is_some_and(|l| l.id == lease_id) {
-                    self.notice_check_after = None;
-                }
-                if self.lease.as_ref().is_some_and(|l| l.id == lease_id)
-                    && self.unload_replies.is_empty()
-                    && !self.stopping
-                    && self.evict_by_ms.take().is_some()
-                {
-                    match self.state {
-                        State::Draining => {
-                            self.drain_deadline_ms = None;
-                            self.set_state(State::Ready, "eviction notice withdrawn");
-                            for w in std::mem::take(&mut self.waiters) {
-                                let t = self.ticket(w.priority);
-                                if let Err(Ok(t)) = w.reply.send(Ok(t)) {
-                                    drop(t);
-                                }
-                            }
-                        }
-                        State::Leasing | State::Starting => self.drain_deadline_ms = None,
-                        _ => {}
-                    }
-                }
-            }
-            Msg::LeaseLost { lease_id, reason } => {
-                if self.lease.as_ref().is_some_and(|l| l.id == lease_id) {
-                    tracing::warn!(instance = %self.id, "lease lost: {reason}");
-                    // The memory is not ours any more: stop now, nothing to release.
-                    self.lease = None;
-                    self.drain(now_ms(), &format!("lease lost: {reason}"));
-                }
-            }
-            Msg::Renewed {
+            } => self.apply(Event::EvictionNotice {
                 lease_id,
-                seq,
-                result,
-            } => {
-                self.renewing = false;
-                if result.is_err() {
-                    self.reported = None;
-                }
-                let current = self.lease.as_ref().is_some_and(|l| l.id == lease_id);
-                match result {
-                    Ok(evict_by) => {
-                        if current
-                            && let Some(after) = self.notice_check_after
-                            && seq > after
-                        {
-                            self.notice_check_after = None;
-                            match evict_by {
-                                Some(by) => self.honour_notice(by),
-                                None => self.evict_by_ms = None,
-                            }
-                        }
-                    }
-                    Err(tonic::Code::NotFound) => {
-                        // Never heard of: the scheduler restarted without its snapshot, and this
-                        // renewal came before the manager's re-attach. Present the lease again
-                        // (restored under its id if it still fits); lost only if that fails.
-                        self.reattach(lease_id);
-                    }
-                    Err(tonic::Code::FailedPrecondition) => {
-                        // It ended (expired, revoked, released). LeaseLost ignores it unless it is
-                        // the lease held now.
-                        self.handle(Msg::LeaseLost {
-                            lease_id,
-                            reason: "the scheduler no longer knows it".into(),
-                        });
-                    }
-                    Err(code) => {
-                        tracing::warn!(instance = %self.id, ?code, "lease renewal failed; retrying")
-                    }
-                }
+                deadline_ms,
+            }),
+            Command::EvictionWithdrawn { lease_id } => {
+                self.apply(Event::EvictionWithdrawn { lease_id })
             }
-            Msg::View(reply) => {
-                let _ = reply.send(self.view());
+            Command::LeaseLost { lease_id, reason } => {
+                self.apply(Event::LeaseLost { lease_id, reason })
             }
-            Msg::LeaseId(reply) => {
-                let pids = self
-                    .started
-                    .as_ref()
-                    .and_then(|s| s.process.as_ref())
-                    .map(|p| vec![p.pid])
-                    .unwrap_or_default();
-                let _ = reply.send(self.lease.as_ref().map(|l| HeldLease {
+            Command::View(reply) => {
+                let _ = reply.send(self.view(None));
+            }
+            Command::Lease(reply) => {
+                let _ = reply.send(self.life.lease.as_ref().map(|l| HeldLease {
                     id: l.id.clone(),
                     bytes: l.bytes,
                     gpu: l.gpu,
-                    priority: self.lease_priority,
-                    pids,
+                    priority: self.life.lease_priority,
+                    pids: self.pids(),
                 }));
             }
-            Msg::Tick => self.tick(),
-            Msg::Queued(q) => {
-                if self.state == State::Leasing {
-                    self.set_progress(pb::load_progress::Phase::Queued, Some(&q));
-                }
-            }
-            Msg::Granted { id, bytes, gpu } => {
-                self.lease = Some(Lease { id, bytes, gpu });
-                self.reported = None;
-                self.next_renew_ms = now_ms() + self.shared.cfg.lease_ttl_ms / 3;
-                if self.state == State::Leasing {
-                    self.set_state(State::Starting, "lease granted; starting");
-                }
+            Command::Retire(reply) => {
+                self.retire = Some(reply);
+                self.apply(Event::Retire);
             }
         }
     }
 
-    fn ticket(&mut self, priority: i32) -> Ticket {
-        if priority > self.lease_priority && self.lease.is_some() {
-            // A caller of higher priority uses the model now: protect it as theirs.
-            self.lease_priority = priority;
-        }
-        self.in_flight += 1;
-        self.requests_total += 1;
-        let started = self.started.as_ref();
-        Ticket {
-            endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
-            api_key: started.and_then(|s| s.api_key.clone()),
-            model_id: self.model.id.clone(),
-            served_name: started
-                .map(|s| s.served_name.clone())
-                .unwrap_or_else(|| self.model.served_name.clone()),
-            instance_id: self.id.clone(),
-            load_wait_ms: 0,
-            abort: self.abort.subscribe(),
-            done: Some((self.tx.clone(), self.generation)),
-        }
-    }
-
-    fn acquire(
-        &mut self,
-        deadline_ms: u64,
-        priority: i32,
-        reply: oneshot::Sender<Result<Ticket, InstanceError>>,
-    ) {
-        let waiter = Waiter {
-            deadline_ms,
-            priority,
-            reply,
-        };
-        match self.state {
-            State::Ready => {
-                let t = self.ticket(priority);
-                if let Err(Ok(t)) = waiter.reply.send(Ok(t)) {
-                    drop(t);
-                }
-            }
-            State::Leasing | State::Starting | State::Draining => self.waiters.push(waiter),
-            State::Unloaded | State::Stopped => {
-                self.waiters.push(waiter);
-                if !self.stopping {
-                    self.begin_load();
-                }
-            }
-            State::Failed => {
-                self.waiters.push(waiter);
-                // Restarted by tick once the backoff has passed.
-                if !self.stopping && self.restart_after_ms.is_none_or(|t| t <= now_ms()) {
-                    self.begin_load();
-                }
-            }
-        }
-    }
-
-    fn begin_load(&mut self) {
-        self.generation += 1;
-        self.load_began_ms = now_ms();
-        self.restart_after_ms = None;
-        self.set_state(State::Leasing, "loading on demand");
-        let shared = self.shared.clone();
-        let backend = self.backend.clone();
-        let model = self.model.clone();
-        let settings = self.settings.clone();
-        let tx = self.tx.clone();
-        let deadline = self
-            .waiters
-            .iter()
-            .map(|w| w.deadline_ms)
-            .max()
-            .unwrap_or(now_ms() + shared.cfg.lease_wait_ms);
-        // The memory is leased at the highest priority among the requests that wait for it.
-        let priority = self
-            .waiters
-            .iter()
-            .map(|w| w.priority)
-            .max()
-            .unwrap_or(settings.priority);
-        self.lease_priority = priority;
-        self.reported = None;
-        self.notice_check_after = None;
-        let me = self.tx.clone();
-        tokio::spawn(async move {
-            let r = load(
-                &shared,
-                backend.as_ref(),
-                &model,
-                &settings,
-                priority,
-                deadline,
-                &me,
-            )
-            .await;
-            let _ = tx.send(Msg::LoadDone(r));
-        });
-    }
-
-    fn load_done(&mut self, r: Result<Loaded, InstanceError>) {
+    fn report(&mut self, r: Report) {
         match r {
-            Ok(loaded) => {
-                // `Granted` came first; if the lease was lost during the start, it stays lost
-                // (the pending drain below stops the instance).
-                if let (Some(held), Some(l)) = (&mut self.lease, loaded.lease)
-                    && held.id == l.id
-                {
-                    held.bytes = l.bytes;
+            Report::Event(e) => self.apply(e),
+            Report::Started {
+                generation,
+                lease_id,
+                result,
+            } => match result {
+                Ok((started, lease_bytes)) => {
+                    let measured = started.measured.map(|m| m.total());
+                    if let Some((_, old)) = self.pending.replace((generation, started)) {
+                        self.discard(old);
+                    }
+                    self.apply(Event::ChildReady {
+                        generation,
+                        lease_id,
+                        lease_bytes,
+                        measured,
+                    });
                 }
-                self.estimated = loaded.estimated;
-                self.measured = loaded.started.measured.map(|m| m.total());
-                let now = now_ms();
-                self.started_at_ms = Some(self.load_began_ms);
-                self.ready_at_ms = Some(now);
-                self.last_used_ms = now;
-                self.next_renew_ms = now + self.shared.cfg.lease_ttl_ms / 3;
+                Err(error) => self.apply(Event::StartFailed { generation, error }),
+            },
+            Report::Exited { generation, exit } => {
+                let tail = self
+                    .started
+                    .as_ref()
+                    .and_then(|s| s.process.as_ref().map(|p| p.tail.last(5)))
+                    .unwrap_or_default();
+                self.apply(Event::ChildExited {
+                    generation,
+                    exit,
+                    tail,
+                });
+            }
+        }
+    }
+
+    /// One step of the state machine, then its actions.
+    fn apply(&mut self, e: Event) {
+        let actions = self.life.apply(e, now_ms());
+        for a in actions {
+            self.perform(a);
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.started
+            .as_ref()
+            .and_then(|s| s.process.as_ref())
+            .map(|p| vec![p.pid])
+            .unwrap_or_default()
+    }
+
+    /// Stop a child nobody uses (in the background).
+    fn discard(&self, s: Started) {
+        let backend = self.backend.clone();
+        let grace = Duration::from_millis(self.shared.cfg.stop_grace_ms);
+        tokio::spawn(async move { backend.stop(&s, grace).await });
+    }
+
+    fn perform(&mut self, a: Action) {
+        match a {
+            Action::AcquireLease {
+                generation,
+                priority,
+                deadline_ms,
+            } => {
+                let shared = self.shared.clone();
+                let model = self.model.clone();
+                let settings = self.settings.clone();
+                let me = self.me.clone();
+                tokio::spawn(async move {
+                    let e = match lease(
+                        &shared,
+                        &model,
+                        &settings,
+                        priority,
+                        deadline_ms,
+                        &me,
+                        generation,
+                    )
+                    .await
+                    {
+                        Ok((lease, estimated)) => Event::LeaseGranted {
+                            generation,
+                            lease,
+                            estimated,
+                        },
+                        Err(error) => Event::LeaseRefused { generation, error },
+                    };
+                    let _ = me.send(Report::Event(e));
+                });
+            }
+            Action::StartChild {
+                generation,
+                lease,
+                deadline_ms,
+            } => {
+                let shared = self.shared.clone();
+                let backend = self.backend.clone();
+                let model = self.model.clone();
+                let settings = self.settings.clone();
+                let me = self.me.clone();
+                tokio::spawn(async move {
+                    let result = start(
+                        &shared,
+                        backend.as_ref(),
+                        &model,
+                        &settings,
+                        &lease,
+                        deadline_ms,
+                    )
+                    .await;
+                    let _ = me.send(Report::Started {
+                        generation,
+                        lease_id: lease.id,
+                        result,
+                    });
+                });
+            }
+            Action::ChildUp { generation } => {
+                let Some((_, started)) = self.pending.take_if(|(g, _)| *g == generation) else {
+                    return;
+                };
+                // Fresh tickets get a fresh abort signal.
                 let (abort, _) = watch::channel(None);
                 self.abort = abort;
                 // Notice the child's exit the moment it happens.
-                if let Some(p) = &loaded.started.process {
+                if let Some(p) = &started.process {
                     let mut exit = p.exit.clone();
-                    let tx = self.tx.clone();
-                    let generation = self.generation;
+                    let me = self.me.clone();
                     tokio::spawn(async move {
                         loop {
                             if let Some(e) = exit.borrow_and_update().clone() {
-                                let _ = tx.send(Msg::Exited(format!("{generation}:{e}")));
+                                let _ = me.send(Report::Exited {
+                                    generation,
+                                    exit: e.to_string(),
+                                });
                                 return;
                             }
                             if exit.changed().await.is_err() {
@@ -833,301 +610,172 @@ impl Actor {
                         }
                     });
                 }
-                self.started = Some(loaded.started);
-                if self.lease.is_some() && self.measured.is_some() {
-                    self.emit(
-                        pb::InstanceEventKind::LeaseSettled,
-                        self.state,
-                        "lease settled to measured size",
-                    );
-                }
-                self.set_state(State::Ready, "ready");
-                let wait = now.saturating_sub(self.load_began_ms);
-                for w in std::mem::take(&mut self.waiters) {
-                    let mut t = self.ticket(w.priority);
-                    t.load_wait_ms = wait;
-                    if let Err(Ok(t)) = w.reply.send(Ok(t)) {
-                        drop(t);
-                    }
-                }
-                // An unload, eviction or lost lease that arrived during the load.
-                if let Some(by) = self.drain_deadline_ms.take() {
-                    self.drain(by, "drain requested during load");
+                if let Some(old) = self.started.replace(started) {
+                    self.discard(old);
                 }
             }
-            Err(e) => {
-                // The load released its lease itself.
-                self.lease = None;
-                self.drain_deadline_ms = None;
-                self.evict_by_ms = None;
-                self.fail(&e.to_string());
-                for w in std::mem::take(&mut self.waiters) {
-                    let _ = w.reply.send(Err(e.clone()));
-                }
-                for r in std::mem::take(&mut self.unload_replies) {
-                    let _ = r.send(false);
+            Action::DiscardChild { generation } => {
+                if let Some((_, s)) = self.pending.take_if(|(g, _)| *g == generation) {
+                    self.discard(s);
                 }
             }
-        }
-    }
-
-    fn fail(&mut self, why: &str) {
-        self.crash_count += 1;
-        self.consecutive_crashes += 1;
-        self.last_error = why.to_string();
-        self.last_error_at_ms = Some(now_ms());
-        let cfg = &self.shared.cfg;
-        let backoff = cfg
-            .backoff_ms
-            .saturating_mul(1 << (self.consecutive_crashes.saturating_sub(1)).min(16))
-            .min(cfg.max_backoff_ms);
-        self.restart_after_ms = Some(now_ms() + backoff);
-        self.set_state(State::Failed, why);
-    }
-
-    fn exited(&mut self, msg: String) {
-        let (generation, exit) = msg.split_once(':').unwrap_or(("0", &msg));
-        if generation.parse::<u64>().ok() != Some(self.generation) || self.stopping {
-            return;
-        }
-        // Unexpected: a crash.
-        let tail = self
-            .started
-            .as_ref()
-            .and_then(|s| s.process.as_ref().map(|p| p.tail.last(5)))
-            .unwrap_or_default();
-        let why = format!("the backend process crashed ({exit}); last output:\n{tail}");
-        let _ = self.abort.send(Some(format!(
-            "the backend process for {} crashed ({exit})",
-            self.model.name
-        )));
-        self.emit(pb::InstanceEventKind::Crashed, self.state, exit);
-        let ready_for = now_ms().saturating_sub(self.ready_at_ms.unwrap_or(0));
-        if ready_for > 30_000 {
-            self.consecutive_crashes = 0;
-        }
-        self.fail(&why);
-        self.started = None;
-        self.in_flight = 0;
-        self.generation += 1;
-        // Release the lease now (the process is gone).
-        self.stopping = true;
-        let shared = self.shared.clone();
-        let lease = self.lease.take();
-        let tx = self.tx.clone();
-        let id = self.id.clone();
-        tokio::spawn(async move {
-            if let Some(l) = lease {
-                release_lease(&shared, &id, l.id).await;
-            }
-            let _ = tx.send(Msg::StopDone);
-        });
-    }
-
-    /// Stop taking new work; stop once in-flight requests finish or `by_ms` passes.
-    fn drain(&mut self, by_ms: u64, reason: &str) {
-        match self.state {
-            State::Ready => {
-                self.drain_deadline_ms = Some(by_ms);
-                self.set_state(State::Draining, reason);
-                if self.in_flight == 0 || by_ms <= now_ms() {
-                    self.begin_stop(reason);
-                }
-            }
-            State::Draining => {
-                self.drain_deadline_ms =
-                    Some(self.drain_deadline_ms.map_or(by_ms, |d| d.min(by_ms)));
-                if by_ms <= now_ms() {
-                    self.begin_stop(reason);
-                }
-            }
-            // A load in flight finishes first; then it is drained by the next tick.
-            State::Leasing | State::Starting => self.drain_deadline_ms = Some(by_ms),
-            _ => {}
-        }
-    }
-
-    fn begin_stop(&mut self, reason: &str) {
-        if self.stopping {
-            return;
-        }
-        self.stopping = true;
-        if self.in_flight > 0 {
-            let _ = self.abort.send(Some(format!(
-                "model {} was unloaded ({reason}) while this request ran",
-                self.model.name
-            )));
-        }
-        self.in_flight = 0;
-        self.generation += 1;
-        let started = self.started.take();
-        let lease = self.lease.take();
-        let shared = self.shared.clone();
-        let backend = self.backend.clone();
-        let tx = self.tx.clone();
-        let id = self.id.clone();
-        tracing::info!(instance = %self.id, "stopping: {reason}");
-        tokio::spawn(async move {
-            if let Some(s) = started {
-                backend
-                    .stop(&s, Duration::from_millis(shared.cfg.stop_grace_ms))
-                    .await;
-            }
-            // Only after the process has exited.
-            if let Some(l) = lease {
-                release_lease(&shared, &id, l.id).await;
-            }
-            let _ = tx.send(Msg::StopDone);
-        });
-    }
-
-    fn stop_done(&mut self) {
-        self.stopping = false;
-        self.started_at_ms = None;
-        self.ready_at_ms = None;
-        self.drain_deadline_ms = None;
-        self.evict_by_ms = None;
-        if self.state != State::Failed {
-            self.set_state(State::Stopped, "stopped");
-        }
-        for r in std::mem::take(&mut self.unload_replies) {
-            let _ = r.send(true);
-        }
-        // Requests that arrived during the unload: load again for them.
-        if !self.waiters.is_empty() && self.state != State::Failed {
-            self.begin_load();
-        }
-    }
-
-    fn tick(&mut self) {
-        let now = now_ms();
-        // Waiters whose deadline passed have given up (their receiver is gone).
-        self.waiters.retain(|w| !w.reply.is_closed());
-        match self.state {
-            State::Ready => {
-                if let Some(by) = self.drain_deadline_ms {
-                    // A drain requested while loading.
-                    self.drain(by, "drain requested during load");
-                } else if self.in_flight == 0
-                    && self.settings.idle_ttl_ms > 0
-                    && now.saturating_sub(self.last_used_ms) >= self.settings.idle_ttl_ms
-                {
-                    self.drain(now, "idle ttl");
-                }
-            }
-            State::Draining if self.drain_deadline_ms.is_some_and(|d| d <= now) => {
-                self.begin_stop("drain deadline");
-            }
-            State::Failed
-                if !self.waiters.is_empty()
-                    && !self.stopping
-                    && self.restart_after_ms.is_none_or(|t| t <= now) =>
-            {
-                self.begin_load();
-            }
-            _ => {}
-        }
-        if now >= self.next_renew_ms {
-            self.renew();
-        }
-    }
-
-    /// Idle as the scheduler should see it: nothing in flight and nobody waiting, or draining
-    /// (going away anyway: a busy report must not call off the drain's notice).
-    fn idle_now(&self) -> bool {
-        match self.state {
-            State::Ready => self.in_flight == 0 && self.waiters.is_empty(),
-            State::Draining => true,
-            _ => false,
-        }
-    }
-
-    /// Tell the scheduler at once when the lease turns idle or busy or its priority rises: an idle
-    /// lease yields to a request of equal priority, a busy one does not.
-    fn report_changes(&mut self) {
-        if self.reported != Some((self.idle_now(), self.lease_priority)) {
-            self.renew();
-        }
-    }
-
-    /// Renew the lease now (one renewal at a time; a change seen meanwhile is sent after it).
-    fn renew(&mut self) {
-        let Some(l) = &self.lease else { return };
-        if self.renewing || !matches!(self.state, State::Starting | State::Ready | State::Draining)
-        {
-            return;
-        }
-        self.renewing = true;
-        self.renew_seq += 1;
-        self.next_renew_ms = now_ms() + self.shared.cfg.lease_ttl_ms / 3;
-        let idle = self.idle_now();
-        self.reported = Some((idle, self.lease_priority));
-        let mut c = self.shared.scheduler.clone();
-        let req = pb::RenewLeaseRequest {
-            lease_id: l.id.clone(),
-            ttl_ms: 0,
-            pids: self
-                .started
-                .as_ref()
-                .and_then(|s| s.process.as_ref())
-                .map(|p| vec![p.pid])
-                .unwrap_or_default(),
-            idle,
-            priority: Some(self.lease_priority),
-        };
-        let tx = self.tx.clone();
-        let lease_id = l.id.clone();
-        let seq = self.renew_seq;
-        tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(5), c.renew_lease(req)).await;
-            let result = match r {
-                Ok(Ok(l)) => Ok(l.into_inner().evict_by_ms),
-                Ok(Err(s)) => Err(s.code()),
-                Err(_) => Err(tonic::Code::DeadlineExceeded),
-            };
-            let _ = tx.send(Msg::Renewed {
+            Action::Renew {
                 lease_id,
                 seq,
-                result,
-            });
-        });
+                idle,
+                priority,
+            } => {
+                let mut c = self.shared.scheduler.clone();
+                let req = pb::RenewLeaseRequest {
+                    lease_id: lease_id.clone(),
+                    ttl_ms: 0,
+                    pids: self.pids(),
+                    idle,
+                    priority: Some(priority),
+                };
+                let me = self.me.clone();
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(Duration::from_secs(5), c.renew_lease(req)).await;
+                    let result = match r {
+                        Ok(Ok(l)) => Renewal::Renewed {
+                            evict_by_ms: l.into_inner().evict_by_ms,
+                        },
+                        Ok(Err(s)) if s.code() == tonic::Code::NotFound => Renewal::Unknown,
+                        Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => Renewal::Ended,
+                        Ok(Err(s)) => Renewal::Failed(format!("{:?}", s.code())),
+                        Err(_) => Renewal::Failed(format!("{:?}", tonic::Code::DeadlineExceeded)),
+                    };
+                    let _ = me.send(Report::Event(Event::Renewed {
+                        lease_id,
+                        seq,
+                        result,
+                    }));
+                });
+            }
+            Action::Reattach { lease, priority } => self.reattach(lease, priority),
+            Action::ReleaseLease { lease_id } => {
+                let shared = self.shared.clone();
+                let id = self.id.clone();
+                tokio::spawn(async move { release_lease(&shared, &id, lease_id).await });
+            }
+            Action::Stop {
+                kill,
+                release,
+                reason,
+            } => {
+                tracing::info!(instance = %self.id, "stopping: {reason}");
+                // Not killed: it exited by itself (a crash); just forget it.
+                let started = self.started.take().filter(|_| kill);
+                let shared = self.shared.clone();
+                let backend = self.backend.clone();
+                let me = self.me.clone();
+                let id = self.id.clone();
+                tokio::spawn(async move {
+                    if let Some(s) = started {
+                        backend
+                            .stop(&s, Duration::from_millis(shared.cfg.stop_grace_ms))
+                            .await;
+                    }
+                    // Only after the process has exited.
+                    if let Some(l) = release {
+                        release_lease(&shared, &id, l).await;
+                    }
+                    let _ = me.send(Report::Event(Event::StopDone));
+                });
+            }
+            Action::Abort(why) => {
+                let _ = self.abort.send(Some(why));
+            }
+            Action::Grant {
+                waiter,
+                generation,
+                load_wait_ms,
+            } => {
+                let started = self.started.as_ref();
+                let ticket = Ticket {
+                    endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
+                    api_key: started.and_then(|s| s.api_key.clone()),
+                    model_id: self.model.id.clone(),
+                    served_name: started
+                        .map(|s| s.served_name.clone())
+                        .unwrap_or_else(|| self.model.served_name.clone()),
+                    instance_id: self.id.clone(),
+                    load_wait_ms,
+                    abort: self.abort.subscribe(),
+                    done: Some((self.me.clone(), generation)),
+                };
+                // A waiter that left drops the ticket, which ends its accounting.
+                if let Some(reply) = self.waiters.remove(&waiter) {
+                    let _ = reply.send(Ok(ticket));
+                }
+            }
+            Action::Refuse { waiter, error } => {
+                if let Some(reply) = self.waiters.remove(&waiter) {
+                    let _ = reply.send(Err(error));
+                }
+            }
+            Action::UnloadAnswered { reply, was_loaded } => {
+                if let Some(r) = self.unloads.remove(&reply) {
+                    let _ = r.send(was_loaded);
+                }
+            }
+            Action::Retired(done) => {
+                if let Some(r) = self.retire.take() {
+                    let _ = r.send(done);
+                }
+            }
+            Action::Progress { phase, queue } => {
+                let p = pb::LoadProgress {
+                    phase: phase as i32,
+                    model: self.model.name.clone(),
+                    position: queue.as_ref().map_or(0, |q| q.position),
+                    queue_length: queue.as_ref().map_or(0, |q| q.queue_length),
+                    evictions_requested: queue.as_ref().is_some_and(|q| q.evictions_requested),
+                };
+                self.progress.send_if_modified(|cur| {
+                    let changed = *cur != p;
+                    *cur = p;
+                    changed
+                });
+            }
+            Action::Publish {
+                kind,
+                state,
+                previous,
+                detail,
+            } => {
+                if kind == pb::InstanceEventKind::StateChanged {
+                    tracing::info!(instance = %self.id, from = ?previous, to = ?state, "{detail}");
+                }
+                let _ = self.shared.events.send(pb::InstanceEvent {
+                    kind: kind as i32,
+                    instance: Some(self.view(Some(state))),
+                    previous_state: previous as i32,
+                    at_ms: now_ms(),
+                    detail,
+                });
+            }
+            Action::Warn(why) => tracing::warn!(instance = %self.id, "{why}"),
+        }
     }
 
-    /// An eviction notice that stands: drain and release before the scheduler's deadline.
-    fn honour_notice(&mut self, deadline_ms: u64) {
-        self.evict_by_ms = Some(deadline_ms);
-        // Leave time to stop the process (SIGTERM, then SIGKILL after the grace) and release
-        // before the scheduler's deadline.
-        let margin = self.shared.cfg.stop_grace_ms + 1_000;
-        let by = deadline_ms.saturating_sub(margin).max(now_ms());
-        self.drain(by, "eviction notice");
-    }
-
-    /// Re-attach the lease held now (`lease_id`) on its own; a lease the scheduler reports lost
-    /// stops the instance. Transient failures are left to the next renewal.
-    fn reattach(&mut self, lease_id: String) {
-        let Some(l) = self.lease.as_ref().filter(|l| l.id == lease_id) else {
-            return;
-        };
+    /// Present the lease held now on its own; a lease the scheduler reports lost stops the
+    /// instance. Transient failures are left to the next renewal.
+    fn reattach(&self, l: LeaseInfo, priority: i32) {
         let holder = self.shared.cfg.holder.clone();
         let lease = pb::Lease {
-            id: l.id.clone(),
+            id: l.id,
             holder: holder.clone(),
             label: self.model.name.clone(),
             gpu_index: l.gpu,
             bytes: l.bytes,
-            priority: self.lease_priority,
+            priority,
             ttl_ms: self.shared.cfg.lease_ttl_ms,
-            pids: self
-                .started
-                .as_ref()
-                .and_then(|s| s.process.as_ref())
-                .map(|p| vec![p.pid])
-                .unwrap_or_default(),
+            pids: self.pids(),
             ..Default::default()
         };
         let mut c = self.shared.scheduler.clone();
-        let tx = self.tx.clone();
+        let me = self.me.clone();
         let id = self.id.clone();
         tokio::spawn(async move {
             match c
@@ -1140,13 +788,13 @@ impl Actor {
                 Ok(r) => {
                     let r = r.into_inner();
                     for lost in r.lost {
-                        let _ = tx.send(Msg::LeaseLost {
+                        let _ = me.send(Report::Event(Event::LeaseLost {
                             lease_id: lost.lease_id,
                             reason: lost.reason,
-                        });
+                        }));
                     }
                     for l in r.confirmed.into_iter().chain(r.restored) {
-                        let _ = tx.send(Msg::Reattached(l.id));
+                        let _ = me.send(Report::Event(Event::Reattached { lease_id: l.id }));
                     }
                 }
                 Err(e) => tracing::warn!(instance = %id, "re-attach failed: {}", e.message()),
@@ -1154,25 +802,22 @@ impl Actor {
         });
     }
 
-    fn view(&self) -> pb::BackendInstance {
+    /// The instance as the API shows it; `state` overrides the state (an event shows the state
+    /// it happened in).
+    fn view(&self, state: Option<pb::InstanceState>) -> pb::BackendInstance {
         let s = &self.settings;
+        let l = &self.life;
         let started = self.started.as_ref();
-        let unload_at = (self.state == State::Ready && self.in_flight == 0 && s.idle_ttl_ms > 0)
-            .then(|| self.last_used_ms + s.idle_ttl_ms);
         pb::BackendInstance {
             id: self.id.clone(),
             model_id: self.model.id.clone(),
             model_name: self.model.name.clone(),
             backend: self.backend.kind() as i32,
-            state: state_pb(self.state, self.in_flight) as i32,
+            state: state.unwrap_or_else(|| l.state_pb()) as i32,
             settings: Some(pb::InstanceSettings {
                 context: Some(s.context as i64),
                 parallel: Some(s.parallel as i32),
-                cache_type: Some(match s.cache_type {
-                    "q8_0" => pb::KvCacheType::Q80,
-                    "q4_0" => pb::KvCacheType::Q40,
-                    _ => pb::KvCacheType::F16,
-                } as i32),
+                cache_type: Some(cache_type_pb(s.cache_type) as i32),
                 gpu_layers: s.gpu_layers,
                 embeddings: Some(s.embeddings),
                 flash_attention: s.flash_attention,
@@ -1180,38 +825,30 @@ impl Actor {
                 gpu_index: s.gpu_index,
                 idle_ttl_ms: Some(s.idle_ttl_ms),
             }),
-            lease_id: self
-                .lease
-                .as_ref()
-                .map(|l| l.id.clone())
-                .unwrap_or_default(),
-            gpu_index: self.lease.as_ref().map(|l| l.gpu),
-            lease_bytes: self.lease.as_ref().map_or(0, |l| l.bytes),
-            estimated_bytes: self.estimated,
-            measured_bytes: self.measured,
-            evict_by_ms: self.evict_by_ms,
+            lease_id: l.lease.as_ref().map(|l| l.id.clone()).unwrap_or_default(),
+            gpu_index: l.lease.as_ref().map(|l| l.gpu),
+            lease_bytes: l.lease.as_ref().map_or(0, |l| l.bytes),
+            estimated_bytes: l.estimated,
+            measured_bytes: l.measured,
+            evict_by_ms: l.evict_by_ms,
             port: started.map_or(0, |s| u32::from(s.port)),
             pid: started
                 .and_then(|s| s.process.as_ref())
                 .map_or(0, |p| p.pid),
             endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
-            in_flight: self.in_flight,
-            waiting: self.waiters.len() as u32,
-            requests_total: self.requests_total,
-            last_used_ms: self.last_used_ms,
+            in_flight: l.in_flight,
+            waiting: l.waiters.len() as u32,
+            requests_total: l.requests_total,
+            last_used_ms: l.last_used_ms,
             idle_ttl_ms: s.idle_ttl_ms,
-            unload_at_ms: unload_at,
-            started_at_ms: self.started_at_ms,
-            ready_at_ms: self.ready_at_ms,
-            crash_count: self.crash_count,
-            last_error: self.last_error.clone(),
-            last_error_at_ms: self.last_error_at_ms,
-            restart_after_ms: if self.state == State::Failed {
-                self.restart_after_ms
-            } else {
-                None
-            },
-            load_progress: (!self.waiters.is_empty()).then(|| self.progress.borrow().clone()),
+            unload_at_ms: l.unload_at_ms(),
+            started_at_ms: l.started_at_ms,
+            ready_at_ms: l.ready_at_ms,
+            crash_count: l.crash_count,
+            last_error: l.last_error.clone(),
+            last_error_at_ms: l.last_error_at_ms,
+            restart_after_ms: l.restart_after_ms(),
+            load_progress: (!l.waiters.is_empty()).then(|| self.progress.borrow().clone()),
         }
     }
 }
@@ -1239,27 +876,23 @@ fn status_err(what: &str, s: tonic::Status) -> InstanceError {
     }
 }
 
-/// Estimate → lease → start → settle. On any failure after the grant, the lease is released.
-async fn load(
+/// Estimate and lease (the load's first half): queue positions are reported as they come.
+async fn lease(
     shared: &Shared,
-    backend: &dyn Backend,
     model: &ModelRef,
     s: &Effective,
     priority: i32,
     deadline_ms: u64,
-    me: &mpsc::UnboundedSender<Msg>,
-) -> Result<Loaded, InstanceError> {
+    me: &mpsc::UnboundedSender<Report>,
+    generation: u64,
+) -> Result<(LeaseInfo, u64), InstanceError> {
     let mut registry = shared.registry.clone();
     let est = registry
         .estimate(pb::EstimateRequest {
             model: model.id.clone(),
             context: s.context as i64,
             parallel: s.parallel as i32,
-            cache_type: match s.cache_type {
-                "q8_0" => pb::KvCacheType::Q80,
-                "q4_0" => pb::KvCacheType::Q40,
-                _ => pb::KvCacheType::F16,
-            } as i32,
+            cache_type: cache_type_pb(s.cache_type) as i32,
             gpu_layers: s.gpu_layers,
         })
         .await
@@ -1283,57 +916,61 @@ async fn load(
         .await
         .map_err(|e| status_err("scheduler lease", e))?
         .into_inner();
-    let mut granted = None;
     while let Some(u) = stream.next().await {
         match u
             .map_err(|e| status_err(&format!("lease for {bytes} bytes"), e))?
             .update
         {
             Some(pb::acquire_lease_update::Update::Granted(l)) => {
-                granted = Some(l);
-                break;
+                let lease = LeaseInfo {
+                    id: l.id,
+                    bytes: l.bytes,
+                    gpu: l.gpu_index,
+                };
+                return Ok((lease, bytes));
             }
-            Some(pb::acquire_lease_update::Update::Queued(p)) => {
-                tracing::info!(model = %model.name, position = p.position, "waiting for GPU memory");
-                let _ = me.send(Msg::Queued(p));
+            Some(pb::acquire_lease_update::Update::Queued(position)) => {
+                tracing::info!(model = %model.name, position = position.position, "waiting for GPU memory");
+                let _ = me.send(Report::Event(Event::LeaseQueued {
+                    generation,
+                    position,
+                }));
             }
             None => {}
         }
     }
-    let lease = granted
-        .ok_or_else(|| InstanceError::Unavailable("the scheduler ended the lease stream".into()))?;
-    let release = |id: String| {
-        let mut c = shared.scheduler.clone();
-        async move {
-            let _ = c
-                .release_lease(pb::ReleaseLeaseRequest { lease_id: id })
-                .await;
-        }
-    };
-    let _ = me.send(Msg::Granted {
-        id: lease.id.clone(),
-        bytes: lease.bytes,
-        gpu: lease.gpu_index,
-    });
+    Err(InstanceError::Unavailable(
+        "the scheduler ended the lease stream".into(),
+    ))
+}
+
+/// Start the child under `lease` and settle the lease (the load's second half): the child and
+/// the lease's settled size. On failure nothing runs; the lease is still held (the state machine
+/// gives it back).
+async fn start(
+    shared: &Shared,
+    backend: &dyn Backend,
+    model: &ModelRef,
+    s: &Effective,
+    lease: &LeaseInfo,
+    deadline_ms: u64,
+) -> Result<(Started, u64), InstanceError> {
     // Simulated GPU: run on the CPU. The total is for engines that take a fraction of the GPU.
     // If the scheduler cannot say, do not guess (a wrong guess would run a GPU lease on the CPU):
-    // give the lease back and fail the load.
-    let gpu = match sched.get_status(pb::GetStatusRequest {}).await {
-        Ok(st) => st
-            .into_inner()
-            .gpus
-            .into_iter()
-            .find(|g| g.index == lease.gpu_index),
-        Err(e) => {
-            release(lease.id.clone()).await;
-            return Err(status_err("scheduler status", e));
-        }
-    };
+    // fail the start.
+    let mut sched = shared.scheduler.clone();
+    let gpu = sched
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map_err(|e| status_err("scheduler status", e))?
+        .into_inner()
+        .gpus
+        .into_iter()
+        .find(|g| g.index == lease.gpu);
     let Some(gpu) = gpu else {
-        release(lease.id.clone()).await;
         return Err(InstanceError::Unavailable(format!(
             "the scheduler granted GPU {} but does not list it",
-            lease.gpu_index
+            lease.gpu
         )));
     };
     let (simulated, gpu_total) = (gpu.simulated, gpu.total_bytes);
@@ -1347,36 +984,24 @@ async fn load(
         gpu_layers: s.gpu_layers,
         embeddings: s.embeddings,
         flash_attention: s.flash_attention,
-        gpu: (!simulated).then_some(lease.gpu_index),
+        gpu: (!simulated).then_some(lease.gpu),
         lease_bytes: lease.bytes,
         gpu_total,
         start_timeout: Duration::from_millis(shared.cfg.start_timeout_ms)
             .min(left.max(Duration::from_secs(1))),
     };
-    let started = match backend.start(&spec).await {
-        Ok(s) => s,
-        Err(e) => {
-            release(lease.id.clone()).await;
-            return Err(InstanceError::Unavailable(format!(
-                "{} could not start model {}: {e}",
-                backend.name(),
-                model.name
-            )));
-        }
-    };
+    let started = backend.start(&spec).await.map_err(|e| {
+        InstanceError::Unavailable(format!(
+            "{} could not start model {}: {e}",
+            backend.name(),
+            model.name
+        ))
+    })?;
     let mut lease_bytes = lease.bytes;
     if let Some(m) = started.measured {
         settle(shared, backend, model, s, &lease.id, &mut lease_bytes, m).await;
     }
-    Ok(Loaded {
-        started,
-        lease: Some(Lease {
-            id: lease.id,
-            bytes: lease_bytes,
-            gpu: lease.gpu_index,
-        }),
-        estimated: bytes,
-    })
+    Ok((started, lease_bytes))
 }
 
 /// Resize the lease to what the engine allocated and tell the registry.
@@ -1409,11 +1034,7 @@ async fn settle(
             model: model.id.clone(),
             context: s.context as i64,
             parallel: s.parallel as i32,
-            cache_type: match s.cache_type {
-                "q8_0" => pb::KvCacheType::Q80,
-                "q4_0" => pb::KvCacheType::Q40,
-                _ => pb::KvCacheType::F16,
-            } as i32,
+            cache_type: cache_type_pb(s.cache_type) as i32,
             gpu_layers: s.gpu_layers,
             weights_gpu_bytes: None,
             weights_host_bytes: None,

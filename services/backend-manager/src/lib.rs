@@ -5,8 +5,8 @@
 //! - [`process`]: supervised children (own process group, die with the manager, no zombies).
 //! - [`lifecycle`]: an instance's life cycle as a pure state machine (`step(state, event, now)`
 //!   → new state and actions), unit-tested without processes.
-//! - [`instance`]: one actor per model instance (load on demand, single flight, idle unload,
-//!   eviction, crash recovery).
+//! - [`instance`]: one actor per model instance that only performs the life cycle's actions
+//!   (leases, child processes, tickets, timers) and feeds it what happens.
 //! - [`manager`]: model resolution, the routing table, the scheduler watch (evictions, re-attach).
 //! - [`forward`]: OpenAI-shaped requests to the upstream over pooled HTTP, SSE relayed chunk by
 //!   chunk.

@@ -375,18 +375,19 @@ impl Manager {
                     pb::lease_event::Kind::EvictionNotice => {
                         if let Some(h) = self.by_lease(&lease.id).await {
                             tracing::info!(instance = %h.id, "eviction notice: {}", e.detail);
-                            h.evict(lease.id, lease.evict_by_ms.unwrap_or_else(now_ms));
+                            h.evict(lease.id, lease.evict_by_ms.unwrap_or_else(now_ms))
+                                .await;
                         }
                     }
                     pb::lease_event::Kind::EvictionWithdrawn => {
                         if let Some(h) = self.by_lease(&lease.id).await {
                             tracing::info!(instance = %h.id, "eviction notice withdrawn");
-                            h.eviction_withdrawn(lease.id);
+                            h.eviction_withdrawn(lease.id).await;
                         }
                     }
                     pb::lease_event::Kind::Revoked | pb::lease_event::Kind::Expired => {
                         if let Some(h) = self.by_lease(&lease.id).await {
-                            h.lease_lost(lease.id, e.detail);
+                            h.lease_lost(lease.id, e.detail).await;
                         }
                     }
                     _ => {}
@@ -438,7 +439,7 @@ impl Manager {
                 );
                 for lost in r.lost {
                     if let Some((_, h)) = owners.iter().find(|(id, _)| *id == lost.lease_id) {
-                        h.lease_lost(lost.lease_id.clone(), lost.reason);
+                        h.lease_lost(lost.lease_id.clone(), lost.reason).await;
                     }
                 }
                 // Notices (and withdrawals) sent while the event stream was down are not
@@ -446,8 +447,8 @@ impl Manager {
                 for l in r.confirmed.into_iter().chain(r.restored) {
                     if let Some((_, h)) = owners.iter().find(|(id, _)| *id == l.id) {
                         match l.evict_by_ms {
-                            Some(by) => h.evict(l.id.clone(), by),
-                            None => h.eviction_withdrawn(l.id.clone()),
+                            Some(by) => h.evict(l.id.clone(), by).await,
+                            None => h.eviction_withdrawn(l.id.clone()).await,
                         }
                     }
                 }
