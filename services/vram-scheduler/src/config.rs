@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use clap::Parser;
 use securellm_common::ByteSize;
 use securellm_common::internal_auth::{self, InternalToken};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::table::Limits;
 
 /// How the GPU inventory is chosen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum InventoryMode {
     /// NVML if it loads and sees a GPU, else simulated GPUs (explicit simulated GPUs win).
@@ -75,7 +75,10 @@ impl Default for SchedulerConfig {
 }
 
 /// The GPU memory authority of SecureLLM.
-#[derive(Debug, Parser)]
+///
+/// Each field serializes under its `[scheduler]` key: the flags are merged over the file in one
+/// step (`load_section_with`); unset flags are `None` and leave the file's value.
+#[derive(Debug, Parser, Serialize)]
 #[command(name = "vram-scheduler", version, about)]
 pub struct Args {
     /// gRPC listen address (HOST:PORT; port 0 picks a free one).
@@ -83,6 +86,7 @@ pub struct Args {
     pub listen: Option<String>,
     /// Config file (TOML; this service reads its [scheduler] section).
     #[arg(long, env = "SECURELLM_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Where the lease snapshot is kept.
     #[arg(long, env = "SECURELLM_DATA_DIR")]
@@ -90,6 +94,7 @@ pub struct Args {
     /// Add a simulated GPU of this size (repeatable: two flags, two GPUs). Implies simulated
     /// inventory unless --inventory says otherwise.
     #[arg(long = "simulate-gpu", value_name = "SIZE")]
+    #[serde(rename = "simulate_gpus", skip_serializing_if = "Vec::is_empty")]
     pub simulate_gpu: Vec<ByteSize>,
     /// auto (NVML, else simulated), nvml, or simulated.
     #[arg(long, value_enum, env = "SECURELLM_SCHEDULER_INVENTORY")]
@@ -119,39 +124,10 @@ impl SchedulerConfig {
     /// Flags over file over defaults.
     pub fn resolve(args: &Args) -> Result<Self, securellm_common::config::ConfigError> {
         let mut c: SchedulerConfig =
-            securellm_common::config::load_section(args.config.as_deref(), "scheduler")?;
-        if let Some(v) = &args.listen {
-            c.listen = v.clone();
-        }
-        if let Some(v) = &args.data_dir {
-            c.data_dir = Some(v.clone());
-        }
-        if !args.simulate_gpu.is_empty() {
-            c.simulate_gpus = args.simulate_gpu.clone();
-            if args.inventory.is_none() {
-                c.inventory = InventoryMode::Simulated;
-            }
-        }
-        if let Some(v) = args.inventory {
-            c.inventory = v;
-        }
-        if let Some(v) = args.reserve {
-            c.reserve = v;
-        }
-        if let Some(v) = args.eviction_grace_ms {
-            c.eviction_grace_ms = v;
-        }
-        if let Some(v) = args.max_ttl_ms {
-            c.max_ttl_ms = v;
-        }
-        if let Some(v) = args.preempt_busy_after_ms {
-            c.preempt_busy_after_ms = v;
-        }
-        if let Some(v) = args.refresh_interval_ms {
-            c.refresh_interval_ms = v;
-        }
-        if let Some(v) = &args.internal_token_file {
-            c.internal_token_file = Some(v.clone());
+            securellm_common::config::load_section_with(args.config.as_deref(), "scheduler", args)?;
+        // Simulated GPUs on the command line imply simulated inventory unless it is named.
+        if !args.simulate_gpu.is_empty() && args.inventory.is_none() {
+            c.inventory = InventoryMode::Simulated;
         }
         c.validate()?;
         c.internal_token = Some(internal_auth::for_service(
@@ -193,5 +169,63 @@ impl SchedulerConfig {
             preempt_busy_after_ms: self.preempt_busy_after_ms,
             busy_drain_ms: self.busy_drain_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(argv: &[&str]) -> Result<SchedulerConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut full = vec!["vram-scheduler", "--data-dir"];
+        let d = dir.path().to_str().unwrap().to_string();
+        full.push(&d);
+        full.extend_from_slice(argv);
+        let args = Args::try_parse_from(full).map_err(|e| e.to_string())?;
+        SchedulerConfig::resolve(&args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("securellm.toml");
+        std::fs::write(
+            &f,
+            "[scheduler]\ninventory = \"nvml\"\nreserve = \"1GiB\"\neviction_grace_ms = 111\nmax_ttl_ms = 222\n",
+        )
+        .unwrap();
+        let f = f.to_str().unwrap();
+        let c = resolve(&["--config", f, "--max-ttl-ms", "333"]).unwrap();
+        assert_eq!(c.inventory, InventoryMode::Nvml);
+        assert_eq!(c.reserve, ByteSize(1 << 30));
+        assert_eq!(c.eviction_grace_ms, 111, "the file's, no flag");
+        assert_eq!(c.max_ttl_ms, 333, "the flag's");
+        assert_eq!(c.busy_drain_ms, SchedulerConfig::default().busy_drain_ms);
+        // --simulate-gpu implies simulated inventory over the file, unless --inventory names one.
+        let c = resolve(&[
+            "--config",
+            f,
+            "--simulate-gpu",
+            "24GiB",
+            "--simulate-gpu",
+            "8GiB",
+        ])
+        .unwrap();
+        assert_eq!(c.inventory, InventoryMode::Simulated);
+        assert_eq!(c.simulate_gpus, vec![ByteSize(24 << 30), ByteSize(8 << 30)]);
+        let c = resolve(&[
+            "--config",
+            f,
+            "--simulate-gpu",
+            "24GiB",
+            "--inventory",
+            "auto",
+        ])
+        .unwrap();
+        assert_eq!(c.inventory, InventoryMode::Auto);
+        // Bad values are still refused, naming the field.
+        let e = resolve(&["--max-ttl-ms", "0"]).unwrap_err();
+        assert!(e.contains("max_ttl_ms"), "{e}");
     }
 }

@@ -91,9 +91,19 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// Exact, so that it reads back as the same size: `24GiB` when a unit divides it, else the bytes.
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_bytes(self.0))
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        match UNITS.iter().find(|(_, n)| self.0 != 0 && self.0.is_multiple_of(*n)) {
+            Some((unit, n)) => s.serialize_str(&format!("{}{unit}", self.0 / n)),
+            None => s.serialize_u64(self.0),
+        }
     }
 }
 

@@ -111,6 +111,49 @@ pub fn load_section<T: DeserializeOwned + Default>(
     section_from_str(&text, path, section)
 }
 
+/// [`load_section`] with `flags` on top: every field `flags` serializes replaces the file's value
+/// of the same name, so precedence (flag or its environment variable > file > default) is one
+/// merge, not an `if let` per flag. `flags` is the service's clap `Args` deriving `Serialize`:
+/// `None` fields are not serialized (TOML has no null), fields that are not settings are
+/// `#[serde(skip)]`, and a flag named differently from its key is `#[serde(rename)]`d. The merged
+/// section is checked as a file's would be (unknown keys, types), the error naming the key.
+pub fn load_section_with<T: DeserializeOwned + Default, F: serde::Serialize>(
+    path: Option<&Path>,
+    section: &str,
+    flags: &F,
+) -> Result<T, ConfigError> {
+    let mut table = match path {
+        None => toml::Table::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            // Checks the section names and the section's own keys and types first.
+            let _: T = section_from_str(&text, path, section)?;
+            let mut all: toml::Table = parse(&text, path)?;
+            match all.remove(section) {
+                Some(toml::Value::Table(t)) => t,
+                _ => toml::Table::new(),
+            }
+        }
+    };
+    let over = toml::Table::try_from(flags).map_err(|e| ConfigError::Field {
+        field: section.to_string(),
+        message: format!("flags: {e}"),
+    })?;
+    table.extend(over);
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Field {
+            field: section.to_string(),
+            message: format!(
+                "flags over the file: {}",
+                e.to_string().trim().replace('\n', " ")
+            ),
+        })
+}
+
 /// [`load_section`] over text already read; `origin` only names the source in errors.
 pub fn section_from_str<T: DeserializeOwned + Default>(
     text: &str,
@@ -172,5 +215,72 @@ mod section_tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("reserv") && e.contains("[scheduler]"), "{e}");
+    }
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Section {
+        listen: String,
+        grace_ms: u64,
+        reserve: crate::ByteSize,
+        gpus: Vec<crate::ByteSize>,
+    }
+
+    #[derive(serde::Serialize)]
+    struct Flags {
+        #[serde(skip)]
+        #[allow(dead_code)]
+        config: Option<std::path::PathBuf>,
+        listen: Option<String>,
+        grace_ms: Option<u64>,
+        reserve: Option<crate::ByteSize>,
+        #[serde(rename = "gpus", skip_serializing_if = "Vec::is_empty")]
+        gpu: Vec<crate::ByteSize>,
+    }
+
+    #[test]
+    fn flags_override_the_file_and_unset_flags_keep_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[scheduler]\nlisten = \"0.0.0.0:1\"\ngrace_ms = 7\nreserve = \"1GiB\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: None,
+            listen: Some("127.0.0.1:2".into()),
+            grace_ms: None,
+            reserve: Some(crate::ByteSize((1 << 30) + 1)),
+            gpu: vec![crate::ByteSize(24 << 30)],
+        };
+        let c: Section = load_section_with(Some(&f), "scheduler", &flags).unwrap();
+        assert_eq!(
+            c,
+            Section {
+                listen: "127.0.0.1:2".into(),
+                grace_ms: 7,
+                // Exact, not the rounded display form.
+                reserve: crate::ByteSize((1 << 30) + 1),
+                gpus: vec![crate::ByteSize(24 << 30)],
+            }
+        );
+        // No file: defaults under the flags.
+        let none = Flags {
+            config: None,
+            listen: None,
+            grace_ms: Some(3),
+            reserve: None,
+            gpu: vec![],
+        };
+        let c: Section = load_section_with(None, "scheduler", &none).unwrap();
+        assert_eq!(c.grace_ms, 3);
+        assert_eq!(c.listen, "");
+        // A bad file is still named as the file's error, flags or not.
+        std::fs::write(&f, "[scheduler]\nlisen = 1\n").unwrap();
+        let e = load_section_with::<Section, _>(Some(&f), "scheduler", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen") && e.contains("c.toml"), "{e}");
     }
 }
