@@ -1073,3 +1073,70 @@ async fn release_lease(shared: &Shared, instance: &str, lease_id: String) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelSettings;
+
+    /// An instance whose registry and scheduler cannot be reached (every load fails at its
+    /// estimate).
+    fn unreachable_instance() -> InstanceHandle {
+        securellm_common::tls::install_crypto_provider();
+        let cfg = BackendConfig {
+            scheduler: "127.0.0.1:1".into(),
+            registry: "127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        let http = reqwest::Client::new();
+        let shared = Arc::new(Shared {
+            backends: Backends::from_config(&cfg, &http),
+            http,
+            scheduler: VramSchedulerClient::new(crate::lazy_channel(&cfg.scheduler, &cfg).unwrap()),
+            registry: ModelRegistryClient::new(crate::lazy_channel(&cfg.registry, &cfg).unwrap()),
+            events: broadcast::channel(16).0,
+            cfg,
+        });
+        let model = ModelRef {
+            id: "m".into(),
+            name: "tiny".into(),
+            path: "/nonexistent.gguf".into(),
+            served_name: "tiny".into(),
+        };
+        let backend = shared.backends.llamacpp.clone();
+        let settings = Effective::from(&ModelSettings::default()).unwrap();
+        spawn("m".into(), model, settings, backend, shared)
+    }
+
+    /// Far more callers than the command queue holds: the senders wait for room (nothing is
+    /// dropped, nothing panics) and every caller gets an answer within its deadline.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flood_of_requests_waits_for_room_in_the_bounded_queue_and_each_is_answered() {
+        let h = unreachable_instance();
+        let deadline = now_ms() + 5_000;
+        let n = COMMAND_QUEUE * 4;
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let h = h.clone();
+                tokio::spawn(async move { h.acquire(deadline, None).await })
+            })
+            .collect();
+        let mut unavailable = 0;
+        for c in calls {
+            match c.await.unwrap() {
+                Err(InstanceError::Unavailable(m)) => {
+                    assert!(m.contains("registry estimate"), "{m}");
+                    unavailable += 1;
+                }
+                Err(InstanceError::DeadlineExceeded(_)) => {}
+                Err(e) => panic!("unexpected error: {e}"),
+                Ok(_) => panic!("a ticket from an instance that cannot load"),
+            }
+        }
+        assert!(unavailable > 0);
+        // The actor still answers.
+        let v = h.view().await.unwrap();
+        assert_eq!(v.state, pb::InstanceState::Failed as i32);
+        assert!(!h.unload(0, true).await);
+    }
+}
