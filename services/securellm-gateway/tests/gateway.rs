@@ -2,67 +2,13 @@
 //! llama-server, all in-process over loopback gRPC), driven by the official `openai` Python client
 //! and by raw HTTP for what a client library hides.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use securellm_gateway::keys::NewKey;
-use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
-
-fn llama_server() -> PathBuf {
-    if let Some(p) = std::env::var_os("LLAMA_SERVER") {
-        return p.into();
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new(root.join("scripts/install-llama-server.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "llama-server is needed: run `make llama-server`"
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    )
-}
-
-/// Python with the `openai` package: `$SECURELLM_TEST_PYTHON`, else the venv `make pyenv` makes.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("SECURELLM_TEST_PYTHON") {
-        return p.into();
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let cache = std::env::var_os("SECURELLM_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or(home.join(".cache/securellm"));
-    let p = cache.join("pyenv/bin/python");
-    assert!(
-        p.is_file(),
-        "{} missing: run `make pyenv` (a venv with the openai package)",
-        p.display()
-    );
-    p
-}
-
-/// Every audit row so far (after flushing the writer), oldest first.
-async fn audit_rows(
-    g: &securellm_gateway::RunningGateway,
-) -> Vec<securellm_gateway::audit::AuditRow> {
-    g.state.audit.flush().await;
-    g.state
-        .audit
-        .query(securellm_gateway::audit::AuditFilter {
-            limit: Some(10_000),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-}
+use securellm_testkit::Stack;
+use securellm_testkit::gateway::{audit_rows, create_key};
+use securellm_testkit::python;
 
 /// A new API key's secret.
 async fn new_key(
@@ -71,24 +17,7 @@ async fn new_key(
     models: &[&str],
     rpm: Option<u32>,
 ) -> String {
-    keys.create(NewKey {
-        name: name.into(),
-        models: models.iter().map(|m| m.to_string()).collect(),
-        rpm,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .0
-}
-
-struct Stack {
-    _dir: tempfile::TempDir,
-    _scheduler: vram_scheduler::RunningScheduler,
-    _registry: registry::RunningRegistry,
-    _manager: backend_manager::RunningManager,
-    gateway: securellm_gateway::RunningGateway,
-    data: PathBuf,
+    create_key(keys, name, models, rpm).await.0
 }
 
 async fn stack() -> Stack {
@@ -106,94 +35,36 @@ async fn stack_full(
     stack_cfg(jwt, upstreams, |_| {}).await
 }
 
+/// Models `tiny` and `other` on a 1 GiB GPU, the real llama-server, the gateway in front (64 KiB
+/// bodies, `jwt`, `upstreams`, then `tweak`); its data directory is `<dir>/gateway`.
 async fn stack_cfg(
     jwt: Option<securellm_gateway::jwt::JwtConfig>,
     upstreams: std::collections::BTreeMap<String, securellm_gateway::cloud::CloudConfig>,
-    tweak: impl FnOnce(&mut securellm_gateway::config::GatewayConfig),
+    tweak: impl FnOnce(&mut securellm_gateway::config::GatewayConfig) + Send + 'static,
 ) -> Stack {
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    for (name, seed) in [("tiny", 1), ("other", 2)] {
-        write_tiny_llama(
-            models.join(format!("{name}.gguf")),
-            &TinyLlamaOptions {
-                name: name.into(),
-                seed,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    }
-    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(1 << 30)],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let registry = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            ..Default::default()
-        },
-        roots: vec![models.clone()],
-        aliases: Default::default(),
-        data_dir: dir.path().join("registry"),
-    })
-    .await
-    .unwrap();
-    let manager = backend_manager::start(&backend_manager::config::BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: scheduler.addr.to_string(),
-        registry: registry.addr.to_string(),
-        llama_server: Some(llama_server()),
-        defaults: backend_manager::config::ModelSettings {
-            context: Some(512),
-            idle_ttl_ms: Some(0),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let data = dir.path().join("gateway");
-    let mut cfg = securellm_gateway::config::GatewayConfig {
-        listen: "127.0.0.1:0".into(),
-        http_listen: "127.0.0.1:0".into(),
-        data_dir: Some(data.clone()),
-        backend: manager.addr.to_string(),
-        registry: registry.addr.to_string(),
-        max_body: securellm_common::ByteSize(64 << 10),
-        jwt,
-        upstreams,
-        ..Default::default()
-    };
-    tweak(&mut cfg);
-    let gateway = securellm_gateway::start(&cfg).await.unwrap();
-    Stack {
-        _dir: dir,
-        _scheduler: scheduler,
-        _registry: registry,
-        _manager: manager,
-        gateway,
-        data,
-    }
+    Stack::new()
+        .models(&["tiny", "other"])
+        .gateway_with(move |cfg| {
+            cfg.max_body = securellm_common::ByteSize(64 << 10);
+            cfg.jwt = jwt;
+            cfg.upstreams = upstreams;
+            tweak(cfg);
+        })
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_client_works_unchanged() {
     let s = stack().await;
-    let keys = &s.gateway.state.keys;
+    let keys = &s.gateway().state.keys;
     let all = new_key(keys, "all", &["*"], None).await;
     let scoped = new_key(keys, "scoped", &["tiny"], None).await;
     let limited = new_key(keys, "limited", &["*"], Some(2)).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
     let out = tokio::process::Command::new(python())
         .arg(script)
-        .env("BASE_URL", format!("http://{}/v1", s.gateway.http_addr))
+        .env("BASE_URL", format!("http://{}/v1", s.gateway().http_addr))
         .env("API_KEY", &all)
         .env("SCOPED_KEY", &scoped)
         .env("LIMITED_KEY", &limited)
@@ -208,7 +79,7 @@ async fn the_official_openai_client_works_unchanged() {
     );
 
     // Every request left an audit row, denied ones included, and the chain verifies.
-    let rows = audit_rows(&s.gateway).await;
+    let rows = audit_rows(s.gateway()).await;
     let statuses: Vec<u16> = rows.iter().map(|r| r.entry.status).collect();
     for want in [200, 401, 404, 400, 429] {
         assert!(
@@ -224,17 +95,17 @@ async fn the_official_openai_client_works_unchanged() {
         rows.iter()
             .any(|r| r.entry.streamed && r.entry.completion_tokens == 12)
     );
-    let report = s.gateway.state.audit.verify().await.unwrap();
+    let report = s.gateway().state.audit.verify().await.unwrap();
     assert!(report.ok, "{report:?}");
-    assert!(s.data.join("gateway-audit.db").is_file());
+    assert!(s.dir().join("gateway").join("gateway-audit.db").is_file());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_http_errors_are_openai_shaped() {
     let s = stack().await;
-    let key = new_key(&s.gateway.state.keys, "k", &["*"], None).await;
+    let key = new_key(&s.gateway().state.keys, "k", &["*"], None).await;
     let http = reqwest::Client::new();
-    let url = format!("http://{}/v1/chat/completions", s.gateway.http_addr);
+    let url = format!("http://{}/v1/chat/completions", s.gateway().http_addr);
     let post = |body: Vec<u8>| {
         http.post(&url)
             .bearer_auth(&key)
@@ -271,13 +142,13 @@ async fn raw_http_errors_are_openai_shaped() {
     assert_eq!(r.status(), 401);
     // Health is open; ready checks the registry and the backend manager.
     let r = http
-        .get(format!("http://{}/health", s.gateway.http_addr))
+        .get(format!("http://{}/health", s.gateway().http_addr))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     let r = http
-        .get(format!("http://{}/ready", s.gateway.http_addr))
+        .get(format!("http://{}/ready", s.gateway().http_addr))
         .send()
         .await
         .unwrap();
@@ -322,7 +193,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         .unwrap()
     };
     let http = reqwest::Client::new();
-    let models = format!("http://{}/v1/models", s.gateway.http_addr);
+    let models = format!("http://{}/v1/models", s.gateway().http_addr);
     let r = http
         .get(&models)
         .bearer_auth(token(now + 300, &["tiny"]))
@@ -358,7 +229,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
     let r = http
         .post(format!(
             "http://{}/v1/chat/completions",
-            s.gateway.http_addr
+            s.gateway().http_addr
         ))
         .bearer_auth(token(now + 300, &["tiny"]))
         .json(
@@ -368,7 +239,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let rows = audit_rows(&s.gateway).await;
+    let rows = audit_rows(s.gateway()).await;
     assert!(rows.iter().any(|r| r.entry.subject == "bob"
         && r.entry.key_id == "jwt:test-issuer:bob"
         && r.entry.status == 404));
@@ -377,7 +248,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
     // never do. Each attempt is audited with its subject.
     use securellm_proto::v1 as pb;
     use securellm_proto::v1::gateway_admin_client::GatewayAdminClient;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway().grpc_addr))
         .unwrap()
         .connect()
         .await
@@ -391,7 +262,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         )
         .unwrap()
     };
-    let api_key = new_key(&s.gateway.state.keys, "plain", &["*"], None).await;
+    let api_key = new_key(&s.gateway().state.keys, "plain", &["*"], None).await;
     let list = |bearer: String| {
         let mut r = tonic::Request::new(pb::ListApiKeysRequest::default());
         r.metadata_mut()
@@ -432,7 +303,7 @@ async fn jwt_bearer_tokens_are_verified_and_scoped() {
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "without {drop:?}");
         assert!(e.message().contains("lacks"), "{e:?}");
     }
-    let rows = audit_rows(&s.gateway).await;
+    let rows = audit_rows(s.gateway()).await;
     let admin_rows: Vec<(&str, u16)> = rows
         .iter()
         .filter(|r| r.entry.endpoint == "grpc:/securellm.v1.GatewayAdmin/ListApiKeys")
@@ -576,9 +447,9 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         ),
     ]);
     let s = stack_full(None, upstreams).await;
-    let key = new_key(&s.gateway.state.keys, "k", &["*"], None).await;
+    let key = new_key(&s.gateway().state.keys, "k", &["*"], None).await;
     let http = reqwest::Client::new();
-    let url = format!("http://{}/v1/chat/completions", s.gateway.http_addr);
+    let url = format!("http://{}/v1/chat/completions", s.gateway().http_addr);
     let pem = format!(
         "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----",
         "A".repeat(64)
@@ -645,7 +516,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
     );
     // The models list shows the cloud models; the audit counts redactions, never the secret.
     let ids: Vec<String> = http
-        .get(format!("http://{}/v1/models", s.gateway.http_addr))
+        .get(format!("http://{}/v1/models", s.gateway().http_addr))
         .bearer_auth(&key)
         .send()
         .await
@@ -662,7 +533,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         ids.contains(&"gpt-fake".to_string()) && ids.contains(&"tiny".to_string()),
         "{ids:?}"
     );
-    let rows = audit_rows(&s.gateway).await;
+    let rows = audit_rows(s.gateway()).await;
     let cloudy = rows
         .iter()
         .find(|r| r.entry.upstream == "cloudy")
@@ -677,7 +548,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
             && r.entry.status == 400
             && r.entry.redactions == 0)
     );
-    let db = std::fs::read(s.data.join("gateway-audit.db")).unwrap();
+    let db = std::fs::read(s.dir().join("gateway").join("gateway-audit.db")).unwrap();
     assert!(
         !db.windows(20).any(|w| w == "A".repeat(20).as_bytes()),
         "no secret in the audit file"
@@ -743,7 +614,7 @@ async fn cloud_upstreams_get_redacted_prompts_and_their_key() {
         !text.contains("data: [DONE]") && text.contains("before [DONE]"),
         "{text}"
     );
-    let rows = audit_rows(&s.gateway).await;
+    let rows = audit_rows(s.gateway()).await;
     assert!(
         rows.iter()
             .any(|r| r.entry.request_id == "cloud-cut" && r.entry.status == 502)
@@ -767,11 +638,11 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
     use securellm_proto::v1 as pb;
     use securellm_proto::v1::gateway_admin_client::GatewayAdminClient;
     let s = stack().await;
-    let token = std::fs::read_to_string(s.data.join("admin-token"))
+    let token = std::fs::read_to_string(s.dir().join("gateway").join("admin-token"))
         .unwrap()
         .trim()
         .to_string();
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway().grpc_addr))
         .unwrap()
         .connect()
         .await
@@ -813,7 +684,7 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
     assert!(created.secret.starts_with("sk-slm-"));
     let key = created.key.unwrap();
     let http = reqwest::Client::new();
-    let models = format!("http://{}/v1/models", s.gateway.http_addr);
+    let models = format!("http://{}/v1/models", s.gateway().http_addr);
     assert_eq!(
         http.get(&models)
             .bearer_auth(&created.secret)
@@ -971,7 +842,7 @@ async fn the_admin_api_creates_lists_and_revokes_keys_behind_its_token() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    s.gateway.state.audit.flush().await;
+    s.gateway().state.audit.flush().await;
     let v = admin
         .verify_audit(pb::VerifyAuditRequest::default())
         .await
@@ -1065,10 +936,10 @@ async fn the_grpc_api_answers_like_the_http_api() {
     use securellm_proto::v1::gateway_client::GatewayClient;
     use tonic::Code;
     let s = stack().await;
-    let keys = &s.gateway.state.keys;
+    let keys = &s.gateway().state.keys;
     let key = new_key(keys, "grpc", &["*"], Some(1000)).await;
     let scoped = new_key(keys, "scoped", &["other"], None).await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway().grpc_addr))
         .unwrap()
         .connect()
         .await
@@ -1262,7 +1133,7 @@ async fn the_grpc_api_answers_like_the_http_api() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Every call left a row named after its method, denied ones included.
-    let rows = audit_rows(&s.gateway).await;
+    let rows = audit_rows(s.gateway()).await;
     let count = |ep: &str, status: u16| {
         rows.iter()
             .filter(|r| {
@@ -1295,7 +1166,7 @@ async fn the_grpc_api_answers_like_the_http_api() {
         (left.entry.status, left.entry.error_code.as_str()),
         (499, "client_closed_request")
     );
-    assert!(s.gateway.state.audit.verify().await.unwrap().ok);
+    assert!(s.gateway().state.audit.verify().await.unwrap().ok);
 }
 
 /// Regression (issue 11): bodies the OpenAI API refuses reached llama-server and came back 500
@@ -1305,10 +1176,10 @@ async fn the_grpc_api_answers_like_the_http_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_validated_capped_and_limited_per_key() {
     let s = stack_cfg(None, Default::default(), |c| c.max_tokens_cap = 6).await;
-    let keys = &s.gateway.state.keys;
+    let keys = &s.gateway().state.keys;
     let key = new_key(keys, "k", &["*"], None).await;
     let http = reqwest::Client::new();
-    let url = |path: &str| format!("http://{}/v1/{path}", s.gateway.http_addr);
+    let url = |path: &str| format!("http://{}/v1/{path}", s.gateway().http_addr);
     let user = serde_json::json!([{"role": "user", "content": "hi"}]);
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         (
@@ -1417,11 +1288,12 @@ async fn requests_are_validated_capped_and_limited_per_key() {
     // gRPC takes the same path.
     {
         use securellm_proto::v1::gateway_client::GatewayClient;
-        let ch = tonic::transport::Channel::from_shared(format!("http://{}", s.gateway.grpc_addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch =
+            tonic::transport::Channel::from_shared(format!("http://{}", s.gateway().grpc_addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
         let e = GatewayClient::new(ch)
             .chat_completions(grpc_req(
                 body_req(serde_json::json!({"model": "tiny", "messages": [{"content": "hi"}]})),
@@ -1550,7 +1422,7 @@ async fn cloud_upstreams_receive_no_secret_in_any_field() {
         ("strict".to_string(), up("gpt-strict", Policy::Block)),
     ]);
     let s = stack_full(None, upstreams).await;
-    let key = new_key(&s.gateway.state.keys, "k", &["*"], None).await;
+    let key = new_key(&s.gateway().state.keys, "k", &["*"], None).await;
     let http = reqwest::Client::new();
     // Fake secrets, assembled at run time.
     let akia = format!("AKIA{}", "Q".repeat(16));
@@ -1588,7 +1460,7 @@ async fn cloud_upstreams_receive_no_secret_in_any_field() {
     ];
     for (path, body) in &bodies {
         let r = http
-            .post(format!("http://{}/v1/{path}", s.gateway.http_addr))
+            .post(format!("http://{}/v1/{path}", s.gateway().http_addr))
             .bearer_auth(&key)
             .header("x-request-id", format!("rid-{gh}"))
             .json(body)
@@ -1632,7 +1504,7 @@ async fn cloud_upstreams_receive_no_secret_in_any_field() {
     let r = http
         .post(format!(
             "http://{}/v1/chat/completions",
-            s.gateway.http_addr
+            s.gateway().http_addr
         ))
         .bearer_auth(&key)
         .json(&body)
@@ -1650,7 +1522,7 @@ async fn cloud_upstreams_receive_no_secret_in_any_field() {
     );
     // Schema errors are caught before anything leaves, for cloud models too.
     let r = http
-        .post(format!("http://{}/v1/completions", s.gateway.http_addr))
+        .post(format!("http://{}/v1/completions", s.gateway().http_addr))
         .bearer_auth(&key)
         .json(&serde_json::json!({"model": "gpt-fake", "prompt": [[akia]]}))
         .send()
@@ -1658,7 +1530,7 @@ async fn cloud_upstreams_receive_no_secret_in_any_field() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(received.lock().unwrap().len(), 3);
-    let rows = audit_rows(&s.gateway).await;
+    let rows = audit_rows(s.gateway()).await;
     assert!(
         rows.iter()
             .filter(|r| r.entry.upstream == "cloudy" && r.entry.status == 200)

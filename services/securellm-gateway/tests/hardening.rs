@@ -6,61 +6,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use securellm_gateway::config::{AuditMode, GatewayConfig};
-use securellm_gateway::keys::NewKey;
+use securellm_gateway::config::AuditMode;
 use securellm_proto::v1 as pb;
+use securellm_testkit::gateway::{audit_rows, create_key, read_until_closed, standalone_gateway};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-async fn gateway(
-    dir: &Path,
-    tweak: impl FnOnce(&mut GatewayConfig),
-) -> securellm_gateway::RunningGateway {
-    securellm_common::tls::install_crypto_provider();
-    let mut cfg = GatewayConfig {
-        listen: "127.0.0.1:0".into(),
-        http_listen: "127.0.0.1:0".into(),
-        data_dir: Some(dir.join("gw")),
-        // Nothing listens there: these tests never reach a backend.
-        backend: "127.0.0.1:1".into(),
-        registry: "127.0.0.1:1".into(),
-        ..Default::default()
-    };
-    tweak(&mut cfg);
-    securellm_gateway::start(&cfg).await.unwrap()
-}
-
+/// A key for every model: (secret, id).
 async fn key(gw: &securellm_gateway::RunningGateway, name: &str) -> (String, String) {
-    let (secret, rec) = gw
-        .state
-        .keys
-        .create(NewKey {
-            name: name.into(),
-            models: vec!["*".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    (secret, rec.id)
-}
-
-/// Read until the server closes the connection; returns what arrived and when it closed.
-async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
-    let start = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return (
-                    String::from_utf8_lossy(&got).into_owned(),
-                    Some(start.elapsed()),
-                );
-            }
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), None),
-        }
-    }
+    create_key(&gw.state.keys, name, &["*"], None).await
 }
 
 /// Read until a whole HTTP/1.1 response head has arrived (or `limit`); returns what arrived.
@@ -126,25 +80,11 @@ async fn list_keys(
     c.list_api_keys(r).await.map(|r| r.into_inner())
 }
 
-async fn audit_rows(
-    gw: &securellm_gateway::RunningGateway,
-) -> Vec<securellm_gateway::audit::AuditRow> {
-    gw.state.audit.flush().await;
-    gw.state
-        .audit
-        .query(securellm_gateway::audit::AuditFilter {
-            limit: Some(10_000),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_never_lock_callers_out_of_either_port() {
     let dir = tempfile::tempdir().unwrap();
     // A long idle timeout: only shedding at the cap can explain a prompt answer below.
-    let gw = gateway(dir.path(), |c| {
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| {
         c.max_connections = 16;
         c.header_read_timeout_ms = 30_000;
     })
@@ -202,7 +142,7 @@ async fn silent_connections_never_lock_callers_out_of_either_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_connections_without_a_call_in_progress_are_closed_and_slow_messages_cut() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), |c| {
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| {
         c.header_read_timeout_ms = 500;
         c.body_read_timeout_ms = 3_000;
     })
@@ -318,7 +258,7 @@ fn slow_upload_head(key: &str, rid: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_body_is_cut_at_the_total_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), |c| c.body_read_timeout_ms = 3_000).await;
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| c.body_read_timeout_ms = 3_000).await;
     let (secret, _) = key(&gw, "slow").await;
     let mut s = TcpStream::connect(gw.http_addr).await.unwrap();
     s.write_all(slow_upload_head(&secret, "http-trickle").as_bytes())
@@ -370,7 +310,7 @@ async fn a_trickled_body_is_cut_at_the_total_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_with_many_slow_uploads_cannot_starve_another() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), |c| {
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| {
         c.max_connections = 6;
         c.max_inflight_per_key = 3;
         c.header_read_timeout_ms = 30_000;
@@ -455,7 +395,7 @@ async fn one_key_with_many_slow_uploads_cannot_starve_another() {
 async fn unauthenticated_requests_cost_two_audit_rows_per_address_and_window() {
     use securellm_gateway::audit::AUTH_FAILURES_AGGREGATED;
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), |_| {}).await;
+    let gw = standalone_gateway(&dir.path().join("gw"), |_| {}).await;
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", gw.http_addr);
     for i in 0..300 {
@@ -538,7 +478,10 @@ async fn key_and_audit_files_are_private_to_the_service() {
     let data = dir.path().join("gw");
     let bootstrap = dir.path().join("secrets/first-key");
     let boot = bootstrap.clone();
-    let gw = gateway(dir.path(), move |c| c.bootstrap_key_file = Some(boot)).await;
+    let gw = standalone_gateway(&dir.path().join("gw"), move |c| {
+        c.bootstrap_key_file = Some(boot)
+    })
+    .await;
     let _ = audit_rows(&gw).await;
     assert_eq!(mode(&data), 0o700, "data directory");
     let files = private_files(&data);
@@ -560,7 +503,7 @@ async fn key_and_audit_files_are_private_to_the_service() {
     for (p, _) in private_files(&data) {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let gw = gateway(dir.path(), |_| {}).await;
+    let gw = standalone_gateway(&dir.path().join("gw"), |_| {}).await;
     assert_eq!(mode(&data), 0o700);
     for (p, m) in private_files(&data) {
         assert_eq!(m, 0o600, "{}", p.display());
@@ -620,7 +563,7 @@ async fn sync_audit_mode_answers_only_after_the_row_is_committed() {
             redaction: securellm_gateway::redact::Policy::Allow,
         },
     )]);
-    let gw = gateway(dir.path(), |c| {
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| {
         c.audit_mode = AuditMode::Sync;
         c.upstreams = upstreams;
     })

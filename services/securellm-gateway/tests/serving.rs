@@ -6,25 +6,9 @@ use std::time::{Duration, Instant};
 
 use securellm_gateway::config::GatewayConfig;
 use securellm_gateway::keys::NewKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use securellm_testkit::gateway::{read_until_closed, standalone_gateway};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-async fn gateway(
-    dir: &Path,
-    tweak: impl FnOnce(&mut GatewayConfig),
-) -> securellm_gateway::RunningGateway {
-    let mut cfg = GatewayConfig {
-        listen: "127.0.0.1:0".into(),
-        http_listen: "127.0.0.1:0".into(),
-        data_dir: Some(dir.join("gw")),
-        // Nothing listens there: these tests never reach a backend.
-        backend: "127.0.0.1:1".into(),
-        registry: "127.0.0.1:1".into(),
-        ..Default::default()
-    };
-    tweak(&mut cfg);
-    securellm_gateway::start(&cfg).await.unwrap()
-}
 
 fn openssl(args: &[&str], dir: &Path) {
     let out = std::process::Command::new("openssl")
@@ -110,7 +94,7 @@ async fn tls_serves_http1_and_http2_and_refuses_plain_text() {
     securellm_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let (ca_pem, cert, key) = test_pki(dir.path());
-    let gw = gateway(dir.path(), |c| {
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| {
         c.tls = Some(securellm_gateway::listener::TlsConfig {
             cert_file: cert.clone(),
             key_file: key.clone(),
@@ -204,30 +188,11 @@ async fn tls_serves_http1_and_http2_and_refuses_plain_text() {
     assert!(e.to_string().contains("gateway.tls.key_file"), "{e}");
 }
 
-/// Read until the server closes the connection; returns what arrived and when it closed.
-async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
-    let start = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return (
-                    String::from_utf8_lossy(&got).into_owned(),
-                    Some(start.elapsed()),
-                );
-            }
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), None),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_idle_and_oversized_clients_are_cut_off() {
     securellm_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), |c| {
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| {
         c.header_read_timeout_ms = 400;
         c.body_read_timeout_ms = 400;
         c.max_header_bytes = securellm_common::ByteSize(16 << 10);
@@ -326,7 +291,7 @@ async fn slow_idle_and_oversized_clients_are_cut_off() {
 async fn at_the_connection_limit_an_idle_connection_makes_room_and_a_busy_one_does_not() {
     securellm_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), |c| {
+    let gw = standalone_gateway(&dir.path().join("gw"), |c| {
         c.max_connections = 1;
         // Long: only shedding can explain a prompt answer below.
         c.header_read_timeout_ms = 30_000;
@@ -613,7 +578,7 @@ async fn committed_audit_rows_survive_kill_9_of_the_gateway_and_the_chain_stays_
 async fn ready_names_the_backends_it_cannot_reach() {
     securellm_common::tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(dir.path(), |_| {}).await;
+    let gw = standalone_gateway(&dir.path().join("gw"), |_| {}).await;
     let r = reqwest::get(format!("http://{}/ready", gw.http_addr))
         .await
         .unwrap();
