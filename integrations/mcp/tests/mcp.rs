@@ -11,6 +11,8 @@ use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::transport::{ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt};
+use securellm_testkit::Stack;
+use securellm_testkit::gateway::{create_key, standalone_gateway};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -95,22 +97,16 @@ fn flags(pairs: &[(&str, &str)]) -> Vec<String> {
         .collect()
 }
 
-async fn scheduler(gib: u64) -> vram_scheduler::RunningScheduler {
-    vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(gib << 30)],
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+/// A scheduler alone, with one simulated GPU of `gib` GiB.
+async fn scheduler(gib: u64) -> Stack {
+    Stack::new().gpu(gib << 30).scheduler_only().start().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdio_offers_every_tool_and_reports_the_simulated_gpu() {
     let home = tempfile::tempdir().unwrap();
     let s = scheduler(3).await;
-    let addr = s.addr.to_string();
+    let addr = s.scheduler_addr().to_string();
     let c = stdio_client(home.path(), &flags(&[("scheduler", &addr)])).await;
 
     let info = c.peer_info().expect("server info");
@@ -166,39 +162,25 @@ async fn stdio_offers_every_tool_and_reports_the_simulated_gpu() {
 async fn catalogue_and_instance_tools_read_the_real_services() {
     use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
     let home = tempfile::tempdir().unwrap();
-    let models = home.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    write_tiny_llama(
-        models.join("mcp-tiny.gguf"),
-        &TinyLlamaOptions {
-            name: "mcp-tiny".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let r = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            ..Default::default()
-        },
-        roots: vec![models],
-        aliases: Default::default(),
-        data_dir: home.path().join("registry"),
-    })
-    .await
-    .unwrap();
-    let s = scheduler(1).await;
-    let m = backend_manager::start(&backend_manager::config::BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: s.addr.to_string(),
-        registry: r.addr.to_string(),
-        llama_server: Some(home.path().join("no-llama-server")),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let (reg, backend) = (r.addr.to_string(), m.addr.to_string());
+    let no_llama = home.path().join("no-llama-server");
+    let s = Stack::new()
+        .write_models(|models| {
+            write_tiny_llama(
+                models.join("mcp-tiny.gguf"),
+                &TinyLlamaOptions {
+                    name: "mcp-tiny".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        })
+        .manager(move |c| {
+            c.llama_server = Some(no_llama);
+            c.defaults = Default::default();
+        })
+        .start()
+        .await;
+    let (reg, backend) = (s.registry_addr().to_string(), s.manager_addr().to_string());
     let c = stdio_client(
         home.path(),
         &flags(&[("registry", &reg), ("backend", &backend)]),
@@ -240,8 +222,6 @@ async fn catalogue_and_instance_tools_read_the_real_services() {
     let e = tool_error(&c, "load_model", json!({"name": "no-such-model"})).await;
     assert!(e.starts_with("cannot load no-such-model: NotFound"), "{e}");
     c.cancel().await.unwrap();
-    m.shutdown().await;
-    r.shutdown().await;
     s.shutdown().await;
 }
 
@@ -249,7 +229,7 @@ async fn catalogue_and_instance_tools_read_the_real_services() {
 async fn bad_arguments_and_stopped_services_are_tool_errors_and_the_server_keeps_working() {
     let home = tempfile::tempdir().unwrap();
     let s = scheduler(2).await;
-    let (sched, dead) = (s.addr.to_string(), dead_addr());
+    let (sched, dead) = (s.scheduler_addr().to_string(), dead_addr());
     let args = flags(&[
         ("scheduler", &sched),
         ("registry", &dead),
@@ -349,19 +329,15 @@ async fn fake_upstream() -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_and_audit_verify_go_through_the_real_gateway() {
-    use securellm_gateway::keys::NewKey;
     let home = tempfile::tempdir().unwrap();
     let (base, seen) = fake_upstream().await;
     let upstream_key = home.path().join("upstream-key");
     std::fs::write(&upstream_key, "upstream-secret\n").unwrap();
     let data = home.path().join("gateway");
-    let gw = securellm_gateway::start(&securellm_gateway::config::GatewayConfig {
-        listen: "127.0.0.1:0".into(),
-        http_listen: "127.0.0.1:0".into(),
-        data_dir: Some(data.clone()),
-        backend: dead_addr(),
-        registry: dead_addr(),
-        upstreams: [(
+    let gw = standalone_gateway(&data, |c| {
+        c.backend = dead_addr();
+        c.registry = dead_addr();
+        c.upstreams = [(
             "fake".to_string(),
             securellm_gateway::cloud::CloudConfig {
                 base_url: base,
@@ -371,21 +347,10 @@ async fn chat_and_audit_verify_go_through_the_real_gateway() {
                 redaction: securellm_gateway::redact::Policy::Redact,
             },
         )]
-        .into(),
-        ..Default::default()
+        .into();
     })
-    .await
-    .unwrap();
-    let (key, _) = gw
-        .state
-        .keys
-        .create(NewKey {
-            name: "mcp".into(),
-            models: vec!["gpt-fake".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    .await;
+    let (key, _) = create_key(&gw.state.keys, "mcp", &["gpt-fake"], None).await;
     let key_file = home.path().join("api-key");
     std::fs::write(&key_file, "sk-slm-wrong\n").unwrap();
     let (grpc, http) = (gw.grpc_addr.to_string(), gw.http_addr.to_string());
@@ -450,7 +415,7 @@ async fn streamable_http_serves_the_same_tools_at_mcp() {
     securellm_common::tls::install_crypto_provider();
     let home = tempfile::tempdir().unwrap();
     let s = scheduler(5).await;
-    let addr = s.addr.to_string();
+    let addr = s.scheduler_addr().to_string();
     let mut args = flags(&[("scheduler", &addr), ("http", "127.0.0.1:0")]);
     args.push("--registry".into());
     args.push(dead_addr());
@@ -517,18 +482,9 @@ async fn http_refuses_a_non_loopback_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tools_present_the_internal_token() {
     let home = tempfile::tempdir().unwrap();
-    let file = home.path().join("internal-token");
-    let token = securellm_common::internal_auth::load_or_create(&file).unwrap();
-    let s = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(1 << 30)],
-        internal_token: Some(token),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let addr = s.addr.to_string();
+    let s = Stack::new().scheduler_only().internal_token().start().await;
+    let file = s.token_file();
+    let addr = s.scheduler_addr().to_string();
     let with = flags(&[
         ("scheduler", &addr),
         ("internal-token-file", file.to_str().unwrap()),
@@ -572,79 +528,17 @@ impl rmcp::ClientHandler for ProgressSink {
 /// the scheduler's queue until the first one's request ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_model_reports_its_place_in_the_queue_as_progress() {
-    use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
     use securellm_proto::v1 as pb;
-    use securellm_proto::v1::backend_manager_client::BackendManagerClient;
-    use securellm_proto::v1::model_registry_client::ModelRegistryClient;
     use tokio_stream::StreamExt;
-    let llama = std::env::var_os("LLAMA_SERVER")
-        .map(PathBuf::from)
-        .expect("LLAMA_SERVER (make test sets it)");
     let home = tempfile::tempdir().unwrap();
-    let models = home.path().join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    for (i, name) in ["mcp-a", "mcp-b"].iter().enumerate() {
-        write_tiny_llama(
-            models.join(format!("{name}.gguf")),
-            &TinyLlamaOptions {
-                name: (*name).into(),
-                seed: 1 + i as u64,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    }
-    let r = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            ..Default::default()
-        },
-        roots: vec![models],
-        aliases: Default::default(),
-        data_dir: home.path().join("registry"),
-    })
-    .await
-    .unwrap();
-    let mut reg = ModelRegistryClient::connect(format!("http://{}", r.addr))
-        .await
-        .unwrap();
-    let est = reg
-        .estimate(pb::EstimateRequest {
-            model: "mcp-a".into(),
-            context: 512,
-            parallel: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .gpu_bytes;
     // Holds one model, not two.
-    let s = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(est + est / 2)],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let m = backend_manager::start(&backend_manager::config::BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: s.addr.to_string(),
-        registry: r.addr.to_string(),
-        llama_server: Some(llama),
-        defaults: backend_manager::config::ModelSettings {
-            context: Some(512),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut backend = BackendManagerClient::connect(format!("http://{}", m.addr))
-        .await
-        .unwrap();
+    let s = Stack::new()
+        .models(&["mcp-a", "mcp-b"])
+        .gpu_for("mcp-a", |e| e.gpu_bytes + e.gpu_bytes / 2)
+        .manager(|c| c.defaults.idle_ttl_ms = None)
+        .start()
+        .await;
+    let mut backend = s.backend_client().await;
     // A holds memory and serves a request that does not end while its engine is stopped.
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200});
     let mut st = backend
@@ -678,8 +572,8 @@ async fn load_model_reports_its_place_in_the_queue_as_progress() {
     let (transport, _stderr) = TokioChildProcess::builder(command(
         home.path(),
         &flags(&[
-            ("registry", &r.addr.to_string()),
-            ("backend", &m.addr.to_string()),
+            ("registry", &s.registry_addr().to_string()),
+            ("backend", &s.manager_addr().to_string()),
         ]),
     ))
     .stderr(Stdio::inherit())
@@ -728,7 +622,5 @@ async fn load_model_reports_its_place_in_the_queue_as_progress() {
     assert!(r2.is_error != Some(true), "{text}");
     assert!(text.starts_with("mcp-b ready"), "{text}");
     c.cancel().await.unwrap();
-    m.shutdown().await;
-    r.shutdown().await;
     s.shutdown().await;
 }
