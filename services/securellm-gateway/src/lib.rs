@@ -232,7 +232,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
             source,
         })?;
     let tls = cfg.tls.as_ref().map(listener::tls_config).transpose()?;
-    let router = app::router(
+    let router = http::router(
         state.clone(),
         cfg.max_body.0 as usize,
         Duration::from_millis(cfg.body_read_timeout_ms),

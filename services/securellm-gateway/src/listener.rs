@@ -16,7 +16,7 @@
 //! - **HTTP/2**: header list at most `max_header_bytes`, at most 256 concurrent streams per
 //!   connection, keep-alive pings every 30 s (a dead peer is dropped after 20 s without an answer);
 //! - **request bodies**: `body_read_timeout` for the whole body, counted from the request head
-//!   however the bytes trickle in (slowloris on bodies, see `app::router`), at most `max_body`
+//!   however the bytes trickle in (slowloris on bodies, see `http::router`), at most `max_body`
 //!   bytes; per-key and per-address caps on requests in progress, checked on the headers before
 //!   any body is read (`crate::limits::inflight`).
 //!

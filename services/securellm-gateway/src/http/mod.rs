@@ -9,7 +9,7 @@
 //! before any of its body is read;
 //! authorize, rate-limit, redact and audit need the parsed body (the model, the prompt), so they are
 //! steps of [`crate::pipeline::infer`] (shared with the gRPC API), each a call into its own module
-//! (`keys`, `ratelimit`, `redact`, `audit`). This file only turns HTTP into pipeline calls and
+//! (`auth`, `limits`, `redact`, `audit`). This file only turns HTTP into pipeline calls and
 //! answers back into HTTP (SSE for streams).
 
 use std::net::SocketAddr;

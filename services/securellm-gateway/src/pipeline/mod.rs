@@ -4,10 +4,11 @@
 //! ```text
 //! authenticate → authorize → validate → rate-limit → redact → audit → route → forward
 //! ```
-//! Each step is a call into its own module (`keys` / `jwt`, `ratelimit`, `redact`, `audit`,
-//! `cloud` / `upstream`); this file only orders them. Every request, allowed or denied, leaves
-//! exactly one audit row ([`AuditGuard`] writes it on drop, also when the client goes away
-//! mid-stream).
+//! Each step is a call into its own module (`auth`, `validate`, `limits`, `redact`, `audit`) or,
+//! to forward, into the [`crate::upstream::Upstream`] the routing table picks; this file only
+//! orders them. Every request, allowed or denied, leaves exactly one audit row ([`AuditGuard`]
+//! writes it on drop, also when the client goes away mid-stream). `tests.rs` drives the path
+//! through an in-memory upstream.
 
 use std::pin::Pin;
 use std::time::Instant;
@@ -568,10 +569,11 @@ async fn infer_inner(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    // Validate: the OpenAI schema, and the `max_tokens` cap (filled in for local models).
-    // Route: a cloud upstream if one serves the model, else the local backend manager.
+    // Route: a cloud upstream if one serves the model, else the local backend manager (a pure
+    // lookup; nothing is sent yet).
     let upstream = st.upstreams.route(&model);
     let reach = upstream.reach();
+    // Validate: the OpenAI schema, and the `max_tokens` cap (filled in for local models).
     let cap = crate::validate::cap(st.max_tokens_cap, caller.key.max_tokens);
     let remote = matches!(reach, Reach::Remote(_));
     let checked = crate::validate::check(endpoint, &mut v, &model, remote, cap)?;
