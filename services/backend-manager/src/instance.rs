@@ -567,6 +567,7 @@ impl Actor {
                 let model = self.model.clone();
                 let settings = self.settings.clone();
                 let me = self.me.clone();
+                let id = self.id.clone();
                 tokio::spawn(async move {
                     let result = start(
                         &shared,
@@ -577,6 +578,10 @@ impl Actor {
                         deadline_ms,
                     )
                     .await;
+                    if result.is_err() {
+                        // Nothing runs: the lease goes back before anyone hears of the failure.
+                        release_lease(&shared, &id, lease.id.clone()).await;
+                    }
                     let _ = me.send(Report::Started {
                         generation,
                         lease_id: lease.id,
@@ -945,8 +950,7 @@ async fn lease(
 }
 
 /// Start the child under `lease` and settle the lease (the load's second half): the child and
-/// the lease's settled size. On failure nothing runs; the lease is still held (the state machine
-/// gives it back).
+/// the lease's settled size. On failure nothing runs (the caller gives the lease back).
 async fn start(
     shared: &Shared,
     backend: &dyn Backend,

@@ -16,7 +16,7 @@
 //! - **Single flight**: requests that find the instance not ready wait as waiters; the first one
 //!   starts the only load; all are answered when it ends.
 //! - **Lease first**: [`Action::AcquireLease`] → [`Event::LeaseGranted`] → [`Action::StartChild`]
-//!   → [`Event::ChildReady`]. A failed start gives the lease back ([`Action::ReleaseLease`]).
+//!   → [`Event::ChildReady`]. A failed start gives its lease back before it reports.
 //! - **Generations**: every load, crash and stop opens a new generation. Tickets, exit watchers and
 //!   load steps carry the generation they belong to (a typed field), so a late message about an
 //!   older child (a ticket of an aborted request, the exit of a child that was stopped) changes
@@ -132,7 +132,7 @@ pub enum Event {
         lease_bytes: u64,
         measured: Option<u64>,
     },
-    /// The child could not be started (nothing runs; the lease is still held).
+    /// The child could not be started: nothing runs, and the lease was given back.
     StartFailed {
         generation: u64,
         error: InstanceError,
@@ -182,8 +182,9 @@ pub enum Action {
         priority: i32,
         deadline_ms: u64,
     },
-    /// Start the child under `lease` and settle the lease; answers with `ChildReady` /
-    /// `StartFailed`.
+    /// Start the child under `lease` and settle the lease; answers with `ChildReady`, or gives
+    /// the lease back and then answers `StartFailed` (so whoever hears of the failure finds the
+    /// memory free, as when a load fails before its grant).
     StartChild {
         generation: u64,
         lease: LeaseInfo,
@@ -469,10 +470,7 @@ impl Lifecycle {
             }
             Event::StartFailed { generation, error } => {
                 if generation == self.generation && self.state == State::Starting {
-                    // Nothing runs: give the lease back (unless it was lost meanwhile).
-                    if let Some(l) = self.lease.take() {
-                        out.push(Action::ReleaseLease { lease_id: l.id });
-                    }
+                    // Nothing runs, and the start gave the lease back.
                     self.load_failed(error, now, out);
                 }
             }
