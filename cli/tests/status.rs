@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::acquire_lease_update::Update;
-use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use securellm_testkit::Stack;
+use securellm_testkit::gateway::standalone_gateway;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
-use vram_scheduler::config::{InventoryMode, SchedulerConfig};
 
 const GIB: u64 = 1 << 30;
 
@@ -104,17 +104,8 @@ async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
 
 #[tokio::test]
 async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
-    let scheduler = vram_scheduler::start(&SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(8 * GIB)],
-        ..SchedulerConfig::default()
-    })
-    .await
-    .unwrap();
-    let mut c = VramSchedulerClient::connect(format!("http://{}", scheduler.addr))
-        .await
-        .unwrap();
+    let scheduler = Stack::new().gpu(8 * GIB).scheduler_only().start().await;
+    let mut c = scheduler.scheduler_client().await;
     let mut grant = c
         .acquire_lease(pb::AcquireLeaseRequest {
             holder: "status-test".into(),
@@ -135,7 +126,7 @@ async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
         }
     }
     let mut addrs = dead_addrs(3);
-    addrs.insert(0, scheduler.addr.to_string());
+    addrs.insert(0, scheduler.scheduler_addr().to_string());
 
     let (o, took) = status(&addrs, "/nonexistent/admin-token", &[]).await;
     let s = text(&o);
@@ -170,16 +161,11 @@ async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
 async fn an_in_process_gateway_reports_requests_per_second_with_the_admin_token() {
     let dir = tempfile::tempdir().unwrap();
     let dead = dead_addrs(4);
-    let gateway = securellm_gateway::start(&securellm_gateway::config::GatewayConfig {
-        listen: "127.0.0.1:0".into(),
-        http_listen: "127.0.0.1:0".into(),
-        data_dir: Some(dir.path().to_path_buf()),
-        backend: dead[2].clone(),
-        registry: dead[1].clone(),
-        ..Default::default()
+    let gateway = standalone_gateway(dir.path(), |c| {
+        c.backend = dead[2].clone();
+        c.registry = dead[1].clone();
     })
-    .await
-    .unwrap();
+    .await;
     // One unauthenticated request: answered 401 and audited.
     let mut conn = tokio::net::TcpStream::connect(gateway.http_addr)
         .await
