@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
     /// Record a `perf` profile of the gateway process during its concurrency-64 run into this
-    /// file (needs `perf` on PATH).
+    /// file, and of its streaming run into this file + `.stream` (needs `perf` on PATH).
     #[arg(long)]
     perf_record: Option<PathBuf>,
     /// `perf record --call-graph` mode for `--perf-record` (`fp`, `dwarf,8192`, ...).
@@ -605,7 +605,18 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let mut streams = Vec::new();
     for t in &targets {
+        let perf = match (&a.perf_record, t.name) {
+            (Some(out), "gateway") => {
+                let mut f = out.clone().into_os_string();
+                f.push(".stream");
+                Some(Perf::start(pid, Path::new(&f), &a.perf_call_graph)?)
+            }
+            _ => None,
+        };
         let r = measured(t, run_streams(&http, t, 16, dur)).await?;
+        if let Some(p) = perf {
+            p.stop()?;
+        }
         println!(
             "stream c=16 {:<8} {:>7.0} streams/s ttfb p50 {:>6.0} us p99 {:>6.0} us | cpu/stream: proxy {:>6.1} us, client+mock {:>6.1} us",
             t.name,
