@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 
 use backend_manager::backend::llamacpp::LlamaCpp;
 use backend_manager::backend::{Backend, StartSpec};
-use backend_manager::config::{BackendConfig, ModelSettings};
-use securellm_common::internal_auth::{InternalToken, authenticated};
 use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
 use securellm_proto::v1 as pb;
-use securellm_proto::v1::backend_manager_client::BackendManagerClient;
+use securellm_testkit::Stack;
 use tokio_stream::StreamExt;
 
 use crate::stats::Samples;
@@ -34,24 +32,68 @@ pub struct Args {
     llama_server: Option<PathBuf>,
 }
 
-/// `given`, else the path `scripts/install-llama-server.sh` prints (building it if needed).
+/// `given`, else the testkit's llama-server (the installer's cached build, or what
+/// `scripts/install-llama-server.sh` prints, building it if needed).
 pub(crate) fn find_llama_server(given: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.clone());
+    match given {
+        Some(p) => Ok(p.clone()),
+        None => securellm_testkit::try_llama_server().map_err(anyhow::Error::msg),
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-llama-server.sh");
-    let out = std::process::Command::new(script).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "llama-server not found; run `make llama-server`"
-    );
-    Ok(PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim(),
-    ))
+}
+
+/// A raw llama-server started by the benchmark itself with the flags the manager uses (one slot,
+/// f16 cache, one thread), for `model_path` served as `alias`: the time from the process start to
+/// the first chunk of the streaming chat `body`. The stream is read to its end and the server
+/// stopped before this returns.
+pub(crate) async fn raw_cold_start(
+    llama: &Path,
+    http: &reqwest::Client,
+    model_path: &Path,
+    alias: &str,
+    context: u64,
+    body: String,
+) -> anyhow::Result<Duration> {
+    let raw = LlamaCpp {
+        binary: llama.to_path_buf(),
+        threads: 1,
+        stall_timeout: Duration::from_secs(30),
+        http: http.clone(),
+    };
+    let spec = StartSpec {
+        model_path: model_path.to_path_buf(),
+        alias: alias.into(),
+        context,
+        parallel: 1,
+        cache_type: "f16",
+        gpu_layers: None,
+        embeddings: false,
+        flash_attention: None,
+        gpu: None,
+        lease_bytes: 0,
+        gpu_total: 0,
+        start_timeout: Duration::from_secs(60),
+    };
+    let t = Instant::now();
+    let started = raw.start(&spec).await?;
+    // The backend gave the child a key of its own.
+    let mut r = http.post(format!("{}/v1/chat/completions", started.endpoint));
+    if let Some(k) = &started.api_key {
+        r = r.bearer_auth(k);
+    }
+    let r = r
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "raw llama-server: {}", r.status());
+    let mut s = r.bytes_stream();
+    s.next().await;
+    let took = t.elapsed();
+    while s.next().await.is_some() {}
+    if let Some(p) = &started.process {
+        p.stop(Duration::from_secs(2)).await;
+    }
+    Ok(took)
 }
 
 const BODY: &str =
@@ -74,53 +116,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let llama = find_llama_server(a.llama_server.as_ref())?;
-    let dir = tempfile::tempdir()?;
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models)?;
-    let model_path = models.join("tiny.gguf");
-    write_tiny_llama(&model_path, &TinyLlamaOptions::default())?;
-
-    let token = InternalToken::generate();
-    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(8 << 30)],
-        internal_token: Some(token.clone()),
-        ..Default::default()
-    })
-    .await?;
-    let registry = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            internal_token: Some(token.clone()),
-            ..Default::default()
-        },
-        roots: vec![models.clone()],
-        aliases: Default::default(),
-        data_dir: dir.path().join("registry"),
-    })
-    .await?;
-    let cfg = BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: scheduler.addr.to_string(),
-        registry: registry.addr.to_string(),
-        llama_server: Some(llama.clone()),
-        defaults: ModelSettings {
-            context: Some(512),
-            idle_ttl_ms: Some(0),
-            ..Default::default()
-        },
-        internal_token: Some(token.clone()),
-        ..BackendConfig::default()
-    };
-    let manager = backend_manager::start(&cfg).await?;
-    let mut client = BackendManagerClient::new(authenticated(
-        tonic::transport::Channel::from_shared(format!("http://{}", manager.addr))?
-            .connect()
-            .await?,
-        Some(&token),
-    ));
+    let model_llama = llama.clone();
+    let stack = Stack::new()
+        .gpu(8u64 << 30)
+        .write_models(|models| {
+            write_tiny_llama(models.join("tiny.gguf"), &TinyLlamaOptions::default())
+                .expect("the tiny model");
+        })
+        .internal_token()
+        .manager(move |c| c.llama_server = Some(model_llama))
+        .start()
+        .await;
+    let model_path = stack.models_dir().join("tiny.gguf");
+    let mut client = stack.backend_client().await;
     let http = reqwest::Client::new();
     let req = || pb::InferenceRequest {
         model: "tiny".into(),
@@ -212,47 +220,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .await?;
 
     // Raw llama-server, same flags, started by us.
-    let raw_backend = LlamaCpp {
-        binary: llama,
-        threads: 1,
-        stall_timeout: Duration::from_secs(30),
-        http: http.clone(),
-    };
     let mut cold_raw = Vec::new();
     for _ in 0..a.cold {
-        let spec = StartSpec {
-            model_path: model_path.clone(),
-            alias: "tiny".into(),
-            context: 512,
-            parallel: 1,
-            cache_type: "f16",
-            gpu_layers: None,
-            embeddings: false,
-            flash_attention: None,
-            gpu: None,
-            lease_bytes: 0,
-            gpu_total: 0,
-            start_timeout: Duration::from_secs(60),
-        };
-        let t = Instant::now();
-        let started = raw_backend.start(&spec).await?;
         let body = BODY.replace("\"max_tokens\":1", "\"max_tokens\":1,\"stream\":true");
-        let mut r = http.post(format!("{}/v1/chat/completions", started.endpoint));
-        if let Some(k) = &started.api_key {
-            r = r.bearer_auth(k);
-        }
-        let r = r
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "raw llama-server: {}", r.status());
-        let mut bytes = r.bytes_stream();
-        bytes.next().await;
-        cold_raw.push(t.elapsed().as_secs_f64() * 1e6);
-        if let Some(p) = &started.process {
-            p.stop(Duration::from_secs(2)).await;
-        }
+        let took = raw_cold_start(&llama, &http, &model_path, "tiny", 512, body).await?;
+        cold_raw.push(took.as_secs_f64() * 1e6);
     }
     let (cm, cr) = (median(cold_mgr), median(cold_raw));
     println!(
@@ -261,9 +233,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         cm / 1e3,
         cr / 1e3
     );
-    manager.shutdown().await;
-    scheduler.shutdown().await;
-    registry.shutdown().await;
+    stack.shutdown().await;
     println!(
         "RESULT added_p50_us={:.0} added_p99_us={:.0} direct_p50_us={:.0} manager_p50_us={:.0} cold_start_overhead_us={:.0} cold_manager_us={:.0} cold_raw_us={:.0}",
         via.percentile(50.0) - direct.percentile(50.0),

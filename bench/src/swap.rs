@@ -14,8 +14,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use backend_manager::backend::llamacpp::LlamaCpp;
-use backend_manager::backend::{Backend, StartSpec};
 use backend_manager::config::{BackendConfig, ModelSettings};
 use futures::StreamExt;
 use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
@@ -247,48 +245,19 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let _ = router.kill().await;
 
     // (c) raw cold start of the same model, same flags.
-    let raw = LlamaCpp {
-        binary: llama,
-        threads: 1,
-        stall_timeout: Duration::from_secs(30),
-        http: http.clone(),
-    };
     let mut cold = Vec::new();
     for _ in 0..a.cold {
-        let spec = StartSpec {
-            model_path: models.join("model-a.gguf"),
-            alias: "model-a".into(),
-            context: u64::from(CONTEXT),
-            parallel: 1,
-            cache_type: "f16",
-            gpu_layers: None,
-            embeddings: false,
-            flash_attention: None,
-            gpu: None,
-            lease_bytes: 0,
-            gpu_total: 0,
-            start_timeout: Duration::from_secs(60),
-        };
-        let t = Instant::now();
-        let started = raw.start(&spec).await?;
-        // The backend gave the child a key of its own.
-        let mut r = http.post(format!("{}/v1/chat/completions", started.endpoint));
-        if let Some(k) = &started.api_key {
-            r = r.bearer_auth(k);
-        }
-        let r = r
-            .header("content-type", "application/json")
-            .body(body("model-a"))
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "raw llama-server: {}", r.status());
-        let mut s = r.bytes_stream();
-        s.next().await;
-        cold.push(t.elapsed().as_secs_f64() * 1e3);
-        while s.next().await.is_some() {}
-        if let Some(p) = &started.process {
-            p.stop(Duration::from_secs(2)).await;
-        }
+        let model_path = models.join("model-a.gguf");
+        let took = crate::backend::raw_cold_start(
+            &llama,
+            &http,
+            &model_path,
+            "model-a",
+            u64::from(CONTEXT),
+            body("model-a"),
+        )
+        .await?;
+        cold.push(took.as_secs_f64() * 1e3);
     }
 
     let (sw, rsw, wm, rwm, cm) = (
