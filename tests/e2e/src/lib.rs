@@ -23,7 +23,6 @@
 //! build them first (`cargo build --workspace --bins`).
 
 use std::ffi::OsString;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -44,7 +43,11 @@ use tonic::transport::Channel;
 
 pub use securellm_proto::v1;
 
-pub const MIB: u64 = 1 << 20;
+// What the in-process tests share too: the engines, processes by pid, polling.
+use securellm_testkit::signal;
+pub use securellm_testkit::{
+    MIB, alive, bin_dir, binary, in_process_table, kill9, llama_server, python, wait_until,
+};
 
 /// The internal token of every stack this test process starts (one per process is enough: each
 /// stack has its own copy of the file).
@@ -66,70 +69,6 @@ fn write_internal_token(path: &Path) {
     writeln!(f, "{}", internal_token().expose()).unwrap();
 }
 
-/// Where the workspace's binaries are: beside this test's executable (`target/debug/deps/x` →
-/// `target/debug/`).
-pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .to_path_buf()
-}
-
-/// A workspace binary, which must have been built.
-pub fn binary(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
-    assert!(
-        p.is_file(),
-        "{} missing: build the workspace's binaries first (cargo build --workspace --bins; \
-         `cargo nextest run --workspace` does it)",
-        p.display()
-    );
-    p
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("SECURELLM_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default()
-                .join(".cache/securellm")
-        })
-}
-
-/// The llama-server binary: `$LLAMA_SERVER`, else the installer's cached build
-/// (`make llama-server`).
-pub fn llama_server() -> PathBuf {
-    if let Some(p) = std::env::var_os("LLAMA_SERVER") {
-        return p.into();
-    }
-    let p = cache_dir().join("llama.cpp/bin/llama-server");
-    assert!(
-        p.is_file(),
-        "llama-server is needed: set LLAMA_SERVER or run `make llama-server` ({} missing)",
-        p.display()
-    );
-    p
-}
-
-/// Python with the official `openai` package: `$SECURELLM_TEST_PYTHON`, else the venv
-/// `make pyenv` makes.
-pub fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("SECURELLM_TEST_PYTHON") {
-        return p.into();
-    }
-    let p = cache_dir().join("pyenv/bin/python");
-    assert!(
-        p.is_file(),
-        "{} missing: run `make pyenv` (a venv with the openai package) or set \
-         SECURELLM_TEST_PYTHON",
-        p.display()
-    );
-    p
-}
-
 /// A Python script of this crate (`tests/e2e/tests/<name>`).
 pub fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -139,21 +78,6 @@ pub fn script(name: &str) -> PathBuf {
 
 // ------------------------------------------------------------------------------------------------
 // Processes
-
-/// Is `pid` a live process (present in /proc and not a zombie)?
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Is `pid` in the process table at all (zombies included)?
-pub fn in_process_table(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
 
 fn parent_of(pid: u32) -> Option<u32> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -197,20 +121,6 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
             cmd.contains(needle).then(|| (p, cmd.trim().to_string()))
         })
         .collect()
-}
-
-/// `kill -9 pid`.
-pub fn kill9(pid: u32) {
-    signal(pid, libc::SIGKILL);
-}
-
-fn signal(pid: u32, sig: i32) {
-    if let Ok(pid) = i32::try_from(pid) {
-        // SAFETY: kill(2) on a pid we started; touches no memory.
-        unsafe {
-            libc::kill(pid, sig);
-        }
-    }
 }
 
 /// One service binary, started with `--listen` (and `--http-listen` for the gateway) plus fixed
@@ -1025,25 +935,6 @@ pub fn check_invariant(st: &pb::SchedulerStatus) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Poll `f` every 50 ms until it returns `Some`, or panic naming `what` after `timeout`.
-pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The scheduler's lease events, collected in the background from `WatchEvents` (every holder).
