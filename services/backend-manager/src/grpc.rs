@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use securellm_common::errors;
 use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::backend_manager_server::{BackendManager, BackendManagerServer};
@@ -38,7 +39,11 @@ impl BackendService {
 fn status_of(e: InstanceError) -> Status {
     match e {
         InstanceError::Unavailable(m) => Status::unavailable(m),
-        InstanceError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        // No GPU memory for the model (now or ever): the gateway answers 503
+        // `insufficient_gpu_memory` by this reason.
+        InstanceError::ResourceExhausted(m) => {
+            errors::status(errors::Reason::InsufficientGpuMemory, m)
+        }
         InstanceError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
         InstanceError::Aborted(m) => Status::aborted(m),
         InstanceError::InvalidArgument(m) => Status::invalid_argument(m),

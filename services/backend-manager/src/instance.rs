@@ -859,7 +859,9 @@ impl Actor {
 }
 
 fn status_err(what: &str, s: tonic::Status) -> InstanceError {
-    if s.code() == tonic::Code::InvalidArgument && s.message().contains("can never fit") {
+    // The scheduler says so by reason, not in words: no GPU could ever hold this model.
+    if securellm_common::errors::reason_of(&s) == Some(securellm_common::errors::Reason::NeverFits)
+    {
         return InstanceError::ResourceExhausted(format!("{what}: {}", s.message()));
     }
     match s.code() {

@@ -99,6 +99,26 @@ fn is_zombie_free(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| !s.contains(") Z"))
 }
 
+/// A model no GPU could ever hold: refused at once, by reason (the scheduler's NEVER_FITS, read by
+/// the manager without looking at words) and with the reason the gateway maps to
+/// `insufficient_gpu_memory`; nothing is leased, nothing spawned.
+#[tokio::test]
+async fn a_model_bigger_than_any_gpu_is_refused_at_once_by_reason() {
+    use securellm_common::errors::{Reason, reason_of};
+    let mut s = stack(MIB, 10_000, |_| {}).await;
+    let t = std::time::Instant::now();
+    let e = s.client.chat(chat("tiny", 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(reason_of(&e), Some(Reason::InsufficientGpuMemory), "{e:?}");
+    assert!(e.message().contains("can never fit"), "{e:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(leases(&mut s.sched).await.is_empty());
+}
+
 #[tokio::test]
 async fn fifty_concurrent_first_requests_cause_one_load() {
     let mut s = stack(1 << 30, 10_000, |_| {}).await;

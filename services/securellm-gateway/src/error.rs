@@ -82,44 +82,48 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A backend-manager gRPC status as the HTTP error OpenAI clients expect.
+/// A backend-manager gRPC status as the HTTP error OpenAI clients expect. The status comes from
+/// the one table (`securellm_common::errors::upstream_http_status`); the OpenAI `code` from the
+/// machine-readable reason where the backend gave one.
 pub fn from_status(s: &tonic::Status) -> ApiError {
+    use securellm_common::errors::{self, Reason};
     use tonic::Code;
     let msg = s.message().to_string();
-    match s.code() {
-        // The caller's request was refused as malformed or out of range: its 400, never a 5xx.
-        Code::InvalidArgument | Code::OutOfRange => ApiError::bad_request(msg),
-        Code::NotFound => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg)
-            .code("model_not_found"),
-        Code::FailedPrecondition => ApiError::bad_request(msg),
-        Code::ResourceExhausted => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg)
-                .code("insufficient_gpu_memory")
-                .header("retry-after", "5")
-        }
-        Code::Unavailable => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg)
-            .header("retry-after", "1"),
-        Code::DeadlineExceeded => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", msg),
-        Code::Aborted => ApiError::new(StatusCode::BAD_GATEWAY, "server_error", msg),
-        Code::Cancelled => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "server_error",
-            "the request was cancelled",
-        ),
-        // The connection to the backend manager broke (it died or restarted): nothing answered,
-        // so this is "unreachable" (retryable), not an upstream failure.
-        Code::Unknown if msg.contains("transport error") => ApiError::new(
+    // The connection to the backend manager broke (it died or restarted): nothing answered, so
+    // this is "unreachable" (retryable), not an upstream failure. Told by the error's source (a
+    // transport error), not by its text.
+    if errors::is_connection_failure(s) {
+        return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             format!("the backend manager is unreachable ({msg})"),
         )
         .code("upstream_unreachable")
-        .header("retry-after", "1"),
-        _ => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "server_error",
-            format!("upstream error: {msg}"),
-        ),
+        .header("retry-after", "1");
+    }
+    let status = StatusCode::from_u16(errors::upstream_http_status(s.code()))
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_client_error() {
+        // The caller's request was refused as malformed, out of range or naming no model: its
+        // 4xx, never a 5xx.
+        let e = ApiError::new(status, "invalid_request_error", msg);
+        return match (s.code(), errors::reason_of(s)) {
+            (_, Some(Reason::ModelNotFound)) | (Code::NotFound, None) => e.code("model_not_found"),
+            _ => e,
+        };
+    }
+    match (s.code(), errors::reason_of(s)) {
+        (_, Some(Reason::InsufficientGpuMemory)) | (Code::ResourceExhausted, _) => {
+            ApiError::new(status, "server_error", msg)
+                .code("insufficient_gpu_memory")
+                .header("retry-after", "5")
+        }
+        (Code::Unavailable, _) => {
+            ApiError::new(status, "server_error", msg).header("retry-after", "1")
+        }
+        (Code::DeadlineExceeded | Code::Aborted, _) => ApiError::new(status, "server_error", msg),
+        (Code::Cancelled, _) => ApiError::new(status, "server_error", "the request was cancelled"),
+        _ => ApiError::new(status, "server_error", format!("upstream error: {msg}")),
     }
 }
 
@@ -143,5 +147,31 @@ mod tests {
             from_status(&tonic::Status::internal("boom")).status,
             StatusCode::BAD_GATEWAY
         );
+    }
+
+    /// The OpenAI `code` follows the reason the backend attached, not its words.
+    #[test]
+    fn reasons_pick_the_openai_code_and_retry_advice() {
+        use securellm_common::errors::{Reason, status};
+        let e = from_status(&status(Reason::ModelNotFound, "no such thing"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::NOT_FOUND, Some("model_not_found"))
+        );
+        let e = from_status(&status(Reason::InsufficientGpuMemory, "full"));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code, Some("insufficient_gpu_memory"));
+        assert!(
+            e.headers
+                .iter()
+                .any(|(k, v)| *k == "retry-after" && v == "5")
+        );
+        // The backend refusing the gateway's own credentials is not the caller's 401.
+        let e = from_status(&tonic::Status::unauthenticated("bad internal token"));
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+        // Words alone decide nothing: "transport error" from an answer is an upstream error.
+        let e = from_status(&tonic::Status::unknown("transport error"));
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(e.code, None);
     }
 }

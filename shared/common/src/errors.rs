@@ -1,9 +1,11 @@
 //! One error vocabulary for every hop: gRPC codes, HTTP statuses and machine-readable reasons.
 //!
 //! - [`http_status`] is **the** table from a gRPC code to an HTTP status (the one in
-//!   `google/rpc/code.proto`): the gateway's OpenAI errors, its gRPC refusals and its audit rows
-//!   all use it, so a refusal has one status wherever it is shown. [`code_for_http`] is its inverse
-//!   for errors born as HTTP (cloud upstreams, the gateway's own checks).
+//!   `google/rpc/code.proto`), used for a service's own refusals (the gateway's admin API and its
+//!   audit rows); [`upstream_http_status`] is the same table seen from a proxy whose upstream
+//!   failed (the upstream's faults become 502 / 503 / 504); [`code_for_http`] goes back, for
+//!   errors born as HTTP (the gateway's own checks, cloud upstreams). So a refusal has one status
+//!   wherever it is shown.
 //! - A [`Reason`] travels with a [`tonic::Status`] as a `google.rpc.ErrorInfo` detail
 //!   ([`status`], [`reason_of`]; domain [`DOMAIN`]), so a caller decides on the reason, never on
 //!   the words of the message (which are for people and may change).
@@ -125,8 +127,26 @@ pub fn http_status(code: Code) -> u16 {
     }
 }
 
-/// The gRPC code of an HTTP status (the inverse of [`http_status`]; other 4xx are
-/// `FAILED_PRECONDITION`, other 5xx `UNAVAILABLE` when retryable-looking, else `UNKNOWN`).
+/// The HTTP status a proxy answers when its *upstream* failed with `code`: the caller's own faults
+/// keep [`http_status`]; the upstream's faults are the proxy's 502 (it failed), 503 (it is
+/// unreachable or out of capacity: GPU memory, not the caller's rate, so never 429) or 504 (it
+/// did not answer in time).
+pub fn upstream_http_status(code: Code) -> u16 {
+    match code {
+        Code::Unavailable | Code::ResourceExhausted => 503,
+        Code::DeadlineExceeded => 504,
+        // The upstream refusing *the proxy's* credentials is the proxy's fault, not the caller's.
+        Code::Unauthenticated | Code::PermissionDenied => 502,
+        Code::Unknown | Code::Internal | Code::DataLoss | Code::Aborted | Code::Cancelled => 502,
+        Code::Unimplemented => 501,
+        c => http_status(c),
+    }
+}
+
+/// The gRPC code of an HTTP status, as `proto/securellm/v1/gateway.proto` documents it for errors
+/// born as HTTP (the gateway's own checks, cloud upstreams): 408 and 504 `DEADLINE_EXCEEDED`,
+/// 413 and 429 `RESOURCE_EXHAUSTED`, 500 `INTERNAL`, other 5xx `UNAVAILABLE`, other 4xx
+/// `FAILED_PRECONDITION`; otherwise the inverse of [`http_status`].
 pub fn code_for_http(status: u16) -> Code {
     match status {
         200..=299 => Code::Ok,
@@ -134,14 +154,13 @@ pub fn code_for_http(status: u16) -> Code {
         401 => Code::Unauthenticated,
         403 => Code::PermissionDenied,
         404 => Code::NotFound,
+        408 | 504 => Code::DeadlineExceeded,
         409 => Code::Aborted,
-        413 => Code::InvalidArgument,
-        429 => Code::ResourceExhausted,
+        413 | 429 => Code::ResourceExhausted,
         499 => Code::Cancelled,
-        501 => Code::Unimplemented,
         500 => Code::Internal,
-        502 | 503 => Code::Unavailable,
-        504 => Code::DeadlineExceeded,
+        501 => Code::Unimplemented,
+        s if (500..600).contains(&s) => Code::Unavailable,
         s if (400..500).contains(&s) => Code::FailedPrecondition,
         _ => Code::Unknown,
     }
@@ -153,8 +172,7 @@ pub fn code_for_http(status: u16) -> Code {
 pub fn is_connection_failure(s: &tonic::Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
     while let Some(e) = cause {
-        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() || e.is::<std::io::Error>()
-        {
+        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() || e.is::<std::io::Error>() {
             return true;
         }
         cause = e.source();
@@ -173,7 +191,8 @@ mod tests {
             assert_eq!(s.code(), r.code());
             assert_eq!(s.message(), "words for people");
             // What a client decodes: only code, message and details cross the wire.
-            let wire = tonic::Status::with_details(s.code(), s.message(), s.details().to_vec().into());
+            let wire =
+                tonic::Status::with_details(s.code(), s.message(), s.details().to_vec().into());
             assert_eq!(reason_of(&wire), Some(r), "{r}");
             assert_eq!(Reason::parse(r.as_str()), Some(r));
         }
@@ -216,8 +235,17 @@ mod tests {
         }
         assert_eq!(http_status(FailedPrecondition), 400);
         assert_eq!(code_for_http(418), FailedPrecondition);
+        assert_eq!(code_for_http(413), ResourceExhausted);
         assert_eq!(code_for_http(502), Unavailable);
-        assert_eq!(code_for_http(599), Unknown);
+        assert_eq!(code_for_http(599), Unavailable);
+        assert_eq!(code_for_http(302), Unknown);
+        // An upstream's faults are the proxy's 5xx; the caller's own stay 4xx.
+        assert_eq!(upstream_http_status(Internal), 502);
+        assert_eq!(upstream_http_status(Aborted), 502);
+        assert_eq!(upstream_http_status(ResourceExhausted), 503);
+        assert_eq!(upstream_http_status(DeadlineExceeded), 504);
+        assert_eq!(upstream_http_status(FailedPrecondition), 400);
+        assert_eq!(upstream_http_status(NotFound), 404);
     }
 
     #[test]

@@ -128,19 +128,11 @@ impl AdminService {
 
     /// The audit row of an admin call (the key concerned, never a secret).
     fn entry(&self, call: &AdminCall, key_id: &str, outcome: Result<(), &Status>) -> AuditEntry {
-        use tonic::Code;
+        // The one table (`securellm_common::errors`): the row says what the HTTP API would.
         let (status, code) = match outcome {
             Ok(()) => (200, String::new()),
             Err(s) => (
-                match s.code() {
-                    Code::InvalidArgument => 400,
-                    Code::Unauthenticated => 401,
-                    Code::PermissionDenied => 403,
-                    Code::NotFound => 404,
-                    Code::FailedPrecondition => 409,
-                    Code::ResourceExhausted => 429,
-                    _ => 500,
-                },
+                securellm_common::errors::http_status(s.code()),
                 format!("{:?}", s.code()),
             ),
         };

@@ -164,18 +164,7 @@ where
 
 /// The gRPC code the proto documents for each HTTP status.
 pub fn code_for(status: StatusCode) -> Code {
-    match status.as_u16() {
-        400 => Code::InvalidArgument,
-        401 => Code::Unauthenticated,
-        403 => Code::PermissionDenied,
-        404 => Code::NotFound,
-        408 | 504 => Code::DeadlineExceeded,
-        413 | 429 => Code::ResourceExhausted,
-        502 | 503 => Code::Unavailable,
-        500 => Code::Internal,
-        s if s >= 500 => Code::Unavailable,
-        _ => Code::Unknown,
-    }
+    securellm_common::errors::code_for_http(status.as_u16())
 }
 
 /// An OpenAI error as a gRPC status: message, `x-http-status`, `x-openai-error-bin` and the
