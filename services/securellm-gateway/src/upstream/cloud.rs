@@ -7,9 +7,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{HeaderValue, Uri, header};
 use bytes::Bytes;
+use futures::stream::BoxStream;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use crate::auth::keys::glob;
@@ -53,11 +59,67 @@ pub struct Cloud {
     pub name: String,
     base_url: String,
     /// `base_url` + `/chat/completions`, `/completions`, `/embeddings`, parsed once.
-    urls: [reqwest::Url; 3],
-    key: Option<String>,
+    urls: [Uri; 3],
+    /// `Bearer <key>`, marked sensitive (never logged).
+    auth: Option<HeaderValue>,
     pub models: Vec<String>,
     pub policy: Policy,
-    http: reqwest::Client,
+    http: Transport,
+}
+
+/// The hyper client of the cloud upstreams: HTTP/1.1 (or HTTP/2 where TLS negotiates it) over a
+/// keep-alive pool of `TCP_NODELAY` connections, TLS by rustls with the platform's roots (the
+/// verifier reqwest used).
+type HyperClient =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// How requests reach the upstreams: a bare hyper client (no per-request middleware), or reqwest
+/// when a proxy is configured in the environment (`HTTPS_PROXY`, `ALL_PROXY`, ...), which reqwest
+/// honours (with `NO_PROXY`).
+#[derive(Clone)]
+enum Transport {
+    Hyper(Box<HyperClient>),
+    Reqwest(reqwest::Client),
+}
+
+/// Environment variables naming a proxy for reqwest.
+const PROXY_VARS: [&str; 6] = [
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+];
+
+/// The hyper client shared by all cloud upstreams (one pool).
+fn hyper_client() -> Result<HyperClient, String> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+        .map_err(|e| format!("cannot load the platform's root certificates: {e}"))?;
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(tcp);
+    Ok(
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(usize::MAX)
+            .build(connector),
+    )
 }
 
 impl std::fmt::Debug for Cloud {
@@ -76,6 +138,10 @@ pub fn from_config(
     http: &reqwest::Client,
 ) -> Result<Vec<Cloud>, CloudConfigError> {
     let mut out = Vec::new();
+    let proxied = PROXY_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    let mut transport: Option<Transport> = None;
     for (name, c) in cfg {
         let err = |m: String| CloudConfigError {
             name: name.clone(),
@@ -111,22 +177,45 @@ pub fn from_config(
         let base_url = c.base_url.trim_end_matches('/').to_string();
         let url = |e: Endpoint| {
             let path = e.path().trim_start_matches("/v1");
-            reqwest::Url::parse(&format!("{base_url}{path}"))
-                .map_err(|e| err(format!("base_url {:?} is not a valid URL: {e}", c.base_url)))
+            let s = format!("{base_url}{path}");
+            let bad = |e: String| err(format!("base_url {:?} is not a valid URL: {e}", c.base_url));
+            reqwest::Url::parse(&s).map_err(|e| bad(e.to_string()))?;
+            s.parse::<Uri>().map_err(|e| bad(e.to_string()))
         };
         let urls = [
             url(Endpoint::Chat)?,
             url(Endpoint::Completions)?,
             url(Endpoint::Embeddings)?,
         ];
+        let auth = key
+            .map(|k| {
+                let mut v = HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| {
+                    err("the API key has characters not allowed in a header".into())
+                })?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .transpose()?;
+        let http = match &transport {
+            Some(t) => t.clone(),
+            None => {
+                let t = if proxied {
+                    Transport::Reqwest(http.clone())
+                } else {
+                    Transport::Hyper(Box::new(hyper_client().map_err(err)?))
+                };
+                transport = Some(t.clone());
+                t
+            }
+        };
         out.push(Cloud {
             name: name.clone(),
             urls,
             base_url,
-            key,
+            auth,
             models: c.models.clone(),
             policy: c.redaction,
-            http: http.clone(),
+            http,
         });
     }
     Ok(out)
@@ -265,11 +354,10 @@ const CLOUD_STALL: Duration = Duration::from_secs(60);
 
 fn sse_items(
     name: String,
-    resp: reqwest::Response,
+    bytes: BoxStream<'static, Result<Bytes, ()>>,
     relay_usage: bool,
     deadline: tokio::time::Instant,
 ) -> ItemStream {
-    let bytes = resp.bytes_stream();
     let fail = move |name: &str, why: &str| {
         Err(ApiError::new(
             axum::http::StatusCode::BAD_GATEWAY,
@@ -374,36 +462,65 @@ impl Cloud {
             Endpoint::Completions => &self.urls[1],
             Endpoint::Embeddings => &self.urls[2],
         };
-        let mut req = self
-            .http
-            .post(url.clone())
-            .header("content-type", "application/json")
-            .header("x-request-id", request_id)
-            .body(body);
-        if let Some(k) = &self.key {
-            req = req.bearer_auth(k);
-        }
-        if !stream {
-            req = req.timeout(timeout);
-        }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() {
-                ApiError::new(
-                    axum::http::StatusCode::GATEWAY_TIMEOUT,
-                    "server_error",
-                    format!("upstream {} timed out", self.name),
-                )
-            } else {
-                ApiError::new(
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    format!("upstream {} is unreachable", self.name),
-                )
-                .code("upstream_unreachable")
-                .header("retry-after", "1")
+        let deadline = tokio::time::Instant::now() + timeout;
+        let unreachable = || {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("upstream {} is unreachable", self.name),
+            )
+            .code("upstream_unreachable")
+            .header("retry-after", "1")
+        };
+        let timed_out = || {
+            ApiError::new(
+                axum::http::StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                format!("upstream {} timed out", self.name),
+            )
+        };
+        let resp = match &self.http {
+            Transport::Hyper(client) => {
+                let mut req = axum::http::Request::post(url.clone())
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::ACCEPT, "*/*")
+                    .header("x-request-id", request_id);
+                if let Some(a) = &self.auth {
+                    req = req.header(header::AUTHORIZATION, a.clone());
+                }
+                let req = req.body(Full::new(body)).map_err(|_| unreachable())?;
+                let sent = client.request(req);
+                let resp = if stream {
+                    sent.await
+                } else {
+                    tokio::time::timeout_at(deadline, sent)
+                        .await
+                        .map_err(|_| timed_out())?
+                };
+                Response::Hyper(resp.map_err(|_| unreachable())?)
             }
-        })?;
-        let status = resp.status().as_u16();
+            Transport::Reqwest(client) => {
+                let mut req = client
+                    .post(url.to_string())
+                    .header("content-type", "application/json")
+                    .header("x-request-id", request_id)
+                    .body(body);
+                if let Some(a) = &self.auth {
+                    req = req.header(header::AUTHORIZATION, a.clone());
+                }
+                if !stream {
+                    req = req.timeout(timeout);
+                }
+                Response::Reqwest(req.send().await.map_err(|e| {
+                    if e.is_timeout() {
+                        timed_out()
+                    } else {
+                        unreachable()
+                    }
+                })?)
+            }
+        };
+        let status = resp.status();
         // The upstream refusing the *gateway's* credentials or quota is not the caller's 401 /
         // 429: say so in our words (its body may name the provider account).
         match status {
@@ -420,8 +537,7 @@ impl Cloud {
             }
             429 => {
                 let retry = resp
-                    .headers()
-                    .get("retry-after")
+                    .retry_after()
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .unwrap_or(1);
@@ -441,15 +557,10 @@ impl Cloud {
         if stream && status < 400 {
             return Ok(CloudAnswer::Stream {
                 status,
-                items: sse_items(
-                    self.name.clone(),
-                    resp,
-                    relay_usage,
-                    tokio::time::Instant::now() + timeout,
-                ),
+                items: sse_items(self.name.clone(), resp.into_stream(), relay_usage, deadline),
             });
         }
-        let body = resp.bytes().await.map_err(|_| {
+        let body = resp.collect(deadline).await.map_err(|_| {
             ApiError::new(
                 axum::http::StatusCode::BAD_GATEWAY,
                 "server_error",
@@ -462,6 +573,51 @@ impl Cloud {
             body,
             usage,
         })
+    }
+}
+
+/// An upstream's answer, from either transport.
+enum Response {
+    Hyper(axum::http::Response<hyper::body::Incoming>),
+    Reqwest(reqwest::Response),
+}
+
+impl Response {
+    fn status(&self) -> u16 {
+        match self {
+            Response::Hyper(r) => r.status().as_u16(),
+            Response::Reqwest(r) => r.status().as_u16(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<&HeaderValue> {
+        match self {
+            Response::Hyper(r) => r.headers().get(header::RETRY_AFTER),
+            Response::Reqwest(r) => r.headers().get(header::RETRY_AFTER),
+        }
+    }
+
+    /// The whole body, by `deadline` (hyper; reqwest's own timeout bounds its body).
+    async fn collect(self, deadline: tokio::time::Instant) -> Result<Bytes, ()> {
+        match self {
+            Response::Hyper(r) => {
+                match tokio::time::timeout_at(deadline, r.into_body().collect()).await {
+                    Ok(Ok(b)) => Ok(b.to_bytes()),
+                    _ => Err(()),
+                }
+            }
+            Response::Reqwest(r) => r.bytes().await.map_err(|_| ()),
+        }
+    }
+
+    /// The body's bytes as they arrive.
+    fn into_stream(self) -> BoxStream<'static, Result<Bytes, ()>> {
+        match self {
+            Response::Hyper(r) => http_body_util::BodyDataStream::new(r.into_body())
+                .map(|c| c.map_err(|_| ()))
+                .boxed(),
+            Response::Reqwest(r) => r.bytes_stream().map(|c| c.map_err(|_| ())).boxed(),
+        }
     }
 }
 
