@@ -21,7 +21,7 @@
 //! * **Tokens per minute** use a token bucket of our own (capacity = tpm,
 //!   refilled continuously at tpm / 60 s), not governor, because the token
 //!   count is only known after the fact: the prompt is estimated up front
-//!   (bytes / 4, at least 1 — see [`estimate_tokens`]) and charged at
+//!   (bytes / 4, at least 1 — see [`estimate_prompt_tokens`]) and charged at
 //!   admission, and [`RateLimiter::reconcile`] later charges the real usage.
 //!   Governor can neither refund an over-estimate nor take more than its
 //!   capacity (`check_n` refuses, so a long completion's extra tokens would be
@@ -171,59 +171,43 @@ trait Release: Send + Sync {
     fn release(&self, subject: &str);
 }
 
-/// Token estimate for a prompt text: bytes / 4 rounded up, at least 1.
-pub fn estimate_tokens(text: &str) -> u32 {
-    u32::try_from(text.len().div_ceil(4))
-        .unwrap_or(u32::MAX)
-        .max(1)
-}
-
-/// Prompt token estimate for an OpenAI request body: the text of chat
-/// `messages[].content` (strings and `text` parts), completions `prompt` and
-/// embeddings `input` at bytes / 4; token-id arrays count one per id. At least 1.
-pub fn estimate_prompt_tokens(body: &Value) -> u32 {
-    fn add(v: &Value, bytes: &mut u64, ids: &mut u64) {
+/// The prompt of an OpenAI request body in tokens, estimated before the engine counts it (the
+/// tokens-per-minute limit charges it at admission and reconciles with the real usage later):
+/// bytes / 4 of the JSON text of the members that become the prompt (`messages`, `prompt`,
+/// `input`, `suffix`, and the tool and format definitions rendered into it), at least 1. It
+/// over-estimates rather than under (keys, quotes and image URLs count), so a limit is not
+/// overshot before the real count arrives.
+pub fn estimate_prompt_tokens(v: &Value) -> u32 {
+    /// Bytes of text (strings and keys) in a JSON value, about what its serialisation weighs.
+    fn text_bytes(v: &Value) -> usize {
         match v {
-            Value::String(s) => *bytes += s.len() as u64,
-            Value::Array(items) => {
-                for item in items {
-                    match item {
-                        Value::String(s) => *bytes += s.len() as u64,
-                        Value::Number(_) => *ids += 1,
-                        Value::Array(inner) => *ids += inner.len() as u64,
-                        _ => {}
-                    }
-                }
+            Value::String(s) => s.len() + 2,
+            Value::Array(a) => a.iter().map(text_bytes).sum::<usize>() + a.len() + 1,
+            Value::Object(m) => {
+                m.iter()
+                    .map(|(k, v)| k.len() + 3 + text_bytes(v))
+                    .sum::<usize>()
+                    + 1
             }
-            _ => {}
+            Value::Number(_) => 4,
+            Value::Bool(_) | Value::Null => 4,
         }
     }
-    let (mut bytes, mut ids) = (0u64, 0u64);
-    if let Some(Value::Array(messages)) = body.get("messages") {
-        for msg in messages {
-            match msg.get("content") {
-                Some(Value::String(s)) => bytes += s.len() as u64,
-                Some(Value::Array(parts)) => {
-                    for part in parts {
-                        if part.get("type").and_then(Value::as_str) == Some("text")
-                            && let Some(Value::String(s)) = part.get("text")
-                        {
-                            bytes += s.len() as u64;
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    for field in ["prompt", "input"] {
-        if let Some(v) = body.get(field) {
-            add(v, &mut bytes, &mut ids);
-        }
-    }
-    u32::try_from(bytes.div_ceil(4).saturating_add(ids))
-        .unwrap_or(u32::MAX)
-        .max(1)
+    // Tool and format definitions are rendered into the prompt too.
+    let n = [
+        "messages",
+        "prompt",
+        "input",
+        "suffix",
+        "tools",
+        "functions",
+        "response_format",
+    ]
+    .iter()
+    .filter_map(|k| v.get(*k))
+    .map(text_bytes)
+    .sum::<usize>();
+    u32::try_from(n / 4).unwrap_or(u32::MAX).max(1)
 }
 
 fn nz(v: Option<u32>) -> Option<u32> {
@@ -916,7 +900,10 @@ mod tests {
         };
         // Bigger than a whole minute's budget: can never fit.
         let big = "x".repeat(40_000);
-        let (wait, h) = limited_by(rl.admit("bob", &l, estimate_tokens(&big)), LimitKind::Tpm);
+        let (wait, h) = limited_by(
+            rl.admit("bob", &l, estimate_prompt_tokens(&json!({ "prompt": big }))),
+            LimitKind::Tpm,
+        );
         assert_eq!(wait, MINUTE);
         assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), Some("1200"));
         assert_eq!(
@@ -1178,29 +1165,35 @@ mod tests {
 
     #[test]
     fn ratelimit_estimates() {
-        assert_eq!(estimate_tokens(""), 1);
-        assert_eq!(estimate_tokens("abc"), 1);
-        assert_eq!(estimate_tokens("abcdefgh"), 2);
-        assert_eq!(estimate_tokens("abcdefghi"), 3);
-        let chat = json!({"model": "m", "messages": [
-            {"role": "system", "content": "x".repeat(400)},
-            {"role": "user", "content": [
-                {"type": "text", "text": "y".repeat(400)},
-                {"type": "image_url", "image_url": {"url": "z".repeat(4000)}}
-            ]}
-        ]});
-        assert_eq!(estimate_prompt_tokens(&chat), 200);
+        let e = |v: Value| estimate_prompt_tokens(&v);
+        // About a token per 4 bytes of prompt text, whatever member carries it.
+        let text = "x".repeat(4_000);
+        for body in [
+            json!({"model": "m", "messages": [{"role": "user", "content": text}]}),
+            json!({"model": "m", "prompt": text}),
+            json!({"model": "m", "input": [text]}),
+        ] {
+            let n = e(body.clone());
+            assert!((1_000..=1_010).contains(&n), "{n} for {body}");
+        }
+        // Exact for a known body: {"role":"user","content":"abcd"} in an array is 32 bytes.
         assert_eq!(
-            estimate_prompt_tokens(&json!({"prompt": ["abcd", "efgh"]})),
-            2
+            e(json!({"messages": [{"role": "user", "content": "abcd"}]})),
+            8
         );
-        assert_eq!(estimate_prompt_tokens(&json!({"prompt": [1, 2, 3]})), 3);
-        assert_eq!(estimate_prompt_tokens(&json!({"input": [[1, 2], [3]]})), 3);
-        assert_eq!(
-            estimate_prompt_tokens(&json!({"input": "a".repeat(40)})),
-            10
-        );
-        assert_eq!(estimate_prompt_tokens(&json!({"model": "m"})), 1);
-        assert_eq!(estimate_prompt_tokens(&json!("not an object")), 1);
+        // The model name and sampling settings are not prompt; tools and formats are.
+        let base = json!({"messages": [{"role": "user", "content": "hi"}]});
+        let mut with_model = base.clone();
+        with_model["model"] = json!("a-very-long-model-name".repeat(100));
+        with_model["temperature"] = json!(0.5);
+        assert_eq!(e(with_model), e(base.clone()));
+        let mut with_tools = base.clone();
+        with_tools["tools"] = json!([{"type": "function", "function": {"name": "f", "description": "d".repeat(400)}}]);
+        assert!(e(with_tools) >= e(base) + 100);
+        // Never 0, never a panic or overflow on odd input.
+        assert_eq!(e(json!({"model": "m"})), 1);
+        assert_eq!(e(json!("not an object")), 1);
+        // Token ids count as numbers in the JSON text (4 bytes each, plus the brackets).
+        assert_eq!(e(json!({"prompt": [1, 2, 3]})), 4);
     }
 }

@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::audit::AuditEntry;
 use crate::auth::keys::KeyRecord;
 use crate::error::ApiError;
-use crate::limits::ratelimit::{Admission, Limits};
+use crate::limits::ratelimit::{Admission, Limits, estimate_prompt_tokens};
 use crate::state::{AppState, Shared};
 pub use crate::upstream::ModelEntry;
 use crate::upstream::{
@@ -268,40 +268,6 @@ impl Drop for AuditGuard {
         self.entry.latency_us = self.started.elapsed().as_micros() as u64;
         self.st.audit.append_nowait(std::mem::take(&mut self.entry));
     }
-}
-
-/// Rough prompt size in tokens (bytes / 4) for the tokens-per-minute limit before the real count.
-fn estimate_prompt_tokens(v: &Value) -> u32 {
-    /// Bytes of text (strings and keys) in a JSON value, about what its serialisation weighs.
-    fn text_bytes(v: &Value) -> usize {
-        match v {
-            Value::String(s) => s.len() + 2,
-            Value::Array(a) => a.iter().map(text_bytes).sum::<usize>() + a.len() + 1,
-            Value::Object(m) => {
-                m.iter()
-                    .map(|(k, v)| k.len() + 3 + text_bytes(v))
-                    .sum::<usize>()
-                    + 1
-            }
-            Value::Number(_) => 4,
-            Value::Bool(_) | Value::Null => 4,
-        }
-    }
-    // Tool and format definitions are rendered into the prompt too.
-    let n = [
-        "messages",
-        "prompt",
-        "input",
-        "suffix",
-        "tools",
-        "functions",
-        "response_format",
-    ]
-    .iter()
-    .filter_map(|k| v.get(*k))
-    .map(text_bytes)
-    .sum::<usize>();
-    u32::try_from(n / 4).unwrap_or(u32::MAX).max(1)
 }
 
 /// Streaming or not.
