@@ -14,7 +14,6 @@ use rmcp::{RoleClient, ServiceExt};
 use securellm_testkit::Stack;
 use securellm_testkit::gateway::{create_key, standalone_gateway};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_securellm-mcp");
 
@@ -419,17 +418,11 @@ async fn streamable_http_serves_the_same_tools_at_mcp() {
     let mut args = flags(&[("scheduler", &addr), ("http", "127.0.0.1:0")]);
     args.push("--registry".into());
     args.push(dead_addr());
-    let mut child = command(home.path(), &args)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("no ready line in 20 s")
-        .unwrap()
-        .unwrap_or_default();
+    let (mut child, ready) = securellm_testkit::spawn_ready(
+        command(home.path(), &args),
+        std::time::Duration::from_secs(20),
+    )
+    .await;
     let http = ready
         .strip_prefix("ready securellm-mcp http=")
         .unwrap_or_else(|| panic!("unexpected first line {ready:?}"))

@@ -13,11 +13,10 @@ use securellm_proto::v1::backend_manager_client::BackendManagerClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
 use securellm_testkit::models::{write_ollama, write_safetensors};
 use securellm_testkit::{
-    MIB, alive as running, fake, instance, instances, kill9, leases, no_lease_left,
-    stream_start as start_of, wait_for_instance as wait_for,
+    MIB, alive as running, fake, instance, instances, kill9, leases, no_lease_left, spawn_ready,
+    stream_error, stream_start as start_of, wait_for_instance as wait_for,
 };
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -139,13 +138,7 @@ impl FakeOllama {
         for m in models {
             cmd.args(["--model", m]);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next_line().await.unwrap().unwrap();
+        let (child, line) = spawn_ready(cmd, Duration::from_secs(30)).await;
         let url = line
             .strip_prefix("fake ollama listening on ")
             .unwrap()
@@ -482,17 +475,9 @@ async fn vllm_is_spawned_with_its_memory_bounded_to_the_lease_and_a_crash_is_not
     st.next().await.unwrap().unwrap();
     st.next().await.unwrap().unwrap();
     kill9(pid);
-    let mut err = None;
-    while let Some(c) = tokio::time::timeout(Duration::from_secs(10), st.next())
+    let err = stream_error(&mut st, Duration::from_secs(10))
         .await
-        .unwrap()
-    {
-        if let Err(e) = c {
-            err = Some(e);
-            break;
-        }
-    }
-    let err = err.expect("the stream must end with an error");
+        .expect("the stream must end with an error");
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
     assert!(err.message().contains("crashed"), "{}", err.message());
     let i = wait_for(&mut s.client, "hf-model", |i| {
@@ -632,8 +617,8 @@ async fn an_engine_that_exits_during_start_fails_fast_with_its_output() {
 #[tokio::test]
 async fn an_attached_vllm_endpoint_is_used_as_it_is() {
     // An engine someone else started (here: the fake, by hand).
-    let mut child = tokio::process::Command::new("python3")
-        .arg(fake("fake_openai_engine.py"))
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(fake("fake_openai_engine.py"))
         .args([
             "serve",
             "/somewhere/else",
@@ -643,17 +628,8 @@ async fn an_attached_vllm_endpoint_is_used_as_it_is() {
             "0",
         ])
         .args(["--served-model-name", "their-name"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap();
+        .stderr(Stdio::null());
+    let (mut child, line) = spawn_ready(cmd, Duration::from_secs(30)).await;
     let endpoint = line
         .strip_prefix("fake vllm listening on ")
         .unwrap()

@@ -15,10 +15,9 @@ use securellm_proto::v1::backend_manager_client::BackendManagerClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
 use securellm_testkit::models::tiny;
 use securellm_testkit::{
-    MIB, chat_request as chat, connect, instance, kill9, leases, llama_server,
-    stream_start as start_of, wait_for_instance as wait_for,
+    MIB, chat_request as chat, connect, instance, kill9, leases, llama_server, spawn_ready,
+    stream_error, stream_start as start_of, wait_for_instance as wait_for,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -251,17 +250,9 @@ async fn a_crashed_child_fails_in_flight_requests_and_the_next_request_restarts_
     st.next().await.unwrap().unwrap();
     st.next().await.unwrap().unwrap();
     kill9(pid as u32);
-    let mut err = None;
-    while let Some(c) = tokio::time::timeout(Duration::from_secs(10), st.next())
+    let err = stream_error(&mut st, Duration::from_secs(10))
         .await
-        .unwrap()
-    {
-        if let Err(e) = c {
-            err = Some(e);
-            break;
-        }
-    }
-    let err = err.expect("the stream must end with an error");
+        .expect("the stream must end with an error");
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
     assert!(err.message().contains("crashed"), "{}", err.message());
     let i = wait_for(&mut s.client, "tiny", |i| {
@@ -435,25 +426,20 @@ async fn two_models_that_do_not_fit_together_wait_or_evict_by_priority() {
 #[tokio::test]
 async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
     let s = stack(1 << 30, 10_000, |_| {}).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backend-manager"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--scheduler",
-            &s.kit.scheduler_addr().to_string(),
-        ])
-        .arg("--internal-token-file")
-        .arg(s.kit.token_file())
-        .args(["--registry", &s.kit.registry_addr().to_string()])
-        .arg("--llama-server")
-        .arg(llama_server())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next_line().await.unwrap().unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_backend-manager"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--scheduler",
+        &s.kit.scheduler_addr().to_string(),
+    ])
+    .arg("--internal-token-file")
+    .arg(s.kit.token_file())
+    .args(["--registry", &s.kit.registry_addr().to_string()])
+    .arg("--llama-server")
+    .arg(llama_server())
+    .stderr(Stdio::null());
+    let (mut child, line) = spawn_ready(cmd, Duration::from_secs(60)).await;
     let addr = line
         .strip_prefix("ready backend-manager grpc=")
         .unwrap()
@@ -481,22 +467,13 @@ async fn spawn_scheduler(
     data_dir: &Path,
     token_file: &Path,
 ) -> (tokio::process::Child, String) {
-    let mut child = tokio::process::Command::new(securellm_testkit::binary("vram-scheduler"))
-        .args(["--listen", listen, "--simulate-gpu", "1GiB", "--data-dir"])
+    let mut cmd = tokio::process::Command::new(securellm_testkit::binary("vram-scheduler"));
+    cmd.args(["--listen", listen, "--simulate-gpu", "1GiB", "--data-dir"])
         .arg(data_dir)
         .arg("--internal-token-file")
         .arg(token_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+        .stderr(Stdio::null());
+    let (child, line) = spawn_ready(cmd, Duration::from_secs(20)).await;
     let addr = line
         .strip_prefix("ready vram-scheduler grpc=")
         .unwrap()

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use securellm_gateway::config::AuditMode;
 use securellm_proto::v1 as pb;
 use securellm_testkit::gateway::{audit_rows, create_key, read_until_closed, standalone_gateway};
+use securellm_testkit::{ready_word, spawn_ready};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -649,7 +650,6 @@ async fn sync_audit_mode_answers_only_after_the_row_is_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sync_audit_every_2xx_survives_kill_9() {
-    use tokio::io::AsyncBufReadExt;
     securellm_common::tls::install_crypto_provider();
     let base = fake_openai().await;
     let dir = tempfile::tempdir().unwrap();
@@ -665,8 +665,8 @@ async fn with_sync_audit_every_2xx_survives_kill_9() {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm-gateway"))
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm-gateway"));
+    cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .args(["--backend", "127.0.0.1:1", "--registry", "127.0.0.1:1"])
         .arg("--config")
         .arg(&config)
@@ -675,22 +675,9 @@ async fn with_sync_audit_every_2xx_survives_kill_9() {
         .arg("--bootstrap-key-file")
         .arg(data.join("api-key"))
         .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let http_addr = ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-        .unwrap()
-        .to_string();
+        .stderr(std::process::Stdio::null());
+    let (mut child, ready) = spawn_ready(cmd, Duration::from_secs(30)).await;
+    let http_addr = ready_word(&ready, "http=");
     let secret = std::fs::read_to_string(data.join("api-key"))
         .unwrap()
         .trim()

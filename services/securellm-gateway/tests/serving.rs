@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use securellm_gateway::config::GatewayConfig;
 use securellm_gateway::keys::NewKey;
 use securellm_testkit::gateway::{read_until_closed, standalone_gateway};
+use securellm_testkit::{ready_word, spawn_ready};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -411,34 +412,21 @@ fn config_errors_name_the_field() {
 
 /// The gateway binary on `data`, with a bootstrap key; returns the child and its addresses.
 async fn spawn_gateway(data: &Path) -> (tokio::process::Child, String, String) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm-gateway"))
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm-gateway"));
+    cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .args(["--backend", "127.0.0.1:1", "--registry", "127.0.0.1:1"])
         .arg("--data-dir")
         .arg(data)
         .arg("--bootstrap-key-file")
         .arg(data.join("api-key"))
         .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let word = |p: &str| {
-        ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(p))
-            .unwrap()
-            .to_string()
-    };
-    (child, word("grpc="), word("http="))
+        .stderr(std::process::Stdio::null());
+    let (child, ready) = spawn_ready(cmd, Duration::from_secs(20)).await;
+    (
+        child,
+        ready_word(&ready, "grpc="),
+        ready_word(&ready, "http="),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

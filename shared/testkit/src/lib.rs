@@ -38,7 +38,7 @@ use tonic::transport::Channel;
 pub use paths::{
     bin_dir, binary, cache_dir, fake, llama_server, python, try_llama_server, workspace_root,
 };
-pub use process::{alive, in_process_table, kill9, signal};
+pub use process::{alive, in_process_table, kill9, ready_word, signal, spawn_ready};
 pub use stack::{Size, Stack, StackBuilder};
 
 pub const MIB: u64 = 1 << 20;
@@ -148,6 +148,23 @@ pub async fn wait_for_instance<F: Fn(&pb::BackendInstance) -> bool>(
         "condition not reached for {model}: {:?}",
         instance(c, model).await
     );
+}
+
+/// Read a stream until it fails (within `within`): the error that ended it, `None` when it ended
+/// without one.
+pub async fn stream_error<T>(
+    st: &mut tonic::Streaming<T>,
+    within: Duration,
+) -> Option<tonic::Status> {
+    while let Some(c) = tokio::time::timeout(within, st.next())
+        .await
+        .expect("the stream ended in time")
+    {
+        if let Err(e) = c {
+            return Some(e);
+        }
+    }
+    None
 }
 
 /// A stream's `start`, after the `progress` messages a request that waits for its model gets.

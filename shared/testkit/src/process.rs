@@ -31,3 +31,34 @@ pub fn signal(pid: u32, sig: i32) {
         }
     }
 }
+
+/// Spawn `cmd` (stdout piped, killed when the child is dropped) and wait up to `within` for its
+/// first line on stdout: the `ready <service> grpc=… http=…` line every SecureLLM binary prints
+/// once it serves. Returns the child and that line.
+pub async fn spawn_ready(
+    mut cmd: tokio::process::Command,
+    within: std::time::Duration,
+) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.as_std().get_program()));
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(within, lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("no ready line within {within:?}"))
+        .expect("read stdout")
+        .expect("a ready line before stdout closed");
+    (child, line)
+}
+
+/// The value of `key` (e.g. `http=`) among the words of a ready line.
+pub fn ready_word(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .to_string()
+}
