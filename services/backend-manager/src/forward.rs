@@ -320,21 +320,13 @@ where
 {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let task = tokio::spawn(f(tx));
-    let guard = AbortOnDrop(task);
+    let guard = tokio_util::task::AbortOnDropHandle::new(task);
     Box::pin(
         tokio_stream::wrappers::ReceiverStream::new(rx).map(move |x| {
             let _ = &guard;
             x
         }),
     )
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// One parsed server-sent event.

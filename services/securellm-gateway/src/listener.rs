@@ -662,7 +662,7 @@ impl Conn {
     /// A task that closes the connection once it has had no request in progress for `limit`.
     fn watchdog(&self, limit: Duration) -> AbortOnDrop {
         let entry = self.entry.clone();
-        AbortOnDrop(tokio::spawn(async move {
+        AbortOnDrop::new(tokio::spawn(async move {
             idle_for(entry.activity.clone(), limit).await;
             entry.close();
         }))
@@ -865,10 +865,4 @@ async fn idle_for(a: Arc<Activity>, limit: Duration) {
 }
 
 /// Aborts the task when dropped (a connection's watchdog ends with the connection).
-pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+pub(crate) type AbortOnDrop = tokio_util::task::AbortOnDropHandle<()>;
