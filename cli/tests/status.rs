@@ -6,23 +6,13 @@ use std::time::{Duration, Instant};
 
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::acquire_lease_update::Update;
-use securellm_testkit::Stack;
 use securellm_testkit::gateway::standalone_gateway;
+use securellm_testkit::{Stack, dead_addrs};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 
 const GIB: u64 = 1 << 30;
-
-/// `n` distinct loopback addresses nothing listens on (bound together, then closed).
-fn dead_addrs(n: usize) -> Vec<String> {
-    let ls: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect()
-}
 
 /// Run `securellm --scheduler S --registry R --backend B status --gateway G --admin-token-file T
 /// [extra...]`.

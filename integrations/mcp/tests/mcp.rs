@@ -11,8 +11,8 @@ use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::transport::{ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt};
-use securellm_testkit::Stack;
 use securellm_testkit::gateway::{create_key, standalone_gateway};
+use securellm_testkit::{Stack, dead_addr};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_securellm-mcp");
@@ -81,12 +81,6 @@ async fn tool_error(c: &Client, tool: &str, args: Value) -> String {
     let (err, text) = call(c, tool, args).await;
     assert!(err, "{tool} should have failed: {text}");
     text
-}
-
-/// An address where nothing listens.
-fn dead_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
 }
 
 fn flags(pairs: &[(&str, &str)]) -> Vec<String> {

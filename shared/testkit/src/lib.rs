@@ -38,7 +38,9 @@ use tonic::transport::Channel;
 pub use paths::{
     bin_dir, binary, cache_dir, fake, llama_server, python, try_llama_server, workspace_root,
 };
-pub use process::{alive, in_process_table, kill9, ready_word, signal, spawn_ready};
+pub use process::{
+    alive, dead_addr, dead_addrs, in_process_table, kill9, ready_word, signal, spawn_ready,
+};
 pub use stack::{Size, Stack, StackBuilder};
 
 pub const MIB: u64 = 1 << 20;

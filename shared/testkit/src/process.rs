@@ -62,3 +62,18 @@ pub fn ready_word(line: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
         .to_string()
 }
+
+/// `n` distinct loopback addresses nothing listens on (bound together, then closed).
+pub fn dead_addrs(n: usize) -> Vec<String> {
+    let ls: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port"))
+        .collect();
+    ls.iter()
+        .map(|l| l.local_addr().expect("its address").to_string())
+        .collect()
+}
+
+/// A loopback address nothing listens on.
+pub fn dead_addr() -> String {
+    dead_addrs(1).remove(0)
+}
