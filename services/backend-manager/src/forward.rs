@@ -9,8 +9,9 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use securellm_common::sse::{EventTooLarge, MAX_EVENT_BYTES, SseSplitter};
 use serde_json::{Map, Value};
 
 /// The OpenAI endpoint a request is for.
@@ -277,7 +278,7 @@ pub async fn post_stream(
     }
     let mut bytes = resp.bytes_stream();
     let events = async_stream(move |tx| async move {
-        let mut parser = SseParser::default();
+        let mut splitter = SseSplitter::default();
         while let Some(chunk) = bytes.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
@@ -286,15 +287,24 @@ pub async fn post_stream(
                     return;
                 }
             };
-            for ev in parser.push(&chunk) {
-                match ev {
-                    SseEvent::Data(d) => {
-                        if tx.send(Ok(d)).await.is_err() {
-                            return;
-                        }
-                    }
-                    SseEvent::Done => return,
+            let payloads = match splitter.push(&chunk) {
+                Ok(p) => p,
+                Err(EventTooLarge) => {
+                    let _ = tx
+                        .send(Err(ForwardError::Broken(format!(
+                            "the engine sent an event over {MAX_EVENT_BYTES} bytes"
+                        ))))
+                        .await;
+                    return;
                 }
+            };
+            for d in payloads {
+                if tx.send(Ok(d)).await.is_err() {
+                    return;
+                }
+            }
+            if splitter.done() {
+                return;
             }
         }
         let _ = tx
@@ -329,80 +339,31 @@ where
     )
 }
 
-/// One parsed server-sent event.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SseEvent {
-    Data(Bytes),
-    Done,
-}
-
-/// Incremental SSE parser: feed it bytes as they come; it yields complete events' `data`.
-/// Multi-line data is joined with `\n`; comments and other fields are ignored.
-#[derive(Default)]
-pub struct SseParser {
-    buf: BytesMut,
-    data: Vec<u8>,
-    has_data: bool,
-}
-
-impl SseParser {
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
-        self.buf.extend_from_slice(chunk);
-        let mut out = Vec::new();
-        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-            let line = self.buf.split_to(nl + 1);
-            let mut line = &line[..nl];
-            if line.last() == Some(&b'\r') {
-                line = &line[..line.len() - 1];
-            }
-            if line.is_empty() {
-                if self.has_data {
-                    let d = std::mem::take(&mut self.data);
-                    self.has_data = false;
-                    if d == b"[DONE]" {
-                        out.push(SseEvent::Done);
-                    } else {
-                        out.push(SseEvent::Data(Bytes::from(d)));
-                    }
-                }
-                continue;
-            }
-            if let Some(rest) = line.strip_prefix(b"data:") {
-                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-                if self.has_data {
-                    self.data.push(b'\n');
-                }
-                self.data.extend_from_slice(rest);
-                self.has_data = true;
-            }
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// What llama-server sends (keep-alive comments, CRLF, multi-line data, `[DONE]`) comes
+    /// through the shared splitter as the forwarder reads it.
     #[test]
-    fn sse_parser_handles_split_chunks_comments_and_done() {
-        let mut p = SseParser::default();
+    fn engine_streams_split_into_payloads_and_end_at_done() {
+        let mut p = SseSplitter::default();
         let mut all = Vec::new();
         for part in [
             &b": keep-alive\n\nda"[..],
             b"ta: {\"a\":1}\r\n\r\ndata: x\ndata: y\n\n",
             b"data: [DONE]\n\n",
         ] {
-            all.extend(p.push(part));
+            all.extend(p.push(part).unwrap());
         }
         assert_eq!(
             all,
             vec![
-                SseEvent::Data(Bytes::from_static(b"{\"a\":1}")),
-                SseEvent::Data(Bytes::from_static(b"x\ny")),
-                SseEvent::Done
+                Bytes::from_static(b"{\"a\":1}"),
+                Bytes::from_static(b"x\ny"),
             ]
         );
+        assert!(p.done());
     }
 
     #[test]

@@ -100,7 +100,10 @@ impl Serialize for ByteSize {
             ("MiB", 1 << 20),
             ("KiB", 1 << 10),
         ];
-        match UNITS.iter().find(|(_, n)| self.0 != 0 && self.0.is_multiple_of(*n)) {
+        match UNITS
+            .iter()
+            .find(|(_, n)| self.0 != 0 && self.0.is_multiple_of(*n))
+        {
             Some((unit, n)) => s.serialize_str(&format!("{}{unit}", self.0 / n)),
             None => s.serialize_u64(self.0),
         }

@@ -7,6 +7,7 @@
 //! - [`errors`]: one table from gRPC codes to HTTP statuses, machine-readable reasons
 //!   (`google.rpc.ErrorInfo`) across service boundaries.
 //! - [`internal_auth`]: the internal token every call between SecureLLM's processes carries.
+//! - [`sse`]: the one server-sent-events splitter (incremental, bounded).
 //! - [`time`]: unix milliseconds, the time unit of every contract.
 //! - [`tls`]: the process-wide rustls crypto provider.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod errors;
 pub mod internal_auth;
 pub mod serve;
+pub mod sse;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
