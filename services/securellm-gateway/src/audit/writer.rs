@@ -36,19 +36,19 @@ pub(super) async fn run_writer(
     let mut close: Option<oneshot::Sender<()>> = None;
     while let Some(first) = rx.recv().await {
         let mut stop = accept(first, &mut batch, &mut flushes, &mut close);
-        let deadline = tokio::time::Instant::now() + options.linger;
+        // With a linger, the writer sleeps it out once and then takes what has queued: one
+        // wake-up per batch, not one per row (a flush or close queued meanwhile waits at most the
+        // linger).
+        let mut lingered = options.linger.is_zero();
         while !stop && batch.len() < max_batch {
             let cmd = match rx.try_recv() {
                 Ok(cmd) => cmd,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if lingered => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    if options.linger.is_zero() {
-                        break;
-                    }
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(cmd)) => cmd,
-                        Ok(None) | Err(_) => break,
-                    }
+                    lingered = true;
+                    tokio::time::sleep(options.linger).await;
+                    continue;
                 }
             };
             stop = accept(cmd, &mut batch, &mut flushes, &mut close);
