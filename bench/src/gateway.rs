@@ -188,9 +188,13 @@ async fn run_streams(
                 let mut s = resp.bytes_stream();
                 s.next().await.transpose()?;
                 ttfb.push(t.elapsed().as_secs_f64() * 1e6);
+                // `[DONE]` may straddle two reads: search the previous read's last bytes too.
                 let mut done = false;
+                let mut tail: Vec<u8> = Vec::new();
                 while let Some(chunk) = s.next().await {
-                    done |= chunk?.windows(6).any(|w| w == b"[DONE]");
+                    tail.extend_from_slice(&chunk?);
+                    done |= tail.windows(6).any(|w| w == b"[DONE]");
+                    tail.drain(..tail.len().saturating_sub(5));
                 }
                 anyhow::ensure!(done, "stream ended without [DONE]");
             }
