@@ -335,14 +335,7 @@ impl BackendConfig {
     }
 }
 
-/// `host:port` → `http://host:port` (leaves URLs alone).
-pub fn grpc_url(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
+pub use securellm_common::grpc_url;
 
 #[cfg(test)]
 mod tests {

@@ -124,11 +124,7 @@ fn channel(
     addr: &str,
     cfg: &GatewayConfig,
 ) -> Result<securellm_common::internal_auth::AuthChannel, StartError> {
-    let url = if addr.starts_with("http") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
+    let url = securellm_common::grpc_url(addr);
     let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .map_err(|_| StartError::Address(url))?
         .tcp_nodelay(true)

@@ -156,13 +156,9 @@ pub fn read_internal_token(path: &std::path::Path) -> anyhow::Result<InternalTok
     })
 }
 
-/// `HOST:PORT` → `http://HOST:PORT`; a URL is kept as it is.
+/// `HOST:PORT` → `http://HOST:PORT`; a URL is kept as it is ([`securellm_common::grpc_url`]).
 pub fn endpoint(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+    securellm_common::grpc_url(addr)
 }
 
 /// A channel to `endpoint` (a URL) that gives up connecting after `connect_timeout` and fails

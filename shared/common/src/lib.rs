@@ -22,3 +22,24 @@ pub mod time;
 pub mod tls;
 
 pub use bytesize::{ByteSize, format_bytes, parse_bytes};
+
+/// A service address as a URL tonic connects to: `HOST:PORT` becomes `http://HOST:PORT`; a URL
+/// (`http://…`, `https://…`) is kept as it is. The one place this is decided.
+pub fn grpc_url(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn addresses_become_urls_and_urls_stay() {
+        assert_eq!(super::grpc_url("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(super::grpc_url("[::1]:2"), "http://[::1]:2");
+        assert_eq!(super::grpc_url("https://h:2"), "https://h:2");
+        assert_eq!(super::grpc_url("http://h:3/"), "http://h:3/");
+    }
+}
