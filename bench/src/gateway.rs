@@ -186,11 +186,12 @@ async fn run_streams(
                     .await?;
                 anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
                 let mut s = resp.bytes_stream();
-                s.next().await.transpose()?;
+                let first = s.next().await.transpose()?.unwrap_or_default();
                 ttfb.push(t.elapsed().as_secs_f64() * 1e6);
-                // `[DONE]` may straddle two reads: search the previous read's last bytes too.
-                let mut done = false;
-                let mut tail: Vec<u8> = Vec::new();
+                // `[DONE]` may come in the first read (a proxy that coalesces events) or straddle
+                // two reads: search each read with the previous one's last bytes.
+                let mut tail: Vec<u8> = first.to_vec();
+                let mut done = tail.windows(6).any(|w| w == b"[DONE]");
                 while let Some(chunk) = s.next().await {
                     tail.extend_from_slice(&chunk?);
                     done |= tail.windows(6).any(|w| w == b"[DONE]");
