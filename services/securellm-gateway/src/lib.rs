@@ -254,20 +254,22 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         .ok()
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty());
-    let admin_token = match from_env.map(Ok).unwrap_or_else(|| read_secret(&token_path)) {
-        Ok(t) => t.trim().to_string(),
-        Err(_) => {
-            let mut raw = [0u8; 32];
-            getrandom::fill(&mut raw).map_err(|e| StartError::Http(e.to_string()))?;
-            let t = hex::encode(raw);
-            write_secret(&token_path, &t).map_err(|source| StartError::Bootstrap {
-                path: token_path.clone(),
-                source,
-            })?;
-            tracing::info!("created the admin token in {}", token_path.display());
-            t
+    let admin_token: secrecy::SecretString =
+        match from_env.map(Ok).unwrap_or_else(|| read_secret(&token_path)) {
+            Ok(t) => t.trim().to_string(),
+            Err(_) => {
+                let mut raw = [0u8; 32];
+                getrandom::fill(&mut raw).map_err(|e| StartError::Http(e.to_string()))?;
+                let t = hex::encode(raw);
+                write_secret(&token_path, &t).map_err(|source| StartError::Bootstrap {
+                    path: token_path.clone(),
+                    source,
+                })?;
+                tracing::info!("created the admin token in {}", token_path.display());
+                t
+            }
         }
-    };
+        .into();
     let listener = serve::bind(&cfg.listen).await?;
     let grpc_addr = listener.addr;
     let health = serve::health_service(&[

@@ -12,15 +12,20 @@ use tonic::{Request, Response, Status};
 use crate::audit::{AuditEntry, AuditFilter, TamperKind};
 use crate::auth::keys::{KeyError, KeyRecord, KeyUpdate, NewKey};
 use crate::state::Shared;
+use secrecy::{ExposeSecret, SecretString};
 
 pub struct AdminService {
     state: Shared,
-    token: String,
+    /// Never printed, wiped when dropped (`secrecy`); shared by the per-request copies.
+    token: std::sync::Arc<SecretString>,
 }
 
 impl AdminService {
-    pub fn new(state: Shared, token: String) -> GatewayAdminServer<Self> {
-        GatewayAdminServer::new(Self { state, token })
+    pub fn new(state: Shared, token: SecretString) -> GatewayAdminServer<Self> {
+        GatewayAdminServer::new(Self {
+            state,
+            token: std::sync::Arc::new(token),
+        })
     }
 
     /// Authenticate an admin call: the admin token, or a JWT whose `scope` includes `admin`.
@@ -47,8 +52,12 @@ impl AdminService {
             Some(Status::unauthenticated(
                 "an admin token is required (authorization: Bearer <admin token>)",
             ))
-        } else if !self.token.is_empty()
-            && bool::from(given.as_bytes().ct_eq(self.token.as_bytes()))
+        } else if !self.token.expose_secret().is_empty()
+            && bool::from(
+                given
+                    .as_bytes()
+                    .ct_eq(self.token.expose_secret().as_bytes()),
+            )
         {
             call.subject = "admin".into();
             None

@@ -158,19 +158,22 @@ pub fn from_config(
                 "models must list at least one model name or pattern".into()
             ));
         }
-        let key = match (&c.api_key_env, &c.api_key_file) {
+        // The key is held as a secret (never printed, wiped when dropped) until it becomes the
+        // sensitive Authorization header value.
+        let key: Option<secrecy::SecretString> = match (&c.api_key_env, &c.api_key_file) {
             (Some(_), Some(_)) => {
                 return Err(err("set api_key_env or api_key_file, not both".into()));
             }
             (Some(v), None) => Some(
                 std::env::var(v)
-                    .map_err(|_| err(format!("environment variable {v} is not set")))?,
+                    .map_err(|_| err(format!("environment variable {v} is not set")))?
+                    .into(),
             ),
             (None, Some(p)) => Some(
                 std::fs::read_to_string(p)
                     .map_err(|e| err(format!("cannot read api_key_file {}: {e}", p.display())))?
                     .trim()
-                    .to_string(),
+                    .into(),
             ),
             (None, None) => None,
         };
@@ -189,9 +192,11 @@ pub fn from_config(
         ];
         let auth = key
             .map(|k| {
-                let mut v = HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| {
-                    err("the API key has characters not allowed in a header".into())
-                })?;
+                use secrecy::ExposeSecret;
+                let mut v = HeaderValue::try_from(format!("Bearer {}", k.expose_secret()))
+                    .map_err(
+                        |_| err("the API key has characters not allowed in a header".into()),
+                    )?;
                 v.set_sensitive(true);
                 Ok(v)
             })
