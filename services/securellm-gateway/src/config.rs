@@ -124,7 +124,10 @@ pub enum AuditMode {
 }
 
 /// The one external door: OpenAI-compatible HTTP in front of the local stack.
-#[derive(Debug, Parser)]
+///
+/// Each field serializes under its `[gateway]` key, so the flags are merged over the file in one
+/// step (`load_section_with`); unset flags are `None` and leave the file's value.
+#[derive(Debug, Parser, serde::Serialize)]
 #[command(name = "securellm-gateway", version, about)]
 pub struct Args {
     /// gRPC listen address.
@@ -135,6 +138,7 @@ pub struct Args {
     pub http_listen: Option<String>,
     /// Config file (TOML; this service reads [gateway]).
     #[arg(long, env = "SECURELLM_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Where the key store and the audit log live.
     #[arg(long, env = "SECURELLM_DATA_DIR")]
@@ -159,29 +163,12 @@ pub struct Args {
 
 impl GatewayConfig {
     pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
-        let mut c: GatewayConfig =
-            securellm_common::config::load_section(args.config.as_deref(), "gateway")?;
-        if let Some(v) = &args.listen {
-            c.listen = v.clone();
-        }
-        if let Some(v) = &args.http_listen {
-            c.http_listen = v.clone();
-        }
-        if let Some(v) = &args.data_dir {
-            c.data_dir = Some(v.clone());
-        }
-        if let Some(v) = &args.backend {
-            c.backend = v.clone();
-        }
-        if let Some(v) = &args.registry {
-            c.registry = v.clone();
-        }
-        if let Some(v) = &args.bootstrap_key_file {
-            c.bootstrap_key_file = Some(v.clone());
-        }
-        if let Some(v) = args.worker_threads {
-            c.worker_threads = v;
-        }
+        // Flags (and their environment variables) over the file over defaults, in one merge.
+        let c: GatewayConfig = securellm_common::config::load_section_with(
+            args.config.as_deref(),
+            "gateway",
+            args,
+        )?;
         if c.max_body.0 < 1024 {
             return Err(ConfigError::Field {
                 field: "gateway.max_body".into(),
@@ -216,9 +203,7 @@ impl GatewayConfig {
                 message: "must be at least 1000".into(),
             });
         }
-        if let Some(v) = &args.internal_token_file {
-            c.internal_token_file = Some(v.clone());
-        }
+        let mut c = c;
         c.internal_token = Some(internal_auth::for_service(
             c.internal_token_file.as_deref(),
             c.data_dir.as_deref(),
