@@ -358,12 +358,17 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Reports first: a ticket dropped (or a task finished) before a command was sent
+                // is seen before that command, as a caller expects (`Load` drops its ticket, then
+                // asks for the view: the instance must no longer count it as busy). Reports are
+                // at most one per task or ticket, so commands are never starved.
+                biased;
+                // Never closed: the actor holds a sender.
+                Some(r) = reports.recv() => self.report(r),
                 c = commands.recv() => match c {
                     Some(c) => self.command(c),
                     None => break,
                 },
-                // Never closed: the actor holds a sender.
-                Some(r) = reports.recv() => self.report(r),
                 _ = tick.tick() => {
                     // Waiters whose deadline passed have given up (their receiver is gone).
                     let gone: Vec<u64> = self

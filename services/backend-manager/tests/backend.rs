@@ -118,6 +118,26 @@ async fn a_model_bigger_than_any_gpu_is_refused_at_once_by_reason() {
     assert!(leases(&mut s.sched).await.is_empty());
 }
 
+/// `Load` answers the instance as it is once the load's own hold is gone: ready, nothing in
+/// flight (the actor sees the dropped ticket before the view it is asked for; this raced).
+#[tokio::test]
+async fn load_answers_ready_with_nothing_in_flight() {
+    let mut s = stack(1 << 30, 10_000, |_| {}).await;
+    for _ in 0..20 {
+        let i = s
+            .client
+            .load(pb::LoadRequest {
+                model: "tiny".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(i.state, pb::InstanceState::Ready as i32, "{i:?}");
+        assert_eq!(i.in_flight, 0, "{i:?}");
+    }
+}
+
 #[tokio::test]
 async fn fifty_concurrent_first_requests_cause_one_load() {
     let mut s = stack(1 << 30, 10_000, |_| {}).await;
