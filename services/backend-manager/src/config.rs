@@ -228,7 +228,10 @@ impl Default for BackendConfig {
 }
 
 /// Makes a model answer: llama-server children behind leases, on demand.
-#[derive(Debug, Parser)]
+///
+/// Each field serializes under its `[backend]` key, so the flags are merged over the file in one
+/// step (`load_section_with`); unset flags are `None` and leave the file's value.
+#[derive(Debug, Parser, serde::Serialize)]
 #[command(name = "backend-manager", version, about)]
 pub struct Args {
     /// gRPC listen address (HOST:PORT; port 0 picks a free one).
@@ -236,6 +239,7 @@ pub struct Args {
     pub listen: Option<String>,
     /// Config file (TOML; this service reads [backend]).
     #[arg(long, env = "SECURELLM_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Data directory (logs of children).
     #[arg(long, env = "SECURELLM_DATA_DIR")]
@@ -251,6 +255,7 @@ pub struct Args {
     pub llama_server: Option<PathBuf>,
     /// Default idle TTL before an unused model is unloaded (ms; 0 = never).
     #[arg(long)]
+    #[serde(skip)] // `defaults.idle_ttl_ms`, set after the merge
     pub idle_ttl_ms: Option<u64>,
     /// Lease TTL (ms); the manager renews at a third of it.
     #[arg(long)]
@@ -264,28 +269,11 @@ pub struct Args {
 
 impl BackendConfig {
     pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
+        // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: BackendConfig =
-            securellm_common::config::load_section(args.config.as_deref(), "backend")?;
-        if let Some(v) = &args.listen {
-            c.listen = v.clone();
-        }
-        if let Some(v) = &args.data_dir {
-            c.data_dir = Some(v.clone());
-        }
-        if let Some(v) = &args.scheduler {
-            c.scheduler = v.clone();
-        }
-        if let Some(v) = &args.registry {
-            c.registry = v.clone();
-        }
-        if let Some(v) = &args.llama_server {
-            c.llama_server = Some(v.clone());
-        }
+            securellm_common::config::load_section_with(args.config.as_deref(), "backend", args)?;
         if let Some(v) = args.idle_ttl_ms {
             c.defaults.idle_ttl_ms = Some(v);
-        }
-        if let Some(v) = args.lease_ttl_ms {
-            c.lease_ttl_ms = v;
         }
         let field = |f: &str, m: String| ConfigError::Field {
             field: format!("backend.{f}"),
@@ -302,9 +290,6 @@ impl BackendConfig {
             return Err(field("threads", "must be at least 1".into()));
         }
         c.validate_backends().map_err(|(f, m)| field(&f, m))?;
-        if let Some(v) = &args.internal_token_file {
-            c.internal_token_file = Some(v.clone());
-        }
         c.internal_token = Some(internal_auth::for_service(
             c.internal_token_file.as_deref(),
             c.data_dir.as_deref(),
@@ -342,6 +327,37 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn flags_override_the_file_including_the_nested_idle_ttl() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[backend]\nscheduler = \"10.0.0.1:1\"\nregistry = \"10.0.0.2:2\"\nlease_ttl_ms = 9000\n",
+        )
+        .unwrap();
+        let d = dir.path().to_str().unwrap();
+        let args = Args::try_parse_from([
+            "backend-manager",
+            "--config",
+            f.to_str().unwrap(),
+            "--data-dir",
+            d,
+            "--registry",
+            "127.0.0.1:7",
+            "--idle-ttl-ms",
+            "5",
+        ])
+        .unwrap();
+        let c = BackendConfig::resolve(&args).unwrap();
+        assert_eq!(c.scheduler, "10.0.0.1:1", "the file's");
+        assert_eq!(c.registry, "127.0.0.1:7", "the flag's");
+        assert_eq!(c.lease_ttl_ms, 9000);
+        assert_eq!(c.defaults.idle_ttl_ms, Some(5));
+        assert_eq!(c.stop_grace_ms, BackendConfig::default().stop_grace_ms);
+    }
 
     #[test]
     fn settings_merge_and_validate_with_the_field_named() {
