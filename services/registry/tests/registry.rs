@@ -112,28 +112,7 @@ fn write_ollama(root: &Path, model: &str, tag: &str) -> String {
     format!("{model}:{tag}")
 }
 
-fn write_safetensors(root: &Path, name: &str) {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "model_type": "mistral", "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 128,
-            "max_position_embeddings": 4096, "vocab_size": 1000, "torch_dtype": "bfloat16"
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    registry::safetensors::write_test_file(
-        &dir.join("model.safetensors"),
-        &[
-            ("model.embed_tokens.weight", "BF16", &[1000, 64]),
-            ("lm_head.weight", "BF16", &[1000, 64]),
-        ],
-    )
-    .unwrap();
-}
+use securellm_testkit::models::write_safetensors;
 
 #[tokio::test]
 async fn finds_every_format_and_records_bad_files_without_stopping() {
