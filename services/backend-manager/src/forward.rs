@@ -14,31 +14,8 @@ use futures::{Stream, StreamExt};
 use securellm_common::sse::{EventTooLarge, MAX_EVENT_BYTES, SseSplitter};
 use serde_json::{Map, Value};
 
-/// The OpenAI endpoint a request is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    Chat,
-    Completions,
-    Embeddings,
-}
-
-impl Endpoint {
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "/v1/chat/completions",
-            Endpoint::Completions => "/v1/completions",
-            Endpoint::Embeddings => "/v1/embeddings",
-        }
-    }
-
-    fn required(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "messages",
-            Endpoint::Completions => "prompt",
-            Endpoint::Embeddings => "input",
-        }
-    }
-}
+/// The OpenAI endpoint a request is for (shared with the gateway).
+pub use securellm_common::openai::Endpoint;
 
 /// Why a request could not be forwarded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -108,7 +85,7 @@ pub fn validate_body(
     let Value::Object(mut m) = v else {
         return Err(ForwardError::InvalidBody("must be a JSON object".into()));
     };
-    let need = endpoint.required();
+    let need = endpoint.required_member();
     match (endpoint, m.get(need)) {
         (_, None) => {
             return Err(ForwardError::InvalidBody(format!("`{need}` is required")));

@@ -3,6 +3,7 @@
 //! - [`bytesize`]: human byte sizes (`24GiB`, `512MiB`) for flags, config and output.
 //! - [`config`]: one TOML file with a section per service; flags override it, it overrides defaults.
 //! - [`telemetry`]: logging to stderr, filtered by `RUST_LOG`.
+//! - [`openai`]: the OpenAI API's endpoints, shared by the gateway and the backend manager.
 //! - [`serve`]: binding a gRPC listener, health + reflection, the `ready` line, graceful shutdown.
 //! - [`errors`]: one table from gRPC codes to HTTP statuses, machine-readable reasons
 //!   (`google.rpc.ErrorInfo`) across service boundaries.
@@ -15,6 +16,7 @@ pub mod bytesize;
 pub mod config;
 pub mod errors;
 pub mod internal_auth;
+pub mod openai;
 pub mod serve;
 pub mod sse;
 pub mod telemetry;

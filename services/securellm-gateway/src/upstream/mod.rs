@@ -131,23 +131,8 @@ pub struct ModelEntry {
     pub registry_id: String,
 }
 
-/// Which OpenAI endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    Chat,
-    Completions,
-    Embeddings,
-}
-
-impl Endpoint {
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "/v1/chat/completions",
-            Endpoint::Completions => "/v1/completions",
-            Endpoint::Embeddings => "/v1/embeddings",
-        }
-    }
-}
+/// Which OpenAI endpoint (shared with the backend manager).
+pub use securellm_common::openai::Endpoint;
 
 /// Token counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
