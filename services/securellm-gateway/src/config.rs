@@ -164,11 +164,8 @@ pub struct Args {
 impl GatewayConfig {
     pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
         // Flags (and their environment variables) over the file over defaults, in one merge.
-        let c: GatewayConfig = securellm_common::config::load_section_with(
-            args.config.as_deref(),
-            "gateway",
-            args,
-        )?;
+        let c: GatewayConfig =
+            securellm_common::config::load_section_with(args.config.as_deref(), "gateway", args)?;
         if c.max_body.0 < 1024 {
             return Err(ConfigError::Field {
                 field: "gateway.max_body".into(),

@@ -329,7 +329,9 @@ pub enum TableError {
         message: String,
     },
     /// More memory than any eligible GPU could ever grant (`ErrorInfo` reason `NEVER_FITS`).
-    #[error("invalid `bytes`: {bytes} bytes can never fit: the largest eligible GPU can grant at most {capacity} bytes (total minus reserve)")]
+    #[error(
+        "invalid `bytes`: {bytes} bytes can never fit: the largest eligible GPU can grant at most {capacity} bytes (total minus reserve)"
+    )]
     NeverFits { bytes: u64, capacity: u64 },
     #[error("{0}")]
     NotFound(String),
