@@ -304,26 +304,33 @@ fn check_notices(t: &LeaseTable, step: usize, op: &Op) -> Result<(), TestCaseErr
         if eligible.iter().any(|&p| fits(&t.account(p), w.req.bytes)) {
             continue; // held back behind an earlier waiter, or granted at the next pass
         }
-        let could = eligible.iter().any(|&p| {
+        // What `bytes` needs freed on GPU `p`: over an over-committed GPU's deficit too (evicting
+        // there is a valid plan once it covers the deficit, and may be the cheapest one).
+        let need = |p: usize| -> u128 {
             let a = t.account(p);
-            let evictable: u64 = t
+            let deficit = (u128::from(a.granted) + u128::from(a.foreign) + u128::from(a.reserve))
+                .saturating_sub(u128::from(a.total));
+            (u128::from(w.req.bytes) + deficit).saturating_sub(u128::from(a.grantable()))
+        };
+        let could = eligible.iter().any(|&p| {
+            let g = &t.gpus()[p];
+            let evictable: u128 = t
                 .leases()
-                .filter(|l| l.gpu == t.gpus()[p].index && may_evict(l, w.req.priority, w.busy_ok))
-                .map(|l| l.bytes)
+                .filter(|l| l.gpu == g.index && may_evict(l, w.req.priority, w.busy_ok))
+                .map(|l| u128::from(l.bytes))
                 .sum();
-            !a.overcommitted() && a.grantable() + evictable >= w.req.bytes
+            g.total.saturating_sub(g.reserve) >= w.req.bytes && evictable >= need(p)
         });
         if !could {
             continue;
         }
         let on_its_way = eligible.iter().any(|&p| {
-            let a = t.account(p);
-            let noticed: u64 = t
+            let noticed: u128 = t
                 .leases()
                 .filter(|l| l.gpu == t.gpus()[p].index && l.evict_by_ms.is_some())
-                .map(|l| l.bytes)
+                .map(|l| u128::from(l.bytes))
                 .sum();
-            !a.overcommitted() && a.grantable() + noticed >= w.req.bytes
+            noticed >= need(p)
         });
         prop_assert!(
             on_its_way,
