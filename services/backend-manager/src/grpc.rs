@@ -49,6 +49,7 @@ fn status_of(e: InstanceError) -> Status {
         InstanceError::InvalidArgument(m) => Status::invalid_argument(m),
         InstanceError::FailedPrecondition(m) => Status::failed_precondition(m),
         InstanceError::NotFound(m) => Status::not_found(m),
+        InstanceError::ModelNotFound(m) => errors::status(errors::Reason::ModelNotFound, m),
     }
 }
 

@@ -70,6 +70,9 @@ pub enum InstanceError {
     FailedPrecondition(String),
     #[error("{0}")]
     NotFound(String),
+    /// No model by that reference in the registry (reason `MODEL_NOT_FOUND` on the wire).
+    #[error("{0}")]
+    ModelNotFound(String),
 }
 
 /// Permission to send one request to the upstream. Dropping it ends the request's accounting.

@@ -64,7 +64,7 @@ impl Manager {
             })
             .await
             .map_err(|s| match s.code() {
-                tonic::Code::NotFound => InstanceError::NotFound(format!(
+                tonic::Code::NotFound => InstanceError::ModelNotFound(format!(
                     "model {reference:?} not found: {}",
                     s.message()
                 )),

@@ -344,6 +344,12 @@ async fn bad_input_gets_clear_errors_and_leaks_nothing() {
     let mut s = stack(1 << 30, 10_000, |_| {}).await;
     let e = s.client.chat(chat("no-such-model", 2)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // The registry's reason crosses the manager: a program reads "no such model" without words.
+    assert_eq!(
+        securellm_common::errors::reason_of(&e),
+        Some(securellm_common::errors::Reason::ModelNotFound),
+        "{e:?}"
+    );
     let mut bad = chat("tiny", 2);
     bad.body_json = b"{\"messages\": \"not a list\"}".to_vec();
     let e = s.client.chat(bad).await.unwrap_err();

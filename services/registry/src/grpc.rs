@@ -36,7 +36,10 @@ impl RegistryService {
 fn status_of(e: RegistryError) -> Status {
     match &e {
         RegistryError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-        RegistryError::NotFound(m) => Status::not_found(m.clone()),
+        RegistryError::NotFound(m) => securellm_common::errors::status(
+            securellm_common::errors::Reason::ModelNotFound,
+            m.clone(),
+        ),
         RegistryError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
         RegistryError::Internal(m) => Status::internal(m.clone()),
         RegistryError::Stopped => Status::unavailable(e.to_string()),

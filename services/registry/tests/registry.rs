@@ -455,6 +455,13 @@ async fn estimates_measurements_aliases_and_bad_input() {
     ] {
         let e = c.estimate(bad).await.unwrap_err();
         assert_eq!(e.code(), code, "{e:?}");
+        // Only "no such model" carries the MODEL_NOT_FOUND reason.
+        assert_eq!(
+            securellm_common::errors::reason_of(&e)
+                == Some(securellm_common::errors::Reason::ModelNotFound),
+            code == Code::NotFound,
+            "{e:?}"
+        );
         assert!(
             e.message().contains(field),
             "{} should mention {field}",
