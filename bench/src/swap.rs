@@ -14,11 +14,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use backend_manager::config::{BackendConfig, ModelSettings};
+use backend_manager::config::ModelSettings;
 use futures::StreamExt;
-use securellm_gguf::testmodels::{TinyLlamaOptions, write_tiny_llama};
 use securellm_proto::v1 as pb;
-use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -95,65 +93,23 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.swaps >= 2 && a.cold >= 1, "--swaps >= 2, --cold >= 1");
     let llama = crate::backend::find_llama_server(a.llama_server.as_ref())?;
     let dir = tempfile::tempdir()?;
-    let models = dir.path().join("models");
-    std::fs::create_dir_all(&models)?;
-    for (i, name) in ["model-a", "model-b"].iter().enumerate() {
-        write_tiny_llama(
-            models.join(format!("{name}.gguf")),
-            &TinyLlamaOptions {
-                name: (*name).into(),
-                seed: 1 + i as u64,
-                ..TinyLlamaOptions::default()
-            },
-        )?;
-    }
-
-    // The registry first: its estimate sizes the GPU so that it holds exactly one model.
-    let registry = registry::start(&registry::config::RegistryConfig {
-        registry: registry::config::RegistrySection {
-            listen: "127.0.0.1:0".into(),
-            watch: false,
-            ..Default::default()
-        },
-        roots: vec![models.clone()],
-        aliases: Default::default(),
-        data_dir: dir.path().join("registry"),
-    })
-    .await?;
-    let mut reg = ModelRegistryClient::connect(format!("http://{}", registry.addr)).await?;
-    let mut est = Vec::new();
-    for m in ["model-a", "model-b"] {
-        let e = reg
-            .estimate(pb::EstimateRequest {
-                model: m.into(),
-                context: i64::from(CONTEXT),
-                parallel: 1,
+    // Two tiny llamas (seeds 1, 2) and one simulated GPU sized from the registry's estimate so
+    // that it holds exactly one of them; the manager with default settings (idle TTL included)
+    // but the benchmark's context.
+    let llama_for_manager = llama.clone();
+    let kit = securellm_testkit::Stack::new()
+        .models(&["model-a", "model-b"])
+        .gpu_for("model-a", |e| e.gpu_bytes.max(1) + e.gpu_bytes.max(1) / 2)
+        .manager(move |c| {
+            c.llama_server = Some(llama_for_manager);
+            c.defaults = ModelSettings {
+                context: Some(u64::from(CONTEXT)),
                 ..Default::default()
-            })
-            .await?
-            .into_inner();
-        est.push(e.gpu_bytes.max(1));
-    }
-    let gpu = est.iter().max().copied().unwrap_or(1) + est.iter().min().copied().unwrap_or(1) / 2;
-    let scheduler = vram_scheduler::start(&vram_scheduler::config::SchedulerConfig {
-        listen: "127.0.0.1:0".into(),
-        inventory: vram_scheduler::config::InventoryMode::Simulated,
-        simulate_gpus: vec![securellm_common::ByteSize(gpu)],
-        ..Default::default()
-    })
-    .await?;
-    let cfg = BackendConfig {
-        listen: "127.0.0.1:0".into(),
-        scheduler: scheduler.addr.to_string(),
-        registry: registry.addr.to_string(),
-        llama_server: Some(llama.clone()),
-        defaults: ModelSettings {
-            context: Some(u64::from(CONTEXT)),
-            ..Default::default()
-        },
-        ..BackendConfig::default()
-    };
-    let manager = backend_manager::start(&cfg).await?;
+            };
+        })
+        .start()
+        .await;
+    let models = kit.models_dir().to_path_buf();
 
     // The gateway binary in front.
     let gw_cfg = dir.path().join("securellm.toml");
@@ -168,9 +124,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         &dir.path().join("gateway"),
         &[
             flag("--backend"),
-            flag(&manager.addr.to_string()),
+            flag(&kit.manager_addr().to_string()),
             flag("--registry"),
-            flag(&registry.addr.to_string()),
+            flag(&kit.registry_addr().to_string()),
             flag("--bootstrap-key-file"),
             key_file.clone().into_os_string(),
         ],
@@ -195,7 +151,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         swaps.push(first_event_ms(&http, &via, Some(&key), m).await?);
         warm.push(first_event_ms(&http, &via, Some(&key), m).await?);
     }
-    let mut sc = vram_scheduler_client(scheduler.addr).await?;
+    let mut sc = kit.scheduler_client().await;
     let leases = sc
         .get_status(pb::GetStatusRequest {})
         .await?
@@ -203,9 +159,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .leases;
     anyhow::ensure!(leases.len() == 1, "one model on the GPU: {leases:?}");
     drop(child);
-    manager.shutdown().await;
-    scheduler.shutdown().await;
-    registry.shutdown().await;
+    // The manager (and its llama-server) stops; the kit's directory, with the models the router
+    // reads, stays until the end.
+    let mut kit = kit;
+    kit.take_manager().shutdown().await;
 
     // (b) llama.cpp's router mode, same binary, models and flags.
     let port = free_port()?;
@@ -283,18 +240,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "RESULT swap_p50_ms={sw:.1} router_swap_p50_ms={rsw:.1} swap_vs_router_x={:.2} raw_cold_ms={cm:.1} warm_p50_ms={wm:.1} router_warm_p50_ms={rwm:.1}",
         sw / rsw
     );
+    kit.shutdown().await;
     Ok(())
-}
-
-async fn vram_scheduler_client(
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<
-    securellm_proto::v1::vram_scheduler_client::VramSchedulerClient<tonic::transport::Channel>,
-> {
-    Ok(
-        securellm_proto::v1::vram_scheduler_client::VramSchedulerClient::connect(format!(
-            "http://{addr}"
-        ))
-        .await?,
-    )
 }
