@@ -8,7 +8,6 @@ use std::time::Duration;
 use securellm_gateway::keys::NewKey;
 use securellm_testkit::Stack;
 use securellm_testkit::gateway::{audit_rows, create_key};
-use securellm_testkit::python;
 
 /// A new API key's secret.
 async fn new_key(
@@ -62,21 +61,17 @@ async fn the_official_openai_client_works_unchanged() {
     let scoped = new_key(keys, "scoped", &["tiny"], None).await;
     let limited = new_key(keys, "limited", &["*"], Some(2)).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .env("BASE_URL", format!("http://{}/v1", s.gateway().http_addr))
-        .env("API_KEY", &all)
-        .env("SCOPED_KEY", &scoped)
-        .env("LIMITED_KEY", &limited)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.trim_end().ends_with("OK"),
-        "python client failed:\n{stdout}\n{stderr}"
-    );
+    let base_url = format!("http://{}/v1", s.gateway().http_addr);
+    securellm_testkit::run_python_client(
+        &script,
+        &[
+            ("BASE_URL", &base_url),
+            ("API_KEY", &all),
+            ("SCOPED_KEY", &scoped),
+            ("LIMITED_KEY", &limited),
+        ],
+    )
+    .await;
 
     // Every request left an audit row, denied ones included, and the chain verifies.
     let rows = audit_rows(s.gateway()).await;

@@ -36,7 +36,8 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 pub use paths::{
-    bin_dir, binary, cache_dir, fake, llama_server, python, try_llama_server, workspace_root,
+    bin_dir, binary, cache_dir, fake, llama_server, python, run_python_client, try_llama_server,
+    workspace_root,
 };
 pub use process::{
     alive, dead_addr, dead_addrs, in_process_table, kill9, ready_word, signal, spawn_ready,

@@ -70,6 +70,25 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Run a Python client script (the official `openai` package, from [`python`]) with `env`; it
+/// must exit 0 with `OK` as its last line. Returns its stdout.
+pub async fn run_python_client(script: &Path, env: &[(&str, &str)]) -> String {
+    let out = tokio::process::Command::new(python())
+        .arg(script)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "python client {} failed:\n{stdout}\n{stderr}",
+        script.display()
+    );
+    stdout
+}
+
 /// A fake engine or daemon in `tests/fakes/` (they speak the real HTTP APIs).
 pub fn fake(name: &str) -> PathBuf {
     workspace_root()

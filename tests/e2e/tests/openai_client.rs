@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use securellm_e2e::v1 as pb;
-use securellm_e2e::{LeaseEvents, Stack, check_invariant, python, script, wait_until};
+use securellm_e2e::{LeaseEvents, Stack, check_invariant, script, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_lists_chats_streams_and_embeds_loading_on_demand() {
@@ -26,22 +26,18 @@ async fn the_openai_client_lists_chats_streams_and_embeds_loading_on_demand() {
     assert!(est.gpu_bytes > 0);
     let events = LeaseEvents::follow(s.scheduler.grpc).await;
 
-    let out = tokio::process::Command::new(python())
-        .arg(script("openai_e2e.py"))
-        .env("BASE_URL", s.base_url())
-        .env("API_KEY", &s.api_key)
-        .env("MODEL", "tiny")
-        .env("OTHER", "other")
-        .env("RID", "e2e-py")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.trim_end().ends_with("OK"),
-        "python client failed:\n{stdout}\n{stderr}"
-    );
+    let base_url = s.base_url();
+    securellm_testkit::run_python_client(
+        &script("openai_e2e.py"),
+        &[
+            ("BASE_URL", &base_url),
+            ("API_KEY", &s.api_key),
+            ("MODEL", "tiny"),
+            ("OTHER", "other"),
+            ("RID", "e2e-py"),
+        ],
+    )
+    .await;
 
     // A lease appeared for the chat instance, and it was asked for at the registry's estimate.
     let inst = s.instance("tiny").await.expect("the chat instance of tiny");
