@@ -62,9 +62,10 @@ pub fn random_hex(n: usize) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The internal token. Its `Debug` never shows the secret.
+/// The internal token. Its `Debug` never shows the secret, and its memory is wiped when the last
+/// copy is dropped (`secrecy`).
 #[derive(Clone)]
-pub struct InternalToken(Arc<str>);
+pub struct InternalToken(Arc<secrecy::SecretString>);
 
 impl fmt::Debug for InternalToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -75,7 +76,7 @@ impl fmt::Debug for InternalToken {
 impl InternalToken {
     /// A new random token (256 bits).
     pub fn generate() -> Self {
-        Self(random_hex(32).into())
+        Self(Arc::new(random_hex(32).into()))
     }
 
     /// A token from text (surrounding whitespace ignored): at least 32 visible ASCII characters,
@@ -91,17 +92,17 @@ impl InternalToken {
         if !t.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("must be visible ASCII characters without spaces".into());
         }
-        Ok(Self(t.into()))
+        Ok(Self(Arc::new(t.into())))
     }
 
     /// The secret itself (to write it to a file or a header; never log it).
     pub fn expose(&self) -> &str {
-        &self.0
+        secrecy::ExposeSecret::expose_secret(&*self.0)
     }
 
     /// Is `given` this token? (Constant time in the token's content.)
     pub fn verify(&self, given: &[u8]) -> bool {
-        bool::from(self.0.as_bytes().ct_eq(given))
+        bool::from(self.expose().as_bytes().ct_eq(given))
     }
 }
 
