@@ -98,6 +98,9 @@ impl Effective {
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
     pub listen: String,
+    /// Prometheus `/metrics` listener (HOST:PORT; port 0 picks a free one; "off" = none).
+    /// Unset: no listener when started in-process, the documented port when resolved by the binary.
+    pub metrics_listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     /// The vram-scheduler's gRPC address.
     pub scheduler: String,
@@ -202,6 +205,7 @@ impl Default for BackendConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50053".into(),
+            metrics_listen: None,
             data_dir: None,
             scheduler: "127.0.0.1:50051".into(),
             registry: "127.0.0.1:50052".into(),
@@ -237,6 +241,9 @@ pub struct Args {
     /// gRPC listen address (HOST:PORT; port 0 picks a free one).
     #[arg(long, env = "SECURELLM_BACKEND_LISTEN")]
     pub listen: Option<String>,
+    /// Prometheus /metrics listen address (HOST:PORT; port 0 picks a free one; "off" = none).
+    #[arg(long, env = "SECURELLM_BACKEND_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Config file (TOML; this service reads [backend]).
     #[arg(long, env = "SECURELLM_CONFIG")]
     #[serde(skip)]
@@ -272,6 +279,10 @@ impl BackendConfig {
         // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: BackendConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "backend", args)?;
+        c.metrics_listen = securellm_common::prometheus::listen_addr(
+            c.metrics_listen.as_deref(),
+            securellm_common::prometheus::DEFAULT_BACKEND,
+        );
         if let Some(v) = args.idle_ttl_ms {
             c.defaults.idle_ttl_ms = Some(v);
         }

@@ -54,6 +54,8 @@ pub enum StartError {
 pub struct RunningManager {
     pub manager: Manager,
     pub addr: SocketAddr,
+    /// The `/metrics` listener, when one was asked for.
+    pub metrics: Option<securellm_common::prometheus::MetricsServer>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -120,6 +122,10 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
         events,
     });
     let manager = Manager::new(shared);
+    let metrics = match cfg.metrics_listen.as_deref() {
+        Some(a) => Some(securellm_common::prometheus::serve(a, "backend-manager", None).await?),
+        None => None,
+    };
     let listener = serve::bind(&cfg.listen).await?;
     let addr = listener.addr;
     let health = serve::health_service(&[securellm_proto::service_names::BACKEND]).await;
@@ -127,6 +133,7 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(securellm_common::telemetry::GrpcTraceLayer)
             .layer(internal_auth::require(
                 cfg.internal_token.as_ref(),
                 "backend-manager",
@@ -142,6 +149,7 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
     Ok(RunningManager {
         manager,
         addr,
+        metrics,
         stop: Some(stop_tx),
         server,
     })

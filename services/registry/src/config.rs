@@ -18,6 +18,9 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySection {
     pub listen: String,
+    /// Prometheus `/metrics` listener (HOST:PORT; port 0 picks a free one; "off" = none).
+    /// Unset: no listener when started in-process, the documented port when resolved by the binary.
+    pub metrics_listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     /// Watch the roots for changes (inotify).
     pub watch: bool,
@@ -37,6 +40,7 @@ impl Default for RegistrySection {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50052".into(),
+            metrics_listen: None,
             data_dir: None,
             watch: true,
             watch_debounce_ms: 300,
@@ -63,6 +67,9 @@ pub struct Args {
     /// gRPC listen address (HOST:PORT; port 0 picks a free one).
     #[arg(long, env = "SECURELLM_REGISTRY_LISTEN")]
     pub listen: Option<String>,
+    /// Prometheus /metrics listen address (HOST:PORT; port 0 picks a free one; "off" = none).
+    #[arg(long, env = "SECURELLM_REGISTRY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Config file (TOML; this service reads [registry] and [models]).
     #[arg(long, env = "SECURELLM_CONFIG")]
     pub config: Option<PathBuf>,
@@ -107,6 +114,12 @@ impl RegistryConfig {
         if let Some(l) = &args.listen {
             registry.listen = l.clone();
         }
+        registry.metrics_listen = securellm_common::prometheus::listen_addr(
+            args.metrics_listen
+                .as_deref()
+                .or(registry.metrics_listen.as_deref()),
+            securellm_common::prometheus::DEFAULT_REGISTRY,
+        );
         if args.no_watch {
             registry.watch = false;
         }

@@ -52,6 +52,8 @@ pub enum StartError {
 pub struct RunningRegistry {
     pub catalog: Catalog,
     pub addr: SocketAddr,
+    /// The `/metrics` listener, when one was asked for.
+    pub metrics: Option<securellm_common::prometheus::MetricsServer>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     _watch: Option<watch::WatchGuard>,
@@ -111,6 +113,10 @@ pub async fn start(cfg: &RegistryConfig) -> Result<RunningRegistry, StartError> 
     } else {
         None
     };
+    let metrics = match cfg.registry.metrics_listen.as_deref() {
+        Some(a) => Some(securellm_common::prometheus::serve(a, "registry", None).await?),
+        None => None,
+    };
     let listener = serve::bind(&cfg.registry.listen).await?;
     let addr = listener.addr;
     let health = serve::health_service(&[securellm_proto::service_names::REGISTRY]).await;
@@ -118,6 +124,7 @@ pub async fn start(cfg: &RegistryConfig) -> Result<RunningRegistry, StartError> 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(securellm_common::telemetry::GrpcTraceLayer)
             .layer(securellm_common::internal_auth::require(
                 cfg.registry.internal_token.as_ref(),
                 "registry",
@@ -133,6 +140,7 @@ pub async fn start(cfg: &RegistryConfig) -> Result<RunningRegistry, StartError> 
     Ok(RunningRegistry {
         catalog,
         addr,
+        metrics,
         stop: Some(stop_tx),
         server,
         _watch: watch,

@@ -6,11 +6,18 @@ use registry::config::{Args, RegistryConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    securellm_common::telemetry::init("info");
     let args = Args::parse();
+    let telemetry: securellm_common::telemetry::TelemetryConfig =
+        securellm_common::config::load_section(args.config.as_deref(), "telemetry")?;
+    let _telemetry = securellm_common::telemetry::init_service("registry", "info", &telemetry)?;
     let cfg = RegistryConfig::resolve(&args)?;
     let running = registry::start(&cfg).await.context("starting registry")?;
-    securellm_common::serve::announce_ready("registry", running.addr, None);
+    securellm_common::serve::announce_ready(
+        "registry",
+        running.addr,
+        None,
+        running.metrics.as_ref().map(|m| m.addr),
+    );
     securellm_common::serve::shutdown_signal().await;
     running.shutdown().await;
     Ok(())

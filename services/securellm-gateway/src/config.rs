@@ -14,6 +14,9 @@ use serde::Deserialize;
 pub struct GatewayConfig {
     /// gRPC (Gateway, GatewayAdmin, health, reflection); TLS when `tls` is set.
     pub listen: String,
+    /// Prometheus `/metrics` listener (HOST:PORT; port 0 picks a free one; "off" = none).
+    /// Unset: no listener when started in-process, the documented port when resolved by the binary.
+    pub metrics_listen: Option<String>,
     /// The OpenAI-compatible HTTP API.
     pub http_listen: String,
     pub data_dir: Option<PathBuf>,
@@ -84,6 +87,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50054".into(),
+            metrics_listen: None,
             http_listen: "127.0.0.1:8088".into(),
             data_dir: None,
             backend: "127.0.0.1:50053".into(),
@@ -133,6 +137,9 @@ pub struct Args {
     /// gRPC listen address.
     #[arg(long, env = "SECURELLM_GATEWAY_LISTEN")]
     pub listen: Option<String>,
+    /// Prometheus /metrics listen address (HOST:PORT; port 0 picks a free one; "off" = none).
+    #[arg(long, env = "SECURELLM_GATEWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// HTTP (OpenAI-compatible) listen address.
     #[arg(long, env = "SECURELLM_GATEWAY_HTTP_LISTEN")]
     pub http_listen: Option<String>,
@@ -164,8 +171,12 @@ pub struct Args {
 impl GatewayConfig {
     pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
         // Flags (and their environment variables) over the file over defaults, in one merge.
-        let c: GatewayConfig =
+        let mut c: GatewayConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "gateway", args)?;
+        c.metrics_listen = securellm_common::prometheus::listen_addr(
+            c.metrics_listen.as_deref(),
+            securellm_common::prometheus::DEFAULT_GATEWAY,
+        );
         if c.max_body.0 < 1024 {
             return Err(ConfigError::Field {
                 field: "gateway.max_body".into(),

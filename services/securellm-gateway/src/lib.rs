@@ -93,6 +93,8 @@ pub struct RunningGateway {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub state: state::Shared,
+    /// The `/metrics` listener, when one was asked for.
+    pub metrics: Option<securellm_common::prometheus::MetricsServer>,
     stop: Option<oneshot::Sender<()>>,
     http_stop: Option<oneshot::Sender<()>>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -270,6 +272,10 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
             }
         }
         .into();
+    let metrics = match cfg.metrics_listen.as_deref() {
+        Some(a) => Some(securellm_common::prometheus::serve(a, "securellm-gateway", None).await?),
+        None => None,
+    };
     let listener = serve::bind(&cfg.listen).await?;
     let grpc_addr = listener.addr;
     let health = serve::health_service(&[
@@ -291,6 +297,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(active_calls)
+        .layer(securellm_common::telemetry::GrpcTraceLayer)
         .add_service(health)
         .add_service(serve::reflection_v1()?)
         .add_service(serve::reflection_v1alpha()?)
@@ -307,6 +314,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         grpc_addr,
         http_addr,
         state,
+        metrics,
         stop: Some(stop_tx),
         http_stop: Some(http_stop),
         grpc,

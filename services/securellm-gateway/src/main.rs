@@ -5,8 +5,11 @@ use clap::Parser;
 use securellm_gateway::config::{Args, GatewayConfig};
 
 fn main() -> anyhow::Result<()> {
-    securellm_common::telemetry::init("info");
     let args = Args::parse();
+    let telemetry: securellm_common::telemetry::TelemetryConfig =
+        securellm_common::config::load_section(args.config.as_deref(), "telemetry")?;
+    let _telemetry =
+        securellm_common::telemetry::init_service("securellm-gateway", "info", &telemetry)?;
     let cfg = GatewayConfig::resolve(&args)?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
@@ -23,6 +26,7 @@ fn main() -> anyhow::Result<()> {
                 "securellm-gateway",
                 running.grpc_addr,
                 Some(running.http_addr),
+                running.metrics.as_ref().map(|m| m.addr),
             );
             securellm_common::serve::shutdown_signal().await;
             running.shutdown().await;

@@ -28,6 +28,9 @@ pub enum InventoryMode {
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
     pub listen: String,
+    /// Prometheus `/metrics` listener (HOST:PORT; port 0 picks a free one; "off" = none).
+    /// Unset: no listener when started in-process, the documented port when resolved by the binary.
+    pub metrics_listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub inventory: InventoryMode,
     /// Sizes of simulated GPUs, e.g. `["24GiB", "16GiB"]`.
@@ -57,6 +60,7 @@ impl Default for SchedulerConfig {
         let l = Limits::default();
         Self {
             listen: "127.0.0.1:50051".into(),
+            metrics_listen: None,
             data_dir: None,
             inventory: InventoryMode::Auto,
             simulate_gpus: Vec::new(),
@@ -84,6 +88,9 @@ pub struct Args {
     /// gRPC listen address (HOST:PORT; port 0 picks a free one).
     #[arg(long, env = "SECURELLM_SCHEDULER_LISTEN")]
     pub listen: Option<String>,
+    /// Prometheus /metrics listen address (HOST:PORT; port 0 picks a free one; "off" = none).
+    #[arg(long, env = "SECURELLM_SCHEDULER_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Config file (TOML; this service reads its [scheduler] section).
     #[arg(long, env = "SECURELLM_CONFIG")]
     #[serde(skip)]
@@ -130,6 +137,10 @@ impl SchedulerConfig {
             c.inventory = InventoryMode::Simulated;
         }
         c.validate()?;
+        c.metrics_listen = securellm_common::prometheus::listen_addr(
+            c.metrics_listen.as_deref(),
+            securellm_common::prometheus::DEFAULT_SCHEDULER,
+        );
         c.internal_token = Some(internal_auth::for_service(
             c.internal_token_file.as_deref(),
             c.data_dir.as_deref(),

@@ -49,6 +49,8 @@ pub struct RunningScheduler {
     pub handle: SchedulerHandle,
     pub addr: SocketAddr,
     pub inventory: &'static str,
+    /// The `/metrics` listener, when one was asked for.
+    pub metrics: Option<securellm_common::prometheus::MetricsServer>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -176,6 +178,10 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
         });
     }
 
+    let metrics = match cfg.metrics_listen.as_deref() {
+        Some(a) => Some(securellm_common::prometheus::serve(a, "vram-scheduler", None).await?),
+        None => None,
+    };
     let listener = serve::bind(&cfg.listen).await?;
     let addr = listener.addr;
     let health = serve::health_service(&[securellm_proto::service_names::SCHEDULER]).await;
@@ -186,6 +192,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(securellm_common::telemetry::GrpcTraceLayer)
             .layer(securellm_common::internal_auth::require(
                 cfg.internal_token.as_ref(),
                 "vram-scheduler",
@@ -202,6 +209,7 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
         handle,
         addr,
         inventory: inv.kind(),
+        metrics,
         stop: Some(stop_tx),
         server,
     })

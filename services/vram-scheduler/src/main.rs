@@ -6,13 +6,21 @@ use vram_scheduler::config::{Args, SchedulerConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    securellm_common::telemetry::init("info");
     let args = Args::parse();
+    let telemetry: securellm_common::telemetry::TelemetryConfig =
+        securellm_common::config::load_section(args.config.as_deref(), "telemetry")?;
+    let _telemetry =
+        securellm_common::telemetry::init_service("vram-scheduler", "info", &telemetry)?;
     let cfg = SchedulerConfig::resolve(&args)?;
     let running = vram_scheduler::start(&cfg)
         .await
         .context("starting vram-scheduler")?;
-    securellm_common::serve::announce_ready("vram-scheduler", running.addr, None);
+    securellm_common::serve::announce_ready(
+        "vram-scheduler",
+        running.addr,
+        None,
+        running.metrics.as_ref().map(|m| m.addr),
+    );
     tracing::info!(
         inventory = running.inventory,
         "vram-scheduler listening on {}",

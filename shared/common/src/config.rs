@@ -93,7 +93,14 @@ mod tests {
 }
 
 /// The sections a SecureLLM config file may have.
-pub const SECTIONS: &[&str] = &["scheduler", "registry", "backend", "gateway", "models"];
+pub const SECTIONS: &[&str] = &[
+    "scheduler",
+    "registry",
+    "backend",
+    "gateway",
+    "models",
+    "telemetry",
+];
 
 /// Read one section of the shared config file into `T` (defaults when the file or the section is
 /// absent). Unknown sections and unknown keys are errors naming them, e.g. `scheduler.reserv`.

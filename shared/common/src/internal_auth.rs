@@ -324,7 +324,9 @@ where
 // ------------------------------------------------------------------------------------------------
 // Clients
 
-/// Adds `authorization: Bearer <token>` to every call (nothing when there is no token).
+/// Adds `authorization: Bearer <token>` to every call (nothing when there is no token), and the
+/// caller's trace context (`traceparent`) when traces are exported: every internal client goes
+/// through here, so every hop carries the trace.
 #[derive(Clone, Debug)]
 pub struct AttachToken(Option<MetadataValue<Ascii>>);
 
@@ -345,6 +347,7 @@ impl Interceptor for AttachToken {
         if let Some(v) = &self.0 {
             r.metadata_mut().insert("authorization", v.clone());
         }
+        crate::telemetry::inject_grpc(r.metadata_mut());
         Ok(r)
     }
 }

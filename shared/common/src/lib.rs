@@ -2,7 +2,9 @@
 //!
 //! - [`bytesize`]: human byte sizes (`24GiB`, `512MiB`) for flags, config and output.
 //! - [`config`]: one TOML file with a section per service; flags override it, it overrides defaults.
-//! - [`telemetry`]: logging to stderr, filtered by `RUST_LOG`.
+//! - [`telemetry`]: logging to stderr (`RUST_LOG`), OpenTelemetry trace export and W3C context
+//!   propagation.
+//! - [`prometheus`]: the metrics recorder and every service's `/metrics` listener.
 //! - [`openai`]: the OpenAI API's endpoints, shared by the gateway and the backend manager.
 //! - [`serve`]: binding a gRPC listener, health + reflection, the `ready` line, graceful shutdown.
 //! - [`errors`]: one table from gRPC codes to HTTP statuses, machine-readable reasons
@@ -17,6 +19,7 @@ pub mod config;
 pub mod errors;
 pub mod internal_auth;
 pub mod openai;
+pub mod prometheus;
 pub mod serve;
 pub mod sse;
 pub mod telemetry;

@@ -110,14 +110,24 @@ pub fn reflection_v1alpha() -> Result<
         .map_err(|e| ServeError::Reflection(e.to_string()))
 }
 
-/// Print the readiness line supervisors and tests wait for.
-pub fn announce_ready(service: &str, grpc: SocketAddr, http: Option<SocketAddr>) {
+/// Print the readiness line supervisors and tests wait for:
+/// `ready <service> grpc=HOST:PORT [http=HOST:PORT] [metrics=HOST:PORT]`.
+pub fn announce_ready(
+    service: &str,
+    grpc: SocketAddr,
+    http: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) {
     use std::io::Write;
+    let mut line = format!("ready {service} grpc={grpc}");
+    if let Some(h) = http {
+        line.push_str(&format!(" http={h}"));
+    }
+    if let Some(m) = metrics {
+        line.push_str(&format!(" metrics={m}"));
+    }
     let mut out = std::io::stdout().lock();
-    let _ = match http {
-        Some(h) => writeln!(out, "ready {service} grpc={grpc} http={h}"),
-        None => writeln!(out, "ready {service} grpc={grpc}"),
-    };
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
