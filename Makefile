@@ -7,7 +7,7 @@ CARGO ?= cargo
 DATA_DIR ?= $(or $(SECURELLM_DATA_DIR),$(HOME)/.local/share/securellm)
 SCHEDULER_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap pyenv help
+.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap pyenv promtool help
 
 help:
 	@echo "make run    - build (release) and start the stack: 4 services, OpenAI API on 127.0.0.1:8088"
@@ -37,7 +37,7 @@ clippy:
 
 # The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
-unit: pyenv
+unit: pyenv promtool
 	@SECURELLM_TEST_PYTHON="$(PYENV)/bin/python"; export SECURELLM_TEST_PYTHON; \
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	echo "llama-server: $$LLAMA_SERVER"; \
@@ -46,6 +46,16 @@ unit: pyenv
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi && "$(PYENV)/bin/python" tests/compose_check.py
+
+# Prometheus' own checker (`promtool check metrics|config|rules`, `promtool test rules`), used by the
+# telemetry and deploy/ tests: Debian's `prometheus` package, installed here once if missing. The
+# tests skip LOUDLY (a warning on stderr) only when it could not be installed.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || test -x /usr/bin/promtool || \
+		sudo -n apt-get install -y --no-install-recommends prometheus 2>/dev/null || \
+		apt-get install -y --no-install-recommends prometheus || \
+		{ apt-get update -q && apt-get install -y --no-install-recommends prometheus; } || \
+		echo "WARNING: promtool (Debian package prometheus) could not be installed: the metrics and deploy/ checks will be SKIPPED" >&2
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
