@@ -3,8 +3,9 @@
 //!
 //! The actor also owns the timers (lease expiry, eviction deadlines, wait limits: it sleeps until
 //! the table's next deadline), fans events out on a broadcast channel for `WatchEvents`, routes
-//! queue-position updates and grants to the callers waiting for them, and writes the lease
-//! snapshot when something changed.
+//! queue-position updates and grants to the callers waiting for them, writes the lease
+//! snapshot when something changed, and hands every event to the decision log
+//! ([`crate::decisions`]) when there is one (a non-blocking queue: the actor never waits on disk).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use securellm_common::time::now_ms;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::decisions::DecisionLog;
 use crate::persist;
 use crate::table::{
     AcquireOutcome, AcquireRequest, Event, Gpu, GpuAccount, GpuObservation, Lease, LeaseTable,
@@ -55,6 +57,7 @@ type Reply<T> = oneshot::Sender<Result<T, TableError>>;
 enum Msg {
     Acquire {
         req: AcquireRequest,
+        trace_id: Option<String>,
         updates: mpsc::UnboundedSender<WaiterNotice>,
         reply: Reply<AcquireOutcome>,
     },
@@ -102,6 +105,7 @@ enum Msg {
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Msg>,
     events: broadcast::Sender<Event>,
+    decisions: Option<DecisionLog>,
 }
 
 /// Where and how often the actor persists its table.
@@ -117,6 +121,16 @@ pub fn spawn(
     inventory: &'static str,
     persist: Option<PersistOptions>,
 ) -> SchedulerHandle {
+    spawn_with_decisions(table, inventory, persist, None)
+}
+
+/// [`spawn`], recording every decision in `decisions`.
+pub fn spawn_with_decisions(
+    table: LeaseTable,
+    inventory: &'static str,
+    persist: Option<PersistOptions>,
+    decisions: Option<DecisionLog>,
+) -> SchedulerHandle {
     let (tx, rx) = mpsc::channel(4096);
     let (events, _) = broadcast::channel(4096);
     let actor = Actor {
@@ -127,9 +141,14 @@ pub fn spawn(
         persist,
         dirty: false,
         self_tx: tx.downgrade(),
+        decisions: decisions.clone(),
     };
     tokio::spawn(actor.run(rx));
-    SchedulerHandle { tx, events }
+    SchedulerHandle {
+        tx,
+        events,
+        decisions,
+    }
 }
 
 impl SchedulerHandle {
@@ -146,8 +165,20 @@ impl SchedulerHandle {
         req: AcquireRequest,
         updates: mpsc::UnboundedSender<WaiterNotice>,
     ) -> Result<AcquireOutcome, CallError> {
+        self.acquire_traced(req, None, updates).await
+    }
+
+    /// [`acquire`](Self::acquire) for a call that carried a trace: the decisions made for it
+    /// name `trace_id` in the decision log.
+    pub async fn acquire_traced(
+        &self,
+        req: AcquireRequest,
+        trace_id: Option<String>,
+        updates: mpsc::UnboundedSender<WaiterNotice>,
+    ) -> Result<AcquireOutcome, CallError> {
         self.call(|reply| Msg::Acquire {
             req,
+            trace_id,
             updates,
             reply,
         })
@@ -218,14 +249,24 @@ impl SchedulerHandle {
         rx.await.map_err(|_| Stopped)
     }
 
-    /// Write the snapshot now (used at shutdown).
+    /// Write the snapshot now, and wait until every decision made so far is in the decision log
+    /// (used at shutdown, and by tests that read the log).
     pub async fn flush(&self) -> Result<(), Stopped> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Flush { reply })
             .await
             .map_err(|_| Stopped)?;
-        rx.await.map_err(|_| Stopped)
+        rx.await.map_err(|_| Stopped)?;
+        if let Some(d) = &self.decisions {
+            d.flush().await;
+        }
+        Ok(())
+    }
+
+    /// The decision log, when the scheduler keeps one.
+    pub fn decisions(&self) -> Option<&DecisionLog> {
+        self.decisions.as_ref()
     }
 
     /// Follow every event from now on.
@@ -242,6 +283,7 @@ struct Actor {
     persist: Option<PersistOptions>,
     dirty: bool,
     self_tx: mpsc::WeakSender<Msg>,
+    decisions: Option<DecisionLog>,
 }
 
 impl Actor {
@@ -305,10 +347,11 @@ impl Actor {
         match msg {
             Msg::Acquire {
                 req,
+                trace_id,
                 updates,
                 reply,
             } => {
-                let out = self.table.acquire(req, now);
+                let out = self.table.acquire_traced(req, trace_id, now);
                 if let Ok(AcquireOutcome::Queued(pos)) = &out {
                     self.waiters.insert(pos.ticket.clone(), updates);
                 }
@@ -369,6 +412,9 @@ impl Actor {
                 return;
             }
             Msg::Flush { reply } => {
+                // Decisions made so far go to the log queue before the reply, so a flush of the
+                // log after this one covers them.
+                self.publish_events();
                 self.save();
                 let _ = reply.send(());
                 return;
@@ -377,12 +423,20 @@ impl Actor {
         self.dirty = true;
     }
 
+    /// Record events in the decision log and publish them to `WatchEvents`.
+    fn publish_events(&mut self) {
+        for e in self.table.take_events() {
+            if let Some(d) = &self.decisions {
+                d.record_event(&e);
+            }
+            let _ = self.events.send(e);
+        }
+    }
+
     /// Publish events and route notices to waiting callers. A caller that went away gets its
     /// request withdrawn, or its fresh lease released.
     fn dispatch(&mut self) {
-        for e in self.table.take_events() {
-            let _ = self.events.send(e);
-        }
+        self.publish_events();
         let mut gone_waiting = Vec::new();
         let mut gone_granted = Vec::new();
         for n in self.table.take_notices() {

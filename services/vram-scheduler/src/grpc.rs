@@ -208,6 +208,9 @@ impl VramScheduler for SchedulerService {
         &self,
         request: Request<pb::AcquireLeaseRequest>,
     ) -> Result<Response<Self::AcquireLeaseStream>, Status> {
+        // Named in the decision log by the grant and the eviction notices this request causes.
+        let trace_id =
+            securellm_common::telemetry::trace_id(Some(&request.metadata().clone().into_headers()));
         let r = request.into_inner();
         let req = AcquireRequest {
             holder: r.holder,
@@ -219,7 +222,12 @@ impl VramScheduler for SchedulerService {
             wait_ms: r.wait_ms,
         };
         let (utx, mut urx) = mpsc::unbounded_channel();
-        match self.handle.acquire(req, utx).await.map_err(status_of)? {
+        match self
+            .handle
+            .acquire_traced(req, trace_id, utx)
+            .await
+            .map_err(status_of)?
+        {
             AcquireOutcome::Granted(l) => {
                 let s = tokio_stream::once(Ok(granted(&l)));
                 Ok(Response::new(Box::pin(s)))

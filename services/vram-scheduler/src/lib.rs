@@ -4,12 +4,14 @@
 //!   runtime, property-tested for the invariant `granted + foreign + reserve <= total`).
 //! - [`actor`]: one task owns the table; [`actor::SchedulerHandle`] is the API.
 //! - [`inventory`]: NVML, or simulated GPUs where there is no NVIDIA driver.
+//! - [`decisions`]: every GPU decision in a hash-chained, verifiable file.
 //! - [`persist`]: the lease snapshot that lets holders re-attach after a restart.
 //! - [`grpc`]: the thin `securellm.v1.VramScheduler` edge.
 //! - [`config`]: the `[scheduler]` section and flags.
 
 pub mod actor;
 pub mod config;
+pub mod decisions;
 pub mod grpc;
 pub mod inventory;
 pub mod persist;
@@ -35,6 +37,8 @@ pub enum StartError {
     Inventory(#[from] inventory::InventoryError),
     #[error(transparent)]
     Persist(#[from] persist::PersistError),
+    #[error(transparent)]
+    Decisions(#[from] decisions::DecisionError),
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
     #[error("cannot create data directory {path}: {source}")]
@@ -155,7 +159,11 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
             interval: Duration::from_millis(cfg.persist_interval_ms),
         });
     }
-    let handle = actor::spawn(table, inv.kind(), persist_opts);
+    let decision_log = match &cfg.data_dir {
+        Some(dir) => Some(decisions::open_at_start(dir, inv.kind(), table.gpus())?),
+        None => None,
+    };
+    let handle = actor::spawn_with_decisions(table, inv.kind(), persist_opts, decision_log);
 
     if let Inventory::Nvml(nvml) = &inv {
         let nvml = nvml.clone();

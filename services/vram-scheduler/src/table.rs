@@ -240,6 +240,42 @@ pub struct Waiter {
     pub claimed: Vec<String>,
     /// It has waited `preempt_busy_after_ms`: busy leases of its own priority may yield to it.
     pub busy_ok: bool,
+    /// The W3C trace id the acquire carried (32 lowercase hex digits), if any.
+    pub trace_id: Option<String>,
+}
+
+impl Waiter {
+    /// This request, as the cause of a decision.
+    pub fn cause(&self) -> Cause {
+        Cause {
+            ticket: self.ticket.clone(),
+            holder: self.req.holder.clone(),
+            label: self.req.label.clone(),
+            bytes: self.req.bytes,
+            priority: self.req.priority,
+            gpu: self.req.gpu,
+            trace_id: self.trace_id.clone(),
+        }
+    }
+}
+
+/// The request a decision was made for: the request granted (`Granted`), queued (`Queued`) or
+/// timed out (`WaitTimedOut`), or the waiting request that an eviction notice asked memory for
+/// (`EvictionNotice`, and the `Revoked`, `EvictionWithdrawn`, `Released` or `Expired` that ends
+/// that notice). "Who evicted my model, and why" is the cause of its eviction notice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cause {
+    /// The request's queue ticket (`q-…`).
+    pub ticket: String,
+    pub holder: String,
+    /// What it wanted the memory for (the model).
+    pub label: String,
+    pub bytes: u64,
+    pub priority: i32,
+    /// The GPU it asked for (`None`: any).
+    pub gpu: Option<u32>,
+    /// The trace id of its acquire call, when the call carried a `traceparent`.
+    pub trace_id: Option<String>,
 }
 
 /// Where a queued request stands.
@@ -300,6 +336,9 @@ pub struct Event {
     pub lease: Lease,
     pub at_ms: u64,
     pub detail: String,
+    /// The request this decision was made for (see [`Cause`]); `None` for decisions no request
+    /// caused (a release or expiry without a pending notice, a re-attach, over-commitment).
+    pub cause: Option<Cause>,
 }
 
 /// How a lease ended (kept for a while so a late caller gets a precise answer).
@@ -369,6 +408,8 @@ pub struct LeaseTable {
     events: Vec<Event>,
     notices: Vec<WaiterNotice>,
     overcommitted: Vec<bool>,
+    /// For each lease under an eviction notice: the request the notice was sent for.
+    notice_cause: HashMap<String, Cause>,
 }
 
 impl LeaseTable {
@@ -391,6 +432,7 @@ impl LeaseTable {
             events: Vec::new(),
             notices: Vec::new(),
             overcommitted: vec![false; n],
+            notice_cause: HashMap::new(),
         }
     }
 
@@ -503,12 +545,36 @@ impl LeaseTable {
     }
 
     fn emit(&mut self, kind: EventKind, lease: Lease, now_ms: u64, detail: impl Into<String>) {
+        self.emit_for(kind, lease, now_ms, detail, None);
+    }
+
+    fn emit_for(
+        &mut self,
+        kind: EventKind,
+        lease: Lease,
+        now_ms: u64,
+        detail: impl Into<String>,
+        cause: Option<Cause>,
+    ) {
         self.events.push(Event {
             kind,
             lease,
             at_ms: now_ms,
             detail: detail.into(),
+            cause,
         });
+    }
+
+    /// Lease `id` leaves the table (released, expired, revoked): the request its pending notice
+    /// was for, if it had one. A request still waiting that counts on the lease names itself;
+    /// else the one the notice was first sent for.
+    fn end_notice(&mut self, id: &str) -> Option<Cause> {
+        let recorded = self.notice_cause.remove(id);
+        self.queue
+            .iter()
+            .find(|w| w.claimed.iter().any(|c| c == id))
+            .map(Waiter::cause)
+            .or(recorded)
     }
 
     fn validate_ttl(&self, ttl_ms: u64) -> Result<(), TableError> {
@@ -542,6 +608,20 @@ impl LeaseTable {
         req: AcquireRequest,
         now_ms: u64,
     ) -> Result<AcquireOutcome, TableError> {
+        self.acquire_traced(req, None, now_ms)
+    }
+
+    /// [`acquire`](Self::acquire) for a call that carried a trace: the decisions made for this
+    /// request (its grant, the eviction notices it causes) name `trace_id` in their [`Cause`]. A
+    /// trace id that is not 32 lowercase hex digits is ignored (it is a label, never an error).
+    pub fn acquire_traced(
+        &mut self,
+        req: AcquireRequest,
+        trace_id: Option<String>,
+        now_ms: u64,
+    ) -> Result<AcquireOutcome, TableError> {
+        let trace_id = trace_id
+            .filter(|t| t.len() == 32 && t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
         if req.holder.trim().is_empty() {
             return Err(invalid("holder", "must not be empty"));
         }
@@ -601,6 +681,7 @@ impl LeaseTable {
             position: 0,
             claimed: Vec::new(),
             busy_ok: false,
+            trace_id,
         };
         let wait_ms = waiter.req.wait_ms;
         self.enqueue(waiter);
@@ -639,12 +720,14 @@ impl LeaseTable {
         self.notices.retain(|n| n.ticket() != ticket);
         let w = &self.queue[idx];
         let view = self.waiter_view(w, now_ms);
+        let cause = w.cause();
         let pos = self.queue_pos(idx);
-        self.emit(
+        self.emit_for(
             EventKind::Queued,
             view,
             now_ms,
             format!("position {}", pos.position),
+            Some(cause),
         );
         Ok(AcquireOutcome::Queued(pos))
     }
@@ -742,6 +825,7 @@ impl LeaseTable {
             match choice {
                 Some(p) => {
                     let w = self.queue.remove(i);
+                    let cause = w.cause();
                     let id = self.next_id("l");
                     let lease = Lease {
                         id: id.clone(),
@@ -760,7 +844,7 @@ impl LeaseTable {
                     };
                     accounts[p].granted = accounts[p].granted.saturating_add(lease.bytes);
                     self.leases.insert(id, lease.clone());
-                    self.emit(EventKind::Granted, lease.clone(), now_ms, "");
+                    self.emit_for(EventKind::Granted, lease.clone(), now_ms, "", Some(cause));
                     self.notices.push(WaiterNotice::Granted {
                         ticket: w.ticket.clone(),
                         lease: lease.clone(),
@@ -880,6 +964,7 @@ impl LeaseTable {
             return false;
         };
         let for_whom = format!("needed by a priority {} request of {} bytes", prio, bytes);
+        let cause = self.queue[idx].cause();
         for id in &victims {
             if let Some(l) = self.leases.get_mut(id) {
                 // A busy lease of the same priority lets its current requests finish.
@@ -898,7 +983,14 @@ impl LeaseTable {
                 } else {
                     for_whom.clone()
                 };
-                self.emit(EventKind::EvictionNotice, l, now_ms, detail);
+                self.notice_cause.insert(l.id.clone(), cause.clone());
+                self.emit_for(
+                    EventKind::EvictionNotice,
+                    l,
+                    now_ms,
+                    detail,
+                    Some(cause.clone()),
+                );
             }
         }
         let w = &mut self.queue[idx];
@@ -935,11 +1027,13 @@ impl LeaseTable {
             if let Some(l) = self.leases.get_mut(&id) {
                 l.evict_by_ms = None;
                 let l = l.clone();
-                self.emit(
+                let cause = self.notice_cause.remove(&id);
+                self.emit_for(
                     EventKind::EvictionWithdrawn,
                     l,
                     now_ms,
                     "the request that needed the memory is gone",
+                    cause,
                 );
             }
         }
@@ -991,7 +1085,13 @@ impl LeaseTable {
             return Err(self.unknown_lease(id));
         };
         self.remember_end(id, EndReason::Released);
-        self.emit(EventKind::Released, lease.clone(), now_ms, "");
+        let cause = self.end_notice(id);
+        let detail = if cause.is_some() {
+            "released under an eviction notice"
+        } else {
+            ""
+        };
+        self.emit_for(EventKind::Released, lease.clone(), now_ms, detail, cause);
         self.schedule(now_ms);
         Ok(lease)
     }
@@ -1166,7 +1266,8 @@ impl LeaseTable {
                     (EventKind::Expired, EndReason::Expired)
                 };
                 self.remember_end(&id, why);
-                self.emit(kind, l, now_ms, why.as_str());
+                let cause = self.end_notice(&id);
+                self.emit_for(kind, l, now_ms, why.as_str(), cause);
                 changed = true;
             }
         }
@@ -1182,7 +1283,8 @@ impl LeaseTable {
             if self.queue[i].wait_until_ms <= now_ms {
                 let w = self.queue.remove(i);
                 let view = self.waiter_view(&w, now_ms);
-                self.emit(EventKind::WaitTimedOut, view, now_ms, "");
+                let cause = w.cause();
+                self.emit_for(EventKind::WaitTimedOut, view, now_ms, "", Some(cause));
                 self.notices
                     .push(WaiterNotice::TimedOut { ticket: w.ticket });
                 changed = true;

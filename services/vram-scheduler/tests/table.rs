@@ -907,3 +907,124 @@ fn lease_ids_are_unguessable_and_never_reused() {
     assert_eq!(r.lost.len(), 2, "{r:?}");
     assert_eq!(t1.lease(&a1.id).unwrap().holder, "a");
 }
+
+fn labelled(holder: &str, label: &str, bytes: u64, priority: i32) -> AcquireRequest {
+    AcquireRequest {
+        label: label.into(),
+        ..waiting(holder, bytes, priority)
+    }
+}
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+fn event(events: &[Event], kind: EventKind) -> &Event {
+    events
+        .iter()
+        .find(|e| e.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind:?} in {events:?}"))
+}
+
+#[test]
+fn an_eviction_notice_names_the_request_that_caused_it_and_so_does_its_end() {
+    let mut t = table(&[24 * GIB]);
+    let qwen = granted(t.acquire(labelled("bm", "qwen", 16 * GIB, 0), 0));
+    let e = t.take_events();
+    let grant = event(&e, EventKind::Granted);
+    let own = grant.cause.as_ref().expect("a grant names its request");
+    assert_eq!((own.label.as_str(), own.trace_id.as_ref()), ("qwen", None));
+
+    let pos =
+        queued(t.acquire_traced(labelled("gw", "llama", 12 * GIB, 10), Some(TRACE.into()), 5));
+    let e = t.take_events();
+    let notice = event(&e, EventKind::EvictionNotice);
+    assert_eq!(notice.lease.id, qwen.id);
+    let cause = notice.cause.as_ref().expect("a notice names its cause");
+    assert_eq!(
+        cause,
+        &Cause {
+            ticket: pos.ticket.clone(),
+            holder: "gw".into(),
+            label: "llama".into(),
+            bytes: 12 * GIB,
+            priority: 10,
+            gpu: None,
+            trace_id: Some(TRACE.into()),
+        }
+    );
+    assert_eq!(event(&e, EventKind::Queued).cause.as_ref(), Some(cause));
+
+    // The holder honours the notice: its release names the same request; the grant too.
+    t.release(&qwen.id, 9).unwrap();
+    let e = t.take_events();
+    let released = event(&e, EventKind::Released);
+    assert_eq!(released.cause.as_ref(), Some(cause));
+    assert_eq!(released.detail, "released under an eviction notice");
+    let grant = event(&e, EventKind::Granted);
+    assert_eq!(grant.lease.label, "llama");
+    assert_eq!(grant.cause.as_ref(), Some(cause));
+
+    // A release nobody asked for names no cause.
+    let other = granted(t.acquire(req("x", GIB, 0), 10));
+    t.take_events();
+    t.release(&other.id, 11).unwrap();
+    let e = t.take_events();
+    assert_eq!(event(&e, EventKind::Released).cause, None);
+}
+
+#[test]
+fn a_revocation_and_a_withdrawal_name_the_request_the_notice_was_for() {
+    let grace = Limits::default().eviction_grace_ms;
+    let mut t = table(&[24 * GIB]);
+    let long = AcquireRequest {
+        ttl_ms: 10 * grace,
+        ..labelled("bm", "qwen", 16 * GIB, 0)
+    };
+    let qwen = granted(t.acquire(long, 0));
+    let pos =
+        queued(t.acquire_traced(labelled("gw", "llama", 12 * GIB, 10), Some(TRACE.into()), 0));
+    t.take_events();
+    // Not honoured in time: revoked, for that request.
+    t.tick(grace + 1);
+    let e = t.take_events();
+    let revoked = event(&e, EventKind::Revoked);
+    assert_eq!(revoked.lease.id, qwen.id);
+    let cause = revoked
+        .cause
+        .as_ref()
+        .expect("a revocation names its cause");
+    assert_eq!(cause.ticket, pos.ticket);
+    assert_eq!(cause.trace_id.as_deref(), Some(TRACE));
+
+    // Withdrawn: the request went away before the holder released.
+    let mut t = table(&[24 * GIB]);
+    let qwen = granted(t.acquire(labelled("bm", "qwen", 16 * GIB, 0), 0));
+    let pos = queued(t.acquire(labelled("gw", "llama", 12 * GIB, 10), 0));
+    t.take_events();
+    assert!(t.cancel_waiter(&pos.ticket, 1));
+    let e = t.take_events();
+    let withdrawn = event(&e, EventKind::EvictionWithdrawn);
+    assert_eq!(withdrawn.lease.id, qwen.id);
+    let cause = withdrawn
+        .cause
+        .as_ref()
+        .expect("a withdrawal names its cause");
+    assert_eq!(
+        (cause.ticket.as_str(), cause.trace_id.as_ref()),
+        (pos.ticket.as_str(), None)
+    );
+    // Withdrawn notices are forgotten: a later expiry names no cause.
+    t.tick(20_000);
+    let e = t.take_events();
+    assert_eq!(event(&e, EventKind::Expired).cause, None);
+}
+
+#[test]
+fn a_malformed_trace_id_is_ignored_not_recorded() {
+    let mut t = table(&[24 * GIB]);
+    for bad in ["XYZ", "4BF92F3577B34DA6A3CE929D0E0E4736", "4bf92f35", ""] {
+        granted(t.acquire_traced(req("a", GIB, 0), Some(bad.into()), 0));
+        let e = t.take_events();
+        let c = event(&e, EventKind::Granted).cause.as_ref().unwrap();
+        assert_eq!(c.trace_id, None, "{bad:?}");
+    }
+}
