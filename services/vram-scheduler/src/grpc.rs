@@ -2,6 +2,7 @@
 //! codes here and nowhere else.
 
 use std::pin::Pin;
+use std::time::Instant;
 
 use futures::Stream;
 use securellm_common::errors::{self, Reason};
@@ -11,8 +12,11 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::actor::{CallError, GpuView, SchedulerHandle, StatusView};
+use crate::metrics::{self as m, AcquireOutcomeLabel as Outcome};
 use crate::table::{
     AcquireOutcome, AcquireRequest, Event, EventKind, Lease, QueuePos, TableError, WaiterNotice,
 };
@@ -192,6 +196,66 @@ fn event_to_pb(e: &Event) -> pb::LeaseEvent {
     }
 }
 
+/// The gRPC code's name for `error.type` (a closed set, as the RPC conventions want).
+fn code_name(c: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match c {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// An acquire's answer: its outcome and queued time on the span, its wait in the histogram.
+fn finish_acquire(span: &tracing::Span, started: Instant, outcome: Outcome) {
+    let waited = started.elapsed();
+    span.record("securellm.acquire.outcome", outcome.as_str());
+    span.record(
+        "securellm.acquire.queued_ms",
+        u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+    );
+    m::record_acquire_wait(outcome, waited);
+}
+
+/// A queue position reached: the latest position, and whether notices went out for it.
+fn record_position(span: &tracing::Span, p: &QueuePos) {
+    span.record("securellm.acquire.queue_position", p.position);
+    if p.evictions_requested {
+        span.record("securellm.acquire.eviction_notices_sent", true);
+    }
+}
+
+/// A lease call's answer on its span: who and what on success, the code on failure.
+fn lease_result(span: &tracing::Span, out: Result<Lease, CallError>) -> Result<Lease, Status> {
+    match out {
+        Ok(l) => {
+            span.record("securellm.lease.holder", l.holder.as_str());
+            span.record("gen_ai.request.model", l.label.as_str());
+            span.record("securellm.lease.bytes", l.bytes);
+            Ok(l)
+        }
+        Err(e) => {
+            let st = status_of(e);
+            span.record("error.type", code_name(st.code()));
+            Err(st)
+        }
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn granted(l: &Lease) -> pb::AcquireLeaseUpdate {
@@ -208,10 +272,29 @@ impl VramScheduler for SchedulerService {
         &self,
         request: Request<pb::AcquireLeaseRequest>,
     ) -> Result<Response<Self::AcquireLeaseStream>, Status> {
+        let started = Instant::now();
         // Named in the decision log by the grant and the eviction notices this request causes.
         let trace_id =
             securellm_common::telemetry::trace_id(Some(&request.metadata().clone().into_headers()));
         let r = request.into_inner();
+        let span = tracing::info_span!(
+            "scheduler.acquire",
+            otel.name = "scheduler.acquire",
+            securellm.lease.holder = %r.holder,
+            gen_ai.request.model = %r.label,
+            securellm.lease.bytes = r.bytes,
+            securellm.lease.priority = r.priority,
+            securellm.lease.gpu = r.gpu_index.map(i64::from).unwrap_or(-1),
+            securellm.acquire.wait_ms = r.wait_ms,
+            securellm.acquire.outcome = Empty,
+            securellm.acquire.queued = false,
+            securellm.acquire.queued_ms = Empty,
+            securellm.acquire.queue_position_first = Empty,
+            securellm.acquire.queue_position = Empty,
+            securellm.acquire.eviction_notices_sent = false,
+            securellm.lease.gpu_granted = Empty,
+            error.type = Empty,
+        );
         let req = AcquireRequest {
             holder: r.holder,
             label: r.label,
@@ -222,17 +305,31 @@ impl VramScheduler for SchedulerService {
             wait_ms: r.wait_ms,
         };
         let (utx, mut urx) = mpsc::unbounded_channel();
-        match self
+        let outcome = match self
             .handle
             .acquire_traced(req, trace_id, utx)
+            .instrument(span.clone())
             .await
-            .map_err(status_of)?
         {
+            Ok(o) => o,
+            Err(e) => {
+                let st = status_of(e);
+                finish_acquire(&span, started, Outcome::Rejected);
+                span.record("error.type", code_name(st.code()));
+                return Err(st);
+            }
+        };
+        match outcome {
             AcquireOutcome::Granted(l) => {
+                span.record("securellm.lease.gpu_granted", l.gpu);
+                finish_acquire(&span, started, Outcome::Granted);
                 let s = tokio_stream::once(Ok(granted(&l)));
                 Ok(Response::new(Box::pin(s)))
             }
             AcquireOutcome::Queued(pos) => {
+                span.record("securellm.acquire.queued", true);
+                span.record("securellm.acquire.queue_position_first", pos.position);
+                record_position(&span, &pos);
                 let (tx, rx) = mpsc::unbounded_channel::<Result<pb::AcquireLeaseUpdate, Status>>();
                 let first = pb::AcquireLeaseUpdate {
                     update: Some(pb::acquire_lease_update::Update::Queued(pos_to_pb(&pos))),
@@ -240,7 +337,9 @@ impl VramScheduler for SchedulerService {
                 let _ = tx.send(Ok(first));
                 let handle = self.handle.clone();
                 let ticket = pos.ticket.clone();
+                let task_span = span.clone();
                 tokio::spawn(async move {
+                    let span = tracing::Span::current();
                     loop {
                         tokio::select! {
                             () = tx.closed() => {
@@ -255,20 +354,31 @@ impl VramScheduler for SchedulerService {
                                         let _ = handle.release(lease.id).await;
                                     }
                                 }
+                                finish_acquire(&span, started, Outcome::Cancelled);
                                 return;
                             }
                             n = urx.recv() => {
-                                let Some(n) = n else { return };
+                                let Some(n) = n else {
+                                    // The actor stopped (shutdown): the caller's stream ends.
+                                    finish_acquire(&span, started, Outcome::Rejected);
+                                    span.record("error.type", "scheduler_stopped");
+                                    return;
+                                };
                                 match n {
                                     WaiterNotice::Position(p) => {
+                                        record_position(&span, &p);
                                         let u = pb::AcquireLeaseUpdate {
                                             update: Some(pb::acquire_lease_update::Update::Queued(pos_to_pb(&p))),
                                         };
                                         let _ = tx.send(Ok(u));
                                     }
                                     WaiterNotice::Granted { lease, .. } => {
+                                        span.record("securellm.lease.gpu_granted", lease.gpu);
                                         if tx.send(Ok(granted(&lease))).is_err() {
                                             let _ = handle.release(lease.id).await;
+                                            finish_acquire(&span, started, Outcome::Cancelled);
+                                        } else {
+                                            finish_acquire(&span, started, Outcome::Granted);
                                         }
                                         return;
                                     }
@@ -276,13 +386,15 @@ impl VramScheduler for SchedulerService {
                                         let _ = tx.send(Err(Status::deadline_exceeded(
                                             "still queued when wait_ms ran out",
                                         )));
+                                        finish_acquire(&span, started, Outcome::Timeout);
+                                        span.record("error.type", "timeout");
                                         return;
                                     }
                                 }
                             }
                         }
                     }
-                });
+                }.instrument(task_span));
                 Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
             }
         }
@@ -293,11 +405,28 @@ impl VramScheduler for SchedulerService {
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::Lease>, Status> {
         let r = request.into_inner();
-        let l = self
+        let span = tracing::info_span!(
+            "scheduler.renew",
+            otel.name = "scheduler.renew",
+            securellm.lease.ttl_ms = r.ttl_ms,
+            securellm.lease.idle = r.idle,
+            securellm.lease.priority = Empty,
+            securellm.lease.holder = Empty,
+            gen_ai.request.model = Empty,
+            securellm.lease.bytes = Empty,
+            securellm.lease.evicting = Empty,
+            error.type = Empty,
+        );
+        if let Some(p) = r.priority {
+            span.record("securellm.lease.priority", p);
+        }
+        let out = self
             .handle
             .renew(r.lease_id, r.ttl_ms, r.pids, r.idle, r.priority)
-            .await
-            .map_err(status_of)?;
+            .instrument(span.clone())
+            .await;
+        let l = lease_result(&span, out)?;
+        span.record("securellm.lease.evicting", l.evict_by_ms.is_some());
         Ok(Response::new(lease_to_pb(&l)))
     }
 
@@ -305,11 +434,22 @@ impl VramScheduler for SchedulerService {
         &self,
         request: Request<pb::ReleaseLeaseRequest>,
     ) -> Result<Response<pb::ReleaseLeaseResponse>, Status> {
-        let l = self
+        let span = tracing::info_span!(
+            "scheduler.release",
+            otel.name = "scheduler.release",
+            securellm.lease.holder = Empty,
+            gen_ai.request.model = Empty,
+            securellm.lease.bytes = Empty,
+            securellm.lease.priority = Empty,
+            error.type = Empty,
+        );
+        let out = self
             .handle
             .release(request.into_inner().lease_id)
-            .await
-            .map_err(status_of)?;
+            .instrument(span.clone())
+            .await;
+        let l = lease_result(&span, out)?;
+        span.record("securellm.lease.priority", l.priority);
         Ok(Response::new(pb::ReleaseLeaseResponse {
             lease: Some(lease_to_pb(&l)),
         }))

@@ -8,12 +8,15 @@
 //! - [`persist`]: the lease snapshot that lets holders re-attach after a restart.
 //! - [`grpc`]: the thin `securellm.v1.VramScheduler` edge.
 //! - [`config`]: the `[scheduler]` section and flags.
+//! - [`metrics`]: the Prometheus metrics (state gauges read from the actor at scrape time,
+//!   counters from its events).
 
 pub mod actor;
 pub mod config;
 pub mod decisions;
 pub mod grpc;
 pub mod inventory;
+pub mod metrics;
 pub mod persist;
 pub mod table;
 
@@ -164,6 +167,9 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
         None => None,
     };
     let handle = actor::spawn_with_decisions(table, inv.kind(), persist_opts, decision_log);
+    // Subscribed before anything can happen (the actor only publishes after a message), so the
+    // counters miss no event. It ends when the actor does.
+    metrics::spawn_event_counter(handle.subscribe());
 
     if let Inventory::Nvml(nvml) = &inv {
         let nvml = nvml.clone();
@@ -179,15 +185,27 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
                             return;
                         }
                     }
-                    Ok(Err(e)) => tracing::warn!("NVML refresh failed: {e}"),
-                    Err(e) => tracing::warn!("NVML refresh task failed: {e}"),
+                    Ok(Err(e)) => {
+                        metrics::nvml_refresh_error();
+                        tracing::warn!("NVML refresh failed: {e}");
+                    }
+                    Err(e) => {
+                        metrics::nvml_refresh_error();
+                        tracing::warn!("NVML refresh task failed: {e}");
+                    }
                 }
             }
         });
     }
 
     let metrics = match cfg.metrics_listen.as_deref() {
-        Some(a) => Some(securellm_common::prometheus::serve(a, "vram-scheduler", None).await?),
+        Some(a) => {
+            let collect = metrics::collect(handle.clone());
+            let server =
+                securellm_common::prometheus::serve(a, "vram-scheduler", Some(collect)).await?;
+            metrics::describe();
+            Some(server)
+        }
         None => None,
     };
     let listener = serve::bind(&cfg.listen).await?;

@@ -475,6 +475,8 @@ async fn spawn_binary(data_dir: &std::path::Path) -> Binary {
         .args([
             "--listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--simulate-gpu",
             "8GiB",
             "--data-dir",
@@ -492,10 +494,13 @@ async fn spawn_binary(data_dir: &std::path::Path) -> Binary {
         .unwrap()
         .unwrap()
         .unwrap();
+    // `ready vram-scheduler grpc=HOST:PORT metrics=HOST:PORT`
     let addr = line
         .strip_prefix("ready vram-scheduler grpc=")
+        .and_then(|rest| rest.split_whitespace().next())
         .expect(&line)
         .to_string();
+    assert!(line.contains(" metrics=127.0.0.1:"), "{line}");
     let token = securellm_common::internal_auth::load(&data_dir.join("internal-token")).unwrap();
     Binary { child, addr, token }
 }
