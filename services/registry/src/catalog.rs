@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use securellm_common::time::now_ms;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::discover;
 use crate::estimate::{self, Breakdown, CacheType, EstimateInput, EstimateParams};
@@ -36,6 +37,19 @@ pub enum RegistryError {
     Internal(String),
     #[error("the registry is shutting down")]
     Stopped,
+}
+
+impl RegistryError {
+    /// A short, closed name of the error's kind (`error.type` on spans).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryError::InvalidArgument { .. } => "invalid_argument",
+            RegistryError::NotFound(_) => "not_found",
+            RegistryError::FailedPrecondition(_) => "failed_precondition",
+            RegistryError::Internal(_) => "internal",
+            RegistryError::Stopped => "unavailable",
+        }
+    }
 }
 
 impl From<StoreError> for RegistryError {
@@ -232,6 +246,42 @@ impl Catalog {
         } else {
             roots
         };
+        let span = tracing::info_span!(
+            "registry.scan",
+            otel.name = "registry.scan",
+            registry.scan.roots = roots.len(),
+            registry.scan.full = full,
+            registry.scan.models_found = tracing::field::Empty,
+            registry.scan.files_parsed = tracing::field::Empty,
+            registry.scan.files_failed = tracing::field::Empty,
+            registry.scan.duration_ms = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let r = self
+            .scan_under_lock(roots, full, progress)
+            .instrument(span.clone())
+            .await;
+        match &r {
+            Ok((counts, found)) => {
+                span.record("registry.scan.models_found", found);
+                span.record("registry.scan.files_parsed", counts.files_parsed);
+                span.record("registry.scan.files_failed", counts.files_failed);
+                span.record("registry.scan.duration_ms", counts.elapsed_ms);
+            }
+            Err(e) => {
+                span.record("error.type", e.kind());
+            }
+        }
+        r.map(|(counts, _)| counts)
+    }
+
+    /// [`Self::rescan`] once the roots are checked: the counts and how many models were found.
+    async fn scan_under_lock(
+        &self,
+        roots: Vec<PathBuf>,
+        full: bool,
+        progress: Option<mpsc::Sender<ScanProgress>>,
+    ) -> Result<(ScanProgress, u64), RegistryError> {
         let _guard = self.scan_lock.lock().await;
         let started = Instant::now();
         let known = self.ask(Msg::Fingerprints).await?;
@@ -252,7 +302,7 @@ impl Catalog {
                 let _ = tx.send(p).await;
             }
         }
-        let (mut counts, upserts, removals) = work
+        let (mut counts, upserts, removals, found) = work
             .await
             .map_err(|e| RegistryError::Internal(format!("scan task failed: {e}")))?;
         let (added, changed, removed) = self
@@ -267,16 +317,19 @@ impl Catalog {
         counts.removed = removed;
         counts.current.clear();
         counts.failures.clear();
-        counts.elapsed_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        counts.elapsed_ms = elapsed.as_millis() as u64;
         counts.done = true;
+        crate::metrics::scan_done(elapsed);
         if let Some(tx) = &progress {
             let _ = tx.send(counts.clone()).await;
         }
-        Ok(counts)
+        Ok((counts, found))
     }
 }
 
-/// The blocking part of a scan: walk, compare fingerprints, parse what changed.
+/// The blocking part of a scan: walk, compare fingerprints, parse what changed. Returns the
+/// counts, the records to write, the ids to remove and how many models the roots hold.
 fn scan(
     roots: &[PathBuf],
     fence: &Fence,
@@ -284,7 +337,7 @@ fn scan(
     full: bool,
     started: Instant,
     progress: &mpsc::UnboundedSender<ScanProgress>,
-) -> (ScanProgress, Vec<ModelRecord>, Vec<String>) {
+) -> (ScanProgress, Vec<ModelRecord>, Vec<String>, u64) {
     let found = discover::discover(roots, fence);
     let mut p = ScanProgress {
         files_seen: found.files_seen,
@@ -336,6 +389,7 @@ fn scan(
             continue;
         }
         if r.status == Status::Error {
+            crate::metrics::parse_failure(r.format);
             p.files_failed += 1;
             p.failures
                 .push((r.path.display().to_string(), r.status_reason.clone()));
@@ -365,7 +419,8 @@ fn scan(
         .filter(|(id, (_, m))| !seen_ids.contains(*id) && scanned_root(m))
         .map(|(id, _)| id.clone())
         .collect();
-    (p, upserts, removals)
+    let models_found = seen_ids.len() as u64;
+    (p, upserts, removals, models_found)
 }
 
 struct Actor {

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::catalog::{
     Catalog, ChangeKind, EstimateAnswer, ListFilter, RegistryError, ScanProgress,
@@ -311,13 +312,38 @@ impl ModelRegistry for RegistryService {
         request: Request<pb::EstimateRequest>,
     ) -> Result<Response<pb::MemoryEstimate>, Status> {
         let r = request.into_inner();
-        let input = input_from_pb(&r.model, r.context, r.parallel, r.cache_type, r.gpu_layers)?;
+        let span = tracing::info_span!(
+            "registry.estimate",
+            otel.name = "registry.estimate",
+            gen_ai.request.model = %r.model,
+            registry.model_id = tracing::field::Empty,
+            registry.estimate.context = r.context,
+            registry.estimate.parallel = r.parallel,
+            registry.estimate.gpu_bytes = tracing::field::Empty,
+            registry.estimate.total_bytes = tracing::field::Empty,
+            registry.estimate.from_measurement = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let input = input_from_pb(&r.model, r.context, r.parallel, r.cache_type, r.gpu_layers)
+            .inspect_err(|_| {
+                span.record("error.type", "invalid_argument");
+            })?;
         let a = self
             .catalog
             .estimate(&r.model, input)
+            .instrument(span.clone())
             .await
-            .map_err(status_of)?;
-        Ok(Response::new(estimate_to_pb(&a)))
+            .map_err(|e| {
+                span.record("error.type", e.kind());
+                status_of(e)
+            })?;
+        let pb = estimate_to_pb(&a);
+        span.record("registry.model_id", pb.model_id.as_str());
+        span.record("registry.estimate.gpu_bytes", pb.gpu_bytes);
+        span.record("registry.estimate.total_bytes", pb.total_bytes);
+        span.record("registry.estimate.from_measurement", pb.from_measurement);
+        crate::metrics::estimate_answered();
+        Ok(Response::new(pb))
     }
 
     type RescanStream = BoxStream<pb::RescanProgress>;

@@ -10,6 +10,7 @@
 //! - [`catalog`]: the actor that owns the model set; scans run beside it.
 //! - [`watch`]: inotify → debounced incremental rescans.
 //! - [`grpc`]: the `securellm.v1.ModelRegistry` edge.
+//! - [`metrics`]: the Prometheus metrics; spans `registry.scan` and `registry.estimate`.
 
 pub mod catalog;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod discover;
 pub mod estimate;
 pub mod fence;
 pub mod grpc;
+pub mod metrics;
 pub mod record;
 pub mod safetensors;
 pub mod store;
@@ -74,6 +76,11 @@ pub async fn start(cfg: &RegistryConfig) -> Result<RunningRegistry, StartError> 
         path: cfg.data_dir.clone(),
         source,
     })?;
+    if cfg.registry.metrics_listen.is_some() {
+        // Before the first scan, so that it is counted.
+        securellm_common::prometheus::recorder();
+        metrics::describe();
+    }
     let db = cfg.data_dir.join("registry.db");
     let store = store::Store::open(&db).await?;
     let params = estimate::EstimateParams {
@@ -114,7 +121,14 @@ pub async fn start(cfg: &RegistryConfig) -> Result<RunningRegistry, StartError> 
         None
     };
     let metrics = match cfg.registry.metrics_listen.as_deref() {
-        Some(a) => Some(securellm_common::prometheus::serve(a, "registry", None).await?),
+        Some(a) => Some(
+            securellm_common::prometheus::serve(
+                a,
+                "registry",
+                Some(metrics::collect(catalog.clone())),
+            )
+            .await?,
+        ),
         None => None,
     };
     let listener = serve::bind(&cfg.registry.listen).await?;
