@@ -18,6 +18,7 @@
 //! The process-based end-to-end kit (`tests/e2e`, the real binaries) builds on the same helpers.
 
 pub mod models;
+pub mod otlp;
 mod paths;
 mod process;
 mod stack;
