@@ -33,6 +33,7 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod listener;
+pub mod observe;
 pub mod pipeline;
 pub mod redact;
 pub mod state;
@@ -273,7 +274,17 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         }
         .into();
     let metrics = match cfg.metrics_listen.as_deref() {
-        Some(a) => Some(securellm_common::prometheus::serve(a, "securellm-gateway", None).await?),
+        Some(a) => {
+            observe::enable();
+            // State gauges (the audit writer's queue, rows written and dropped) are read from
+            // the writer just before each scrape, not on the request path.
+            let st = state.clone();
+            let collect: securellm_common::prometheus::Collect = Arc::new(move || {
+                let st = st.clone();
+                Box::pin(async move { observe::audit_state(st.audit.stats()) })
+            });
+            Some(securellm_common::prometheus::serve(a, "securellm-gateway", Some(collect)).await?)
+        }
         None => None,
     };
     let listener = serve::bind(&cfg.listen).await?;

@@ -147,7 +147,7 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let tracker = Tracker::new(limits.max_connections);
+    let tracker = Tracker::new(limits.max_connections, "http");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = stop;
     loop {
@@ -375,7 +375,7 @@ pub fn grpc_incoming(
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     });
-    let tracker = Tracker::new(max_connections);
+    let tracker = Tracker::new(max_connections, "grpc");
     let layer = ActiveCalls {
         tracker: tracker.clone(),
         body_timeout,
@@ -532,6 +532,8 @@ pub(crate) struct Tracker {
     /// The connection of each peer address (for gRPC calls, which carry only the address).
     by_addr: std::sync::Mutex<HashMap<SocketAddr, (u64, Arc<Activity>)>>,
     next: AtomicU64,
+    /// `http` or `grpc` (the `connections` gauge's label).
+    label: &'static str,
 }
 
 /// One open connection as the tracker sees it.
@@ -559,12 +561,13 @@ impl Entry {
 }
 
 impl Tracker {
-    fn new(max_connections: usize) -> Arc<Self> {
+    fn new(max_connections: usize, label: &'static str) -> Arc<Self> {
         Arc::new(Self {
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
             conns: std::sync::Mutex::new(HashMap::new()),
             by_addr: std::sync::Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
+            label,
         })
     }
 
@@ -627,11 +630,16 @@ impl Tracker {
         if let Ok(mut a) = self.by_addr.lock() {
             a.insert(addr, (id, entry.activity.clone()));
         }
+        let counted = crate::observe::on();
+        if counted {
+            crate::observe::connection(self.label, true);
+        }
         let conn = Conn {
             tracker: self.clone(),
             id,
             addr,
             entry,
+            counted,
             _slot: slot,
         };
         (conn, rx)
@@ -651,6 +659,8 @@ pub(crate) struct Conn {
     id: u64,
     addr: SocketAddr,
     entry: Arc<Entry>,
+    /// Counted in the `connections` gauge (metrics were on when it opened).
+    counted: bool,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -671,6 +681,9 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        if self.counted {
+            crate::observe::connection(self.tracker.label, false);
+        }
         if let Ok(mut c) = self.tracker.conns.lock() {
             c.remove(&self.id);
         }
@@ -761,6 +774,44 @@ where
             self.guard = None;
         }
         r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body polled inside `span`, which it holds open until the body has ended or is
+/// dropped (a stream's request span covers the whole stream).
+pub struct InSpan<B> {
+    inner: B,
+    span: tracing::Span,
+}
+
+impl<B> InSpan<B> {
+    pub fn new(inner: B, span: tracing::Span) -> Self {
+        Self { inner, span }
+    }
+}
+
+impl<B> hyper::body::Body for InSpan<B>
+where
+    B: hyper::body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let _enter = this.span.enter();
+        std::pin::Pin::new(&mut this.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -12,9 +12,16 @@
 //!     || s(endpoint) || s(model) || s(upstream) || i64(status) || s(error_code)
 //!     || i64(prompt_tokens) || i64(completion_tokens) || i64(latency_us)
 //!     || i64(redactions) || i64(streamed: 1 or 0)
+//!     [|| s(trace_id)]              (only in version 2, below)
 //! i64(x) = x as 8 bytes, big-endian two's complement (the value exactly as SQLite stores it)
 //! s(x)   = the UTF-8 byte length of x as 8 bytes, big-endian, then those bytes
 //! ```
+//!
+//! Version 2 adds the request's trace id: a row WITH a trace id is encoded with the tag
+//! `"SLAUDIT2"` and `s(trace_id)` appended at the end; a row without one (the trace id is empty,
+//! as in every row written before the field existed) is encoded exactly as version 1, tag
+//! `"SLAUDIT1"` included. So old chains keep verifying unchanged, and the two forms can never
+//! encode to the same bytes (the tag differs).
 //!
 //! Fields come in this fixed order with fixed widths or length prefixes, so no two different rows
 //! encode to the same bytes (no field-boundary confusion: `("ab", "c")` and `("a", "bc")` differ
@@ -36,8 +43,11 @@ use super::AuditEntry;
 /// `prev_hash` of row 1: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// First bytes of every canonical encoding (format tag and version).
+/// First bytes of the canonical encoding of a row without a trace id (format tag, version 1).
 pub const ENCODING_TAG: &[u8; 8] = b"SLAUDIT1";
+
+/// First bytes of the canonical encoding of a row with a trace id (version 2).
+pub const ENCODING_TAG_V2: &[u8; 8] = b"SLAUDIT2";
 
 /// Longest stored text field, in bytes; longer values are cut at a character boundary.
 pub const MAX_FIELD_BYTES: usize = 1024;
@@ -91,6 +101,7 @@ pub(crate) struct Fields {
     pub(crate) latency_us: i64,
     pub(crate) redactions: i64,
     pub(crate) streamed: i64,
+    pub(crate) trace_id: String,
 }
 
 impl Fields {
@@ -111,6 +122,7 @@ impl Fields {
             latency_us: clamp_i64(e.latency_us),
             redactions: i64::from(e.redactions),
             streamed: i64::from(e.streamed),
+            trace_id: clip(e.trace_id),
         }
     }
 
@@ -132,10 +144,12 @@ impl Fields {
             &self.model,
             &self.upstream,
             &self.error_code,
+            &self.trace_id,
         ];
         let mut out =
             Vec::with_capacity(8 + 7 * 8 + strings.iter().map(|s| 8 + s.len()).sum::<usize>());
-        out.extend_from_slice(ENCODING_TAG);
+        let v2 = !self.trace_id.is_empty();
+        out.extend_from_slice(if v2 { ENCODING_TAG_V2 } else { ENCODING_TAG });
         int(&mut out, self.time_ms);
         text(&mut out, &self.request_id);
         text(&mut out, &self.subject);
@@ -151,6 +165,9 @@ impl Fields {
         int(&mut out, self.latency_us);
         int(&mut out, self.redactions);
         int(&mut out, self.streamed);
+        if v2 {
+            text(&mut out, &self.trace_id);
+        }
         out
     }
 
@@ -191,6 +208,7 @@ mod vector {
             latency_us: 56_789,
             redactions: 1,
             streamed: true,
+            trace_id: String::new(),
         }
     }
 
@@ -212,6 +230,7 @@ mod vector {
             latency_us: 0,
             redactions: 0,
             streamed: false,
+            trace_id: String::new(),
         }
     }
 
@@ -247,6 +266,37 @@ mod vector {
         // A previous hash that is not 64 lowercase hex digits is refused.
         assert_eq!(chain_hash(&ROW1_HASH.to_uppercase(), &row2()), None);
         assert_eq!(chain_hash("00", &row2()), None);
+    }
+
+    /// Row 1 with a trace id: version 2 (its own tag, the trace id appended).
+    const ROW1_TRACED_HASH: &str =
+        "3567e97cad205f2a424ee38003797f933b71bb2d9287a1437daa8b73090e02ed";
+
+    #[test]
+    fn a_row_with_a_trace_id_is_version_2_and_a_row_without_is_unchanged() {
+        // Without a trace id the encoding is version 1, byte for byte (the vector above): rows
+        // written before the field existed verify as they did.
+        assert_eq!(hex::encode(canonical_encoding(&row1())), ROW1_ENCODING);
+        let mut traced = row1();
+        traced.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into();
+        let e = canonical_encoding(&traced);
+        assert_eq!(&e[..8], ENCODING_TAG_V2);
+        // The v1 body after the tag, then s(trace_id).
+        let v1 = canonical_encoding(&row1());
+        assert_eq!(&e[8..206], &v1[8..]);
+        assert_eq!(&e[206..214], &32u64.to_be_bytes());
+        assert_eq!(&e[214..], traced.trace_id.as_bytes());
+        assert_eq!(
+            chain_hash(GENESIS_HASH, &traced).as_deref(),
+            Some(ROW1_TRACED_HASH)
+        );
+        // Another trace id is another hash.
+        let mut other = traced.clone();
+        other.trace_id = "4bf92f3577b34da6a3ce929d0e0e4737".into();
+        assert_ne!(
+            chain_hash(GENESIS_HASH, &other),
+            chain_hash(GENESIS_HASH, &traced)
+        );
     }
 
     #[test]

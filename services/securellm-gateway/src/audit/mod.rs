@@ -111,7 +111,7 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 const COLUMNS: &str = "id, time_ms, request_id, subject, key_id, client_addr, endpoint, model, \
      upstream, status, error_code, prompt_tokens, completion_tokens, latency_us, redactions, \
-     streamed, prev_hash, row_hash";
+     streamed, trace_id, prev_hash, row_hash";
 
 /// Audit log errors.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +153,9 @@ pub struct AuditEntry {
     pub latency_us: u64,
     pub redactions: u32,
     pub streamed: bool,
+    /// The request's trace (W3C trace id, 32 lowercase hex digits), empty when none.
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 /// A stored row: the entry plus its place in the chain.
@@ -702,6 +705,13 @@ impl Fields {
             latency_us: r.try_get("latency_us")?,
             redactions: r.try_get("redactions")?,
             streamed: r.try_get("streamed")?,
+            // A log written before the column existed and read without migrating it
+            // (`verify_file`): no trace ids.
+            trace_id: match r.try_get("trace_id") {
+                Ok(t) => t,
+                Err(sqlx::Error::ColumnNotFound(_)) => String::new(),
+                Err(e) => return Err(e),
+            },
         })
     }
 
@@ -736,6 +746,7 @@ impl Fields {
             latency_us: conv(id, "latency_us", self.latency_us)?,
             redactions: conv(id, "redactions", self.redactions)?,
             streamed,
+            trace_id: self.trace_id,
         })
     }
 }

@@ -54,6 +54,12 @@ fn entry(n: u64) -> AuditEntry {
         latency_us: 1000 + n,
         redactions: u32::try_from(n % 3).unwrap(),
         streamed: n % 2 == 1,
+        // Most rows belong to a trace; every fourth has none (hashed as format version 1).
+        trace_id: if n.is_multiple_of(4) {
+            String::new()
+        } else {
+            format!("{:032x}", 0xabc0_0000 + n)
+        },
     }
 }
 
@@ -94,34 +100,127 @@ async fn insert_raw(path: &Path, id: i64, e: &AuditEntry, prev: &str, hash: &str
         .await
         .unwrap();
     let f = Fields::from_entry(e.clone());
-    sqlx::query(
+    // Without a trace id, the columns of the first schema (also a log that never migrated).
+    let sql = if f.trace_id.is_empty() {
         "INSERT INTO audit (id, time_ms, request_id, subject, key_id, client_addr, endpoint, \
          model, upstream, status, error_code, prompt_tokens, completion_tokens, latency_us, \
          redactions, streamed, prev_hash, row_hash) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    } else {
+        "INSERT INTO audit (id, time_ms, request_id, subject, key_id, client_addr, endpoint, \
+         model, upstream, status, error_code, prompt_tokens, completion_tokens, latency_us, \
+         redactions, streamed, prev_hash, row_hash, trace_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    };
+    let q = sqlx::query(sql)
+        .bind(id)
+        .bind(f.time_ms)
+        .bind(f.request_id)
+        .bind(f.subject)
+        .bind(f.key_id)
+        .bind(f.client_addr)
+        .bind(f.endpoint)
+        .bind(f.model)
+        .bind(f.upstream)
+        .bind(f.status)
+        .bind(f.error_code)
+        .bind(f.prompt_tokens)
+        .bind(f.completion_tokens)
+        .bind(f.latency_us)
+        .bind(f.redactions)
+        .bind(f.streamed)
+        .bind(prev)
+        .bind(hash);
+    let q = if f.trace_id.is_empty() {
+        q
+    } else {
+        q.bind(f.trace_id)
+    };
+    q.execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_log_written_before_trace_ids_verifies_before_and_after_the_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    // The first schema only, as a gateway without trace ids left it, and a chain of its rows
+    // hashed in format version 1 (no trace id).
+    let mut conn = SqliteConnection::connect_with(
+        &SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
     )
-    .bind(id)
-    .bind(f.time_ms)
-    .bind(f.request_id)
-    .bind(f.subject)
-    .bind(f.key_id)
-    .bind(f.client_addr)
-    .bind(f.endpoint)
-    .bind(f.model)
-    .bind(f.upstream)
-    .bind(f.status)
-    .bind(f.error_code)
-    .bind(f.prompt_tokens)
-    .bind(f.completion_tokens)
-    .bind(f.latency_us)
-    .bind(f.redactions)
-    .bind(f.streamed)
-    .bind(prev)
-    .bind(hash)
-    .execute(&mut conn)
     .await
     .unwrap();
+    sqlx::raw_sql(include_str!("../../migrations/0001_audit.sql"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     conn.close().await.unwrap();
+    let mut prev = GENESIS_HASH.to_string();
+    for id in 1..=5 {
+        let mut e = entry(id);
+        e.trace_id = String::new();
+        let hash = chain_hash(&prev, &e).unwrap();
+        insert_raw(&path, id as i64, &e, &prev, &hash).await;
+        prev = hash;
+    }
+    tamper(
+        &path,
+        &format!("UPDATE audit_head SET last_id = 5, last_hash = '{prev}' WHERE id = 1"),
+    )
+    .await;
+    // Read-only, without migrating: the old file verifies.
+    let r = verify_file(&path).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.rows_checked, 5);
+    // Opened by this gateway (migrated: a trace_id column), the old rows still verify, read as
+    // having no trace id, and new rows with trace ids extend the same chain.
+    let log = AuditLog::open(&path).await.unwrap();
+    assert_eq!(row(&log, 3).await.entry.trace_id, "");
+    let mut traced = entry(6);
+    traced.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into();
+    log.append(traced).await.unwrap();
+    log.append(entry(7)).await.unwrap();
+    let r = log.verify().await.unwrap();
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.rows_checked, 7);
+    assert_eq!(
+        row(&log, 6).await.entry.trace_id,
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(row(&log, 6).await.prev_hash, prev);
+    assert_eq!(verify_file(&path).await.unwrap(), r);
+}
+
+#[tokio::test]
+async fn an_edited_trace_id_breaks_the_chain() {
+    let (_dir, path, log) = fresh(10).await;
+    assert!(log.verify().await.unwrap().ok);
+    assert_eq!(
+        row(&log, 3).await.entry.trace_id,
+        format!("{:032x}", 0xabc0_0003u64)
+    );
+    tamper(
+        &path,
+        "UPDATE audit SET trace_id = '00000000000000000000000000000001' WHERE id = 3",
+    )
+    .await;
+    assert_bad(&log.verify().await.unwrap(), Some(3), TamperKind::Edited);
+
+    // A trace id added to a row that had none, and one removed, are edits too.
+    let (_dir, path, log) = fresh(10).await;
+    assert_eq!(row(&log, 4).await.entry.trace_id, "");
+    tamper(
+        &path,
+        "UPDATE audit SET trace_id = '4bf92f3577b34da6a3ce929d0e0e4736' WHERE id = 4",
+    )
+    .await;
+    assert_bad(&log.verify().await.unwrap(), Some(4), TamperKind::Edited);
+    let (_dir, path, log) = fresh(10).await;
+    tamper(&path, "UPDATE audit SET trace_id = '' WHERE id = 2").await;
+    assert_bad(&log.verify().await.unwrap(), Some(2), TamperKind::Edited);
 }
 
 async fn row(log: &AuditLog, id: i64) -> AuditRow {
@@ -177,6 +276,7 @@ fn encoding_is_length_prefixed_and_matches_the_documented_vector() {
         latency_us: 5678,
         redactions: 1,
         streamed: true,
+        trace_id: String::new(),
     };
     assert_eq!(
         chain_hash(GENESIS_HASH, &e).unwrap(),

@@ -153,7 +153,7 @@ async fn write_batch(
         })?;
         links.push((id, std::mem::replace(&mut hash, row_hash.clone()), row_hash));
     }
-    // Multi-row INSERTs (18 parameters a row, well under SQLite's 32766) of power-of-two sizes
+    // Multi-row INSERTs (19 parameters a row, well under SQLite's 32766) of power-of-two sizes
     // up to ROWS_PER_INSERT: at most seven distinct statements, so each is prepared once and then
     // comes from the connection's statement cache (a statement per batch size would be prepared
     // on almost every batch).
@@ -165,7 +165,7 @@ async fn write_batch(
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO audit (id, time_ms, request_id, subject, key_id, client_addr, endpoint, \
              model, upstream, status, error_code, prompt_tokens, completion_tokens, latency_us, \
-             redactions, streamed, prev_hash, row_hash) ",
+             redactions, streamed, trace_id, prev_hash, row_hash) ",
         );
         qb.push_values(
             rows.iter().zip(chain),
@@ -186,6 +186,7 @@ async fn write_batch(
                     .push_bind(f.latency_us)
                     .push_bind(f.redactions)
                     .push_bind(f.streamed)
+                    .push_bind(f.trace_id.clone())
                     .push_bind(prev.clone())
                     .push_bind(row_hash.clone());
             },

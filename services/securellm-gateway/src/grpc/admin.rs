@@ -486,6 +486,7 @@ impl GatewayAdmin for AdminService {
                             streamed: e.streamed,
                             prev_hash: r.prev_hash,
                             row_hash: r.row_hash,
+                            trace_id: e.trace_id,
                         }
                     })
                     .collect(),

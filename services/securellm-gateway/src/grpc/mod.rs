@@ -17,6 +17,7 @@ use securellm_proto::v1 as pb;
 use securellm_proto::v1::gateway_server::{Gateway, GatewayServer};
 use tonic::metadata::{BinaryMetadataValue, MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::pipeline::{self, Caller, Mode, Reply};
@@ -85,6 +86,14 @@ where
     }
 
     fn call(&mut self, req: HttpReq) -> Self::Future {
+        // The request span: a child of the `grpc.server` span of `GrpcTraceLayer` (which
+        // continued the caller's trace), open until the response body ends.
+        let span = crate::request_span!(
+            req.uri().path().trim_start_matches('/'),
+            rpc.system = "grpc",
+        );
+        let _enter = span.enter();
+        let trace_id = securellm_common::telemetry::trace_id(Some(req.headers()));
         let header = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
         let rid = pipeline::request_id(header("x-request-id"));
         let client = req
@@ -94,7 +103,14 @@ where
             .map(|a| a.ip().to_string())
             .unwrap_or_default();
         let label = format!("grpc:{}", req.uri().path());
-        match pipeline::authenticate(&self.state, &client, &rid, &label, header("authorization")) {
+        match pipeline::authenticate(
+            &self.state,
+            &client,
+            &rid,
+            &label,
+            header("authorization"),
+            trace_id,
+        ) {
             Err(e) => {
                 let mut st = status_of(&e);
                 if let Ok(v) = MetadataValue::try_from(rid.as_str()) {
@@ -127,10 +143,12 @@ where
                         endpoint: label.clone(),
                         status: 408,
                         error_code: "request_timeout".into(),
+                        trace_id: caller.trace_id.clone(),
                         ..Default::default()
                     },
                 );
                 let on_timeout = Box::new(move || {
+                    crate::observe::request(&entry);
                     audit.append_nowait(entry);
                     let e = ApiError::new(
                         StatusCode::REQUEST_TIMEOUT,
@@ -153,10 +171,29 @@ where
                 // The clone that was made ready is the one that serves (tower's rule).
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);
-                Box::pin(async move {
-                    let r = ready.call(req).await?;
-                    Ok(r.map(|b| tonic::body::Body::new(crate::listener::Guarded::new(b, slot))))
-                })
+                let answer = ready.call(req);
+                drop(_enter);
+                if span.is_none() {
+                    return Box::pin(async move {
+                        let r = answer.await?;
+                        Ok(r.map(|b| {
+                            tonic::body::Body::new(crate::listener::Guarded::new(b, slot))
+                        }))
+                    });
+                }
+                Box::pin(
+                    async move {
+                        let r = answer.await?;
+                        let span = tracing::Span::current();
+                        Ok(r.map(|b| {
+                            tonic::body::Body::new(crate::listener::InSpan::new(
+                                crate::listener::Guarded::new(b, slot),
+                                span,
+                            ))
+                        }))
+                    }
+                    .instrument(span.clone()),
+                )
             }
         }
     }
@@ -239,7 +276,8 @@ impl GatewayService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let caller = pipeline::authenticate(&self.state, &client, &rid, &label, authz)
+        // (Not reached through the server, whose `AuthFirst` authenticates every call.)
+        let caller = pipeline::authenticate(&self.state, &client, &rid, &label, authz, None)
             .map_err(|e| status_of(&e))?;
         Ok((caller, rid, label))
     }

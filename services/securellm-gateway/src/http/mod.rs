@@ -24,8 +24,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use securellm_common::telemetry;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::listener::BodyTimedOut;
@@ -68,7 +69,7 @@ pub fn router(state: Shared, max_body: usize, body_read_timeout: Duration) -> Ro
             body_read_timeout,
             body_deadline,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(trace))
         .with_state(state)
 }
 
@@ -95,7 +96,8 @@ async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) ->
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let path = req.uri().path().to_string();
-    match pipeline::authenticate(&st, &client, &rid, &path, authz) {
+    let trace_id = telemetry::trace_id(Some(req.headers()));
+    match pipeline::authenticate(&st, &client, &rid, &path, authz, trace_id) {
         Ok(caller) => {
             let slot = match crate::limits::inflight::admit(&st, &caller, &rid, &path) {
                 Ok(slot) => slot,
@@ -108,6 +110,40 @@ async fn authenticate(State(st): State<Shared>, mut req: Request, next: Next) ->
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// The route a path is served by, as the span's `http.route` (a closed set, never the raw path).
+pub fn route_of(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/embeddings" => "/v1/embeddings",
+        "/v1/models" => "/v1/models",
+        "/health" => "/health",
+        "/ready" => "/ready",
+        _ => "other",
+    }
+}
+
+/// Trace: while traces are exported, each request runs in a server span (HTTP semantic
+/// conventions) that continues the caller's `traceparent` and stays open until the response body
+/// has ended (a stream's last event); the pipeline's steps are its children. With export off this
+/// is one branch.
+async fn trace(req: Request, next: Next) -> Response {
+    if !telemetry::enabled() {
+        return next.run(req).await;
+    }
+    let route = route_of(req.uri().path());
+    let span = crate::request_span!(
+        format_args!("{} {route}", req.method()),
+        http.request.method = %req.method(),
+        http.route = route,
+        url.scheme = "http",
+    );
+    telemetry::continue_trace(&span, req.headers());
+    let r = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", r.status().as_u16());
+    r.map(|b| Body::new(crate::listener::InSpan::new(b, span)))
 }
 
 /// Gives the request body a deadline: `total` from now (the request head has arrived).

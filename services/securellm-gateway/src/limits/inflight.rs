@@ -131,7 +131,7 @@ pub fn admit(
     let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
         .code("rate_limit_exceeded")
         .header("retry-after", "1".to_string());
-    st.audit.append_nowait(AuditEntry {
+    let entry = AuditEntry {
         time_ms: now_ms(),
         request_id: request_id.to_string(),
         subject: caller.key.subject.clone(),
@@ -140,8 +140,12 @@ pub fn admit(
         endpoint: endpoint.to_string(),
         status: e.status.as_u16(),
         error_code: "too_many_requests_in_progress".into(),
+        trace_id: caller.trace_id.clone(),
         ..AuditEntry::default()
-    });
+    };
+    crate::observe::rate_limited("in_progress");
+    crate::observe::request(&entry);
+    st.audit.append_nowait(entry);
     Err(e)
 }
 

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use securellm_common::time::now_ms;
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::audit::AuditEntry;
 use crate::auth::keys::KeyRecord;
@@ -35,6 +36,8 @@ pub struct Caller {
     pub key: KeyRecord,
     /// The client's IP address (rate limits on failed authentication, audit).
     pub client: String,
+    /// The trace the request belongs to (32 hex digits), for its audit row; empty if none.
+    pub trace_id: String,
 }
 
 /// The request id a client sent, if usable (1..=128 printable ASCII bytes), else a new one.
@@ -66,24 +69,33 @@ fn new_request_id() -> String {
 
 /// Authenticate `Authorization: Bearer <API key or JWT>`. A failure is audited (aggregated per
 /// address and window: [`crate::audit::AuditLog::append_auth_failure`]) and counts against the
-/// client address's failed-authentication limit.
+/// client address's failed-authentication limit. `trace_id`: the trace the request belongs to
+/// (see [`securellm_common::telemetry::trace_id`]), recorded in its audit rows.
 pub fn authenticate(
     st: &AppState,
     client: &str,
     request_id: &str,
     endpoint: &str,
     authorization: Option<&str>,
+    trace_id: Option<String>,
 ) -> Result<Caller, ApiError> {
-    let deny = |e: ApiError| {
-        st.audit.append_auth_failure(AuditEntry {
+    let request_span = crate::observe::current_span();
+    let span = crate::req_span!("authenticate");
+    let _enter = span.enter();
+    let deny = |e: ApiError, trace_id: Option<String>| {
+        let entry = AuditEntry {
             time_ms: now_ms(),
             request_id: request_id.to_string(),
             client_addr: client.to_string(),
             endpoint: endpoint.to_string(),
             status: e.status.as_u16(),
             error_code: e.code.unwrap_or("").to_string(),
+            trace_id: trace_id.unwrap_or_default(),
             ..AuditEntry::default()
-        });
+        };
+        crate::observe::request(&entry);
+        request_span.record("error.type", e.code.unwrap_or(e.kind));
+        st.audit.append_auth_failure(entry);
         e
     };
     // The credential first: a valid one is never locked out by someone else's failures from the
@@ -95,24 +107,32 @@ pub fn authenticate(
         })
         .map(str::trim)
         .unwrap_or("");
+    // The reason a credential is refused, as the `auth_failures_total` metric names it.
+    let mut reason = "invalid";
     let verdict: Result<KeyRecord, ApiError> = if token.is_empty() {
+        reason = "missing";
         Err(ApiError::unauthorized(
             "You didn't provide an API key. Send it as `Authorization: Bearer sk-...`.",
         ))
     } else {
         match (&st.jwt, st.keys.lookup(token)) {
             (_, Some(k)) => Ok(k),
-            (Some(v), None) if crate::auth::jwt::JwtVerifier::looks_like_jwt(token) => v
-                .verify(token)
-                .map_err(|why| ApiError::unauthorized(format!("Invalid bearer token: {why}."))),
+            (Some(v), None) if crate::auth::jwt::JwtVerifier::looks_like_jwt(token) => {
+                v.verify(token).map_err(|why| {
+                    reason = "jwt";
+                    ApiError::unauthorized(format!("Invalid bearer token: {why}."))
+                })
+            }
             _ => Err(ApiError::unauthorized("Incorrect API key provided.")),
         }
         .and_then(|k| {
             if k.active(now_ms()) {
                 Ok(k)
             } else if k.revoked_ms.is_some() {
+                reason = "revoked";
                 Err(ApiError::unauthorized("This API key has been revoked."))
             } else {
+                reason = "expired";
                 Err(ApiError::unauthorized("This API key has expired."))
             }
         })
@@ -120,7 +140,9 @@ pub fn authenticate(
     let key = match verdict {
         Ok(k) => k,
         Err(e) => {
+            crate::observe::auth_failure(reason);
             if let Some(wait) = st.limits.auth_blocked(client) {
+                crate::observe::rate_limited("auth_failures");
                 return Err(deny(
                     ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
@@ -129,15 +151,18 @@ pub fn authenticate(
                     )
                     .code("rate_limit_exceeded")
                     .header("retry-after", wait.as_secs().max(1).to_string()),
+                    trace_id,
                 ));
             }
             st.limits.auth_failed(client);
-            return Err(deny(e));
+            return Err(deny(e, trace_id));
         }
     };
+    request_span.record("securellm.key_id", key.id.as_str());
     Ok(Caller {
         key,
         client: client.to_string(),
+        trace_id: trace_id.unwrap_or_default(),
     })
 }
 
@@ -173,8 +198,16 @@ pub async fn list_models(
         upstream: "registry".into(),
         status: out.as_ref().map_or_else(|e| e.status.as_u16(), |_| 200),
         latency_us: started.elapsed().as_micros() as u64,
+        trace_id: caller.trace_id.clone(),
         ..AuditEntry::default()
     };
+    if let Ok(ms) = &out {
+        for m in ms {
+            crate::observe::learn_model(&m.id);
+        }
+    }
+    crate::observe::request(&entry);
+    crate::observe::first_byte(endpoint, started.elapsed());
     if st.audit_sync && out.is_ok() {
         // Fail-closed: no answer before its row is committed.
         st.audit
@@ -217,6 +250,10 @@ pub struct AuditGuard {
     started: Instant,
     /// Committed already (`audit_mode = "sync"`).
     written: bool,
+    /// The request's span (`Span::none()` unless traces are exported).
+    span: tracing::Span,
+    /// `local` or `cloud` (the `upstream_errors_total` label).
+    upstream_kind: &'static str,
 }
 
 const CLIENT_CLOSED: u16 = 499;
@@ -235,6 +272,23 @@ impl AuditGuard {
         self.entry.status = e.status.as_u16();
         self.entry.error_code = e.code.unwrap_or(e.kind).to_string();
     }
+
+    /// The row is final: its latency, the request's metrics and span attributes.
+    fn finalize(&mut self) {
+        self.entry.latency_us = self.started.elapsed().as_micros() as u64;
+        crate::observe::request(&self.entry);
+        if !self.span.is_none() {
+            let e = &self.entry;
+            self.span.record("http.response.status_code", e.status);
+            self.span
+                .record("gen_ai.usage.input_tokens", e.prompt_tokens);
+            self.span
+                .record("gen_ai.usage.output_tokens", e.completion_tokens);
+            if e.status >= 400 {
+                self.span.record("error.type", e.error_code.as_str());
+            }
+        }
+    }
 }
 
 impl AuditGuard {
@@ -250,7 +304,7 @@ impl AuditGuard {
             .reserve()
             .await
             .map_err(|e| audit_unavailable(&e))?;
-        self.entry.latency_us = self.started.elapsed().as_micros() as u64;
+        self.finalize();
         self.written = true;
         permit
             .send(std::mem::take(&mut self.entry))
@@ -265,7 +319,7 @@ impl Drop for AuditGuard {
         if self.written {
             return;
         }
-        self.entry.latency_us = self.started.elapsed().as_micros() as u64;
+        self.finalize();
         self.st.audit.append_nowait(std::mem::take(&mut self.entry));
     }
 }
@@ -315,6 +369,15 @@ pub async fn infer(
     endpoint: Endpoint,
     mode: Mode,
 ) -> Result<Answer, ApiError> {
+    let span = crate::observe::current_span();
+    span.record(
+        "gen_ai.operation.name",
+        match endpoint {
+            Endpoint::Chat => "chat",
+            Endpoint::Completions => "text_completion",
+            Endpoint::Embeddings => "embeddings",
+        },
+    );
     let mut audit = AuditGuard {
         st: st.clone(),
         entry: AuditEntry {
@@ -327,10 +390,13 @@ pub async fn infer(
             upstream: "local".into(),
             status: CLIENT_CLOSED,
             error_code: "client_closed_request".into(),
+            trace_id: caller.trace_id.clone(),
             ..AuditEntry::default()
         },
         started: Instant::now(),
         written: false,
+        span,
+        upstream_kind: "local",
     };
     // The whole request until its answer starts (a model load included) is bounded here, so a
     // time-out is audited as the 504 the caller gets.
@@ -356,9 +422,16 @@ pub async fn infer(
             let model = audit.entry.model.clone();
             let upstream = audit.entry.upstream.clone();
             let reply = match reply {
-                Reply::Stream(items) => Reply::Stream(account(items, audit, finish)),
+                Reply::Stream(items) => {
+                    crate::observe::learn_model(&model);
+                    Reply::Stream(account(items, audit, finish))
+                }
                 complete => {
                     if let Reply::Complete { status, usage, .. } = &complete {
+                        if *status < 400 {
+                            crate::observe::learn_model(&model);
+                        }
+                        crate::observe::first_byte(&audit.entry.endpoint, audit.started.elapsed());
                         audit.succeed(*status);
                         audit.entry.prompt_tokens = usage.prompt;
                         audit.entry.completion_tokens = usage.completion;
@@ -450,10 +523,17 @@ fn account(items: ItemStream, audit: AuditGuard, finish: Finish) -> RelayStream 
                     (items, Some((audit, finish, usage))),
                 )),
                 Some(Ok(d)) => {
+                    if finish.relayed == 0 {
+                        crate::observe::first_byte(&audit.entry.endpoint, audit.started.elapsed());
+                    }
                     finish.relayed = finish.relayed.saturating_add(1);
                     Some((Ok(d), (items, Some((audit, finish, usage)))))
                 }
                 Some(Err(e)) => {
+                    crate::observe::upstream_error(
+                        audit.upstream_kind,
+                        crate::observe::upstream_error_class(e.status.as_u16(), e.code),
+                    );
                     audit.fail(&e);
                     audit.entry.prompt_tokens = usage.prompt;
                     audit.entry.completion_tokens = usage.completion;
@@ -514,6 +594,7 @@ async fn infer_inner(
         }
     };
     audit.entry.model = model.clone();
+    audit.span.record("gen_ai.request.model", model.as_str());
     // Authorize: a model outside the key's scopes is answered like an unknown one (as OpenAI does).
     if !caller.key.allows(&model) {
         return Err(ApiError::model_not_found(&model));
@@ -537,8 +618,15 @@ async fn infer_inner(
         .unwrap_or(false);
     // Route: a cloud upstream if one serves the model, else the local backend manager (a pure
     // lookup; nothing is sent yet).
-    let upstream = st.upstreams.route(&model);
+    let upstream = {
+        let _route = crate::req_span!("route").entered();
+        st.upstreams.route(&model)
+    };
     let reach = upstream.reach();
+    if matches!(reach, Reach::Remote(_)) {
+        audit.upstream_kind = "cloud";
+    }
+    audit.span.record("securellm.upstream", upstream.name());
     // Validate: the OpenAI schema, and the `max_tokens` cap (filled in for local models).
     let cap = crate::validate::cap(st.max_tokens_cap, caller.key.max_tokens);
     let remote = matches!(reach, Reach::Remote(_));
@@ -552,13 +640,22 @@ async fn infer_inner(
     };
     let prompt_estimate = estimate_prompt_tokens(&v);
     let estimate = checked.reservation(prompt_estimate, limits.tpm);
-    let (permit, mut rl_headers) = match st.limits.admit(&caller.key.id, &limits, estimate) {
+    let admission = {
+        let _rate_limit = crate::req_span!("rate_limit").entered();
+        st.limits.admit(&caller.key.id, &limits, estimate)
+    };
+    let (permit, mut rl_headers) = match admission {
         Admission::Allowed { permit, headers } => (permit, headers),
         Admission::Limited {
             retry_after,
             which,
             headers,
         } => {
+            crate::observe::rate_limited(match which {
+                crate::limits::ratelimit::LimitKind::Rpm => "requests",
+                crate::limits::ratelimit::LimitKind::Tpm => "tokens",
+                crate::limits::ratelimit::LimitKind::Concurrency => "concurrency",
+            });
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -594,9 +691,21 @@ async fn infer_inner(
         Reach::Local => rid,
         Reach::Remote(policy) => {
             let mut r = rid.to_string();
+            let _redact = crate::req_span!("redact").entered();
             match st.redactor.apply_to_upstream(&mut v, &mut r, policy) {
-                Ok(n) => audit.entry.redactions = u32::try_from(n).unwrap_or(u32::MAX),
+                Ok(n) => {
+                    crate::observe::redactions(
+                        if policy == crate::redact::Policy::Allow {
+                            "counted"
+                        } else {
+                            "redacted"
+                        },
+                        n,
+                    );
+                    audit.entry.redactions = u32::try_from(n).unwrap_or(u32::MAX)
+                }
                 Err(blocked) => {
+                    crate::observe::redactions("blocked", blocked.kinds.len());
                     return Err(ApiError::bad_request(format!(
                         "The request was blocked: it contains secrets ({}) and upstream {} does not accept them.",
                         blocked.kinds.join(", "),
@@ -623,15 +732,38 @@ async fn infer_inner(
         timeout: st.request_timeout,
         relay_usage,
     };
+    let upstream_kind = audit.upstream_kind;
+    let call = crate::req_span!(
+        "upstream",
+        otel.kind = "client",
+        securellm.upstream = upstream.name(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let failed = |e: ApiError| {
+        crate::observe::upstream_error(
+            upstream_kind,
+            crate::observe::upstream_error_class(e.status.as_u16(), e.code),
+        );
+        e
+    };
     let reply = if !stream {
-        let a = upstream.complete(request).await?;
+        let a = upstream
+            .complete(request)
+            .instrument(call.clone())
+            .await
+            .map_err(failed)?;
         Reply::Complete {
             status: a.status,
             body: a.body,
             usage: a.usage,
         }
     } else {
-        match upstream.stream(request).await? {
+        match upstream
+            .stream(request)
+            .instrument(call.clone())
+            .await
+            .map_err(failed)?
+        {
             StreamAnswer::Refused {
                 status,
                 body,
@@ -653,6 +785,15 @@ async fn infer_inner(
             }
         }
     };
+    if let Reply::Complete { status, .. } = &reply {
+        call.record("http.response.status_code", *status);
+        if *status >= 400 {
+            crate::observe::upstream_error(
+                upstream_kind,
+                crate::observe::upstream_error_class(*status, None),
+            );
+        }
+    }
     Ok((reply, rl_headers, finish))
 }
 

@@ -210,6 +210,7 @@ impl Fixture {
             "req-auth",
             "/v1/chat/completions",
             Some(&format!("Bearer {secret}")),
+            None,
         )
         .unwrap();
         (secret, caller)
@@ -288,11 +289,12 @@ async fn a_refused_credential_is_audited_and_never_reaches_an_upstream() {
         "req-bad-key",
         "/v1/chat/completions",
         Some("Bearer sk-not-a-key"),
+        None,
     )
     .unwrap_err();
     assert_eq!(e.status, StatusCode::UNAUTHORIZED);
     assert_eq!(e.code, Some("invalid_api_key"));
-    let e = authenticate(&f.st, "10.0.0.9", "req-no-key", "/v1/models", None).unwrap_err();
+    let e = authenticate(&f.st, "10.0.0.9", "req-no-key", "/v1/models", None, None).unwrap_err();
     assert_eq!(e.status, StatusCode::UNAUTHORIZED);
     let row = f.row("req-bad-key").await;
     assert_eq!(

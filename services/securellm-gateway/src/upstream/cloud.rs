@@ -414,7 +414,9 @@ impl Cloud {
                 if let Some(a) = &self.auth {
                     req = req.header(header::AUTHORIZATION, a.clone());
                 }
-                let req = req.body(Full::new(body)).map_err(|_| unreachable())?;
+                let mut req = req.body(Full::new(body)).map_err(|_| unreachable())?;
+                // The request's trace continues at the provider (W3C `traceparent`).
+                securellm_common::telemetry::inject_http(req.headers_mut());
                 let sent = client.request(req);
                 let resp = if stream {
                     sent.await
@@ -437,7 +439,11 @@ impl Cloud {
                 if !stream {
                     req = req.timeout(timeout);
                 }
-                Response::Reqwest(req.send().await.map_err(|e| {
+                // What `send` does, with the trace context added in between.
+                let mut req = req.build().map_err(|_| unreachable())?;
+                securellm_common::telemetry::inject_http(req.headers_mut());
+                let send = client.execute(req);
+                Response::Reqwest(send.await.map_err(|e| {
                     if e.is_timeout() {
                         timed_out()
                     } else {
