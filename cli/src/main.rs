@@ -49,7 +49,9 @@ enum Command {
     Load { model: String },
     /// Unload a model (drain, stop, release its lease).
     Unload { model: String },
-    /// The gateway's tamper-evident audit log: verify the chain, show the newest rows.
+    /// The tamper-evident logs: the gateway's audit log (one row per request) and the
+    /// scheduler's GPU decisions (who got memory, who was evicted for whom): verify both chains,
+    /// show the newest rows.
     Audit {
         #[command(subcommand)]
         action: audit::AuditAction,
