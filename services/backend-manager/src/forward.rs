@@ -168,14 +168,19 @@ pub struct Answer {
     pub usage: Option<Usage>,
 }
 
-/// `POST base+path` with the engine's API key, if any.
+/// `POST base+path` with the engine's API key, if any, and the current span's trace context.
 fn request(
     http: &reqwest::Client,
     base: &str,
     api_key: Option<&str>,
     endpoint: Endpoint,
 ) -> reqwest::RequestBuilder {
-    let req = http.post(format!("{base}{}", endpoint.path()));
+    // The trace goes on to the engine (a traced engine continues it).
+    let mut headers = reqwest::header::HeaderMap::new();
+    securellm_common::telemetry::inject_http(&mut headers);
+    let req = http
+        .post(format!("{base}{}", endpoint.path()))
+        .headers(headers);
     match api_key {
         Some(k) => req.bearer_auth(k),
         None => req,

@@ -12,11 +12,13 @@ use securellm_proto::v1::backend_manager_server::{BackendManager, BackendManager
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::config::ModelSettings;
 use crate::forward::{self, Endpoint, ForwardError, Usage};
 use crate::instance::{InstanceError, Ticket};
 use crate::manager::Manager;
+use crate::metrics;
 
 /// A request without a deadline gets this long (load included).
 const DEFAULT_DEADLINE_MS: u64 = 600_000;
@@ -79,6 +81,46 @@ async fn upstream_failure(e: ForwardError, ticket: &Ticket) -> Status {
         let _ = tokio::time::timeout(Duration::from_millis(500), abort.changed()).await;
     }
     forward_status(e, ticket)
+}
+
+/// The span of one call to the engine (OpenTelemetry HTTP client and `gen_ai` conventions);
+/// its context goes to the engine in `traceparent`.
+fn forward_span(endpoint: Endpoint, t: &Ticket, stream: bool) -> tracing::Span {
+    let operation = match endpoint {
+        Endpoint::Chat => "chat",
+        Endpoint::Completions => "text_completion",
+        Endpoint::Embeddings => "embeddings",
+    };
+    tracing::info_span!(
+        "backend.forward",
+        otel.name = %format_args!("POST {}", endpoint.path()),
+        otel.kind = "client",
+        http.request.method = "POST",
+        url.path = endpoint.path(),
+        gen_ai.operation.name = operation,
+        gen_ai.request.model = %t.model_name,
+        backend.instance = %t.instance_id,
+        backend.stream = stream,
+        http.response.status_code = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
+fn record_usage(span: &tracing::Span, u: Usage) {
+    span.record("gen_ai.usage.input_tokens", u.prompt);
+    span.record("gen_ai.usage.output_tokens", u.completion);
+}
+
+/// `error.type` of a failed call to the engine.
+fn forward_error_type(e: &ForwardError) -> &'static str {
+    match e {
+        ForwardError::InvalidBody(_) => "invalid_body",
+        ForwardError::Unreachable(_) => "unreachable",
+        ForwardError::Timeout => "timeout",
+        ForwardError::Broken(_) => "broken",
+    }
 }
 
 fn usage_pb(u: Usage) -> pb::TokenUsage {
@@ -156,11 +198,26 @@ impl BackendService {
         r: pb::InferenceRequest,
         endpoint: Endpoint,
     ) -> Result<Response<pb::InferenceResponse>, Status> {
+        let mut call = metrics::Request::begin(endpoint);
         let rid = request_id(&r)?;
         // Validate the body (one parse) before loading anything.
         let (body, _) = forward::validate_body(&r.body_json, endpoint, false)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (mut t, deadline) = self.ticket(&r, endpoint == Endpoint::Embeddings).await?;
+        let embeddings = endpoint == Endpoint::Embeddings;
+        let (mut t, deadline) = match self.ticket(&r, embeddings).await {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(name) = target(&r)
+                    .ok()
+                    .and_then(|(m, _)| self.manager.known_name(&m, embeddings))
+                {
+                    call.model(&name);
+                }
+                return Err(e);
+            }
+        };
+        call.model(&t.model_name);
+        let span = forward_span(endpoint, &t, false);
         let body = body
             .finish(&t.served_name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -168,17 +225,41 @@ impl BackendService {
         let timeout = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let http = self.manager.shared.http.clone();
         let mut abort = t.abort.clone();
+        let post = forward::post(
+            &http,
+            &t.endpoint,
+            t.api_key.as_deref(),
+            endpoint,
+            body,
+            &rid,
+            Some(timeout),
+        )
+        .instrument(span.clone());
         let answer = tokio::select! {
-            a = forward::post(&http, &t.endpoint, t.api_key.as_deref(), endpoint, body, &rid, Some(timeout)) => match a {
+            a = post => match a {
                 Ok(a) => a,
-                Err(e) => return Err(upstream_failure(e, &t).await),
+                Err(e) => {
+                    span.record("error.type", forward_error_type(&e));
+                    return Err(upstream_failure(e, &t).await);
+                }
             },
             _ = abort.changed() => {
+                span.record("error.type", "aborted");
                 let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
                 return Err(Status::aborted(reason));
             }
         };
         t.abort = abort;
+        span.record("http.response.status_code", answer.status);
+        if answer.status < 400 {
+            call.ok();
+        } else {
+            span.record("error.type", answer.status);
+        }
+        if let Some(u) = answer.usage {
+            record_usage(&span, u);
+            call.generated(u.completion);
+        }
         Ok(Response::new(pb::InferenceResponse {
             request_id: rid,
             http_status: u32::from(answer.status),
@@ -196,30 +277,35 @@ impl BackendService {
         r: pb::InferenceRequest,
         endpoint: Endpoint,
     ) -> Result<Response<ChunkStream>, Status> {
+        let call = metrics::Request::begin(endpoint);
         let rid = request_id(&r)?;
         let (body, caller_wants_usage) = forward::validate_body(&r.body_json, endpoint, true)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let no_deadline = r.deadline_ms == 0;
         let (model, deadline) = target(&r)?;
+        let reference = model.clone();
         // The ticket is fetched beside this call: a request that has to wait for its model tells
         // the caller where it stands (`progress` messages) before `start`.
         let (ptx, mut prx) = mpsc::unbounded_channel::<pb::LoadProgress>();
         let manager = self.manager.clone();
         let priority = r.priority;
-        let mut acquiring = tokio::spawn(async move {
-            manager
-                .acquire(
-                    &model,
-                    false,
-                    &ModelSettings::default(),
-                    deadline,
-                    priority,
-                    Some(&ptx),
-                )
-                .await
-                .map(|(_, t)| t)
-                .map_err(status_of)
-        });
+        let mut acquiring = tokio::spawn(
+            async move {
+                manager
+                    .acquire(
+                        &model,
+                        false,
+                        &ModelSettings::default(),
+                        deadline,
+                        priority,
+                        Some(&ptx),
+                    )
+                    .await
+                    .map(|(_, t)| t)
+                    .map_err(status_of)
+            }
+            .in_current_span(),
+        );
         let joined = |j: Result<Result<Ticket, Status>, tokio::task::JoinError>| {
             j.unwrap_or_else(|_| Err(Status::internal("the load task failed")))
         };
@@ -231,6 +317,8 @@ impl BackendService {
             deadline,
             no_deadline,
             caller_wants_usage,
+            call,
+            reference,
         };
         let (tx, rx) = mpsc::channel::<Result<pb::InferenceChunk, Status>>(32);
         let first = tokio::select! {
@@ -240,39 +328,45 @@ impl BackendService {
         };
         match first {
             // Ready at once (or failed at once): errors before the start are the call's status.
-            Err(t) => stream.start(t?, &tx).await?,
+            Err(t) => match t {
+                Ok(t) => stream.start(t, &tx).await?,
+                Err(e) => return Err(stream.failed(e)),
+            },
             Ok(p) => {
                 let mut next = p;
-                tokio::spawn(async move {
-                    let t = loop {
-                        if let Some(p) = next.take() {
-                            let chunk = pb::InferenceChunk {
-                                progress: Some(p),
-                                ..Default::default()
-                            };
-                            if tx.send(Ok(chunk)).await.is_err() {
-                                acquiring.abort();
-                                return;
+                tokio::spawn(
+                    async move {
+                        let t = loop {
+                            if let Some(p) = next.take() {
+                                let chunk = pb::InferenceChunk {
+                                    progress: Some(p),
+                                    ..Default::default()
+                                };
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    acquiring.abort();
+                                    return;
+                                }
                             }
+                            tokio::select! {
+                                biased;
+                                j = &mut acquiring => break joined(j),
+                                p = prx.recv() => match p {
+                                    Some(p) => next = Some(p),
+                                    None => break joined((&mut acquiring).await),
+                                },
+                                () = tx.closed() => { acquiring.abort(); return; }
+                            }
+                        };
+                        let r = match t {
+                            Ok(t) => stream.start(t, &tx).await,
+                            Err(e) => Err(stream.failed(e)),
+                        };
+                        if let Err(e) = r {
+                            let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(e))).await;
                         }
-                        tokio::select! {
-                            biased;
-                            j = &mut acquiring => break joined(j),
-                            p = prx.recv() => match p {
-                                Some(p) => next = Some(p),
-                                None => break joined((&mut acquiring).await),
-                            },
-                            () = tx.closed() => { acquiring.abort(); return; }
-                        }
-                    };
-                    let r = match t {
-                        Ok(t) => stream.start(t, &tx).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = r {
-                        let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(e))).await;
                     }
-                });
+                    .in_current_span(),
+                );
             }
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -289,9 +383,22 @@ struct PendingStream {
     deadline: u64,
     no_deadline: bool,
     caller_wants_usage: bool,
+    /// The call's metrics (counted when the stream ends).
+    call: metrics::Request,
+    /// The model reference the request named.
+    reference: String,
 }
 
 impl PendingStream {
+    /// The request could not get its model: counted (under the registry's name when it resolved)
+    /// as it drops.
+    fn failed(mut self, e: Status) -> Status {
+        if let Some(name) = self.manager.known_name(&self.reference, false) {
+            self.call.model(&name);
+        }
+        e
+    }
+
     /// Errors before `start` are returned; later ones end the stream through `tx`.
     async fn start(
         self,
@@ -306,7 +413,11 @@ impl PendingStream {
             deadline,
             no_deadline,
             caller_wants_usage,
+            mut call,
+            reference: _,
         } = self;
+        call.model(&t.model_name);
+        let span = forward_span(endpoint, &t, true);
         let tx = tx.clone();
         let body = body
             .finish(&t.served_name)
@@ -314,16 +425,35 @@ impl PendingStream {
         let http = manager.shared.http.clone();
         let first = Duration::from_millis(deadline.saturating_sub(now_ms()));
         let mut abort = t.abort.clone();
+        let post = forward::post_stream(
+            &http,
+            &t.endpoint,
+            t.api_key.as_deref(),
+            endpoint,
+            body,
+            &rid,
+            Some(first),
+        )
+        .instrument(span.clone());
         let answer = tokio::select! {
-            a = forward::post_stream(&http, &t.endpoint, t.api_key.as_deref(), endpoint, body, &rid, Some(first)) => match a {
+            a = post => match a {
                 Ok(a) => a,
-                Err(e) => return Err(upstream_failure(e, &t).await),
+                Err(e) => {
+                    span.record("error.type", forward_error_type(&e));
+                    return Err(upstream_failure(e, &t).await);
+                }
             },
             _ = abort.changed() => {
+                span.record("error.type", "aborted");
                 let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
                 return Err(Status::aborted(reason));
             }
         };
+        span.record("http.response.status_code", answer.status);
+        let upstream_ok = answer.status < 400;
+        if !upstream_ok {
+            span.record("error.type", answer.status);
+        }
         let start = pb::InferenceChunk {
             start: Some(pb::InferenceStreamStart {
                 request_id: rid,
@@ -349,7 +479,10 @@ impl PendingStream {
             } else {
                 Duration::from_millis(deadline.saturating_sub(now_ms()))
             };
+        let relay_span = span.clone();
         tokio::spawn(async move {
+            let span = relay_span;
+            let mut call = call;
             let t = t; // held until the stream ends: in-flight accounting
             let mut abort = t.abort.clone();
             let deadline = tokio::time::sleep_until(end);
@@ -375,14 +508,32 @@ impl PendingStream {
                         return;
                     }
                     ev = events.next() => match ev {
-                        None => return,
+                        None => {
+                            if upstream_ok {
+                                call.ok();
+                            }
+                            return;
+                        }
                         Some(Ok(data)) => {
                             streaming = true;
                             let v: Option<serde_json::Value> = serde_json::from_slice(&data).ok();
                             let usage = v.as_ref().and_then(forward::usage_of);
+                            let no_choices = v.as_ref().and_then(|v| v.get("choices")).and_then(|c| c.as_array()).is_some_and(|c| c.is_empty());
                             let usage_only = !caller_wants_usage
                                 && usage.is_some()
-                                && v.as_ref().and_then(|v| v.get("choices")).and_then(|c| c.as_array()).is_some_and(|c| c.is_empty());
+                                && no_choices;
+                            if !no_choices
+                                && let Some(ttft) = call.token()
+                            {
+                                tracing::info!(
+                                    ttft_ms = ttft.as_millis() as u64,
+                                    "first token"
+                                );
+                            }
+                            if let Some(u) = usage {
+                                record_usage(&span, u);
+                                call.generated(u.completion);
+                            }
                             let chunk = pb::InferenceChunk {
                                 start: None,
                                 data_json: data.to_vec(),
@@ -407,6 +558,7 @@ impl PendingStream {
                         }
                     },
                     _ = abort.changed() => {
+                        span.record("error.type", "aborted");
                         let reason = abort.borrow().clone().unwrap_or_else(|| "the backend stopped".into());
                         let _ = tokio::time::timeout(FINAL_SEND, tx.send(Err(Status::aborted(reason)))).await;
                         return;
@@ -414,7 +566,7 @@ impl PendingStream {
                     () = tx.closed() => return,
                 }
             }
-        });
+        }.instrument(span));
         Ok(())
     }
 }

@@ -24,6 +24,7 @@ use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
+use tracing::Instrument;
 
 use crate::backend::{Backend, Backends, Measured, StartSpec, Started};
 use crate::config::{BackendConfig, Effective};
@@ -75,12 +76,30 @@ pub enum InstanceError {
     ModelNotFound(String),
 }
 
+impl InstanceError {
+    /// A short, closed name of the error's kind (`error.type` on spans).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InstanceError::Unavailable(_) => "unavailable",
+            InstanceError::ResourceExhausted(_) => "resource_exhausted",
+            InstanceError::DeadlineExceeded(_) => "deadline_exceeded",
+            InstanceError::Aborted(_) => "aborted",
+            InstanceError::InvalidArgument(_) => "invalid_argument",
+            InstanceError::FailedPrecondition(_) => "failed_precondition",
+            InstanceError::NotFound(_) => "not_found",
+            InstanceError::ModelNotFound(_) => "model_not_found",
+        }
+    }
+}
+
 /// Permission to send one request to the upstream. Dropping it ends the request's accounting.
 pub struct Ticket {
     pub endpoint: String,
     /// The engine's per-instance API key, sent with the request (never logged).
     pub api_key: Option<Arc<str>>,
     pub model_id: String,
+    /// The model's name as the registry knows it (the `model` label of metrics).
+    pub model_name: String,
     pub served_name: String,
     pub instance_id: String,
     pub load_wait_ms: u64,
@@ -103,11 +122,15 @@ enum Command {
         deadline_ms: u64,
         priority: Option<i32>,
         reply: oneshot::Sender<Result<Ticket, InstanceError>>,
+        /// The caller's span: a load this request causes is traced under it.
+        span: tracing::Span,
     },
     Unload {
         drain_timeout_ms: u64,
         force: bool,
         reply: oneshot::Sender<bool>,
+        /// The life cycle's words for it (`unload requested`, `shutdown`).
+        reason: &'static str,
     },
     Evict {
         lease_id: String,
@@ -182,6 +205,7 @@ impl InstanceHandle {
                     deadline_ms,
                     priority,
                     reply,
+                    span: tracing::Span::current(),
                 })
                 .await
                 .map_err(|_| {
@@ -220,6 +244,22 @@ impl InstanceHandle {
 
     /// Unload; resolves to whether it was loaded, after the lease was released.
     pub async fn unload(&self, drain_timeout_ms: u64, force: bool) -> bool {
+        self.unload_because(drain_timeout_ms, force, "unload requested")
+            .await
+    }
+
+    /// [`Self::unload`] because the manager shuts down.
+    pub async fn shutdown(&self, drain_timeout_ms: u64) -> bool {
+        self.unload_because(drain_timeout_ms, false, "shutdown")
+            .await
+    }
+
+    async fn unload_because(
+        &self,
+        drain_timeout_ms: u64,
+        force: bool,
+        reason: &'static str,
+    ) -> bool {
         let (reply, rx) = oneshot::channel();
         let _ = self
             .tx
@@ -227,6 +267,7 @@ impl InstanceHandle {
                 drain_timeout_ms,
                 force,
                 reply,
+                reason,
             })
             .await;
         rx.await.unwrap_or(false)
@@ -286,6 +327,15 @@ struct Actor {
     abort: watch::Sender<Option<String>>,
     /// What waiting requests are told (see [`InstanceHandle::progress`]).
     progress: watch::Sender<pb::LoadProgress>,
+    /// The span of the latest acquire: a load it starts is traced under it.
+    cause: tracing::Span,
+    /// The span of the request that started the load under way.
+    load_cause: tracing::Span,
+    /// Why the instance was last asked to go (an unload, an eviction notice, a lost lease), for
+    /// an unload whose drain does not say (`unloads_total{reason}`).
+    asked_to_go: Option<&'static str>,
+    /// The reason of the drain under way.
+    drain_reason: Option<&'static str>,
 }
 
 /// Start an instance actor.
@@ -332,6 +382,10 @@ pub fn spawn(
         pending: None,
         abort,
         progress,
+        cause: tracing::Span::none(),
+        load_cause: tracing::Span::none(),
+        asked_to_go: None,
+        drain_reason: None,
     };
     tokio::spawn(actor.run(commands, reports));
     InstanceHandle {
@@ -397,6 +451,7 @@ impl Actor {
         }
         // Every handle is gone (the manager is going away): stop the backend, release the lease.
         if let Some(s) = self.started.take() {
+            crate::metrics::unloaded("shutdown");
             self.backend
                 .stop(&s, Duration::from_millis(self.shared.cfg.stop_grace_ms))
                 .await;
@@ -417,7 +472,9 @@ impl Actor {
                 deadline_ms,
                 priority,
                 reply,
+                span,
             } => {
+                self.cause = span;
                 let waiter = self.reply_id();
                 self.waiters.insert(waiter, reply);
                 self.apply(Event::Acquire {
@@ -430,27 +487,33 @@ impl Actor {
                 drain_timeout_ms,
                 force,
                 reply,
+                reason,
             } => {
                 let id = self.reply_id();
                 self.unloads.insert(id, reply);
+                self.asked_to_go = crate::metrics::unload_reason(reason);
                 self.apply(Event::Unload {
                     reply: Some(id),
                     drain_timeout_ms,
                     force,
-                    reason: "unload requested".into(),
+                    reason: reason.into(),
                 });
             }
             Command::Evict {
                 lease_id,
                 deadline_ms,
-            } => self.apply(Event::EvictionNotice {
-                lease_id,
-                deadline_ms,
-            }),
+            } => {
+                self.asked_to_go = Some("evicted");
+                self.apply(Event::EvictionNotice {
+                    lease_id,
+                    deadline_ms,
+                })
+            }
             Command::EvictionWithdrawn { lease_id } => {
                 self.apply(Event::EvictionWithdrawn { lease_id })
             }
             Command::LeaseLost { lease_id, reason } => {
+                self.asked_to_go = Some("lease_lost");
                 self.apply(Event::LeaseLost { lease_id, reason })
             }
             Command::View(reply) => {
@@ -543,7 +606,23 @@ impl Actor {
                 let model = self.model.clone();
                 let settings = self.settings.clone();
                 let me = self.me.clone();
-                tokio::spawn(async move {
+                // The load is traced under the request that caused it, so the registry's estimate
+                // and the scheduler's acquire land in that request's trace.
+                self.load_cause = self.cause.clone();
+                let span = tracing::info_span!(
+                    parent: &self.load_cause,
+                    "backend.lease_wait",
+                    otel.name = "backend.lease_wait",
+                    gen_ai.request.model = %model.name,
+                    backend.instance = %self.id,
+                    backend.lease.priority = priority,
+                    backend.lease.bytes = tracing::field::Empty,
+                    backend.lease.gpu = tracing::field::Empty,
+                    backend.lease.queue_position = tracing::field::Empty,
+                    backend.lease.queue_length = tracing::field::Empty,
+                    error.type = tracing::field::Empty,
+                );
+                let task = async move {
                     let e = match lease(
                         &shared,
                         &model,
@@ -555,15 +634,25 @@ impl Actor {
                     )
                     .await
                     {
-                        Ok((lease, estimated)) => Event::LeaseGranted {
-                            generation,
-                            lease,
-                            estimated,
-                        },
-                        Err(error) => Event::LeaseRefused { generation, error },
+                        Ok((lease, estimated)) => {
+                            let span = tracing::Span::current();
+                            span.record("backend.lease.bytes", lease.bytes);
+                            span.record("backend.lease.gpu", lease.gpu);
+                            Event::LeaseGranted {
+                                generation,
+                                lease,
+                                estimated,
+                            }
+                        }
+                        Err(error) => {
+                            tracing::Span::current().record("error.type", error.kind());
+                            crate::metrics::load_done(&model.name, false, Duration::ZERO);
+                            Event::LeaseRefused { generation, error }
+                        }
                     };
                     let _ = me.send(Report::Event(e));
-                });
+                };
+                tokio::spawn(task.instrument(span));
             }
             Action::StartChild {
                 generation,
@@ -576,7 +665,20 @@ impl Actor {
                 let settings = self.settings.clone();
                 let me = self.me.clone();
                 let id = self.id.clone();
-                tokio::spawn(async move {
+                let span = tracing::info_span!(
+                    parent: &self.load_cause,
+                    "backend.load",
+                    otel.name = "backend.load",
+                    gen_ai.request.model = %model.name,
+                    backend.instance = %self.id,
+                    backend.engine = backend.name(),
+                    backend.lease.bytes = lease.bytes,
+                    backend.lease.gpu = lease.gpu,
+                    backend.pid = tracing::field::Empty,
+                    error.type = tracing::field::Empty,
+                );
+                let task = async move {
+                    let began = std::time::Instant::now();
                     let result = start(
                         &shared,
                         backend.as_ref(),
@@ -586,6 +688,18 @@ impl Actor {
                         deadline_ms,
                     )
                     .await;
+                    crate::metrics::load_done(&model.name, result.is_ok(), began.elapsed());
+                    let span = tracing::Span::current();
+                    match &result {
+                        Ok((s, _)) => {
+                            if let Some(p) = &s.process {
+                                span.record("backend.pid", p.pid);
+                            }
+                        }
+                        Err(e) => {
+                            span.record("error.type", e.kind());
+                        }
+                    }
                     if result.is_err() {
                         // Nothing runs: the lease goes back before anyone hears of the failure.
                         release_lease(&shared, &id, lease.id.clone()).await;
@@ -595,7 +709,8 @@ impl Actor {
                         lease_id: lease.id,
                         result,
                     });
-                });
+                };
+                tokio::spawn(task.instrument(span));
             }
             Action::ChildUp { generation } => {
                 let Some((_, started)) = self.pending.take_if(|(g, _)| *g == generation) else {
@@ -677,6 +792,14 @@ impl Actor {
                 reason,
             } => {
                 tracing::info!(instance = %self.id, "stopping: {reason}");
+                let why = crate::metrics::unload_reason(&reason)
+                    .or(self.drain_reason.take())
+                    .or(self.asked_to_go.take())
+                    .unwrap_or("other");
+                self.asked_to_go = None;
+                if why != "crashed" {
+                    crate::metrics::unloaded(why);
+                }
                 // Not killed: it exited by itself (a crash); just forget it.
                 let started = self.started.take().filter(|_| kill);
                 let shared = self.shared.clone();
@@ -709,6 +832,7 @@ impl Actor {
                     endpoint: started.map(|s| s.endpoint.clone()).unwrap_or_default(),
                     api_key: started.and_then(|s| s.api_key.clone()),
                     model_id: self.model.id.clone(),
+                    model_name: self.model.name.clone(),
                     served_name: started
                         .map(|s| s.served_name.clone())
                         .unwrap_or_else(|| self.model.served_name.clone()),
@@ -759,6 +883,13 @@ impl Actor {
             } => {
                 if kind == pb::InstanceEventKind::StateChanged {
                     tracing::info!(instance = %self.id, from = ?previous, to = ?state, "{detail}");
+                    if state == pb::InstanceState::Draining {
+                        self.drain_reason =
+                            crate::metrics::unload_reason(&detail).or(self.asked_to_go);
+                    }
+                }
+                if kind == pb::InstanceEventKind::Crashed {
+                    crate::metrics::crashed(&self.model.name);
                 }
                 let _ = self.shared.events.send(pb::InstanceEvent {
                     kind: kind as i32,
@@ -914,10 +1045,28 @@ async fn lease(
         .map_err(|e| status_err("registry estimate", e))?
         .into_inner();
     let bytes = est.gpu_bytes.max(est.total_bytes.min(1 << 20)).max(1);
-    let mut sched = shared.scheduler.clone();
     let wait_ms = deadline_ms
         .saturating_sub(now_ms())
         .min(shared.cfg.lease_wait_ms);
+    let waiting = std::time::Instant::now();
+    let granted = acquire(shared, model, s, priority, bytes, wait_ms, me, generation).await;
+    crate::metrics::lease_waited(&model.name, waiting.elapsed());
+    granted.map(|l| (l, bytes))
+}
+
+/// Ask the scheduler for `bytes` and wait for the grant.
+#[allow(clippy::too_many_arguments)]
+async fn acquire(
+    shared: &Shared,
+    model: &ModelRef,
+    s: &Effective,
+    priority: i32,
+    bytes: u64,
+    wait_ms: u64,
+    me: &mpsc::UnboundedSender<Report>,
+    generation: u64,
+) -> Result<LeaseInfo, InstanceError> {
+    let mut sched = shared.scheduler.clone();
     let mut stream = sched
         .acquire_lease(pb::AcquireLeaseRequest {
             holder: shared.cfg.holder.clone(),
@@ -942,10 +1091,13 @@ async fn lease(
                     bytes: l.bytes,
                     gpu: l.gpu_index,
                 };
-                return Ok((lease, bytes));
+                return Ok(lease);
             }
             Some(pb::acquire_lease_update::Update::Queued(position)) => {
                 tracing::info!(model = %model.name, position = position.position, "waiting for GPU memory");
+                let span = tracing::Span::current();
+                span.record("backend.lease.queue_position", position.position);
+                span.record("backend.lease.queue_length", position.queue_length);
                 let _ = me.send(Report::Event(Event::LeaseQueued {
                     generation,
                     position,

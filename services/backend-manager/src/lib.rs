@@ -11,6 +11,10 @@
 //! - [`forward`]: OpenAI-shaped requests to the upstream over pooled HTTP, SSE relayed chunk by
 //!   chunk.
 //! - [`grpc`]: the `securellm.v1.BackendManager` edge.
+//! - [`metrics`]: the Prometheus metrics. Spans: `backend.resolve`, `backend.lease_wait`,
+//!   `backend.load` (in the instance actor, under the span of the request that caused the load),
+//!   `backend.forward` (its trace context goes to the engine in `traceparent`) with a
+//!   `first token` event.
 
 pub mod backend;
 pub mod config;
@@ -19,6 +23,7 @@ pub mod grpc;
 pub mod instance;
 pub mod lifecycle;
 pub mod manager;
+pub mod metrics;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -123,7 +128,18 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
     });
     let manager = Manager::new(shared);
     let metrics = match cfg.metrics_listen.as_deref() {
-        Some(a) => Some(securellm_common::prometheus::serve(a, "backend-manager", None).await?),
+        Some(a) => {
+            securellm_common::prometheus::recorder();
+            metrics::describe();
+            Some(
+                securellm_common::prometheus::serve(
+                    a,
+                    "backend-manager",
+                    Some(metrics::collect(manager.clone())),
+                )
+                .await?,
+            )
+        }
         None => None,
     };
     let listener = serve::bind(&cfg.listen).await?;

@@ -13,6 +13,7 @@ use securellm_common::time::now_ms;
 use securellm_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
+use tracing::Instrument;
 
 use crate::backend::Backend;
 use crate::config::{Effective, ModelSettings};
@@ -57,6 +58,28 @@ impl Manager {
                 "invalid `model`: must not be empty".into(),
             ));
         }
+        let span = tracing::info_span!(
+            "backend.resolve",
+            otel.name = "backend.resolve",
+            gen_ai.request.model = %reference,
+            backend.model_id = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let r = self
+            .resolve_in_registry(reference)
+            .instrument(span.clone())
+            .await;
+        match &r {
+            Ok((m, _)) => span.record("backend.model_id", m.id.as_str()),
+            Err(e) => span.record("error.type", e.kind()),
+        };
+        r
+    }
+
+    async fn resolve_in_registry(
+        &self,
+        reference: &str,
+    ) -> Result<(ModelRef, pb::Model), InstanceError> {
         let mut reg = self.shared.registry.clone();
         let m = reg
             .get_model(pb::GetModelRequest {
@@ -320,6 +343,14 @@ impl Manager {
         }
     }
 
+    /// The registry's name for `reference` when it was resolved recently (the `model` label of a
+    /// request that failed after resolving, e.g. in its load).
+    pub fn known_name(&self, reference: &str, embeddings: bool) -> Option<String> {
+        lock(&self.resolved)
+            .get(&(reference.to_string(), embeddings))
+            .map(|(_, h)| h.model.name.clone())
+    }
+
     /// Known instances, optionally of one model (id or name).
     pub fn handles(&self) -> Vec<InstanceHandle> {
         lock(&self.instances).values().cloned().collect()
@@ -460,7 +491,7 @@ impl Manager {
     /// Unload everything (shutdown).
     pub async fn unload_all(&self) {
         let hs = self.handles();
-        futures::future::join_all(hs.iter().map(|h| h.unload(1_000, false))).await;
+        futures::future::join_all(hs.iter().map(|h| h.shutdown(1_000))).await;
     }
 }
 

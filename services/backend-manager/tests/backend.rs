@@ -466,10 +466,9 @@ async fn a_manager_killed_with_sigkill_leaves_no_child_running() {
     .arg(llama_server())
     .stderr(Stdio::null());
     let (mut child, line) = spawn_ready(cmd, Duration::from_secs(60)).await;
-    let addr = line
-        .strip_prefix("ready backend-manager grpc=")
-        .unwrap()
-        .to_string();
+    // `ready backend-manager grpc=HOST:PORT metrics=HOST:PORT`
+    assert!(line.starts_with("ready backend-manager "), "{line}");
+    let addr = securellm_testkit::ready_word(&line, "grpc=");
     let mut c = BackendManagerClient::new(connect(&addr, s.kit.token()).await);
     c.chat(chat("tiny", 2)).await.unwrap();
     let pid = instance(&mut c, "tiny").await.pid;
@@ -500,10 +499,9 @@ async fn spawn_scheduler(
         .arg(token_file)
         .stderr(Stdio::null());
     let (child, line) = spawn_ready(cmd, Duration::from_secs(20)).await;
-    let addr = line
-        .strip_prefix("ready vram-scheduler grpc=")
-        .unwrap()
-        .to_string();
+    // `ready vram-scheduler grpc=HOST:PORT metrics=HOST:PORT`
+    assert!(line.starts_with("ready vram-scheduler "), "{line}");
+    let addr = securellm_testkit::ready_word(&line, "grpc=");
     (child, addr)
 }
 
