@@ -44,6 +44,8 @@ pub fn enable() {
     if ON.swap(true, Ordering::Relaxed) {
         return;
     }
+    // The process-wide recorder first, or what follows would go nowhere.
+    let _ = securellm_common::prometheus::recorder();
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         REQUESTS,
@@ -83,6 +85,35 @@ pub fn enable() {
         "Upstream failures by upstream kind and class."
     );
     describe_gauge!(CONNECTIONS, "Open connections by listener.");
+    // Every series of a closed label set exists from the start (at 0), so a rate or an alert
+    // over it has data before the first event.
+    for reason in ["missing", "invalid", "revoked", "expired", "jwt"] {
+        metrics::counter!(AUTH_FAILURES, "reason" => reason).increment(0);
+    }
+    for limit in [
+        "requests",
+        "tokens",
+        "concurrency",
+        "in_progress",
+        "auth_failures",
+    ] {
+        metrics::counter!(RATE_LIMITED, "limit" => limit).increment(0);
+    }
+    for action in ["redacted", "counted", "blocked"] {
+        metrics::counter!(REDACTIONS, "action" => action).increment(0);
+    }
+    for upstream in ["local", "cloud"] {
+        for class in ["connect", "timeout", "status_4xx", "status_5xx", "protocol"] {
+            metrics::counter!(UPSTREAM_ERRORS, "upstream" => upstream, "class" => class)
+                .increment(0);
+        }
+    }
+    for listener in ["http", "grpc"] {
+        metrics::gauge!(CONNECTIONS, "listener" => listener).increment(0.0);
+    }
+    metrics::counter!(AUDIT_WRITTEN).increment(0);
+    metrics::counter!(AUDIT_DROPPED).increment(0);
+    metrics::gauge!(AUDIT_QUEUE).set(0.0);
 }
 
 /// Whether metrics are recorded.
