@@ -10,6 +10,11 @@
 #   BACKEND_LISTEN      backend-manager's gRPC address (default 127.0.0.1:50053)
 #   GATEWAY_LISTEN      securellm-gateway's gRPC address (default 127.0.0.1:50054)
 #   GATEWAY_HTTP_LISTEN securellm-gateway's OpenAI HTTP address (default 127.0.0.1:8088)
+#   SCHEDULER_METRICS_LISTEN, REGISTRY_METRICS_LISTEN, BACKEND_METRICS_LISTEN,
+#   GATEWAY_METRICS_LISTEN
+#                       each service's Prometheus /metrics address (defaults 127.0.0.1:9451 to
+#                       :9454, docs/metrics.md; 127.0.0.1:0 when that service's gRPC port is 0;
+#                       "off" = none)
 #   SECURELLM_STACK_FILE where to tell the CLI and the MCP server about this stack (default
 #                       ${XDG_STATE_HOME:-~/.local/state}/securellm/stack; removed on stop)
 #   SECURELLM_INTERNAL_TOKEN_FILE
@@ -31,6 +36,15 @@ REGISTRY_LISTEN="${REGISTRY_LISTEN:-127.0.0.1:50052}"
 BACKEND_LISTEN="${BACKEND_LISTEN:-127.0.0.1:50053}"
 GATEWAY_LISTEN="${GATEWAY_LISTEN:-127.0.0.1:50054}"
 GATEWAY_HTTP_LISTEN="${GATEWAY_HTTP_LISTEN:-127.0.0.1:8088}"
+# metrics_default LISTEN PORT: the documented metrics port, or a free one when the service's own
+# port is picked freely (several stacks side by side, as the tests run them).
+metrics_default() {
+  case "$1" in *:0) echo "127.0.0.1:0" ;; *) echo "127.0.0.1:$2" ;; esac
+}
+SCHEDULER_METRICS_LISTEN="${SCHEDULER_METRICS_LISTEN:-$(metrics_default "$SCHEDULER_LISTEN" 9451)}"
+REGISTRY_METRICS_LISTEN="${REGISTRY_METRICS_LISTEN:-$(metrics_default "$REGISTRY_LISTEN" 9452)}"
+BACKEND_METRICS_LISTEN="${BACKEND_METRICS_LISTEN:-$(metrics_default "$BACKEND_LISTEN" 9453)}"
+GATEWAY_METRICS_LISTEN="${GATEWAY_METRICS_LISTEN:-$(metrics_default "$GATEWAY_LISTEN" 9454)}"
 mkdir -p "$DATA_DIR/logs"
 DATA_DIR="$(cd "$DATA_DIR" && pwd)"
 STACK_FILE="${SECURELLM_STACK_FILE:-${XDG_STATE_HOME:-$HOME/.local/state}/securellm/stack}"
@@ -132,19 +146,33 @@ ready_addr() {
   exit 1
 }
 
-start vram-scheduler --listen "$SCHEDULER_LISTEN" --data-dir "$DATA_DIR/scheduler"
+# metrics_addr: the metrics address in the last ready line, or nothing (metrics off).
+metrics_addr() {
+  local word
+  for word in $READY; do
+    case "$word" in "metrics="*) echo "${word#metrics=}"; return 0 ;; esac
+  done
+}
+
+start vram-scheduler --listen "$SCHEDULER_LISTEN" --data-dir "$DATA_DIR/scheduler" \
+  --metrics-listen "$SCHEDULER_METRICS_LISTEN"
 SCHEDULER="$(ready_addr grpc)"
+SCHEDULER_METRICS="$(metrics_addr)"
 grep -h "inventory:" "$DATA_DIR/logs/vram-scheduler.log" | sed 's/^.*inventory:/inventory:/' | head -n 3 || true
-start registry --listen "$REGISTRY_LISTEN" --data-dir "$DATA_DIR/registry"
+start registry --listen "$REGISTRY_LISTEN" --data-dir "$DATA_DIR/registry" \
+  --metrics-listen "$REGISTRY_METRICS_LISTEN"
 REGISTRY="$(ready_addr grpc)"
+REGISTRY_METRICS="$(metrics_addr)"
 start backend-manager --listen "$BACKEND_LISTEN" --scheduler "$SCHEDULER" --registry "$REGISTRY" \
-  --llama-server "$LLAMA_SERVER"
+  --llama-server "$LLAMA_SERVER" --metrics-listen "$BACKEND_METRICS_LISTEN"
 BACKEND="$(ready_addr grpc)"
+BACKEND_METRICS="$(metrics_addr)"
 start securellm-gateway --listen "$GATEWAY_LISTEN" --http-listen "$GATEWAY_HTTP_LISTEN" \
   --backend "$BACKEND" --registry "$REGISTRY" --data-dir "$DATA_DIR/gateway" \
-  --bootstrap-key-file "$DATA_DIR/api-key"
+  --bootstrap-key-file "$DATA_DIR/api-key" --metrics-listen "$GATEWAY_METRICS_LISTEN"
 GATEWAY="$(ready_addr grpc)"
 HTTP="$(ready_addr http)"
+GATEWAY_METRICS="$(metrics_addr)"
 
 KEY="$(head -n 1 "$DATA_DIR/api-key")"
 MODEL="$("$BIN/securellm" --registry "$REGISTRY" models 2>/dev/null | awk 'NR==2 {print $1}' || true)"
@@ -163,6 +191,10 @@ SECURELLM_REGISTRY=$REGISTRY
 SECURELLM_BACKEND=$BACKEND
 SECURELLM_GATEWAY=$GATEWAY
 SECURELLM_GATEWAY_HTTP=$HTTP
+SECURELLM_SCHEDULER_METRICS=$SCHEDULER_METRICS
+SECURELLM_REGISTRY_METRICS=$REGISTRY_METRICS
+SECURELLM_BACKEND_METRICS=$BACKEND_METRICS
+SECURELLM_GATEWAY_METRICS=$GATEWAY_METRICS
 SECURELLM_INTERNAL_TOKEN_FILE=$SECURELLM_INTERNAL_TOKEN_FILE
 STACK
   mv -f "$STACK_FILE.tmp.$$" "$STACK_FILE"

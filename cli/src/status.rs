@@ -1,7 +1,10 @@
 //! `securellm status [--json]`: the whole stack at a glance. Each of the four services is asked
 //! `grpc.health.v1.Health/Check` (with its latency); the services that answer are then asked for
 //! their state: the scheduler's GPUs and leases, the backend manager's instances, and the
-//! gateway's requests per second over the last minute (its audit log, through the admin API).
+//! gateway's requests: `securellm_gateway_requests_total` from its Prometheus `/metrics`, scraped
+//! twice [`RATE_INTERVAL`] apart (requests since it started, and per second). No admin token is
+//! needed and the audit log is not read. The metrics address is `$SECURELLM_GATEWAY_METRICS`, else
+//! the one `make run` wrote to the stack file, else the documented default (127.0.0.1:9454).
 //!
 //! Every call gives up after [`CALL_TIMEOUT`]; a service that does not answer is reported
 //! `down (reason)` and the others are still shown. Exit status 0 only when all four are up.
@@ -19,19 +22,21 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use securellm_client::admin::{admin_client, token};
-use securellm_client::{connect, endpoint, instances, status_text, vram};
+use securellm_client::{connect, endpoint, instances, stack, status_text, vram};
 
 use crate::health;
 
 /// The limit for connecting and for each call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The window requests per second are counted over.
-const WINDOW_MS: u64 = 60_000;
+/// The two scrapes of the gateway's metrics are this far apart.
+pub const RATE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// At most this many audit rows are fetched (the admin API's maximum).
-const MAX_ROWS: u32 = 10_000;
+/// The counter the rate is computed from (every API request, both transports).
+const REQUESTS_TOTAL: &str = "securellm_gateway_requests_total";
+
+/// The gateway's `/metrics` address when neither the environment nor the stack file names one.
+const DEFAULT_GATEWAY_METRICS: &str = "127.0.0.1:9454";
 
 /// The services' addresses (as given: `HOST:PORT` or a URL) and the internal token (health
 /// checks need none; the scheduler's and the manager's state do).
@@ -51,13 +56,15 @@ pub struct ServiceHealth {
     pub up: Result<Duration, String>,
 }
 
-/// Requests per second at the gateway, or why that is unknown.
+/// Requests at the gateway, or why they are unknown.
 #[derive(Debug)]
 pub enum Requests {
-    /// Audit rows in the last [`WINDOW_MS`]; `truncated` when there were more than [`MAX_ROWS`].
-    Counted {
-        rows: usize,
-        truncated: bool,
+    /// `total`: requests since the gateway started (at the second scrape); `per_second`: the
+    /// increase between the two scrapes over the time between them.
+    Measured {
+        metrics: String,
+        total: u64,
+        per_second: f64,
     },
     Unknown(String),
 }
@@ -121,10 +128,121 @@ where
     (health, detail)
 }
 
-/// Ask all four services at once.
-pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Report {
-    // Why there is no token is what the user needs to see ("cannot read <path> (set ...)").
-    let token = token(admin_token_file).map_err(|e| format!("no admin token: {e:#}"));
+/// Where the gateway's metrics are: `$SECURELLM_GATEWAY_METRICS`, the stack file, the default.
+pub fn gateway_metrics_addr() -> String {
+    std::env::var(stack::GATEWAY_METRICS)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| stack::get(stack::GATEWAY_METRICS))
+        .unwrap_or_else(|| DEFAULT_GATEWAY_METRICS.to_string())
+}
+
+/// The sum of every series of `name` in a Prometheus text exposition; `None` if it has none.
+pub fn counter_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // The name exactly: `name{...} v` or `name v` (not `name_bucket`, not a longer name).
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value = rest
+            .rsplit_once('}')
+            .map_or(rest, |(_, v)| v)
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// `GET /metrics` at `addr` (`HOST:PORT`): the body of a 200 answer.
+async fn scrape(addr: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut conn = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("metrics at {addr}: {e}"))?;
+        conn.write_all(
+            format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("metrics at {addr}: {e}"))?;
+        let mut raw = Vec::new();
+        // A scrape is a few kB; 16 MiB bounds a peer that is not a metrics listener.
+        (&mut conn)
+            .take(16 << 20)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("metrics at {addr}: {e}"))?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("metrics at {addr}: not an HTTP answer"))?;
+        let status = head.lines().next().unwrap_or_default();
+        if !status.starts_with("HTTP/1.1 200") && !status.starts_with("HTTP/1.0 200") {
+            return Err(format!("metrics at {addr}: {status}"));
+        }
+        if head.lines().any(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("transfer-encoding: chunked")
+        }) {
+            return Ok(dechunk(body));
+        }
+        Ok(body.to_string())
+    };
+    tokio::time::timeout(CALL_TIMEOUT, fetch)
+        .await
+        .map_err(|_| format!("metrics at {addr}: no answer within {CALL_TIMEOUT:?}"))?
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+    out
+}
+
+/// The gateway's requests: two scrapes [`RATE_INTERVAL`] apart.
+async fn requests(addr: &str) -> Requests {
+    let total = |text: &str| counter_sum(text, REQUESTS_TOTAL).unwrap_or(0.0);
+    let first = match scrape(addr).await {
+        Ok(t) => total(&t),
+        Err(e) => return Requests::Unknown(e),
+    };
+    let t = Instant::now();
+    tokio::time::sleep(RATE_INTERVAL).await;
+    let second = match scrape(addr).await {
+        Ok(t) => total(&t),
+        Err(e) => return Requests::Unknown(e),
+    };
+    let secs = t.elapsed().as_secs_f64().max(1e-3);
+    Requests::Measured {
+        metrics: addr.to_string(),
+        total: second.max(0.0) as u64,
+        per_second: ((second - first).max(0.0) / secs * 100.0).round() / 100.0,
+    }
+}
+
+/// Ask all four services at once. (`_admin_token_file` is no longer needed: the request counts
+/// come from the gateway's metrics, not its audit log.)
+pub async fn collect(addrs: &Addresses, _admin_token_file: Option<PathBuf>) -> Report {
     let internal = addrs.internal_token.as_ref();
     let scheduler = probe("vram-scheduler", &addrs.scheduler, |ch| async move {
         VramSchedulerClient::new(authenticated(ch, internal))
@@ -141,43 +259,16 @@ pub async fn collect(addrs: &Addresses, admin_token_file: Option<PathBuf>) -> Re
             .map(|r| r.into_inner().instances)
             .map_err(|s| status_reason(&s))
     });
-    let no_token = token.as_ref().err().cloned();
-    let gateway = probe("securellm-gateway", &addrs.gateway, |ch| async move {
-        let token = token?;
-        let mut c = admin_client(ch, &token).map_err(|e| reason(&e))?;
-        let r = c
-            .query_audit(pb::QueryAuditRequest {
-                since_ms: Some(now_ms().saturating_sub(WINDOW_MS)),
-                limit: MAX_ROWS,
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| status_reason(&s))?
-            .into_inner();
-        // Client requests only: the admin calls (this one included) are audited too.
-        let served = r
-            .rows
-            .iter()
-            .filter(|row| !row.endpoint.starts_with("grpc:/securellm.v1.GatewayAdmin/"))
-            .count();
-        Ok((served, r.truncated))
-    });
-    let ((s, scheduler), (r, _), (b, models), (g, requests)) =
-        tokio::join!(scheduler, registry, backend, gateway);
+    let gateway = probe("securellm-gateway", &addrs.gateway, |_| async { Ok(()) });
+    let metrics = gateway_metrics_addr();
+    let ((s, scheduler), (r, _), (b, models), (g, _), requests) =
+        tokio::join!(scheduler, registry, backend, gateway, requests(&metrics));
     Report {
         services: vec![s, r, b, g],
         scheduler,
         models,
-        requests: match (no_token, requests) {
-            (Some(why), _) => Requests::Unknown(why),
-            (None, Ok((rows, truncated))) => Requests::Counted { rows, truncated },
-            (None, Err(e)) => Requests::Unknown(e),
-        },
+        requests,
     }
-}
-
-fn rate(rows: usize) -> f64 {
-    rows as f64 * 1000.0 / WINDOW_MS as f64
 }
 
 fn latency_ms(d: Duration) -> f64 {
@@ -254,13 +345,11 @@ pub fn render_text(r: &Report) -> String {
     }
     out += "\n";
     out += &match &r.requests {
-        Requests::Counted { rows, truncated } => format!(
-            "requests/s: {}{:.2} ({}{} in the last {} s)\n",
-            if *truncated { ">= " } else { "" },
-            rate(*rows),
-            rows,
-            if *truncated { "+" } else { "" },
-            WINDOW_MS / 1000
+        Requests::Measured {
+            total, per_second, ..
+        } => format!(
+            "requests/s: {per_second:.2} (over {} s; {total} since the gateway started)\n",
+            RATE_INTERVAL.as_secs()
         ),
         Requests::Unknown(e) => format!("requests/s: unknown ({e})\n"),
     };
@@ -351,11 +440,15 @@ pub fn render_json(r: &Report) -> Value {
         }
     };
     let requests = match &r.requests {
-        Requests::Counted { rows, truncated } => json!({
-            "per_second": rate(*rows),
-            "count": rows,
-            "window_s": WINDOW_MS / 1000,
-            "truncated": truncated,
+        Requests::Measured {
+            metrics,
+            total,
+            per_second,
+        } => json!({
+            "per_second": per_second,
+            "total": total,
+            "interval_s": RATE_INTERVAL.as_secs_f64(),
+            "metrics": metrics,
         }),
         Requests::Unknown(e) => {
             unknown.insert("requests".into(), json!(e));
@@ -431,9 +524,10 @@ mod tests {
                 queue: vec![],
             }),
             models: Err("backend-manager down".into()),
-            requests: Requests::Counted {
-                rows: 30,
-                truncated: false,
+            requests: Requests::Measured {
+                metrics: "127.0.0.1:9454".into(),
+                total: 1234,
+                per_second: 0.5,
             },
         }
     }
@@ -451,7 +545,7 @@ mod tests {
             "total 8 GiB  used 1 GiB  leased 1 GiB  foreign 0 B  free 7 GiB",
             "mgr (tiny)",
             "MODELS: unknown (backend-manager down)",
-            "requests/s: 0.50 (30 in the last 60 s)",
+            "requests/s: 0.50 (over 1 s; 1234 since the gateway started)",
         ] {
             assert!(s.contains(want), "{want:?} missing in\n{s}");
         }
@@ -468,5 +562,38 @@ mod tests {
         assert_eq!(v["models"], Value::Null);
         assert_eq!(v["unknown"]["models"], "backend-manager down");
         assert_eq!(v["requests"]["per_second"], 0.5);
+        assert_eq!(v["requests"]["total"], 1234);
+    }
+
+    #[test]
+    fn counters_are_summed_over_their_series_only() {
+        let text = "# HELP securellm_gateway_requests_total Requests.\n\
+            # TYPE securellm_gateway_requests_total counter\n\
+            securellm_gateway_requests_total{endpoint=\"chat\",model=\"a b}\",status=\"2xx\",transport=\"http\"} 3\n\
+            securellm_gateway_requests_total{endpoint=\"models\",model=\"_none\",status=\"4xx\",transport=\"grpc\"} 4\n\
+            securellm_gateway_requests_total_other 100\n\
+            securellm_gateway_request_duration_seconds_bucket{le=\"1\"} 50\n";
+        assert_eq!(counter_sum(text, REQUESTS_TOTAL), Some(7.0));
+        assert_eq!(
+            counter_sum("securellm_gateway_requests_total 2\n", REQUESTS_TOTAL),
+            Some(2.0)
+        );
+        assert_eq!(counter_sum("", REQUESTS_TOTAL), None);
+        assert_eq!(
+            counter_sum(
+                "securellm_gateway_requests_total{a=\"b\"} x\n",
+                REQUESTS_TOTAL
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+        assert_eq!(dechunk("zz\r\n"), "");
     }
 }

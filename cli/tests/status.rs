@@ -1,5 +1,5 @@
 //! `securellm status`, the built binary against real services on loopback: nothing listening,
-//! an in-process vram-scheduler (simulated GPU), an in-process gateway (admin token, audit).
+//! an in-process vram-scheduler (simulated GPU), an in-process gateway (its `/metrics`).
 
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -15,12 +15,18 @@ use tokio_stream::StreamExt;
 const GIB: u64 = 1 << 30;
 
 /// Run `securellm --scheduler S --registry R --backend B status --gateway G --admin-token-file T
-/// [extra...]`.
-async fn status(addrs: &[String], token_file: &str, extra: &[&str]) -> (Output, Duration) {
+/// [extra...]` with the gateway's metrics at `metrics` (`$SECURELLM_GATEWAY_METRICS`).
+async fn status(
+    addrs: &[String],
+    metrics: &str,
+    token_file: &str,
+    extra: &[&str],
+) -> (Output, Duration) {
     let t = Instant::now();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm"))
         .env_remove("SECURELLM_ADMIN_TOKEN")
         .env("SECURELLM_STACK_FILE", "/nonexistent/securellm-stack")
+        .env("SECURELLM_GATEWAY_METRICS", metrics)
         .args(["--scheduler", &addrs[0]])
         .args(["--registry", &addrs[1]])
         .args(["--backend", &addrs[2]])
@@ -62,24 +68,25 @@ const SERVICES: [&str; 4] = [
 
 #[tokio::test]
 async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
-    let addrs = dead_addrs(4);
-    let (o, took) = status(&addrs, "/nonexistent/admin-token", &[]).await;
+    let addrs = dead_addrs(5);
+    let (addrs, metrics) = (&addrs[..4], addrs[4].clone());
+    let (o, took) = status(addrs, &metrics, "/nonexistent/admin-token", &[]).await;
     let s = text(&o);
     assert_eq!(o.status.code(), Some(1), "{s}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    for (name, addr) in SERVICES.iter().zip(&addrs) {
+    for (name, addr) in SERVICES.iter().zip(addrs) {
         let l = line(&s, name);
         assert!(l.contains(addr.as_str()) && l.contains("down ("), "{l}");
     }
     assert!(s.contains("GPUS: unknown (vram-scheduler down)"), "{s}");
     assert!(s.contains("MODELS: unknown (backend-manager down)"), "{s}");
-    // The reason names the file it looked for and how to point at another.
+    // The reason names the metrics address it tried.
     assert!(
-        s.contains("requests/s: unknown (no admin token: cannot read the admin token /nonexistent/admin-token (set --data-dir"),
+        s.contains(&format!("requests/s: unknown (metrics at {metrics}: ")),
         "{s}"
     );
 
-    let (o, _) = status(&addrs, "/nonexistent/admin-token", &["--json"]).await;
+    let (o, _) = status(addrs, &metrics, "/nonexistent/admin-token", &["--json"]).await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let v = json(&o);
     assert_eq!(v["up"], false);
@@ -89,7 +96,7 @@ async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
     }
     assert_eq!(v["gpus"], Value::Null);
     let why = v["unknown"]["requests"].as_str().unwrap_or_default();
-    assert!(why.starts_with("no admin token: cannot read"), "{v}");
+    assert!(why.starts_with(&format!("metrics at {metrics}: ")), "{v}");
 }
 
 #[tokio::test]
@@ -115,10 +122,11 @@ async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
             break;
         }
     }
-    let mut addrs = dead_addrs(3);
+    let mut addrs = dead_addrs(4);
+    let metrics = addrs.pop().unwrap();
     addrs.insert(0, scheduler.scheduler_addr().to_string());
 
-    let (o, took) = status(&addrs, "/nonexistent/admin-token", &[]).await;
+    let (o, took) = status(&addrs, &metrics, "/nonexistent/admin-token", &[]).await;
     let s = text(&o);
     assert_eq!(o.status.code(), Some(1), "{s}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -135,7 +143,7 @@ async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
     let lease = line(s.split("LEASES\n").nth(1).unwrap(), "status-test");
     assert!(lease.contains("1 GiB") && lease.contains(" 5 "), "{lease}");
 
-    let (o, _) = status(&addrs, "/nonexistent/admin-token", &["--json"]).await;
+    let (o, _) = status(&addrs, &metrics, "/nonexistent/admin-token", &["--json"]).await;
     let v = json(&o);
     assert_eq!(v["services"]["vram-scheduler"]["up"], true, "{v}");
     assert!(v["services"]["vram-scheduler"]["latency_ms"].is_number());
@@ -147,55 +155,74 @@ async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
     scheduler.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_in_process_gateway_reports_requests_per_second_with_the_admin_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let dead = dead_addrs(4);
-    let gateway = standalone_gateway(dir.path(), |c| {
-        c.backend = dead[2].clone();
-        c.registry = dead[1].clone();
-    })
-    .await;
-    // One unauthenticated request: answered 401 and audited.
-    let mut conn = tokio::net::TcpStream::connect(gateway.http_addr)
-        .await
-        .unwrap();
+/// One request over HTTP/1.1 (no credential: answered 401); the status line.
+async fn unauthenticated(addr: std::net::SocketAddr) -> String {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut answer = String::new();
     conn.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn an_in_process_gateway_reports_requests_from_its_metrics_without_any_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dead_addrs(4);
+    let gateway = standalone_gateway(dir.path(), |c| {
+        c.backend = dead[2].clone();
+        c.registry = dead[1].clone();
+        c.metrics_listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let metrics = gateway.metrics.as_ref().expect("a metrics listener").addr;
+    let metrics = metrics.to_string();
+    // One unauthenticated request: answered 401 and counted.
+    assert!(
+        unauthenticated(gateway.http_addr)
+            .await
+            .starts_with("HTTP/1.1 401")
+    );
 
     let mut addrs = dead[..3].to_vec();
     addrs.push(gateway.grpc_addr.to_string());
-    let token = dir.path().join("admin-token");
-    let token = token.to_str().unwrap();
-    // The audit row is committed by a writer task: give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let v = loop {
-        let (o, _) = status(&addrs, token, &["--json"]).await;
-        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-        let v = json(&o);
-        if v["requests"]["count"].as_u64().unwrap_or(0) >= 1 || Instant::now() > deadline {
-            break v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // No admin token at all: the counts come from the metrics, not the audit log.
+    let (o, took) = status(&addrs, &metrics, "/nonexistent/admin-token", &["--json"]).await;
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let v = json(&o);
     assert_eq!(v["services"]["securellm-gateway"]["up"], true, "{v}");
-    assert_eq!(v["requests"]["count"], 1, "{v}");
-    assert_eq!(v["requests"]["window_s"], 60, "{v}");
+    assert_eq!(v["requests"]["total"], 1, "{v}");
+    assert_eq!(v["requests"]["per_second"], 0.0, "{v}");
+    assert_eq!(v["requests"]["metrics"], metrics.as_str(), "{v}");
+    assert_eq!(v["unknown"]["requests"], Value::Null, "{v}");
 
-    let (o, _) = status(&addrs, token, &[]).await;
+    // Requests during the two scrapes show as a rate: keep sending while status runs.
+    let http = gateway.http_addr;
+    let load = tokio::spawn(async move {
+        let t = Instant::now();
+        let mut n = 0u32;
+        while t.elapsed() < Duration::from_secs(4) {
+            unauthenticated(http).await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (o, _) = status(&addrs, &metrics, "/nonexistent/admin-token", &[]).await;
     let s = text(&o);
     assert!(line(&s, "securellm-gateway").contains("up ("), "{s}");
-    assert!(s.contains("requests/s: 0.02 (1 in the last 60 s)"), "{s}");
-
-    // A wrong token: the gateway is up, the rate is unknown and says why.
-    let wrong = dir.path().join("wrong-token");
-    std::fs::write(&wrong, "not-the-token\n").unwrap();
-    let (o, _) = status(&addrs, wrong.to_str().unwrap(), &[]).await;
-    let s = text(&o);
-    assert!(s.contains("requests/s: unknown (Unauthenticated"), "{s}");
+    let rate: f64 = s
+        .split("requests/s: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no rate in\n{s}"));
+    assert!(rate > 1.0, "{s}");
+    assert!(s.contains("since the gateway started)"), "{s}");
+    let sent = load.await.unwrap();
+    assert!(sent > 10, "{sent}");
     gateway.shutdown().await;
 }

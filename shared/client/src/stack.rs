@@ -23,6 +23,11 @@ pub const REGISTRY: &str = "SECURELLM_REGISTRY";
 pub const BACKEND: &str = "SECURELLM_BACKEND";
 pub const GATEWAY: &str = "SECURELLM_GATEWAY";
 pub const GATEWAY_HTTP: &str = "SECURELLM_GATEWAY_HTTP";
+/// Each service's Prometheus `/metrics` address (`HOST:PORT`; absent when its metrics are off).
+pub const SCHEDULER_METRICS: &str = "SECURELLM_SCHEDULER_METRICS";
+pub const REGISTRY_METRICS: &str = "SECURELLM_REGISTRY_METRICS";
+pub const BACKEND_METRICS: &str = "SECURELLM_BACKEND_METRICS";
+pub const GATEWAY_METRICS: &str = "SECURELLM_GATEWAY_METRICS";
 pub const INTERNAL_TOKEN_FILE: &str = "SECURELLM_INTERNAL_TOKEN_FILE";
 /// The PID of the script that runs the stack.
 pub const PID: &str = "PID";
