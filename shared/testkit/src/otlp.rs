@@ -135,7 +135,9 @@ impl OtlpReceiver {
         let addr = listener.local_addr().unwrap();
         let collected = Arc::new(Collected::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let svc = TraceServiceServer::new(Receiver(collected.clone()));
+        // An exporter may gzip its batches (as OTLP allows): accept it, as a collector does.
+        let svc = TraceServiceServer::new(Receiver(collected.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
@@ -306,7 +308,10 @@ mod tests {
     #[tokio::test]
     async fn receives_spans_over_grpc_and_groups_them_by_trace() {
         let rx = OtlpReceiver::start().await;
-        let mut c = TraceServiceClient::connect(rx.endpoint()).await.unwrap();
+        let mut c = TraceServiceClient::connect(rx.endpoint())
+            .await
+            .unwrap()
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip);
         assert_eq!(rx.wait_for_shared_trace(1, Duration::ZERO).await, None);
         c.export(ExportTraceServiceRequest {
             resource_spans: vec![

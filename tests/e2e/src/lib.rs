@@ -7,7 +7,13 @@
 //! s.chat(&s.api_key, "tiny", 4, "req-1").await;       // through the gateway's OpenAI HTTP API
 //! s.status().await;                                   // scheduler GetStatus
 //! s.backend.kill9(); s.backend.restart().await;       // same port, same flags
+//! let text = s.scrape(&s.gateway).await;              // its Prometheus /metrics
 //! ```
+//!
+//! Every service gets its own `/metrics` listener on a free port (`--metrics-listen 127.0.0.1:0`,
+//! kept across restarts; [`Service::metrics`] from its `ready` line), so stacks run in parallel.
+//! The test's own `SECURELLM_*` and `OTEL_*` variables never reach the services; [`Options::env`]
+//! sets variables for all four (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
 //!
 //! The four share one internal token (the file `<stack dir>/internal-token`, passed to each with
 //! `--internal-token-file`); the harness's gRPC clients of the scheduler, the registry and the
@@ -134,18 +140,28 @@ pub struct Service {
     pub grpc: SocketAddr,
     /// The HTTP address (gateway only).
     pub http: Option<SocketAddr>,
+    /// The Prometheus `/metrics` address (from the `ready` line's `metrics=`).
+    pub metrics: Option<SocketAddr>,
+    env: Vec<(String, String)>,
     logs: PathBuf,
     starts: u32,
 }
 
 impl Service {
-    async fn start(name: &'static str, args: Vec<OsString>, logs: &Path) -> Service {
+    async fn start(
+        name: &'static str,
+        args: Vec<OsString>,
+        env: &[(String, String)],
+        logs: &Path,
+    ) -> Service {
         let mut s = Service {
             name,
             args,
             child: None,
             grpc: "127.0.0.1:0".parse().unwrap(),
             http: (name == "securellm-gateway").then(|| "127.0.0.1:0".parse().unwrap()),
+            metrics: None,
+            env: env.to_vec(),
             logs: logs.to_path_buf(),
             starts: 0,
         };
@@ -172,17 +188,24 @@ impl Service {
         if let Some(h) = self.http {
             cmd.arg("--http-listen").arg(h.to_string());
         }
+        // A free port the first time (never the documented default: stacks run in parallel).
+        let metrics = self
+            .metrics
+            .map_or("127.0.0.1:0".to_string(), |m| m.to_string());
+        cmd.arg("--metrics-listen").arg(metrics);
         cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
         // The test's environment must not leak into the services' configuration.
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("SECURELLM_") {
+            let k_ = k.to_string_lossy();
+            if k_.starts_with("SECURELLM_") || k_.starts_with("OTEL_") {
                 cmd.env_remove(&k);
             }
         }
         cmd.env("RUST_LOG", "info");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let parent = std::process::id();
         // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
         unsafe {
@@ -214,6 +237,8 @@ impl Service {
                         self.grpc = a.parse().unwrap();
                     } else if let Some(a) = word.strip_prefix("http=") {
                         self.http = Some(a.parse().unwrap());
+                    } else if let Some(a) = word.strip_prefix("metrics=") {
+                        self.metrics = a.parse().ok();
                     }
                 }
                 assert!(
@@ -366,6 +391,8 @@ pub struct Options {
     pub idle_ttl_ms: u64,
     /// Extra TOML appended to the config file (e.g. `[backend.models.x]` sections).
     pub extra_toml: String,
+    /// Environment variables for all four services (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -378,6 +405,7 @@ impl Default for Options {
             context: 512,
             idle_ttl_ms: 0,
             extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -482,7 +510,7 @@ impl Stack {
             sched_args.push(os("--simulate-gpu"));
             sched_args.push(os(g));
         }
-        let scheduler = Service::start("vram-scheduler", sched_args, &logs).await;
+        let scheduler = Service::start("vram-scheduler", sched_args, &opts.env, &logs).await;
         let registry = Service::start(
             "registry",
             vec![
@@ -496,6 +524,7 @@ impl Stack {
                 path(models_dir.clone()),
                 os("--no-watch"),
             ],
+            &opts.env,
             &logs,
         )
         .await;
@@ -515,6 +544,7 @@ impl Stack {
                 os("--llama-server"),
                 path(llama_server()),
             ],
+            &opts.env,
             &logs,
         )
         .await;
@@ -536,6 +566,7 @@ impl Stack {
                 os("--bootstrap-key-file"),
                 path(key_file.clone()),
             ],
+            &opts.env,
             &logs,
         )
         .await;
@@ -721,13 +752,52 @@ impl Stack {
         .await
     }
 
+    /// [`Stack::chat`] with extra request headers (e.g. a caller's `traceparent`).
+    pub async fn chat_with_headers(
+        &self,
+        key: &str,
+        model: &str,
+        max_tokens: u32,
+        rid: &str,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        self.post_with_headers(
+            key,
+            "chat/completions",
+            rid,
+            serde_json::json!({
+                "model": model,
+                "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }),
+            headers,
+        )
+        .await
+    }
+
     /// POST `/v1/<path>` with a JSON body.
     pub async fn post(&self, key: &str, path: &str, rid: &str, body: serde_json::Value) -> Reply {
+        self.post_with_headers(key, path, rid, body, &[]).await
+    }
+
+    /// POST `/v1/<path>` with a JSON body and extra headers.
+    pub async fn post_with_headers(
+        &self,
+        key: &str,
+        path: &str,
+        rid: &str,
+        body: serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let mut rq = self
             .http
             .post(format!("{}/{path}", self.base_url()))
             .header("x-request-id", rid)
             .json(&body);
+        for (k, v) in headers {
+            rq = rq.header(*k, *v);
+        }
         if !key.is_empty() {
             rq = rq.bearer_auth(key);
         }
@@ -841,7 +911,24 @@ impl Stack {
         out
     }
 
-    fn services(&self) -> [&Service; 4] {
+    /// GET `/metrics` of one service (its Prometheus text; panics unless 200).
+    pub async fn scrape(&self, svc: &Service) -> String {
+        let addr = svc
+            .metrics
+            .unwrap_or_else(|| panic!("{} has no metrics= in its ready line", svc.name));
+        let r = self
+            .http
+            .get(format!("http://{addr}/metrics"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("scrape {}: {e}", svc.name));
+        assert_eq!(r.status().as_u16(), 200, "scrape {}", svc.name);
+        r.text().await.unwrap()
+    }
+
+    /// The four services, scheduler first.
+    pub fn services(&self) -> [&Service; 4] {
         [
             &self.scheduler,
             &self.registry,
@@ -1054,5 +1141,222 @@ impl SseOutcome {
             .filter(|e| *e != "[DONE]")
             .filter_map(|e| serde_json::from_str(e).ok())
             .collect()
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Metrics
+
+/// One sample of a Prometheus text exposition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// The sample's name as written (`x_bucket`, `x_sum`, `x_count` for a histogram `x`).
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed `/metrics` answer (the text format: `# HELP`/`# TYPE` lines and samples).
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub samples: Vec<Sample>,
+    /// `# TYPE` lines: family name → type.
+    pub types: std::collections::BTreeMap<String, String>,
+}
+
+impl Metrics {
+    /// Parse the text format (label values unescaped: `\\`, `\"`, `\n`).
+    pub fn parse(text: &str) -> Metrics {
+        let mut m = Metrics::default();
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut w = rest.split_whitespace();
+                if let (Some(n), Some(t)) = (w.next(), w.next()) {
+                    m.types.insert(n.to_string(), t.to_string());
+                }
+                continue;
+            }
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, mut rest) = match line.find(['{', ' ']) {
+                Some(i) => (&line[..i], &line[i..]),
+                None => continue,
+            };
+            let mut labels = std::collections::BTreeMap::new();
+            if rest.starts_with('{') {
+                let mut chars = rest[1..].char_indices();
+                let mut key = String::new();
+                let mut end = 0;
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '}' => {
+                            end = i + 2;
+                            break;
+                        }
+                        ',' | ' ' => {}
+                        '=' => {
+                            chars.next(); // the opening quote
+                            let mut v = String::new();
+                            while let Some((_, c)) = chars.next() {
+                                match c {
+                                    '\\' => match chars.next().map(|(_, c)| c) {
+                                        Some('n') => v.push('\n'),
+                                        Some(o) => v.push(o),
+                                        None => {}
+                                    },
+                                    '"' => break,
+                                    o => v.push(o),
+                                }
+                            }
+                            labels.insert(std::mem::take(&mut key), v);
+                        }
+                        o => key.push(o),
+                    }
+                }
+                rest = &rest[end..];
+            }
+            let Some(value) = rest.split_whitespace().next() else {
+                continue;
+            };
+            let value = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().unwrap_or(f64::NAN),
+            };
+            m.samples.push(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            });
+        }
+        m
+    }
+
+    /// The sum of the samples named `name` whose labels include every `(key, value)` of `labels`
+    /// (`None` when there is no such sample).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = None;
+        for s in &self.samples {
+            if s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            {
+                *found.get_or_insert(0.0) += s.value;
+            }
+        }
+        found
+    }
+
+    /// [`Metrics::get`], 0 when absent.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+
+    /// The metric (family) names present: a histogram `x` as `x` (from its `x_bucket`,
+    /// `x_sum`, `x_count` samples) as well as the sample names themselves.
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for s in &self.samples {
+            out.insert(s.name.clone());
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = s.name.strip_suffix(suffix)
+                    && self
+                        .types
+                        .get(base)
+                        .is_some_and(|t| t == "histogram" || t == "summary")
+                {
+                    out.insert(base.to_string());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Prometheus' `promtool` (Debian package `prometheus`; `make test` installs it). `None`, with
+/// a loud warning on stderr, when it is not installed: the caller then skips its check.
+pub fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("promtool"))
+        .chain([PathBuf::from("/usr/bin/promtool")])
+        .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!(
+            "\n\n!!!!!!!! WARNING: promtool is not installed (Debian package `prometheus`; \
+             `make promtool` installs it): Prometheus' own checks are SKIPPED !!!!!!!!\n\n"
+        );
+    }
+    found
+}
+
+/// Run `promtool <args>` with `stdin` on its standard input; its exit status and output.
+pub fn run_promtool(promtool: &Path, args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(promtool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", promtool.display()));
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The metric names `docs/metrics.md` documents (the back-quoted `securellm_*` names of its
+/// tables' first column).
+pub fn documented_metrics() -> std::collections::BTreeSet<String> {
+    let doc = securellm_testkit::workspace_root().join("docs/metrics.md");
+    let text = std::fs::read_to_string(&doc).unwrap_or_else(|e| panic!("{}: {e}", doc.display()));
+    text.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("securellm_"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_text_format() {
+        let m = Metrics::parse(
+            "# HELP a_total things\n# TYPE a_total counter\n\
+             a_total{model=\"x\",result=\"ok\"} 3\na_total{model=\"y\",result=\"ok\"} 2\n\
+             a_total{model=\"q\\\"uo,te\",result=\"failed\"} 1\n\
+             # TYPE h_seconds histogram\nh_seconds_bucket{le=\"+Inf\"} 4\nh_seconds_sum 0.5\n\
+             h_seconds_count 4\ng 7.5\n",
+        );
+        assert_eq!(m.get("a_total", &[("result", "ok")]), Some(5.0));
+        assert_eq!(m.get("a_total", &[("model", "q\"uo,te")]), Some(1.0));
+        assert_eq!(m.get("a_total", &[("model", "z")]), None);
+        assert_eq!(m.sum("g", &[]), 7.5);
+        assert_eq!(m.get("h_seconds_bucket", &[("le", "+Inf")]), Some(4.0));
+        let names = m.names();
+        assert!(names.contains("h_seconds") && names.contains("h_seconds_count"));
+        assert!(names.contains("a_total") && !names.contains("a"));
+    }
+
+    #[test]
+    fn the_catalogue_lists_the_metrics() {
+        let d = documented_metrics();
+        assert!(d.contains("securellm_scheduler_gpu_leased_bytes"), "{d:?}");
+        assert!(d.contains("securellm_gateway_audit_rows_dropped_total"));
+        assert!(d.len() > 40, "{}", d.len());
     }
 }
