@@ -353,12 +353,11 @@ impl QueueProcessor {
                     }
                 };
                 let exporter = rt.block_on(async {
-                    use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+                    use opentelemetry_otlp::WithExportConfig;
                     opentelemetry_otlp::SpanExporter::builder()
                         .with_tonic()
                         .with_endpoint(endpoint)
                         .with_timeout(timeout)
-                        .with_compression(opentelemetry_otlp::Compression::Gzip)
                         .build()
                 });
                 let mut exporter = match exporter {
