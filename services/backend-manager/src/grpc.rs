@@ -168,17 +168,22 @@ impl BackendService {
     }
 }
 
+/// The model a request names (field `model`, else the body's `model`).
+fn model_of(r: &pb::InferenceRequest) -> Option<String> {
+    if r.model.is_empty() {
+        forward::body_model(&r.body_json)
+    } else {
+        Some(r.model.clone())
+    }
+}
+
 /// The model a request names and its absolute deadline.
 fn target(r: &pb::InferenceRequest) -> Result<(String, u64), Status> {
-    let model = if r.model.is_empty() {
-        forward::body_model(&r.body_json).ok_or_else(|| {
-            Status::invalid_argument(
-                "invalid request: no `model` given (field `model` or the body's `model`)",
-            )
-        })?
-    } else {
-        r.model.clone()
-    };
+    let model = model_of(r).ok_or_else(|| {
+        Status::invalid_argument(
+            "invalid request: no `model` given (field `model` or the body's `model`)",
+        )
+    })?;
     let deadline = if r.deadline_ms == 0 {
         now_ms() + DEFAULT_DEADLINE_MS
     } else {
@@ -207,9 +212,9 @@ impl BackendService {
         let (mut t, deadline) = match self.ticket(&r, embeddings).await {
             Ok(x) => x,
             Err(e) => {
-                if let Some(name) = target(&r)
-                    .ok()
-                    .and_then(|(m, _)| self.manager.known_name(&m, embeddings))
+                // Not `target`: the deadline may have passed by now.
+                if let Some(name) =
+                    model_of(&r).and_then(|m| self.manager.known_name(&m, embeddings))
                 {
                     call.model(&name);
                 }

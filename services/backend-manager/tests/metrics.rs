@@ -358,3 +358,136 @@ async fn metrics_follow_loads_requests_tokens_unloads_crashes_and_instance_state
     );
     promtool_check(&t);
 }
+
+#[tokio::test]
+async fn an_eviction_a_load_that_cannot_fit_and_a_shutdown_are_counted_by_reason() {
+    const MIB: u64 = 1 << 20;
+    let kit = securellm_testkit::Stack::new()
+        .gpu(256 * MIB)
+        .eviction_grace_ms(5_000)
+        .models(&["tiny"])
+        .internal_token()
+        .manager(|c| {
+            c.metrics_listen = Some("127.0.0.1:0".into());
+            c.lease_ttl_ms = 3_000;
+            c.stop_grace_ms = 2_000;
+        })
+        .start()
+        .await;
+    let mut client = kit.backend_client().await;
+    let mut sched = kit.scheduler_client().await;
+    let maddr = kit.manager().metrics.as_ref().unwrap().addr;
+    client.chat(chat("tiny", 2)).await.unwrap();
+
+    // Someone with priority 10 wants more than is left: the instance is evicted.
+    let mut stream = sched
+        .acquire_lease(pb::AcquireLeaseRequest {
+            holder: "important".into(),
+            bytes: 255 * MIB,
+            priority: 10,
+            gpu_index: None,
+            ttl_ms: 60_000,
+            wait_ms: 20_000,
+            label: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let granted = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(u) = stream.next().await {
+            if let Some(pb::acquire_lease_update::Update::Granted(l)) = u.unwrap().update {
+                return l;
+            }
+        }
+        panic!("no grant");
+    })
+    .await
+    .unwrap();
+    let t = until(maddr, "the eviction", |t| {
+        value(
+            t,
+            "securellm_backend_unloads_total",
+            &[("reason", "evicted")],
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(instances(&t, "stopped"), 1.0, "{t}");
+    assert_eq!(
+        value(
+            &t,
+            "securellm_backend_unloads_total",
+            &[("reason", "requested")]
+        ),
+        0.0
+    );
+
+    // Now the model cannot get memory before its deadline: a failed load, and the request is an
+    // error counted under the model's name.
+    let mut req = chat("tiny", 2);
+    req.deadline_ms = securellm_common::time::now_ms() + 1_500;
+    let e = client.chat(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    let t = until(maddr, "the failed load", |t| {
+        value(
+            t,
+            "securellm_backend_loads_total",
+            &[("model", "tiny"), ("result", "failed")],
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(
+            &t,
+            "securellm_backend_requests_total",
+            &[("model", "tiny"), ("kind", "chat"), ("result", "error")]
+        ),
+        1.0,
+        "{t}"
+    );
+    assert_eq!(
+        value(
+            &t,
+            "securellm_backend_lease_wait_seconds_count",
+            &[("model", "tiny")]
+        ),
+        2.0
+    );
+    assert!(
+        value(
+            &t,
+            "securellm_backend_lease_wait_seconds_sum",
+            &[("model", "tiny")]
+        ) >= 1.0
+    );
+
+    // The memory comes back; a shutdown unloads what is loaded.
+    sched
+        .release_lease(pb::ReleaseLeaseRequest {
+            lease_id: granted.id,
+        })
+        .await
+        .unwrap();
+    let mut loaded = false;
+    for _ in 0..50 {
+        // The failed load's backoff may refuse the first tries.
+        if client.chat(chat("tiny", 2)).await.is_ok() {
+            loaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(loaded, "tiny loads once the memory is back");
+    kit.manager().manager.unload_all().await;
+    let t = scrape(maddr).await;
+    assert_eq!(
+        value(
+            &t,
+            "securellm_backend_unloads_total",
+            &[("reason", "shutdown")]
+        ),
+        1.0,
+        "{t}"
+    );
+    assert_eq!(instances(&t, "ready"), 0.0);
+    promtool_check(&t);
+}
