@@ -7,7 +7,7 @@ CARGO ?= cargo
 DATA_DIR ?= $(or $(SECURELLM_DATA_DIR),$(HOME)/.local/share/securellm)
 SCHEDULER_LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap pyenv promtool help
+.PHONY: run test build release fmt fmt-check clippy unit bench bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap bench-telemetry pyenv promtool help
 
 help:
 	@echo "make run    - build (release) and start the stack: 4 services, OpenAI API on 127.0.0.1:8088"
@@ -59,7 +59,7 @@ promtool:
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
-bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap
+bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap bench-telemetry
 
 bench-scheduler:
 	$(CARGO) run --release -p securellm-bench -- scheduler
@@ -97,3 +97,11 @@ bench-gateway:
 bench-swap:
 	$(CARGO) build --release -p securellm-gateway
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)" $(CARGO) run --release -p securellm-bench -- swap
+
+# What metrics and trace export cost the gateway (bare / metrics / export on, beside nginx).
+BENCH_TELEMETRY_ARGS ?= --seconds 3 --rounds 3
+bench-telemetry:
+	@test -n "$$SECURELLM_BENCH_NGINX" || test -x /usr/sbin/nginx || command -v nginx >/dev/null || \
+		sudo -n apt-get install -y --no-install-recommends nginx || apt-get install -y --no-install-recommends nginx
+	$(CARGO) build --release -p securellm-gateway
+	$(CARGO) run --release -p securellm-bench -- telemetry $(BENCH_TELEMETRY_ARGS)

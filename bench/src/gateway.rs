@@ -36,7 +36,7 @@ const BODY: &str =
 const STREAM_BODY: &str =
     r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
 
-async fn mock(body: String) -> axum::response::Response {
+pub(crate) async fn mock(body: String) -> axum::response::Response {
     use axum::response::IntoResponse;
     if body.contains("\"stream\":true") {
         let chunks = futures::stream::iter((0..50).map(|i| {
@@ -56,24 +56,24 @@ async fn mock(body: String) -> axum::response::Response {
 
 /// One way to reach the mock: its URL, the API key it wants, and the processes whose CPU time
 /// counts as that hop's cost (none for direct).
-struct Target {
-    name: &'static str,
-    url: String,
-    key: Option<String>,
-    pids: Vec<u32>,
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    pub(crate) url: String,
+    pub(crate) key: Option<String>,
+    pub(crate) pids: Vec<u32>,
 }
 
 /// One measured run: latencies (or times to first byte, for streams), and the CPU time the
 /// proxy's processes and the benchmark process (load generator + mock) spent during it.
-struct Run {
-    s: Samples,
+pub(crate) struct Run {
+    pub(crate) s: Samples,
     proxy_cpu_s: f64,
     bench_cpu_s: f64,
 }
 
 impl Run {
     /// CPU microseconds per request (or stream) of the proxy / of the benchmark process.
-    fn proxy_us(&self) -> f64 {
+    pub(crate) fn proxy_us(&self) -> f64 {
         self.proxy_cpu_s * 1e6 / (self.s.latencies_us.len() as f64).max(1.0)
     }
     fn bench_us(&self) -> f64 {
@@ -82,7 +82,7 @@ impl Run {
 }
 
 /// utime + stime of `pid` (all its threads, live and exited) in seconds.
-fn cpu_s(pid: u32) -> f64 {
+pub(crate) fn cpu_s(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -102,7 +102,7 @@ fn cpu_sum(pids: &[u32]) -> f64 {
     pids.iter().map(|&p| cpu_s(p)).sum()
 }
 
-async fn measured<F: Future<Output = anyhow::Result<Samples>>>(
+pub(crate) async fn measured<F: Future<Output = anyhow::Result<Samples>>>(
     t: &Target,
     f: F,
 ) -> anyhow::Result<Run> {
@@ -128,7 +128,7 @@ fn request(http: &reqwest::Client, t: &Target, body: &'static str) -> reqwest::R
 }
 
 /// `c` clients, each sending non-streaming requests back to back for `dur`; per-request latency.
-async fn run_load(
+pub(crate) async fn run_load(
     http: &reqwest::Client,
     t: &Target,
     c: usize,
@@ -224,7 +224,7 @@ async fn ttfb(http: &reqwest::Client, t: &Target) -> anyhow::Result<f64> {
     Ok(v[v.len() / 2])
 }
 
-fn rss_mib(pid: u32) -> f64 {
+pub(crate) fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -278,6 +278,39 @@ pub(crate) async fn spawn_gateway(
     Ok((child, ready))
 }
 
+/// An API key on the gateway at `grpc` (its admin token in `data_dir`) with limits far above what
+/// a benchmark can reach.
+pub(crate) async fn bench_key(grpc: &str, data_dir: &Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(data_dir.join("admin-token"))?
+        .trim()
+        .to_string();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{grpc}"))?
+        .connect()
+        .await?;
+    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+    let mut admin = GatewayAdminClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", auth.clone());
+        Ok(r)
+    });
+    Ok(admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "bench".into(),
+            models: Some(pb::ApiKeyModelPatterns {
+                patterns: vec!["*".into()],
+            }),
+            limits: Some(pb::ApiKeyLimits {
+                requests_per_minute: Some(100_000_000),
+                tokens_per_minute: Some(4_000_000_000),
+                max_concurrent: Some(10_000),
+                max_tokens: None,
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .secret)
+}
+
 /// The nginx binary: `SECURELLM_BENCH_NGINX`, else `/usr/sbin/nginx`, else `nginx` on PATH.
 fn find_nginx() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("SECURELLM_BENCH_NGINX") {
@@ -303,13 +336,13 @@ fn find_nginx() -> anyhow::Result<PathBuf> {
 /// one worker process per core (what the gateway's tokio runtime runs by default), HTTP/1.1 to
 /// a keep-alive upstream pool, no access log, no response buffering (streams pass chunk by
 /// chunk, like the gateway's). Killed (master and workers) when dropped.
-struct Nginx {
+pub(crate) struct Nginx {
     child: std::process::Child,
     workers: Vec<u32>,
 }
 
 impl Nginx {
-    async fn start(
+    pub(crate) async fn start(
         dir: &Path,
         upstream: std::net::SocketAddr,
         workers: usize,
@@ -393,7 +426,7 @@ http {{
         Ok((n, port))
     }
 
-    fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         std::iter::once(self.child.id())
             .chain(self.workers.iter().copied())
             .collect()
@@ -507,7 +540,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     std::fs::write(
         &cfg,
         format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n[gateway.upstreams.mock]\nbase_url = \"http://{mock_addr}/v1\"\nmodels = [\"mock-model\"]\nredaction = \"allow\"\n"
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[gateway.upstreams.mock]\nbase_url = \"http://{mock_addr}/v1\"\nmodels = [\"mock-model\"]\nredaction = \"allow\"\n"
         ),
     )?;
     let (mut child, ready) = spawn_gateway(&cfg, &dir.path().join("data"), &[]).await?;
@@ -529,34 +562,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (nginx, ngx_port) = Nginx::start(ngx_dir.path(), mock_addr, cores).await?;
 
     // A key with limits far above what the benchmark can reach.
-    let token = std::fs::read_to_string(dir.path().join("data/admin-token"))?
-        .trim()
-        .to_string();
-    let ch = tonic::transport::Channel::from_shared(format!("http://{grpc}"))?
-        .connect()
-        .await?;
-    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
-    let mut admin = GatewayAdminClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", auth.clone());
-        Ok(r)
-    });
-    let key = admin
-        .create_api_key(pb::CreateApiKeyRequest {
-            name: "bench".into(),
-            models: Some(pb::ApiKeyModelPatterns {
-                patterns: vec!["*".into()],
-            }),
-            limits: Some(pb::ApiKeyLimits {
-                requests_per_minute: Some(100_000_000),
-                tokens_per_minute: Some(4_000_000_000),
-                max_concurrent: Some(10_000),
-                max_tokens: None,
-            }),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .secret;
+    let key = bench_key(&grpc, &dir.path().join("data")).await?;
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)

@@ -9,6 +9,7 @@ mod registry;
 mod scheduler;
 mod stats;
 mod swap;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,9 @@ enum Bench {
     /// Model swaps on a full GPU through the gateway vs llama.cpp's router mode and a raw cold
     /// start.
     Swap(swap::Args),
+    /// What metrics and OTLP trace export cost the gateway: bare vs metrics vs export on, beside
+    /// nginx, interleaved runs at concurrency 64.
+    Telemetry(telemetry::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Backend(a) => rt.block_on(backend::run(a)),
         Bench::Gateway(a) => rt.block_on(gateway::run(a)),
         Bench::Swap(a) => rt.block_on(swap::run(a)),
+        Bench::Telemetry(a) => rt.block_on(telemetry::run(a)),
     }
 }

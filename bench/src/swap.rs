@@ -115,7 +115,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let gw_cfg = dir.path().join("securellm.toml");
     std::fs::write(
         &gw_cfg,
-        "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n",
+        "[gateway]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n",
     )?;
     let key_file = dir.path().join("api-key");
     let flag = |s: &str| std::ffi::OsString::from(s);
