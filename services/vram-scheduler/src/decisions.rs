@@ -626,15 +626,14 @@ impl DecisionLog {
         };
         let mut notes = Vec::new();
         let (mut file, mut seq, mut last_hash) = open_file(path).map_err(io)?;
-        let mut content = Vec::new();
-        file.read_to_end(&mut content).map_err(io)?;
+        let (base, mut content) = read_tail(&mut file).map_err(io)?;
         if !content.is_empty() && !content.ends_with(b"\n") {
             let keep = content
                 .iter()
                 .rposition(|b| *b == b'\n')
                 .map_or(0, |p| p + 1);
             let torn = content.len() - keep;
-            file.set_len(keep as u64).map_err(io)?;
+            file.set_len(base + keep as u64).map_err(io)?;
             content.truncate(keep);
             notes.push(format!(
                 "a torn last line of {torn} bytes (a crash mid-write) was cut off"
@@ -729,6 +728,38 @@ impl DecisionLog {
 
     pub fn path(&self) -> &Path {
         &self.shared.path
+    }
+}
+
+/// The end of the file from the start of its last complete line (and any torn bytes after it):
+/// `(offset of those bytes, the bytes)`. Reads a window from the end that grows until it holds a
+/// whole line, so a start stays cheap however long the log is.
+fn read_tail(file: &mut std::fs::File) -> std::io::Result<(u64, Vec<u8>)> {
+    let len = file.metadata()?.len();
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(std::io::SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        Read::by_ref(file).take(len - start).read_to_end(&mut buf)?;
+        let newlines: Vec<usize> = buf
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .map(|(i, _)| i)
+            .rev()
+            .take(2)
+            .collect();
+        // The last complete line starts after the newline before it.
+        let cut = match newlines.as_slice() {
+            [_, before, ..] => Some(before + 1),
+            _ if start == 0 => Some(0),
+            _ => None,
+        };
+        if let Some(cut) = cut {
+            return Ok((start + cut as u64, buf.split_off(cut)));
+        }
+        window = window.saturating_mul(2);
     }
 }
 

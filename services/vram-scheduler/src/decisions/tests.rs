@@ -409,3 +409,36 @@ fn dropped_decisions_become_a_gap_row_before_the_next_one() {
     assert!(rep.ok, "{rep:?}");
     assert_eq!(rep.gaps, vec![(1, 2)]);
 }
+
+#[test]
+fn a_long_log_is_continued_from_its_tail_even_when_the_last_row_is_longer_than_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = decisions_path(dir.path());
+    // Well over the 64 KiB first window, ending with a row longer than that window.
+    let mut b = chain(300);
+    let last = row_at(&lines(&b), 299);
+    let mut long = row1();
+    long.detail = "x".repeat(200 * 1024);
+    b.extend_from_slice(&Row::chained(301, &last.row_hash, long).line());
+    assert!(b.len() > 300 * 1024);
+    std::fs::write(&path, &b).unwrap();
+    // A torn line after it, too.
+    let mut torn = b.clone();
+    torn.extend_from_slice(b"{\"seq\":302");
+    std::fs::write(&path, &torn).unwrap();
+    rt().block_on(async {
+        let log = DecisionLog::open(&path, 9).unwrap();
+        log.record(row2());
+        log.flush().await;
+    });
+    let rep = verify_file(&path).unwrap();
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(
+        rep.rows_checked, 303,
+        "301 rows, the recovery note, the new row"
+    );
+    let rows = read_rows(&path).unwrap();
+    assert_eq!(rows[301].decision.kind, DecisionKind::Recovered);
+    assert_eq!(rows[302].prev_hash, rows[301].row_hash);
+    assert!(std::fs::read(&path).unwrap().starts_with(&b));
+}
