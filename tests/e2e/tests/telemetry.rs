@@ -205,9 +205,31 @@ async fn with_no_otel_variable_nothing_is_exported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_collector_down_requests_still_answer_promptly() {
-    let dead = dead_addr();
+    requests_stay_prompt_while_export_fails(format!("http://{}", dead_addr())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_collector_that_accepts_and_never_answers_requests_still_answer_promptly() {
+    // A black hole: connections are accepted and held, nothing is ever read or written (no
+    // HTTP/2 handshake), so every export waits for its timeout.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hole.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            conns.push(c);
+        }
+    });
+    requests_stay_prompt_while_export_fails(format!("http://{addr}")).await;
+    held.abort();
+}
+
+/// With the OTLP endpoint unusable, a first request (with the load) and ten more all answer 200,
+/// each of the ten within 5 s; every service counts the failure (failed exports or dropped
+/// spans) and logs at most a few export warnings, not one per request.
+async fn requests_stay_prompt_while_export_fails(endpoint: String) {
     let s = Stack::start(Options {
-        env: otel_env(format!("http://{dead}")),
+        env: otel_env(endpoint),
         ..Default::default()
     })
     .await;
