@@ -317,7 +317,15 @@ struct Actor {
     /// Where tasks and tickets report.
     me: mpsc::UnboundedSender<Report>,
     next_reply: u64,
-    waiters: HashMap<u64, oneshot::Sender<Result<Ticket, InstanceError>>>,
+    /// Waiting requests: the reply, and the caller's span (a load is traced under the newest
+    /// waiter's; held only while the request waits).
+    waiters: HashMap<
+        u64,
+        (
+            oneshot::Sender<Result<Ticket, InstanceError>>,
+            tracing::Span,
+        ),
+    >,
     unloads: HashMap<u64, oneshot::Sender<bool>>,
     retire: Option<oneshot::Sender<bool>>,
     /// The child serving now (generation `life.child`).
@@ -327,9 +335,8 @@ struct Actor {
     abort: watch::Sender<Option<String>>,
     /// What waiting requests are told (see [`InstanceHandle::progress`]).
     progress: watch::Sender<pb::LoadProgress>,
-    /// The span of the latest acquire: a load it starts is traced under it.
-    cause: tracing::Span,
-    /// The span of the request that started the load under way.
+    /// The span of the request that started the load under way (until its child is started or
+    /// the load ends).
     load_cause: tracing::Span,
     /// Why the instance was last asked to go (an unload, an eviction notice, a lost lease), for
     /// an unload whose drain does not say (`unloads_total{reason}`).
@@ -382,7 +389,6 @@ pub fn spawn(
         pending: None,
         abort,
         progress,
-        cause: tracing::Span::none(),
         load_cause: tracing::Span::none(),
         asked_to_go: None,
         drain_reason: None,
@@ -431,7 +437,7 @@ impl Actor {
                     let gone: Vec<u64> = self
                         .waiters
                         .iter()
-                        .filter(|(_, r)| r.is_closed())
+                        .filter(|(_, (r, _))| r.is_closed())
                         .map(|(id, _)| *id)
                         .collect();
                     if !gone.is_empty() {
@@ -474,9 +480,8 @@ impl Actor {
                 reply,
                 span,
             } => {
-                self.cause = span;
                 let waiter = self.reply_id();
-                self.waiters.insert(waiter, reply);
+                self.waiters.insert(waiter, (reply, span));
                 self.apply(Event::Acquire {
                     waiter,
                     deadline_ms,
@@ -578,6 +583,14 @@ impl Actor {
         for a in actions {
             self.perform(a);
         }
+        // A span is exported when it closes: hold the causing request's only while its load
+        // runs (the load's own spans keep their parent as long as they need it).
+        if !matches!(
+            self.life.state,
+            crate::lifecycle::State::Leasing | crate::lifecycle::State::Starting
+        ) {
+            self.load_cause = tracing::Span::none();
+        }
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -608,7 +621,11 @@ impl Actor {
                 let me = self.me.clone();
                 // The load is traced under the request that caused it, so the registry's estimate
                 // and the scheduler's acquire land in that request's trace.
-                self.load_cause = self.cause.clone();
+                self.load_cause = self
+                    .waiters
+                    .iter()
+                    .max_by_key(|(id, _)| **id)
+                    .map_or_else(tracing::Span::none, |(_, (_, span))| span.clone());
                 let span = tracing::info_span!(
                     parent: &self.load_cause,
                     "backend.lease_wait",
@@ -711,6 +728,7 @@ impl Actor {
                     });
                 };
                 tokio::spawn(task.instrument(span));
+                self.load_cause = tracing::Span::none();
             }
             Action::ChildUp { generation } => {
                 let Some((_, started)) = self.pending.take_if(|(g, _)| *g == generation) else {
@@ -842,12 +860,12 @@ impl Actor {
                     done: Some((self.me.clone(), generation)),
                 };
                 // A waiter that left drops the ticket, which ends its accounting.
-                if let Some(reply) = self.waiters.remove(&waiter) {
+                if let Some((reply, _)) = self.waiters.remove(&waiter) {
                     let _ = reply.send(Ok(ticket));
                 }
             }
             Action::Refuse { waiter, error } => {
-                if let Some(reply) = self.waiters.remove(&waiter) {
+                if let Some((reply, _)) = self.waiters.remove(&waiter) {
                     let _ = reply.send(Err(error));
                 }
             }

@@ -24,6 +24,8 @@ struct Captured {
     name: &'static str,
     ancestors: Vec<&'static str>,
     fields: BTreeMap<String, String>,
+    /// Closed (what an exporter sends); a span held somewhere stays open.
+    closed: bool,
 }
 
 /// An event: its message and the name of the span it happened in.
@@ -65,6 +67,7 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
             name: span.name(),
             ancestors,
             fields,
+            closed: false,
         });
         span.extensions_mut().insert(Index(all.len() - 1));
     }
@@ -77,6 +80,13 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
         };
         let mut all = self.spans.lock().unwrap();
         values.record(&mut Fields(&mut all[*i].fields));
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        if let Some(Index(i)) = span.extensions().get::<Index>() {
+            self.spans.lock().unwrap()[*i].closed = true;
+        }
     }
 
     fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
@@ -156,6 +166,17 @@ async fn a_load_is_traced_under_the_request_that_caused_it_and_forwards_carry_ge
             .unwrap()
             > 0
     );
+
+    // The request's span closes when it ends (the actor does not hold it), and so do the load's.
+    for _ in 0..100 {
+        if capture.one("test.request").closed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for name in ["test.request", "backend.lease_wait", "backend.load"] {
+        assert!(capture.one(name).closed, "{name} is still open");
+    }
 
     // A warm request: no second load.
     let (_, ticket) = manager
