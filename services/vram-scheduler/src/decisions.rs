@@ -59,11 +59,21 @@
 //! [`verify_bytes`] reports every gap. A failed append is cut back off the file (so no half row is
 //! left) and counted as dropped the same way.
 //!
+//! # The head file
+//!
+//! A chain alone cannot show rows cut off its end. After each synced batch the writer rewrites
+//! `scheduler-decisions.head` ([`head_path`], [`Head`]: the last row's `seq` and `row_hash`;
+//! temporary file, sync, rename), so the head is never ahead of the synced rows. [`verify_file`]
+//! requires the chain to reach the head's row with the head's hash: rows removed from the end
+//! (`truncated`) or a chain rewritten with recomputed hashes (`edited`) are caught; rows after
+//! the head are fine (appended before the head was rewritten); a missing head on a non-empty log
+//! is reported (removal from the end cannot be ruled out).
+//!
 //! # Limits
 //!
-//! A hash chain without a key proves order and integrity *relative to its last row*: someone who
-//! can write the file can cut rows off its end, or rewrite it entirely with recomputed hashes.
-//! Record [`VerifyReport::last_hash`] elsewhere (as with the gateway's chain) to detect that.
+//! A hash chain without a key is evidence against edits, not against someone who can rewrite
+//! both files consistently (chain and head). Record [`VerifyReport::last_hash`] elsewhere (as with
+//! the gateway's chain) to detect that. The log is not rotated.
 
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -396,13 +406,123 @@ impl VerifyReport {
     }
 }
 
-/// Verify the decision file at `path` (read-only; safe while the scheduler writes it).
+/// The head file next to the decision file: the last row the writer appended (`seq`,
+/// `row_hash`), rewritten (atomically, after the rows are synced) with every batch. It lets
+/// [`verify_file`] see rows cut off the end of the log, which the chain alone cannot.
+pub fn head_path(decisions: &Path) -> PathBuf {
+    decisions.with_extension("head")
+}
+
+/// The content of the head file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Head {
+    pub seq: u64,
+    pub row_hash: String,
+}
+
+/// Verify the decision file at `path` (read-only; safe while the scheduler writes it): the chain
+/// ([`verify_bytes`]), then its end against the head file ([`check_head`]).
 pub fn verify_file(path: &Path) -> Result<VerifyReport, DecisionError> {
+    // The head first: the writer updates it only after the rows it names are synced, so rows
+    // read afterwards always reach it.
+    let head_file = head_path(path);
+    let head = match std::fs::read(&head_file) {
+        Ok(b) => Some(serde_json::from_slice::<Head>(&b).map_err(|e| e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(DecisionError::Io {
+                path: head_file,
+                source,
+            });
+        }
+    };
     let bytes = std::fs::read(path).map_err(|source| DecisionError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(verify_bytes(&bytes))
+    let rep = verify_bytes(&bytes);
+    Ok(check_head(rep, &bytes, head, &head_file))
+}
+
+/// An intact chain must reach the head file's row, and that row must have the head's hash. Rows
+/// after the head are fine (appended after the head was last written). A missing head file on a
+/// non-empty log means removal of rows from the end cannot be ruled out.
+pub fn check_head(
+    rep: VerifyReport,
+    bytes: &[u8],
+    head: Option<Result<Head, String>>,
+    head_file: &Path,
+) -> VerifyReport {
+    if !rep.ok {
+        return rep;
+    }
+    let n = rep.rows_checked;
+    let bad = |kind: TamperKind, seq: u64, detail: String| VerifyReport {
+        ok: false,
+        first_bad_line: Some(seq),
+        first_bad_seq: Some(seq),
+        kind: Some(kind),
+        detail,
+        ..rep.clone()
+    };
+    let head = match head {
+        None if n == 0 => return rep,
+        None => {
+            return bad(
+                TamperKind::Truncated,
+                n + 1,
+                format!(
+                    "the head file {} is missing: removal of rows from the end cannot be ruled                      out",
+                    head_file.display()
+                ),
+            );
+        }
+        Some(Err(e)) => {
+            return bad(
+                TamperKind::Edited,
+                n,
+                format!("the head file {} cannot be read: {e}", head_file.display()),
+            );
+        }
+        Some(Ok(h)) => h,
+    };
+    if head.seq > n {
+        let detail = if head.seq == n + 1 {
+            format!(
+                "the head file says the log reaches row {}, but it ends at row {n}: row {} was removed",
+                head.seq, head.seq
+            )
+        } else {
+            format!(
+                "the head file says the log reaches row {}, but it ends at row {n}: rows {} to {} were removed",
+                head.seq,
+                n + 1,
+                head.seq
+            )
+        };
+        return bad(TamperKind::Truncated, n + 1, detail);
+    }
+    if head.seq == 0 {
+        return rep;
+    }
+    let (rows, _) = parse_lines(bytes);
+    let at = rows
+        .get(head.seq as usize - 1)
+        .and_then(|r| r.as_ref().ok())
+        .map(|r| r.row_hash.clone());
+    if at.as_deref() != Some(head.row_hash.as_str()) {
+        return bad(
+            TamperKind::Edited,
+            head.seq,
+            format!(
+                "row {}'s hash differs from the head file's {}: the chain was rewritten with \
+                 recomputed hashes (or the head file was edited)",
+                head.seq, head.row_hash
+            ),
+        );
+    }
+    rep
 }
 
 /// A line as read: a row, or why it is not one.
@@ -652,6 +772,14 @@ impl DecisionLog {
                     drop(file);
                     let aside = path.with_extension(format!("jsonl.broken-{now_ms}"));
                     std::fs::rename(path, &aside).map_err(io)?;
+                    let head = head_path(path);
+                    if head.exists() {
+                        std::fs::rename(
+                            &head,
+                            head.with_extension(format!("head.broken-{now_ms}")),
+                        )
+                        .map_err(io)?;
+                    }
                     tracing::error!(
                         "decision log {}: the last row cannot be read, so its chain cannot be \
                          continued; moved to {} and starting a new chain",
@@ -838,6 +966,12 @@ impl Writer {
             Ok(()) => {
                 self.seq = seq;
                 self.last_hash = hash;
+                if let Err(e) = self.write_head() {
+                    tracing::warn!(
+                        "decision log {}: cannot update the head file: {e}",
+                        self.shared.path.display()
+                    );
+                }
             }
             Err(e) => {
                 tracing::warn!(
@@ -851,6 +985,27 @@ impl Writer {
                 self.shared.dropped_total.fetch_add(n, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Rewrite the head file (temporary file, sync, rename): never ahead of the synced rows.
+    fn write_head(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let head = head_path(&self.shared.path);
+        let tmp = head.with_extension("head.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let h = Head {
+            seq: self.seq,
+            row_hash: self.last_hash.clone(),
+        };
+        f.write_all(&serde_json::to_vec(&h).unwrap_or_default())?;
+        f.sync_data()?;
+        drop(f);
+        std::fs::rename(&tmp, &head)
     }
 
     /// Append `buf` and sync; on failure, cut the file back to where it was (no half row).

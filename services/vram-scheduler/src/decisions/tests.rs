@@ -442,3 +442,55 @@ fn a_long_log_is_continued_from_its_tail_even_when_the_last_row_is_longer_than_t
     assert_eq!(rows[302].prev_hash, rows[301].row_hash);
     assert!(std::fs::read(&path).unwrap().starts_with(&b));
 }
+
+#[test]
+fn the_head_file_catches_rows_cut_off_the_end_and_a_rewritten_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = decisions_path(dir.path());
+    rt().block_on(async {
+        let log = DecisionLog::open(&path, 1).unwrap();
+        for _ in 0..3 {
+            log.record(row1());
+        }
+        log.flush().await;
+    });
+    let head: Head = serde_json::from_slice(&std::fs::read(head_path(&path)).unwrap()).unwrap();
+    let rows = read_rows(&path).unwrap();
+    assert_eq!((head.seq, &head.row_hash), (3, &rows[2].row_hash));
+    let good = std::fs::read(&path).unwrap();
+    assert!(verify_file(&path).unwrap().ok);
+
+    // The last row cut off (a whole line: the chain alone cannot tell).
+    let l = lines(&good);
+    std::fs::write(&path, join(&l[..2])).unwrap();
+    assert!(verify_bytes(&std::fs::read(&path).unwrap()).ok);
+    let rep = verify_file(&path).unwrap();
+    assert_eq!(rep.kind, Some(TamperKind::Truncated), "{rep:?}");
+    assert_eq!(rep.first_bad_seq, Some(3));
+    assert!(rep.detail.contains("row 3 was removed"), "{}", rep.detail);
+
+    // The whole chain rewritten with recomputed hashes.
+    let mut hash = GENESIS_HASH.to_string();
+    let mut forged = Vec::new();
+    for seq in 1..=3 {
+        let r = Row::chained(seq, &hash, row2());
+        hash = r.row_hash.clone();
+        forged.extend_from_slice(&r.line());
+    }
+    std::fs::write(&path, &forged).unwrap();
+    let rep = verify_file(&path).unwrap();
+    assert_eq!(rep.kind, Some(TamperKind::Edited), "{rep:?}");
+    assert_eq!(rep.first_bad_seq, Some(3));
+
+    // A row chained after the head (appended before the head was rewritten) is fine.
+    let mut more = good.clone();
+    more.extend_from_slice(&Row::chained(4, &rows[2].row_hash, row2()).line());
+    std::fs::write(&path, &more).unwrap();
+    assert!(verify_file(&path).unwrap().ok);
+
+    // Without the head file, removal from the end cannot be ruled out.
+    std::fs::remove_file(head_path(&path)).unwrap();
+    let rep = verify_file(&path).unwrap();
+    assert_eq!(rep.kind, Some(TamperKind::Truncated), "{rep:?}");
+    assert!(rep.detail.contains("missing"), "{}", rep.detail);
+}
