@@ -156,6 +156,7 @@ async fn a_request_is_one_trace_that_continues_the_callers_and_reaches_the_cloud
         ("gen_ai.request.model", "tiny"),
         ("securellm.key_id", key_id.as_str()),
         ("securellm.upstream", "local"),
+        ("securellm.request_id", "local-traced"),
     ] {
         assert_eq!(req.attr(k), Some(v), "{k} of {req:#?}");
     }

@@ -370,6 +370,7 @@ pub async fn infer(
     mode: Mode,
 ) -> Result<Answer, ApiError> {
     let span = crate::observe::current_span();
+    span.record("securellm.request_id", rid);
     span.record(
         "gen_ai.operation.name",
         match endpoint {
