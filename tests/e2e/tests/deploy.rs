@@ -306,7 +306,13 @@ fn the_dashboard_and_the_alerts_reference_only_documented_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_the_alerts_read_appears_in_a_live_scrape() {
-    let s = Stack::start(Options::default()).await;
+    // As an operator runs it with the dashboard: traces exported (to a real OTLP receiver).
+    let rx = securellm_testkit::otlp::OtlpReceiver::start().await;
+    let s = Stack::start(Options {
+        env: vec![("OTEL_EXPORTER_OTLP_ENDPOINT".into(), rx.endpoint())],
+        ..Default::default()
+    })
+    .await;
     // Traffic that touches every code path a panel shows: a load, a stream, a 429, a bad key.
     assert_eq!(s.chat(&s.api_key, "tiny", 4, "dash-1").await.status, 200);
     let resp = s.chat_stream(&s.api_key, "tiny", 8, "dash-2").await;
@@ -318,6 +324,9 @@ async fn every_metric_the_dashboard_and_the_alerts_read_appears_in_a_live_scrape
     assert_eq!(s.chat("sk-wrong", "tiny", 2, "dash-5").await.status, 401);
     s.audited(&["dash-1", "dash-2", "dash-3", "dash-4", "dash-5"])
         .await;
+    rx.wait_for_shared_trace(4, Duration::from_secs(20))
+        .await
+        .expect("spans of the four services");
     let mut scraped = BTreeSet::new();
     for svc in s.services() {
         scraped.extend(Metrics::parse(&s.scrape(svc).await).names());
