@@ -348,6 +348,69 @@ mod tests {
         assert!(p.done());
     }
 
+    /// With trace export on, a forward carries the current span's context to the engine as a W3C
+    /// `traceparent` of the same trace (so a traced engine continues it).
+    #[tokio::test]
+    async fn a_forward_sends_the_current_trace_to_the_engine() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tracing::Instrument;
+        // A collector nobody runs: spans are dropped, requests never wait for it.
+        let _guard = securellm_common::telemetry::init_service(
+            "backend-manager-test",
+            "warn",
+            &securellm_common::telemetry::TelemetryConfig {
+                otlp_endpoint: Some("http://127.0.0.1:1".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(securellm_common::telemetry::enabled());
+        // An engine that records the request head and answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let engine = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the request ended early");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let body = br#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            s.write_all(answer.as_bytes()).await.unwrap();
+            s.write_all(body).await.unwrap();
+            String::from_utf8_lossy(&head).to_lowercase()
+        });
+        let span = tracing::info_span!(target: "backend_manager", "test.forward");
+        let want = span
+            .in_scope(|| securellm_common::telemetry::trace_id(None))
+            .expect("the span has a trace id");
+        securellm_common::tls::install_crypto_provider();
+        let http = reqwest::Client::new();
+        let (body, _) = prepare_body(br#"{"messages":[]}"#, Endpoint::Chat, "tiny", false).unwrap();
+        let a = post(&http, &base, None, Endpoint::Chat, body, "req-1", None)
+            .instrument(span)
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
+        assert_eq!(a.usage.unwrap().completion, 2);
+        let head = engine.await.unwrap();
+        let tp = head
+            .lines()
+            .find_map(|l| l.strip_prefix("traceparent: "))
+            .unwrap_or_else(|| panic!("no traceparent in\n{head}"));
+        assert_eq!(
+            securellm_common::telemetry::parse_traceparent(tp).as_deref(),
+            Some(want.as_str()),
+            "{tp}"
+        );
+    }
+
     #[test]
     fn body_is_validated_and_rewritten() {
         let (b, wants) = prepare_body(
