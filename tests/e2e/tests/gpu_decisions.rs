@@ -82,8 +82,6 @@ async fn an_eviction_is_in_the_decision_chain_with_the_request_that_caused_it() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "trace export on: every service fails at start (the OTLP exporter asks for gzip, but \
-            opentelemetry-otlp's gzip-tonic feature is not enabled); run with --ignored once fixed"]
 async fn with_trace_export_on_the_eviction_names_the_callers_trace() {
     let rx = OtlpReceiver::start().await;
     let env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), rx.endpoint())];
