@@ -165,7 +165,7 @@ async fn tail(path: &Path, lines: u32) -> anyhow::Result<()> {
     for r in rows {
         let e = &r.entry;
         println!(
-            "{:>6} {} {:<3} {:<22} {:<16} {:<20} key={} client={} tokens={}/{} {}us{}",
+            "{:>6} {} {:<3} {:<22} {:<16} {:<20} key={} client={} tokens={}/{} {}us{}{}",
             r.id,
             e.time_ms,
             e.status,
@@ -181,6 +181,11 @@ async fn tail(path: &Path, lines: u32) -> anyhow::Result<()> {
                 String::new()
             } else {
                 format!(" error={}", e.error_code)
+            },
+            if e.trace_id.is_empty() {
+                String::new()
+            } else {
+                format!(" trace={}", e.trace_id)
             }
         );
     }
