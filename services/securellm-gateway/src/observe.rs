@@ -285,14 +285,16 @@ pub fn current_span() -> tracing::Span {
     }
 }
 
-/// The fields every request span declares (HTTP and gRPC), recorded as the request goes.
+/// The fields every request span declares (HTTP and gRPC), recorded as the request goes. `kind`:
+/// `server` over HTTP (the span the caller's trace continues in); `internal` over gRPC, where
+/// it is the child of the transport's `grpc.server` span.
 #[macro_export]
 macro_rules! request_span {
-    ($name:expr, $($t:tt)*) => {
+    ($kind:literal, $name:expr, $($t:tt)*) => {
         $crate::req_span!(
             "gateway.request",
             otel.name = $name,
-            otel.kind = "server",
+            otel.kind = $kind,
             gen_ai.operation.name = tracing::field::Empty,
             gen_ai.request.model = tracing::field::Empty,
             gen_ai.usage.input_tokens = tracing::field::Empty,

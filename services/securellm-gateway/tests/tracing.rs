@@ -258,5 +258,45 @@ async fn a_request_is_one_trace_that_continues_the_callers_and_reaches_the_cloud
     assert_eq!(own.len(), 32, "{own:?}");
     let spans3 = wait_for(&rx, &own, &["POST /v1/chat/completions"]).await;
     assert_eq!(request(&spans3).parent_span_id, None, "a root span");
+
+    // gRPC: the gateway's request span is the child of the transport's `grpc.server` span,
+    // which continues the caller's trace; authenticate is the request span's child.
+    let (trace4, caller4) = ("5bf92f3577b34da6a3ce929d0e0e4737", "a1b2c3d4e5f60718");
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", g.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(securellm_proto::v1::GatewayListModelsRequest {});
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace4}-{caller4}-01").parse().unwrap(),
+    );
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    securellm_proto::v1::gateway_client::GatewayClient::new(ch)
+        .list_models(req)
+        .await
+        .unwrap();
+    let spans4 = wait_for(&rx, trace4, &["authenticate"]).await;
+    let method = "securellm.v1.Gateway/ListModels";
+    let server = spans4
+        .iter()
+        .find(|s| s.name == method && s.kind == 2)
+        .expect("the grpc.server span");
+    assert_eq!(server.parent_span_id.as_deref(), Some(caller4));
+    let inner = spans4
+        .iter()
+        .find(|s| s.name == method && s.kind == 1)
+        .expect("the gateway's request span");
+    assert_eq!(
+        inner.parent_span_id.as_deref(),
+        Some(server.span_id.as_str())
+    );
+    assert_eq!(inner.attr("securellm.key_id"), Some(key_id.as_str()));
+    assert_eq!(
+        named(&spans4, "authenticate").parent_span_id.as_deref(),
+        Some(inner.span_id.as_str())
+    );
     s.shutdown().await;
 }

@@ -89,6 +89,7 @@ where
         // The request span: a child of the `grpc.server` span of `GrpcTraceLayer` (which
         // continued the caller's trace), open until the response body ends.
         let span = crate::request_span!(
+            "internal",
             req.uri().path().trim_start_matches('/'),
             rpc.system = "grpc",
         );

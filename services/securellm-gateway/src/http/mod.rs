@@ -135,6 +135,7 @@ async fn trace(req: Request, next: Next) -> Response {
     }
     let route = route_of(req.uri().path());
     let span = crate::request_span!(
+        "server",
         format_args!("{} {route}", req.method()),
         http.request.method = %req.method(),
         http.route = route,
