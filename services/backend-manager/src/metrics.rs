@@ -120,10 +120,27 @@ pub fn describe() {
         "Streamed calls: request to the first streamed token (load wait included)."
     );
     describe_counter!(GENERATED_TOKENS, "Completion tokens generated, by model.");
+    // Counters exist at 0 from the start (per model: from its first load), so `increase()` and
+    // the alert rules see their first event.
+    for reason in UNLOAD_REASONS {
+        metrics::counter!(UNLOADS, "reason" => reason).increment(0);
+    }
 }
+
+/// Every `reason` label of the unloads counter.
+pub const UNLOAD_REASONS: [&str; 7] = [
+    "idle",
+    "evicted",
+    "requested",
+    "shutdown",
+    "crashed",
+    "lease_lost",
+    "other",
+];
 
 /// A load ended: `ok` with its duration (spawn → ready), or failed.
 pub fn load_done(model: &str, ok: bool, took: Duration) {
+    metrics::counter!(CRASHES, "model" => model.to_string()).increment(0);
     let result = if ok { "ok" } else { "failed" };
     metrics::counter!(LOADS, "model" => model.to_string(), "result" => result).increment(1);
     if ok {

@@ -64,6 +64,12 @@ pub fn describe() {
         "Model files that could not be parsed, by format (counted when parsed, not per scan)."
     );
     metrics::describe_counter!(ESTIMATES, "Memory estimates answered.");
+    // Counters exist at 0 from the start, so `increase()` sees their first event.
+    for f in FORMATS {
+        metrics::counter!(PARSE_FAILURES, "format" => format_label(f)).increment(0);
+    }
+    metrics::counter!(SCANS).increment(0);
+    metrics::counter!(ESTIMATES).increment(0);
 }
 
 /// Record one finished scan.

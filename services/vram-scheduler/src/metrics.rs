@@ -37,6 +37,8 @@ pub const RELEASES: &str = "securellm_scheduler_releases_total";
 pub const ACQUIRE_WAIT: &str = "securellm_scheduler_acquire_wait_seconds";
 pub const NVML_REFRESH_ERRORS: &str = "securellm_scheduler_nvml_refresh_errors_total";
 pub const EVENTS_LAGGED: &str = "securellm_scheduler_metrics_events_lagged_total";
+/// Decisions the hash-chained log could not write (queue full, failed write): must stay 0.
+pub const DECISIONS_DROPPED: &str = "securellm_scheduler_decisions_dropped_total";
 
 /// Every lease state the `securellm_scheduler_leases` gauge reports (each set every scrape, 0
 /// included, so a state that empties reads 0 rather than its last value).
@@ -151,6 +153,9 @@ pub fn collect(handle: SchedulerHandle) -> Collect {
             if let Ok(view) = handle.status().await {
                 set_gauges(&view);
             }
+            if let Some(log) = handle.decisions() {
+                metrics::counter!(DECISIONS_DROPPED).absolute(log.dropped_total());
+            }
         })
     })
 }
@@ -235,7 +240,12 @@ pub fn describe() {
         EVENTS_LAGGED,
         "Scheduler events the metrics counter missed (it fell behind the event buffer)."
     );
+    describe_counter!(
+        DECISIONS_DROPPED,
+        "GPU decisions the hash-chained decision log could not write (each leaves a gap row)."
+    );
     for name in [
+        DECISIONS_DROPPED,
         EVICTION_NOTICES,
         REVOCATIONS,
         EXPIRIES,

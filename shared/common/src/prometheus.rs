@@ -73,6 +73,13 @@ fn describe_common() {
         "securellm_trace_export_failures_total",
         "OTLP export calls that failed or timed out."
     );
+    for name in [
+        "securellm_trace_spans_exported_total",
+        "securellm_trace_spans_dropped_total",
+        "securellm_trace_export_failures_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
     metrics::describe_gauge!(
         "securellm_build_info",
         "Always 1; labels name the service and its version."
