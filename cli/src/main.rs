@@ -66,8 +66,13 @@ enum Command {
     /// The whole stack at a glance: each service up or down, GPUs and leases, loaded models,
     /// requests/s (exit 0 when all four services are up).
     Status {
-        #[command(flatten)]
-        gateway: GatewayArgs,
+        /// The gateway's gRPC address [default: the running stack's, else 127.0.0.1:50054].
+        #[arg(long, env = "SECURELLM_GATEWAY")]
+        gateway: Option<String>,
+        /// The gateway's metrics listener, read for requests/s [default: the running stack's,
+        /// else 127.0.0.1:9454].
+        #[arg(long, env = "SECURELLM_GATEWAY_METRICS")]
+        gateway_metrics: Option<String>,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -118,7 +123,11 @@ async fn main() -> anyhow::Result<()> {
             let token_file = gateway.admin_token_path(&cli.services.data_dir());
             keys::run(&endpoint(&gateway.gateway()), Some(token_file), action).await
         }
-        Command::Status { gateway, json } => {
+        Command::Status {
+            gateway,
+            gateway_metrics,
+            json,
+        } => {
             // Without the internal token the services still answer health checks; what needs
             // the token is reported as refused.
             let addrs = status::Addresses {
@@ -126,10 +135,14 @@ async fn main() -> anyhow::Result<()> {
                 scheduler: cli.services.scheduler(),
                 registry: cli.services.registry(),
                 backend: cli.services.backend(),
-                gateway: gateway.gateway(),
+                gateway: GatewayArgs {
+                    gateway,
+                    admin_token_file: None,
+                }
+                .gateway(),
+                gateway_metrics: status::gateway_metrics_addr(gateway_metrics.as_deref()),
             };
-            let token_file = gateway.admin_token_path(&cli.services.data_dir());
-            if !status::run(&addrs, Some(token_file), json).await? {
+            if !status::run(&addrs, json).await? {
                 std::process::exit(1);
             }
             Ok(())

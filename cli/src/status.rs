@@ -9,7 +9,6 @@
 //! Every call gives up after [`CALL_TIMEOUT`]; a service that does not answer is reported
 //! `down (reason)` and the others are still shown. Exit status 0 only when all four are up.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use securellm_common::format_bytes;
@@ -46,6 +45,8 @@ pub struct Addresses {
     pub registry: String,
     pub backend: String,
     pub gateway: String,
+    /// The gateway's `/metrics` listener (HOST:PORT), for requests/s.
+    pub gateway_metrics: String,
 }
 
 /// One service's health: the check's latency, or why it is down.
@@ -128,10 +129,10 @@ where
     (health, detail)
 }
 
-/// Where the gateway's metrics are: `$SECURELLM_GATEWAY_METRICS`, the stack file, the default.
-pub fn gateway_metrics_addr() -> String {
-    std::env::var(stack::GATEWAY_METRICS)
-        .ok()
+/// Where the gateway's metrics are: the flag (or `$SECURELLM_GATEWAY_METRICS`), the stack file,
+/// the default.
+pub fn gateway_metrics_addr(flag: Option<&str>) -> String {
+    flag.map(str::to_string)
         .filter(|v| !v.trim().is_empty())
         .or_else(|| stack::get(stack::GATEWAY_METRICS))
         .unwrap_or_else(|| DEFAULT_GATEWAY_METRICS.to_string())
@@ -240,9 +241,9 @@ async fn requests(addr: &str) -> Requests {
     }
 }
 
-/// Ask all four services at once. (`_admin_token_file` is no longer needed: the request counts
-/// come from the gateway's metrics, not its audit log.)
-pub async fn collect(addrs: &Addresses, _admin_token_file: Option<PathBuf>) -> Report {
+/// Ask all four services at once (request counts come from the gateway's metrics, not its audit
+/// log: no admin token is needed).
+pub async fn collect(addrs: &Addresses) -> Report {
     let internal = addrs.internal_token.as_ref();
     let scheduler = probe("vram-scheduler", &addrs.scheduler, |ch| async move {
         VramSchedulerClient::new(authenticated(ch, internal))
@@ -260,7 +261,7 @@ pub async fn collect(addrs: &Addresses, _admin_token_file: Option<PathBuf>) -> R
             .map_err(|s| status_reason(&s))
     });
     let gateway = probe("securellm-gateway", &addrs.gateway, |_| async { Ok(()) });
-    let metrics = gateway_metrics_addr();
+    let metrics = addrs.gateway_metrics.clone();
     let ((s, scheduler), (r, _), (b, models), (g, _), requests) =
         tokio::join!(scheduler, registry, backend, gateway, requests(&metrics));
     Report {
@@ -469,12 +470,8 @@ pub fn render_json(r: &Report) -> Value {
 }
 
 /// Print the report; `Ok(true)` when all four services are up.
-pub async fn run(
-    addrs: &Addresses,
-    admin_token_file: Option<PathBuf>,
-    as_json: bool,
-) -> anyhow::Result<bool> {
-    let r = collect(addrs, admin_token_file).await;
+pub async fn run(addrs: &Addresses, as_json: bool) -> anyhow::Result<bool> {
+    let r = collect(addrs).await;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&render_json(&r))?);
     } else {

@@ -14,14 +14,9 @@ use tokio_stream::StreamExt;
 
 const GIB: u64 = 1 << 30;
 
-/// Run `securellm --scheduler S --registry R --backend B status --gateway G --admin-token-file T
-/// [extra...]` with the gateway's metrics at `metrics` (`$SECURELLM_GATEWAY_METRICS`).
-async fn status(
-    addrs: &[String],
-    metrics: &str,
-    token_file: &str,
-    extra: &[&str],
-) -> (Output, Duration) {
+/// Run `securellm --scheduler S --registry R --backend B status --gateway G [extra...]` with the
+/// gateway's metrics at `metrics` (`$SECURELLM_GATEWAY_METRICS`) and no admin token anywhere.
+async fn status(addrs: &[String], metrics: &str, extra: &[&str]) -> (Output, Duration) {
     let t = Instant::now();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_securellm"))
         .env_remove("SECURELLM_ADMIN_TOKEN")
@@ -32,7 +27,6 @@ async fn status(
         .args(["--backend", &addrs[2]])
         .arg("status")
         .args(["--gateway", &addrs[3]])
-        .args(["--admin-token-file", token_file])
         .args(extra)
         .output()
         .await
@@ -70,7 +64,7 @@ const SERVICES: [&str; 4] = [
 async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
     let addrs = dead_addrs(5);
     let (addrs, metrics) = (&addrs[..4], addrs[4].clone());
-    let (o, took) = status(addrs, &metrics, "/nonexistent/admin-token", &[]).await;
+    let (o, took) = status(addrs, &metrics, &[]).await;
     let s = text(&o);
     assert_eq!(o.status.code(), Some(1), "{s}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -86,7 +80,7 @@ async fn nothing_listening_reports_every_service_down_and_exits_1_quickly() {
         "{s}"
     );
 
-    let (o, _) = status(addrs, &metrics, "/nonexistent/admin-token", &["--json"]).await;
+    let (o, _) = status(addrs, &metrics, &["--json"]).await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let v = json(&o);
     assert_eq!(v["up"], false);
@@ -126,7 +120,7 @@ async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
     let metrics = addrs.pop().unwrap();
     addrs.insert(0, scheduler.scheduler_addr().to_string());
 
-    let (o, took) = status(&addrs, &metrics, "/nonexistent/admin-token", &[]).await;
+    let (o, took) = status(&addrs, &metrics, &[]).await;
     let s = text(&o);
     assert_eq!(o.status.code(), Some(1), "{s}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -143,7 +137,7 @@ async fn an_in_process_scheduler_shows_its_simulated_gpu_and_leases() {
     let lease = line(s.split("LEASES\n").nth(1).unwrap(), "status-test");
     assert!(lease.contains("1 GiB") && lease.contains(" 5 "), "{lease}");
 
-    let (o, _) = status(&addrs, &metrics, "/nonexistent/admin-token", &["--json"]).await;
+    let (o, _) = status(&addrs, &metrics, &["--json"]).await;
     let v = json(&o);
     assert_eq!(v["services"]["vram-scheduler"]["up"], true, "{v}");
     assert!(v["services"]["vram-scheduler"]["latency_ms"].is_number());
@@ -188,7 +182,7 @@ async fn an_in_process_gateway_reports_requests_from_its_metrics_without_any_tok
     let mut addrs = dead[..3].to_vec();
     addrs.push(gateway.grpc_addr.to_string());
     // No admin token at all: the counts come from the metrics, not the audit log.
-    let (o, took) = status(&addrs, &metrics, "/nonexistent/admin-token", &["--json"]).await;
+    let (o, took) = status(&addrs, &metrics, &["--json"]).await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(took < Duration::from_secs(10), "took {took:?}");
     let v = json(&o);
@@ -211,7 +205,7 @@ async fn an_in_process_gateway_reports_requests_from_its_metrics_without_any_tok
         n
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (o, _) = status(&addrs, &metrics, "/nonexistent/admin-token", &[]).await;
+    let (o, _) = status(&addrs, &metrics, &[]).await;
     let s = text(&o);
     assert!(line(&s, "securellm-gateway").contains("up ("), "{s}");
     let rate: f64 = s

@@ -682,7 +682,6 @@ fn make_run_serves_the_demo_model_and_ctrl_c_stops_everything() {
     );
 
     // -- securellm status against the stack's addresses --
-    let token_file = data_dir.join("gateway/admin-token");
     let ran = run(
         clean_env(&mut Command::new(binary("securellm")))
             .arg("--scheduler")
@@ -695,9 +694,7 @@ fn make_run_serves_the_demo_model_and_ctrl_c_stops_everything() {
             .arg(&internal_token)
             .arg("status")
             .arg("--gateway")
-            .arg(addr("securellm-gateway", "grpc"))
-            .arg("--admin-token-file")
-            .arg(&token_file),
+            .arg(addr("securellm-gateway", "grpc")),
         &scratch,
         "securellm status",
         Duration::from_secs(30),
