@@ -61,7 +61,7 @@ impl Manager {
         let span = tracing::info_span!(
             "backend.resolve",
             otel.name = "backend.resolve",
-            gen_ai.request.model = %reference,
+            gen_ai.request.model = securellm_common::telemetry::clip_attr(reference, 256),
             backend.model_id = tracing::field::Empty,
             error.type = tracing::field::Empty,
         );

@@ -165,7 +165,13 @@ fn known() -> &'static RwLock<HashSet<Arc<str>>> {
 
 /// `name` may become a label from now on (an upstream listed it or served it).
 pub fn learn_model(name: &str) {
-    if !on() || name.is_empty() {
+    // Only names that look like model names, short ones: a client that can reach a permissive
+    // route must not turn megabytes of text into label values.
+    let plausible = name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-@+".contains(&b));
+    if !on() || name.is_empty() || !plausible {
         return;
     }
     if known().read().is_ok_and(|k| k.contains(name)) {
@@ -301,7 +307,6 @@ macro_rules! request_span {
             gen_ai.usage.output_tokens = tracing::field::Empty,
             securellm.key_id = tracing::field::Empty,
             securellm.upstream = tracing::field::Empty,
-            securellm.request_id = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
             $($t)*

@@ -135,6 +135,11 @@ pub enum DecisionKind {
     Gap,
     /// The writer repaired the file at start (a torn last line cut off).
     Recovered,
+    /// At start the log did not end where its head file said (rows cut off the end, the chain
+    /// rewritten, the head removed) or could not be continued at all: the history before this
+    /// row cannot be trusted. Verification reports it (kind `deleted`) for as long as the row
+    /// exists, so a restart never launders a cut log into a clean one.
+    Discontinuity,
 }
 
 impl DecisionKind {
@@ -154,6 +159,7 @@ impl DecisionKind {
             Self::Overcommitted => "overcommitted",
             Self::Gap => "gap",
             Self::Recovered => "recovered",
+            Self::Discontinuity => "discontinuity",
         }
     }
 }
@@ -589,6 +595,16 @@ pub fn verify_bytes(bytes: &[u8]) -> VerifyReport {
         let content_ok = row.content_ok();
         let link_ok = row.prev_hash == rep.last_hash;
         if content_ok && link_ok && row.seq == expected {
+            if row.decision.kind == DecisionKind::Discontinuity {
+                return bad(
+                    TamperKind::Deleted,
+                    format!(
+                        "row {expected} records a discontinuity found when the scheduler \
+                         started: {}",
+                        row.decision.detail
+                    ),
+                );
+            }
             rep.rows_checked += 1;
             before_last = Some(std::mem::replace(&mut rep.last_hash, row.row_hash.clone()));
             if row.decision.kind == DecisionKind::Gap {
@@ -745,6 +761,7 @@ impl DecisionLog {
             source,
         };
         let mut notes = Vec::new();
+        let mut cut: Option<String> = None;
         let (mut file, mut seq, mut last_hash) = open_file(path).map_err(io)?;
         let (base, mut content) = read_tail(&mut file).map_err(io)?;
         if !content.is_empty() && !content.ends_with(b"\n") {
@@ -764,9 +781,13 @@ impl DecisionLog {
             .and_then(|b| b.split(|c| *c == b'\n').next_back())
         {
             match serde_json::from_slice::<Row>(last) {
-                Ok(r) if is_hash(&r.row_hash) => {
+                Ok(r) if is_hash(&r.row_hash) && r.content_ok() => {
                     seq = r.seq;
                     last_hash = r.row_hash;
+                    if let Some(why) = head_mismatch(path, seq, &last_hash) {
+                        tracing::error!("decision log {}: {why}", path.display());
+                        cut = Some(why);
+                    }
                 }
                 _ => {
                     drop(file);
@@ -786,9 +807,9 @@ impl DecisionLog {
                         path.display(),
                         aside.display()
                     );
-                    notes.push(format!(
-                        "the previous decision file's last row could not be read; it was kept \
-                         as {}",
+                    cut = Some(format!(
+                        "the previous decision file's last row could not be read (or its \
+                         content does not match its hash); it was kept as {}",
                         aside.display()
                     ));
                     (file, seq, last_hash) = open_file(path).map_err(io)?;
@@ -814,6 +835,9 @@ impl DecisionLog {
             .spawn(move || writer.run(rx))
             .map_err(DecisionError::Thread)?;
         let log = Self { tx, shared };
+        if let Some(why) = cut {
+            log.record(Decision::note(DecisionKind::Discontinuity, now_ms, why));
+        }
         for n in notes {
             log.record(Decision::note(DecisionKind::Recovered, now_ms, n));
         }
@@ -892,6 +916,43 @@ fn read_tail(file: &mut std::fs::File) -> std::io::Result<(u64, Vec<u8>)> {
 }
 
 /// Open for reading and appending (mode 0600); an empty file starts at the genesis.
+/// Why a log whose last row is `seq` / `last_hash` does not end where its head file says, if it
+/// does not. Rows after the head are fine (the head is rewritten only after the rows it names
+/// are synced, so a crash leaves it behind, never ahead).
+fn head_mismatch(path: &Path, seq: u64, last_hash: &str) -> Option<String> {
+    let head_file = head_path(path);
+    let head = match std::fs::read(&head_file) {
+        Ok(b) => serde_json::from_slice::<Head>(&b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some(format!(
+                "the head file {} is missing beside a log of {seq} rows: rows cut off the end \
+                 cannot be ruled out",
+                head_file.display()
+            ));
+        }
+        Err(e) => {
+            return Some(format!(
+                "the head file {} cannot be read: {e}",
+                head_file.display()
+            ));
+        }
+    };
+    match head {
+        Err(e) => Some(format!(
+            "the head file {} is not valid: {e}",
+            head_file.display()
+        )),
+        Ok(h) if h.seq > seq => Some(format!(
+            "the log ends at row {seq} but its head file names row {}: rows were cut off the end",
+            h.seq
+        )),
+        Ok(h) if h.seq == seq && h.row_hash != last_hash => Some(format!(
+            "row {seq} does not have the hash the head file names: the chain was rewritten"
+        )),
+        Ok(_) => None,
+    }
+}
+
 fn open_file(path: &Path) -> std::io::Result<(std::fs::File, u64, String)> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
@@ -1082,7 +1143,11 @@ pub fn describe(r: &Row) -> String {
     let d = &r.decision;
     let mut s = format!("{} #{} {}", utc_time(d.time_ms), r.seq, d.kind.as_str());
     match d.kind {
-        DecisionKind::Started | DecisionKind::Recovered => {}
+        DecisionKind::Started | DecisionKind::Recovered | DecisionKind::Discontinuity => {
+            if !d.detail.is_empty() {
+                s.push_str(&format!(" {}", d.detail));
+            }
+        }
         DecisionKind::Gap => s.push_str(&format!(" {} decision(s) dropped", d.dropped)),
         _ => {
             if !d.lease.is_empty() {

@@ -92,6 +92,13 @@ pub type Collect = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Se
 /// How long a scrape waits for the `collect` hook before it renders what it has.
 const COLLECT_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Open connections the listener serves at once; beyond, new ones wait in the backlog.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Histogram samples are folded into their buckets this often even when nobody scrapes (the
+/// exporter keeps raw samples until upkeep runs).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// A running `/metrics` listener; stops when dropped.
 pub struct MetricsServer {
     pub addr: SocketAddr,
@@ -118,8 +125,21 @@ pub async fn serve(
     let bound = crate::serve::bind(addr).await?;
     let local = bound.addr;
     let listener = bound.into_listener();
+    let upkeep = handle.clone();
     let task = tokio::spawn(async move {
+        let _upkeep = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut every = tokio::time::interval(UPKEEP_EVERY);
+            loop {
+                every.tick().await;
+                upkeep.run_upkeep();
+            }
+        }));
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let collect = collect.map(|c| Arc::new(SingleFlight::new(c)));
         loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -127,6 +147,7 @@ pub async fn serve(
             let handle = handle.clone();
             let collect = collect.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let handle = handle.clone();
@@ -150,10 +171,44 @@ pub async fn serve(
     })
 }
 
+/// One `collect` at a time; scrapes that arrived while one was waiting to run share the next
+/// (a collect that started after a scrape arrived is fresh enough for it), so a scrape flood never
+/// turns into a flood of status calls on the service's actors.
+struct SingleFlight {
+    collect: Collect,
+    /// When the last finished collect started.
+    last: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl SingleFlight {
+    fn new(collect: Collect) -> Self {
+        Self {
+            collect,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Run the hook unless one that started after this scrape arrived has finished; `false`
+    /// when it missed its deadline.
+    async fn run(&self) -> bool {
+        let arrived = tokio::time::Instant::now();
+        let mut last = self.last.lock().await;
+        if last.is_some_and(|started| started >= arrived) {
+            return true;
+        }
+        let started = tokio::time::Instant::now();
+        let done = tokio::time::timeout(COLLECT_DEADLINE, (self.collect)())
+            .await
+            .is_ok();
+        *last = Some(started);
+        done
+    }
+}
+
 async fn answer<B>(
     req: &http::Request<B>,
     handle: &PrometheusHandle,
-    collect: Option<Collect>,
+    collect: Option<Arc<SingleFlight>>,
 ) -> http::Response<Full<Bytes>> {
     let plain = |status: http::StatusCode, body: &'static str| {
         http::Response::builder()
@@ -172,7 +227,7 @@ async fn answer<B>(
         return plain(http::StatusCode::METHOD_NOT_ALLOWED, "use GET /metrics\n");
     }
     if let Some(c) = collect
-        && tokio::time::timeout(COLLECT_DEADLINE, c()).await.is_err()
+        && !c.run().await
     {
         tracing::warn!(
             "metrics: the state collector did not answer within {COLLECT_DEADLINE:?}; gauges may be stale"

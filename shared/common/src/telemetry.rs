@@ -146,10 +146,20 @@ impl TelemetryConfig {
             return Ok(None);
         };
         let endpoint = endpoint.trim().to_string();
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        if endpoint.starts_with("https://") {
             return Err(TelemetryError::Field {
                 field: "otlp_endpoint",
-                message: format!("{endpoint:?} is not an http:// or https:// URL"),
+                message: format!(
+                    "{endpoint:?}: TLS to the collector is not built in; run a collector (or an \
+                     OpenTelemetry Collector as a local relay) on a loopback or private address \
+                     and use http://"
+                ),
+            });
+        }
+        if !endpoint.starts_with("http://") {
+            return Err(TelemetryError::Field {
+                field: "otlp_endpoint",
+                message: format!("{endpoint:?} is not an http:// URL"),
             });
         }
         let service_name = env("OTEL_SERVICE_NAME")
@@ -315,13 +325,17 @@ fn provider(settings: &ExportSettings) -> Result<SdkTracerProvider, TelemetryErr
 enum Msg {
     Span(Box<SpanData>),
     Flush(std::sync::mpsc::Sender<()>),
+    /// Export what is queued, then stop.
+    Shutdown,
 }
 
 /// Finished spans into a bounded queue; one thread exports them in batches. Never blocks the
 /// thread that ends a span.
 #[derive(Debug)]
 struct QueueProcessor {
-    tx: Mutex<Option<SyncSender<Msg>>>,
+    /// Shared by every thread that ends a span, without a lock (`SyncSender` is `Sync`).
+    tx: SyncSender<Msg>,
+    closed: AtomicBool,
     warned_full: AtomicBool,
     done: Mutex<Option<Receiver<()>>>,
 }
@@ -380,7 +394,8 @@ impl QueueProcessor {
             Err(_) => return Err(TelemetryError::Exporter("export thread died".into())),
         }
         Ok(Self {
-            tx: Mutex::new(Some(tx)),
+            tx,
+            closed: AtomicBool::new(false),
             warned_full: AtomicBool::new(false),
             done: Mutex::new(Some(done_rx)),
         })
@@ -405,6 +420,10 @@ fn export_loop(
                 Ok(Msg::Span(s)) => batch.push(*s),
                 Ok(Msg::Flush(ack)) => {
                     flushes.push(ack);
+                    break;
+                }
+                Ok(Msg::Shutdown) => {
+                    closed = true;
                     break;
                 }
                 Err(RecvTimeoutError::Timeout) => break,
@@ -457,9 +476,10 @@ impl SpanProcessor for QueueProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = guard.as_ref() else { return };
-        match tx.try_send(Msg::Span(Box::new(span))) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        match self.tx.try_send(Msg::Span(Box::new(span))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 metrics::counter!("securellm_trace_spans_dropped_total").increment(1);
@@ -474,12 +494,8 @@ impl SpanProcessor for QueueProcessor {
 
     fn force_flush(&self) -> OTelSdkResult {
         let (ack, wait) = std::sync::mpsc::channel();
-        let sent = {
-            let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-            guard
-                .as_ref()
-                .is_some_and(|tx| tx.try_send(Msg::Flush(ack)).is_ok())
-        };
+        let sent =
+            !self.closed.load(Ordering::Relaxed) && self.tx.try_send(Msg::Flush(ack)).is_ok();
         if sent && wait.recv_timeout(Duration::from_secs(5)).is_err() {
             return Err(OTelSdkError::Timeout(Duration::from_secs(5)));
         }
@@ -487,8 +503,15 @@ impl SpanProcessor for QueueProcessor {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        // Closing the queue lets the thread export what is left and stop.
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        // The thread exports what is queued before the stop message, then stops. Sending waits
+        // for room only while the thread drains the queue (bounded by the wait below).
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return Err(OTelSdkError::AlreadyShutdown);
+        }
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Msg::Shutdown);
+        });
         let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
         match done {
             Some(d) => match d.recv_timeout(timeout) {
@@ -586,6 +609,20 @@ pub fn trace_id(headers: Option<&http::HeaderMap>) -> Option<String> {
     parse_traceparent(tp)
 }
 
+/// A client-supplied value cut to at most `max` bytes (on a character boundary) before it becomes
+/// a span attribute: spans are queued by count, so one huge attribute must not cost megabytes or
+/// push a whole export batch past a collector's message limit.
+pub fn clip_attr(value: &str, max: usize) -> &str {
+    if value.len() <= max {
+        return value;
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed and not
 /// all zeros.
 pub fn parse_traceparent(value: &str) -> Option<String> {
@@ -642,6 +679,18 @@ where
             return Box::pin(self.inner.call(req));
         }
         let path = req.uri().path();
+        // The path is the caller's (the gateway's gRPC port is public): only a well-formed,
+        // short `/package.Service/Method` names the span.
+        let well_formed = path.len() <= 128
+            && path.bytes().filter(|b| *b == b'/').count() == 2
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'.' || b == b'_');
+        let path = if well_formed {
+            path
+        } else {
+            "/unknown/unknown"
+        };
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
@@ -773,6 +822,19 @@ mod tests {
             &[],
         );
         assert!(e.contains("queue_size"), "{e}");
+    }
+
+    #[test]
+    fn attributes_are_clipped_on_a_char_boundary() {
+        assert_eq!(clip_attr("short", 10), "short");
+        assert_eq!(clip_attr("abcdef", 3), "abc");
+        assert_eq!(clip_attr("ééé", 3), "é");
+        let https = TelemetryConfig {
+            otlp_endpoint: Some("https://collector:4317".into()),
+            ..Default::default()
+        };
+        let e = https.resolve("x", env(&[])).unwrap_err().to_string();
+        assert!(e.contains("otlp_endpoint") && e.contains("http://"), "{e}");
     }
 
     #[test]

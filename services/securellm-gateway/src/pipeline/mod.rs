@@ -370,7 +370,6 @@ pub async fn infer(
     mode: Mode,
 ) -> Result<Answer, ApiError> {
     let span = crate::observe::current_span();
-    span.record("securellm.request_id", rid);
     span.record(
         "gen_ai.operation.name",
         match endpoint {
@@ -595,7 +594,10 @@ async fn infer_inner(
         }
     };
     audit.entry.model = model.clone();
-    audit.span.record("gen_ai.request.model", model.as_str());
+    audit.span.record(
+        "gen_ai.request.model",
+        securellm_common::telemetry::clip_attr(&model, 256),
+    );
     // Authorize: a model outside the key's scopes is answered like an unknown one (as OpenAI does).
     if !caller.key.allows(&model) {
         return Err(ApiError::model_not_found(&model));

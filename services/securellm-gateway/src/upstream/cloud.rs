@@ -417,6 +417,8 @@ impl Cloud {
                 let mut req = req.body(Full::new(body)).map_err(|_| unreachable())?;
                 // The request's trace continues at the provider (W3C `traceparent`).
                 securellm_common::telemetry::inject_http(req.headers_mut());
+                // Our trace id leaves the machine, the caller's vendor state does not.
+                req.headers_mut().remove("tracestate");
                 let sent = client.request(req);
                 let resp = if stream {
                     sent.await
@@ -442,6 +444,8 @@ impl Cloud {
                 // What `send` does, with the trace context added in between.
                 let mut req = req.build().map_err(|_| unreachable())?;
                 securellm_common::telemetry::inject_http(req.headers_mut());
+                // Our trace id leaves the machine, the caller's vendor state does not.
+                req.headers_mut().remove("tracestate");
                 let send = client.execute(req);
                 Response::Reqwest(send.await.map_err(|e| {
                     if e.is_timeout() {

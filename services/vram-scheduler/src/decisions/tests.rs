@@ -112,6 +112,20 @@ fn chain(n: u64) -> Vec<u8> {
     out
 }
 
+/// The head file the writer would have left after writing `bytes` (its last complete row).
+fn write_head(path: &Path, bytes: &[u8]) {
+    let last = bytes
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<Row>(l).ok())
+        .last()
+        .unwrap();
+    let head = Head {
+        seq: last.seq,
+        row_hash: last.row_hash,
+    };
+    std::fs::write(head_path(path), serde_json::to_vec(&head).unwrap()).unwrap();
+}
+
 fn lines(bytes: &[u8]) -> Vec<Vec<u8>> {
     bytes
         .strip_suffix(b"\n")
@@ -321,6 +335,7 @@ fn a_torn_last_line_is_cut_off_and_noted_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = decisions_path(dir.path());
     let mut b = chain(4);
+    write_head(&path, &b);
     b.extend_from_slice(b"{\"seq\":5,\"prev");
     std::fs::write(&path, &b).unwrap();
     assert_eq!(
@@ -358,11 +373,54 @@ fn an_unreadable_last_row_moves_the_file_aside_and_starts_a_new_chain() {
     });
     let aside = dir.path().join(format!("{FILE_NAME}.broken-42"));
     assert_eq!(std::fs::read(&aside).unwrap(), b, "the evidence is kept");
+    // The new chain says so, and verification keeps reporting it: a restart never turns a
+    // broken log into a clean one.
     let rep = verify_file(&path).unwrap();
-    assert!(rep.ok && rep.rows_checked == 1, "{rep:?}");
+    assert!(!rep.ok && rep.kind == Some(TamperKind::Deleted), "{rep:?}");
+    assert!(rep.detail.contains(".broken-42"), "{rep:?}");
     let rows = read_rows(&path).unwrap();
-    assert_eq!(rows[0].decision.kind, DecisionKind::Recovered);
+    assert_eq!(rows[0].decision.kind, DecisionKind::Discontinuity);
     assert!(rows[0].decision.detail.contains(".broken-42"));
+}
+
+#[test]
+fn rows_cut_off_the_end_before_a_restart_stay_visible_to_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = decisions_path(dir.path());
+    // A real log of a few rows with its head file.
+    rt().block_on(async {
+        let log = DecisionLog::open(&path, 1).unwrap();
+        for t in 2..6 {
+            log.record(Decision::note(DecisionKind::Gap, t, "x"));
+        }
+        log.flush().await;
+    });
+    assert!(verify_file(&path).unwrap().ok);
+    // Cut the last two rows, then restart the writer: it must not continue as if nothing
+    // happened.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let kept = lines[..lines.len() - 2].join("\n") + "\n";
+    std::fs::write(&path, kept).unwrap();
+    rt().block_on(async {
+        let log = DecisionLog::open(&path, 9).unwrap();
+        log.flush().await;
+    });
+    let rep = verify_file(&path).unwrap();
+    assert!(!rep.ok && rep.kind == Some(TamperKind::Deleted), "{rep:?}");
+    assert!(rep.detail.contains("cut off the end"), "{rep:?}");
+    // A clean restart (nothing cut) stays clean.
+    let dir2 = tempfile::tempdir().unwrap();
+    let p2 = decisions_path(dir2.path());
+    for t in 0..2 {
+        rt().block_on(async {
+            let log = DecisionLog::open(&p2, t).unwrap();
+            log.record(Decision::note(DecisionKind::Gap, t, "y"));
+            log.flush().await;
+        });
+    }
+    let rep = verify_file(&p2).unwrap();
+    assert!(rep.ok, "{rep:?}");
 }
 
 #[test]
@@ -426,6 +484,7 @@ fn a_long_log_is_continued_from_its_tail_even_when_the_last_row_is_longer_than_t
     let mut torn = b.clone();
     torn.extend_from_slice(b"{\"seq\":302");
     std::fs::write(&path, &torn).unwrap();
+    write_head(&path, &b);
     rt().block_on(async {
         let log = DecisionLog::open(&path, 9).unwrap();
         log.record(row2());
