@@ -30,6 +30,12 @@ pub struct Args {
     /// Concurrency.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// The export gateway's sampler (`always_on` measures the worst case: every request traced).
+    #[arg(long, default_value = "always_on")]
+    sampler: String,
+    /// The ratio for a `*traceidratio` sampler.
+    #[arg(long, default_value_t = 1.0)]
+    sampler_arg: f64,
 }
 
 struct Gateway {
@@ -100,8 +106,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let export = start_gateway(
         mock_addr,
         &format!(
-            "metrics_listen = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"{}\"\nsampler = \"always_on\"",
-            receiver.endpoint()
+            "metrics_listen = \"127.0.0.1:0\"\n[telemetry]\notlp_endpoint = \"{}\"\nsampler = \"{}\"\nsampler_arg = {}",
+            receiver.endpoint(),
+            a.sampler,
+            a.sampler_arg
         ),
     )
     .await?;
@@ -144,8 +152,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .build()?;
     let dur = Duration::from_secs_f64(a.seconds);
     println!(
-        "{cores} cores; c={}; {} round(s) of {:.1} s per target, interleaved",
-        a.concurrency, a.rounds, a.seconds
+        "{cores} cores; c={}; {} round(s) of {:.1} s per target, interleaved; export sampler {} ({})",
+        a.concurrency, a.rounds, a.seconds, a.sampler, a.sampler_arg
     );
     for t in &targets {
         run_load(&http, t, 8, Duration::from_millis(500)).await?;
@@ -173,10 +181,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     scraper.abort();
     // Spans still queued leave within the exporter's batch delay.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while receiver.spans().len() - spans_before < export_requests
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut seen = usize::MAX;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let now = receiver.spans().len();
+        if now == seen {
+            break;
+        }
+        seen = now;
     }
     let spans = receiver.spans().len() - spans_before;
     let dropped = scrape_counter(

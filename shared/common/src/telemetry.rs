@@ -280,8 +280,15 @@ pub fn init_service(
         });
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        // Per span: no busy/idle timing, thread, source location or target attributes (each
+        // costs allocations on every request; the span name and our attributes say enough), and
+        // no OTel context activation on enter (we read contexts from spans, not from the
+        // thread-local current context).
         .with_tracked_inactivity(false)
         .with_threads(false)
+        .with_location(false)
+        .with_target(false)
+        .with_context_activation(false)
         .with_filter(targets);
     let installed = tracing_subscriber::registry()
         .with(fmt_layer(default_filter))
