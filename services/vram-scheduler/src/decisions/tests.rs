@@ -338,10 +338,11 @@ fn a_torn_last_line_is_cut_off_and_noted_at_start() {
     write_head(&path, &b);
     b.extend_from_slice(b"{\"seq\":5,\"prev");
     std::fs::write(&path, &b).unwrap();
-    assert_eq!(
-        verify_file(&path).unwrap().kind,
-        Some(TamperKind::Truncated)
-    );
+    // Past the head's row, a torn line reads as a write in progress; the chain alone calls it
+    // truncated.
+    let rep = verify_file(&path).unwrap();
+    assert!(rep.ok && rep.detail.contains("being written"), "{rep:?}");
+    assert_eq!(verify_bytes(&b).kind, Some(TamperKind::Truncated));
     rt().block_on(async {
         let log = DecisionLog::open(&path, 7).unwrap();
         log.flush().await;
@@ -552,4 +553,28 @@ fn the_head_file_catches_rows_cut_off_the_end_and_a_rewritten_chain() {
     let rep = verify_file(&path).unwrap();
     assert_eq!(rep.kind, Some(TamperKind::Truncated), "{rep:?}");
     assert!(rep.detail.contains("missing"), "{}", rep.detail);
+}
+
+#[test]
+fn a_row_being_written_past_the_head_is_not_a_break_but_a_cut_before_the_head_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = decisions_path(dir.path());
+    let b = chain(4);
+    write_head(&path, &b);
+    // A write in progress: the head names row 4, row 5 is half there.
+    let mut w = b.clone();
+    w.extend_from_slice(b"{\"seq\":5,\"prev");
+    std::fs::write(&path, &w).unwrap();
+    let rep = verify_file(&path).unwrap();
+    assert!(rep.ok && rep.rows_checked == 4, "{rep:?}");
+    // Row 4 itself cut in half: the head names a row that is not complete.
+    let l = lines(&b);
+    let mut cut: Vec<u8> = l[..3]
+        .iter()
+        .flat_map(|x| x.iter().copied().chain([b'\n']))
+        .collect();
+    cut.extend_from_slice(&l[3][..10]);
+    std::fs::write(&path, &cut).unwrap();
+    let rep = verify_file(&path).unwrap();
+    assert!(!rep.ok, "{rep:?}");
 }
