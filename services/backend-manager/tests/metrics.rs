@@ -8,53 +8,10 @@ use std::time::Duration;
 
 use backend_manager::config::ModelSettings;
 use securellm_proto::v1 as pb;
+use securellm_testkit::prom::{scrape, value};
 use securellm_testkit::{chat_request as chat, instance, kill9, wait_for_instance as wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-/// `GET /metrics` on `addr` over a fresh HTTP/1.1 connection: the body.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("the scrape answers within 10 s")
-        .unwrap();
-    let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
-/// The value of sample `name` whose labels are exactly `labels` (any order); 0 when absent.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, v)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, ls) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let have: Vec<(&str, &str)> = ls
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
-        if have.len() == labels.len() && labels.iter().all(|l| have.contains(l)) {
-            return v.parse().unwrap();
-        }
-    }
-    0.0
-}
 
 fn instances(text: &str, state: &str) -> f64 {
     value(text, "securellm_backend_instances", &[("state", state)])
@@ -86,32 +43,9 @@ fn ours(text: &str) -> String {
 
 /// `promtool check metrics` on this service's families of a scrape, when promtool is installed.
 fn promtool_check(text: &str) {
-    use std::io::Write;
     let text = &ours(text);
     assert!(text.contains("securellm_backend_instances"), "{text}");
-    let Ok(mut child) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        println!("promtool is not installed: `promtool check metrics` skipped");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\non\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    securellm_testkit::prom::promtool_check(text);
 }
 
 /// Scrape until `f` holds (the actor records some things just after the call answers).

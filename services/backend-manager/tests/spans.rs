@@ -3,121 +3,13 @@
 //! actor's tasks is traced under the span of the request that caused the load, the forward span
 //! carries the `gen_ai` / HTTP attributes, and a stream's first token is an event in it.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
 use backend_manager::config::ModelSettings;
 use securellm_common::time::now_ms;
 use securellm_testkit::chat_request as chat;
+use securellm_testkit::spans::{Capture, Captured, Event};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::prelude::*;
-use tracing_subscriber::registry::LookupSpan;
-
-/// A span as it was opened: its name, the names of its ancestors (nearest first) and its fields
-/// (late ones included).
-#[derive(Clone, Debug)]
-struct Captured {
-    name: &'static str,
-    ancestors: Vec<&'static str>,
-    fields: BTreeMap<String, String>,
-    /// Closed (what an exporter sends); a span held somewhere stays open.
-    closed: bool,
-}
-
-/// An event: its message and the name of the span it happened in.
-#[derive(Clone, Debug)]
-struct Event {
-    message: String,
-    span: Option<&'static str>,
-    fields: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Default)]
-struct Capture {
-    spans: Arc<Mutex<Vec<Captured>>>,
-    events: Arc<Mutex<Vec<Event>>>,
-}
-
-struct Index(usize);
-
-struct Fields<'a>(&'a mut BTreeMap<String, String>);
-
-impl Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_string(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_string(), value.to_string());
-    }
-}
-
-impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let mut fields = BTreeMap::new();
-        attrs.record(&mut Fields(&mut fields));
-        let ancestors = span.scope().skip(1).map(|s| s.name()).collect();
-        let mut all = self.spans.lock().unwrap();
-        all.push(Captured {
-            name: span.name(),
-            ancestors,
-            fields,
-            closed: false,
-        });
-        span.extensions_mut().insert(Index(all.len() - 1));
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let ext = span.extensions();
-        let Some(Index(i)) = ext.get::<Index>() else {
-            return;
-        };
-        let mut all = self.spans.lock().unwrap();
-        values.record(&mut Fields(&mut all[*i].fields));
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(&id) else { return };
-        if let Some(Index(i)) = span.extensions().get::<Index>() {
-            self.spans.lock().unwrap()[*i].closed = true;
-        }
-    }
-
-    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
-        let mut fields = BTreeMap::new();
-        event.record(&mut Fields(&mut fields));
-        let span = ctx.event_span(event).map(|s| s.name());
-        self.events.lock().unwrap().push(Event {
-            message: fields.get("message").cloned().unwrap_or_default(),
-            span,
-            fields,
-        });
-    }
-}
-
-impl Capture {
-    fn named(&self, name: &str) -> Vec<Captured> {
-        self.spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.name == name)
-            .cloned()
-            .collect()
-    }
-
-    fn one(&self, name: &str) -> Captured {
-        let all = self.named(name);
-        assert_eq!(all.len(), 1, "one {name} span: {all:?}");
-        all.into_iter().next().unwrap()
-    }
-}
 
 #[tokio::test]
 async fn a_load_is_traced_under_the_request_that_caused_it_and_forwards_carry_gen_ai_attributes() {

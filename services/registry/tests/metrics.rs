@@ -3,69 +3,13 @@
 //! checked by Prometheus' own `promtool` when it is installed.
 
 use std::path::Path;
-use std::time::Duration;
 
 use registry::config::{RegistryConfig, RegistrySection};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_testkit::models::{write_ollama, write_safetensors, write_tinies};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use securellm_testkit::prom::{get, promtool_check, sample, scrape, value as counter};
 use tokio_stream::StreamExt;
-
-/// `GET path` on `addr` over a fresh HTTP/1.1 connection: the status line and the body.
-async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("the scrape answers within 10 s")
-        .unwrap();
-    let text = String::from_utf8(out).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    (
-        head.lines().next().unwrap_or_default().to_string(),
-        body.to_string(),
-    )
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let (status, body) = get(addr, "/metrics").await;
-    assert!(status.contains(" 200 "), "{status}");
-    body
-}
-
-/// The value of sample `name` whose labels are exactly `labels` (any order).
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, ls) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let have: Vec<(String, String)> = ls
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| p.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
-        if have.len() == labels.len()
-            && labels
-                .iter()
-                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
-        {
-            return value.parse().ok();
-        }
-    }
-    None
-}
 
 fn models(text: &str, format: &str, status: &str) -> f64 {
     sample(
@@ -74,38 +18,6 @@ fn models(text: &str, format: &str, status: &str) -> f64 {
         &[("format", format), ("status", status)],
     )
     .unwrap_or_else(|| panic!("no models gauge for {format}/{status} in\n{text}"))
-}
-
-fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    sample(text, name, labels).unwrap_or(0.0)
-}
-
-/// `promtool check metrics` on a scrape, when promtool is installed.
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let Ok(mut child) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        println!("promtool is not installed: `promtool check metrics` skipped");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\non\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 async fn rescan(c: &mut ModelRegistryClient<tonic::transport::Channel>) -> pb::RescanProgress {

@@ -1,86 +1,12 @@
 //! The registry's spans, captured in-process by a `tracing` layer: `registry.scan` with what it
 //! found, `registry.estimate` with the model and the bytes, `error.type` when refused.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
 use registry::config::{RegistryConfig, RegistrySection};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_testkit::models::write_tinies;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing_subscriber::layer::{Context, Layer};
+use securellm_testkit::spans::Capture;
 use tracing_subscriber::prelude::*;
-use tracing_subscriber::registry::LookupSpan;
-
-/// A span as it was opened: its name and its fields (late ones included).
-#[derive(Clone, Debug)]
-struct Captured {
-    name: &'static str,
-    fields: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Default)]
-struct Capture {
-    spans: Arc<Mutex<Vec<Captured>>>,
-}
-
-struct Index(usize);
-
-struct Fields<'a>(&'a mut BTreeMap<String, String>);
-
-impl Visit for Fields<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_string(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_string(), value.to_string());
-    }
-}
-
-impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let mut fields = BTreeMap::new();
-        attrs.record(&mut Fields(&mut fields));
-        let mut all = self.spans.lock().unwrap();
-        all.push(Captured {
-            name: span.name(),
-            fields,
-        });
-        span.extensions_mut().insert(Index(all.len() - 1));
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else { return };
-        let ext = span.extensions();
-        let Some(Index(i)) = ext.get::<Index>() else {
-            return;
-        };
-        let mut all = self.spans.lock().unwrap();
-        values.record(&mut Fields(&mut all[*i].fields));
-    }
-}
-
-impl Capture {
-    fn named(&self, name: &str) -> Vec<Captured> {
-        self.spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.name == name)
-            .cloned()
-            .collect()
-    }
-
-    fn one(&self, name: &str) -> Captured {
-        let all = self.named(name);
-        assert_eq!(all.len(), 1, "one {name} span: {all:?}");
-        all.into_iter().next().unwrap()
-    }
-}
 
 #[tokio::test]
 async fn scans_and_estimates_are_spans_with_their_results() {

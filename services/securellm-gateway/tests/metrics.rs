@@ -9,71 +9,7 @@ use securellm_proto::v1 as pb;
 use securellm_proto::v1::gateway_client::GatewayClient;
 use securellm_testkit::Stack;
 use securellm_testkit::gateway::{audit_rows, create_key};
-
-/// `GET /metrics` over HTTP.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let r = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain; version=0.0.4")
-    );
-    r.text().await.unwrap()
-}
-
-/// The sum of the samples of `name` whose labels include every `k="v"` of `labels`.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let (set, v) = if let Some(r) = rest.strip_prefix('{') {
-                let (set, v) = r.split_once('}')?;
-                (set, v)
-            } else if rest.starts_with(' ') {
-                ("", rest)
-            } else {
-                return None;
-            };
-            labels
-                .iter()
-                .all(|(k, val)| set.split(',').any(|p| p == format!("{k}=\"{val}\"")))
-                .then(|| v.trim().parse::<f64>().ok())?
-        })
-        .sum()
-}
-
-/// Whether `promtool check metrics` accepts `text` (skipped with a message when not installed).
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let Ok(mut child) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        println!("promtool is not installed: `promtool check metrics` skipped");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use securellm_testkit::prom::{promtool_check, scrape, sum as value};
 
 const REQUESTS: &str = "securellm_gateway_requests_total";
 

@@ -10,7 +10,7 @@ use securellm_common::internal_auth::{AuthChannel, authenticated};
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::acquire_lease_update::Update;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use securellm_testkit::prom::{get, promtool_check};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -75,18 +75,6 @@ async fn status(c: &mut Client) -> pb::SchedulerStatus {
         .await
         .unwrap()
         .into_inner()
-}
-
-/// `GET path` over a plain TCP connection: (status line, headers + body).
-async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
-    (head.to_string(), body.to_string())
 }
 
 /// One scrape: the raw text and its samples by `name{labels}` (as rendered).
@@ -376,43 +364,10 @@ async fn metrics_follow_the_scheduler() {
     assert_gauges_match(&m7, &status(&mut c).await);
 
     // Prometheus' own checker accepts the exposition.
-    check_with_promtool(&m7.text);
+    promtool_check(&m7.text);
 
     // Anything but /metrics is a 404.
     let (head, _) = get(s.metrics.as_ref().unwrap().addr, "/").await;
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     s.shutdown().await;
-}
-
-/// `promtool check metrics` on a scrape; skipped (with a message) where promtool is missing.
-fn check_with_promtool(text: &str) {
-    use std::io::Write;
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let child = std::process::Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("promtool not installed: skipping `promtool check metrics`");
-            return;
-        }
-        Err(e) => panic!("cannot run {promtool}: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -4,112 +4,20 @@
 //! A capturing `tracing` layer records every span's fields as it closes (the same spans the
 //! OpenTelemetry layer exports when export is on).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use securellm_common::internal_auth::authenticated;
 use securellm_proto::v1 as pb;
 use securellm_proto::v1::acquire_lease_update::Update;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
+use securellm_testkit::spans::{Capture, field};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::layer::SubscriberExt;
 use vram_scheduler::config::{InventoryMode, SchedulerConfig};
 
 const GIB: u64 = 1 << 30;
-
-type Fields = HashMap<String, String>;
-
-/// A closed span: its name and its fields as strings.
-#[derive(Clone, Debug)]
-struct Closed {
-    name: String,
-    fields: Fields,
-}
-
-#[derive(Clone, Default)]
-struct Capture {
-    closed: Arc<Mutex<Vec<Closed>>>,
-}
-
-struct Visitor<'a>(&'a mut Fields);
-
-impl Visit for Visitor<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_string(), format!("{value:?}"));
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_string(), value.to_string());
-    }
-}
-
-impl<S> tracing_subscriber::Layer<S> for Capture
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let mut f = Fields::new();
-        attrs.record(&mut Visitor(&mut f));
-        if let Some(s) = ctx.span(id) {
-            s.extensions_mut().insert(f);
-        }
-    }
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        if let Some(s) = ctx.span(id)
-            && let Some(f) = s.extensions_mut().get_mut::<Fields>()
-        {
-            values.record(&mut Visitor(f));
-        }
-    }
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        if let Some(s) = ctx.span(&id) {
-            let fields = s.extensions().get::<Fields>().cloned().unwrap_or_default();
-            self.closed.lock().unwrap().push(Closed {
-                name: s.name().to_string(),
-                fields,
-            });
-        }
-    }
-}
-
-impl Capture {
-    /// Wait until `n` closed spans named `name` satisfy `pred`, and return them.
-    async fn wait(&self, name: &str, n: usize, pred: impl Fn(&Fields) -> bool) -> Vec<Fields> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let found: Vec<Fields> = self
-                .closed
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|c| c.name == name && pred(&c.fields))
-                .map(|c| c.fields.clone())
-                .collect();
-            if found.len() >= n {
-                return found;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "{n} closed {name} span(s) not seen; closed: {:#?}",
-                    self.closed.lock().unwrap()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn field<'a>(f: &'a Fields, k: &str) -> &'a str {
-    f.get(k)
-        .map(String::as_str)
-        .unwrap_or_else(|| panic!("no {k} in {f:#?}"))
-}
 
 fn acq(holder: &str, bytes: u64, priority: i32, wait_ms: u64) -> pb::AcquireLeaseRequest {
     pb::AcquireLeaseRequest {

@@ -13,6 +13,8 @@
 //! - the engines and interpreters tests need ([`llama_server`], [`python`], [`fake`]);
 //! - model writers ([`models`]), process helpers ([`kill9`], [`alive`]), polling ([`wait_until`]),
 //!   backend-manager helpers ([`leases`], [`instance`], [`wait_for_instance`], [`stream_start`]);
+//! - Prometheus scrapes and `promtool check metrics` ([`prom`]), a span-capturing `tracing` layer
+//!   ([`spans`]);
 //! - with the `gateway` feature, [`gateway`]: a gateway with no backends, audit rows, API keys.
 //!
 //! The process-based end-to-end kit (`tests/e2e`, the real binaries) builds on the same helpers.
@@ -21,6 +23,8 @@ pub mod models;
 pub mod otlp;
 mod paths;
 mod process;
+pub mod prom;
+pub mod spans;
 mod stack;
 
 #[cfg(feature = "gateway")]
