@@ -116,8 +116,8 @@ fn chain(n: u64) -> Vec<u8> {
 fn write_head(path: &Path, bytes: &[u8]) {
     let last = bytes
         .split(|b| *b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<Row>(l).ok())
-        .last()
+        .rev()
+        .find_map(|l| serde_json::from_slice::<Row>(l).ok())
         .unwrap();
     let head = Head {
         seq: last.seq,
