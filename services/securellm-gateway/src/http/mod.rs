@@ -46,7 +46,7 @@ pub fn router(state: Shared, max_body: usize, body_read_timeout: Duration) -> Ro
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .route(
             "/health",
@@ -68,9 +68,15 @@ pub fn router(state: Shared, max_body: usize, body_read_timeout: Duration) -> Ro
         .layer(middleware::from_fn_with_state(
             body_read_timeout,
             body_deadline,
-        ))
-        .layer(middleware::from_fn(trace))
-        .with_state(state)
+        ));
+    // The request span layer exists only when spans are exported (decided once, at start): with
+    // export off a request pays nothing for it, not even the middleware's boxing.
+    let router = if securellm_common::telemetry::enabled() {
+        router.layer(middleware::from_fn(trace))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 fn client_addr(req: &Request) -> String {
