@@ -37,7 +37,7 @@ clippy:
 
 # The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
-unit: pyenv promtool
+unit: pyenv promtool nix
 	@SECURELLM_TEST_PYTHON="$(PYENV)/bin/python"; export SECURELLM_TEST_PYTHON; \
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	echo "llama-server: $$LLAMA_SERVER"; \
@@ -56,6 +56,17 @@ promtool:
 		apt-get install -y --no-install-recommends prometheus || \
 		{ apt-get update -q && apt-get install -y --no-install-recommends prometheus; } || \
 		echo "WARNING: promtool (Debian package prometheus) could not be installed: the metrics and deploy/ checks will be SKIPPED" >&2
+
+# Debian's Nix 2.8 (`nix-instantiate`), for the NixOS module checks (tests/e2e/tests/nixos.rs,
+# which evaluate nix/module.nix with ../shared/nix-eval): installed once if missing. The checks
+# skip LOUDLY (a warning on stderr) only when it could not be installed.
+.PHONY: nix
+nix:
+	@command -v nix-instantiate >/dev/null 2>&1 || \
+		sudo -n apt-get install -y --no-install-recommends nix-bin 2>/dev/null || \
+		apt-get install -y --no-install-recommends nix-bin || \
+		{ apt-get update -q && apt-get install -y --no-install-recommends nix-bin; } || \
+		echo "WARNING: nix-instantiate (Debian package nix-bin) could not be installed: the NixOS module checks will be SKIPPED" >&2
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 

@@ -272,10 +272,28 @@ pub struct Args {
     /// <data dir>/internal-token).
     #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
     pub internal_token_file: Option<PathBuf>,
+    /// Check this config file (with the other flags over it) and exit: 0 when valid, 1 with the
+    /// field named. Creates and starts nothing.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub check_config: Option<PathBuf>,
 }
 
 impl BackendConfig {
+    /// Flags over file over defaults, with the internal token read (or created).
     pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
+        let mut c = Self::load(args)?;
+        c.internal_token = Some(internal_auth::for_service(
+            c.internal_token_file.as_deref(),
+            c.data_dir.as_deref(),
+            "backend",
+        )?);
+        Ok(c)
+    }
+
+    /// Flags over file over defaults, validated; reads the file and nothing else (what
+    /// `--check-config` runs).
+    pub fn load(args: &Args) -> Result<Self, ConfigError> {
         // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: BackendConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "backend", args)?;
@@ -301,11 +319,6 @@ impl BackendConfig {
             return Err(field("threads", "must be at least 1".into()));
         }
         c.validate_backends().map_err(|(f, m)| field(&f, m))?;
-        c.internal_token = Some(internal_auth::for_service(
-            c.internal_token_file.as_deref(),
-            c.data_dir.as_deref(),
-            "backend",
-        )?);
         Ok(c)
     }
 

@@ -86,6 +86,10 @@ pub struct Args {
     /// default <data dir>/internal-token).
     #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
     pub internal_token_file: Option<PathBuf>,
+    /// Check this config file (with the other flags over it) and exit: 0 when valid, 1 with the
+    /// field named. Creates and starts nothing (model roots need not exist yet).
+    #[arg(long, value_name = "FILE")]
+    pub check_config: Option<PathBuf>,
 }
 
 /// Everything the registry needs, resolved.
@@ -106,7 +110,20 @@ pub fn roots_from_env(v: &str) -> Vec<PathBuf> {
 }
 
 impl RegistryConfig {
+    /// Flags over file over defaults, with the internal token read (or created).
     pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
+        let mut c = Self::load(args)?;
+        c.registry.internal_token = Some(internal_auth::for_service(
+            c.registry.internal_token_file.as_deref(),
+            Some(&c.data_dir),
+            "registry",
+        )?);
+        Ok(c)
+    }
+
+    /// Flags over file over defaults, validated; reads the file and nothing else (what
+    /// `--check-config` runs).
+    pub fn load(args: &Args) -> Result<Self, ConfigError> {
         let path = args.config.as_deref();
         let mut registry: RegistrySection =
             securellm_common::config::load_section(path, "registry")?;
@@ -146,11 +163,6 @@ impl RegistryConfig {
         if let Some(v) = &args.internal_token_file {
             registry.internal_token_file = Some(v.clone());
         }
-        registry.internal_token = Some(internal_auth::for_service(
-            registry.internal_token_file.as_deref(),
-            Some(&data_dir),
-            "registry",
-        )?);
         Ok(Self {
             registry,
             roots,

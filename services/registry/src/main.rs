@@ -6,7 +6,13 @@ use registry::config::{Args, RegistryConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(file) = args.check_config.take() {
+        args.config = Some(file.clone());
+        securellm_common::config::check_and_exit("registry", &file, || {
+            RegistryConfig::load(&args).map(drop)
+        });
+    }
     let telemetry: securellm_common::telemetry::TelemetryConfig =
         securellm_common::config::load_section(args.config.as_deref(), "telemetry")?;
     let _telemetry = securellm_common::telemetry::init_service("registry", "info", &telemetry)?;

@@ -166,10 +166,30 @@ pub struct Args {
     /// random value if missing; default <data dir>/internal-token).
     #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
     pub internal_token_file: Option<PathBuf>,
+    /// Check this config file (with the other flags over it) and exit: 0 when valid, 1 with the
+    /// field named. Creates and starts nothing; secret files (keys, certificates) are not read,
+    /// only required where the configuration needs them.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub check_config: Option<PathBuf>,
 }
 
 impl GatewayConfig {
+    /// Flags over file over defaults, with the internal token read (or created).
     pub fn resolve(args: &Args) -> Result<Self, ConfigError> {
+        let mut c = Self::load(args)?;
+        c.internal_token = Some(internal_auth::for_service(
+            c.internal_token_file.as_deref(),
+            c.data_dir.as_deref(),
+            "gateway",
+        )?);
+        Ok(c)
+    }
+
+    /// Flags over file over defaults, validated (upstreams and `[gateway.jwt]` as far as they can
+    /// be without reading their secret files); reads the config file and nothing else (what
+    /// `--check-config` runs).
+    pub fn load(args: &Args) -> Result<Self, ConfigError> {
         // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: GatewayConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "gateway", args)?;
@@ -211,12 +231,21 @@ impl GatewayConfig {
                 message: "must be at least 1000".into(),
             });
         }
-        let mut c = c;
-        c.internal_token = Some(internal_auth::for_service(
-            c.internal_token_file.as_deref(),
-            c.data_dir.as_deref(),
-            "gateway",
-        )?);
+        for (name, u) in &c.upstreams {
+            u.check(name).map_err(|e| ConfigError::Field {
+                field: format!("gateway.upstreams.{name}"),
+                message: e.message,
+            })?;
+        }
+        if let Some(j) = &c.jwt {
+            j.check().map_err(|e| {
+                let crate::auth::jwt::JwtConfigError::Invalid { field, message } = e;
+                ConfigError::Field {
+                    field: format!("gateway.jwt.{field}"),
+                    message,
+                }
+            })?;
+        }
         Ok(c)
     }
 }

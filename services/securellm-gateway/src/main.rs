@@ -5,7 +5,13 @@ use clap::Parser;
 use securellm_gateway::config::{Args, GatewayConfig};
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(file) = args.check_config.take() {
+        args.config = Some(file.clone());
+        securellm_common::config::check_and_exit("securellm-gateway", &file, || {
+            GatewayConfig::load(&args).map(drop)
+        });
+    }
     let telemetry: securellm_common::telemetry::TelemetryConfig =
         securellm_common::config::load_section(args.config.as_deref(), "telemetry")?;
     let _telemetry =

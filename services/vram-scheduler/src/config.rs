@@ -125,11 +125,28 @@ pub struct Args {
     /// default <data dir>/internal-token).
     #[arg(long, env = internal_auth::TOKEN_FILE_ENV)]
     pub internal_token_file: Option<PathBuf>,
+    /// Check this config file (with the other flags over it) and exit: 0 when valid, 1 with the
+    /// field named. Creates and starts nothing.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub check_config: Option<PathBuf>,
 }
 
 impl SchedulerConfig {
-    /// Flags over file over defaults.
+    /// Flags over file over defaults, with the internal token read (or created).
     pub fn resolve(args: &Args) -> Result<Self, securellm_common::config::ConfigError> {
+        let mut c = Self::load(args)?;
+        c.internal_token = Some(internal_auth::for_service(
+            c.internal_token_file.as_deref(),
+            c.data_dir.as_deref(),
+            "scheduler",
+        )?);
+        Ok(c)
+    }
+
+    /// Flags over file over defaults, validated; reads the file and nothing else (what
+    /// `--check-config` runs).
+    pub fn load(args: &Args) -> Result<Self, securellm_common::config::ConfigError> {
         let mut c: SchedulerConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "scheduler", args)?;
         // Simulated GPUs on the command line imply simulated inventory unless it is named.
@@ -141,11 +158,6 @@ impl SchedulerConfig {
             c.metrics_listen.as_deref(),
             securellm_common::prometheus::DEFAULT_SCHEDULER,
         );
-        c.internal_token = Some(internal_auth::for_service(
-            c.internal_token_file.as_deref(),
-            c.data_dir.as_deref(),
-            "scheduler",
-        )?);
         Ok(c)
     }
 

@@ -6,7 +6,13 @@ use vram_scheduler::config::{Args, SchedulerConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(file) = args.check_config.take() {
+        args.config = Some(file.clone());
+        securellm_common::config::check_and_exit("vram-scheduler", &file, || {
+            SchedulerConfig::load(&args).map(drop)
+        });
+    }
     let telemetry: securellm_common::telemetry::TelemetryConfig =
         securellm_common::config::load_section(args.config.as_deref(), "telemetry")?;
     let _telemetry =

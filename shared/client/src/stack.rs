@@ -7,6 +7,10 @@
 //! with a custom `DATA_DIR` or free ports (port 0). A file whose PID is no longer running is
 //! ignored (a stack killed without cleanup).
 //!
+//! A system install (the NixOS module) writes the same keys, without a PID, to
+//! [`SYSTEM_STACK_FILE`]; it is read when the user has no stack file of their own, so
+//! `sudo securellm status` on a NixOS box finds the system's units and the gateway's admin token.
+//!
 //! Precedence everywhere: flag, then environment variable, then this file, then the default.
 
 use std::collections::BTreeMap;
@@ -32,17 +36,31 @@ pub const INTERNAL_TOKEN_FILE: &str = "SECURELLM_INTERNAL_TOKEN_FILE";
 /// The PID of the script that runs the stack.
 pub const PID: &str = "PID";
 
-/// `$SECURELLM_STACK_FILE`, else `$XDG_STATE_HOME/securellm/stack`, else
-/// `~/.local/state/securellm/stack`; `None` without a home.
+/// The stack file of a system install (written by the NixOS module).
+pub const SYSTEM_STACK_FILE: &str = "/etc/securellm/stack";
+
+/// `$SECURELLM_STACK_FILE`, else `$XDG_STATE_HOME/securellm/stack` (or
+/// `~/.local/state/securellm/stack`) when it exists, else [`SYSTEM_STACK_FILE`] when it exists,
+/// else the user's path (which does not exist); `None` without a home and a system file.
 pub fn path() -> Option<PathBuf> {
     let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
     if let Some(p) = var(STACK_FILE_ENV) {
         return Some(PathBuf::from(p));
     }
-    let state = var("XDG_STATE_HOME")
+    let user = var("XDG_STATE_HOME")
         .map(PathBuf::from)
-        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
-    Some(state.join("securellm/stack"))
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .map(|state| state.join("securellm/stack"));
+    choose(user, std::path::Path::new(SYSTEM_STACK_FILE))
+}
+
+/// The user's stack file when it exists, else the system's when that exists, else the user's.
+fn choose(user: Option<PathBuf>, system: &std::path::Path) -> Option<PathBuf> {
+    match user {
+        Some(u) if u.exists() => Some(u),
+        _ if system.exists() => Some(system.to_path_buf()),
+        u => u,
+    }
 }
 
 /// What a stack file says.
@@ -123,6 +141,21 @@ mod tests {
         assert_eq!(s.get("EMPTY"), None);
         assert_eq!(s.get("URL"), Some("http://h:1/?a=b"));
         assert_eq!(s.get("not a pair"), None);
+    }
+
+    #[test]
+    fn the_system_file_is_read_only_when_the_user_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = dir.path().join("user-stack");
+        let system = dir.path().join("system-stack");
+        // Neither exists: the user's path (absent, so nothing is read).
+        assert_eq!(choose(Some(user.clone()), &system), Some(user.clone()));
+        assert_eq!(choose(None, &system), None);
+        std::fs::write(&system, "SECURELLM_DATA_DIR=/var/lib/securellm\n").unwrap();
+        assert_eq!(choose(Some(user.clone()), &system), Some(system.clone()));
+        assert_eq!(choose(None, &system), Some(system.clone()));
+        std::fs::write(&user, "PID=1\n").unwrap();
+        assert_eq!(choose(Some(user.clone()), &system), Some(user));
     }
 
     #[test]

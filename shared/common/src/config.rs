@@ -92,6 +92,37 @@ mod tests {
     }
 }
 
+/// `--check-config FILE`, as `nginx -t`: validate a service's configuration without starting
+/// it, for the NixOS module's build-time check and for operators. `own` parses and validates the
+/// service's own sections (it must create nothing: no token, no database, no directory); the
+/// shared `[telemetry]` section is checked here, without the `OTEL_*` environment (the run-time
+/// environment is not the checker's). Prints `<service>: FILE: configuration is valid` on stdout,
+/// or the error naming the field on stderr, and exits 0 or 1.
+pub fn check_and_exit<E: std::fmt::Display>(
+    service: &str,
+    file: &Path,
+    own: impl FnOnce() -> Result<(), E>,
+) -> ! {
+    let result = (|| -> Result<(), String> {
+        let telemetry: crate::telemetry::TelemetryConfig =
+            load_section(Some(file), "telemetry").map_err(|e| e.to_string())?;
+        telemetry
+            .resolve(service, |_| None)
+            .map_err(|e| e.to_string())?;
+        own().map_err(|e| e.to_string())
+    })();
+    match result {
+        Ok(()) => {
+            println!("{service}: {}: configuration is valid", file.display());
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("{service}: {}: {e}", file.display());
+            std::process::exit(1)
+        }
+    }
+}
+
 /// The sections a SecureLLM config file may have.
 pub const SECTIONS: &[&str] = &[
     "scheduler",

@@ -130,7 +130,17 @@ impl TokenError {
     }
 }
 
-/// Read the token at `path`: a regular file, not readable or writable by group or others.
+/// Whether a token file with `mode` may be read by others. A systemd credential (a file under the
+/// unit's `$CREDENTIALS_DIRECTORY`, from `LoadCredential=`) is root's with mode 0400 and an ACL for
+/// the unit's user, so `stat` may show 0440, on a mount only the unit and root can read: its mode
+/// bits say nothing about exposure there.
+fn exposed(mode: u32, path: &Path, credentials_dir: Option<&std::ffi::OsStr>) -> bool {
+    let credential = credentials_dir.is_some_and(|d| !d.is_empty() && path.starts_with(d));
+    mode & 0o077 != 0 && !credential
+}
+
+/// Read the token at `path`: a regular file, not readable or writable by group or others (a
+/// systemd credential excepted, see [`exposed`]).
 pub fn load(path: &Path) -> Result<InternalToken, TokenError> {
     let read = |source| TokenError::Read {
         path: path.to_path_buf(),
@@ -146,7 +156,8 @@ pub fn load(path: &Path) -> Result<InternalToken, TokenError> {
         return Err(invalid("is not a regular file".into()));
     }
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
+    if exposed(mode, path, credentials.as_deref()) {
         return Err(invalid(format!(
             "may be read or written by other users (mode {mode:04o}); `chmod 600` it"
         )));
@@ -362,6 +373,22 @@ pub fn authenticated(channel: Channel, token: Option<&InternalToken>) -> AuthCha
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_systemd_credential_may_show_group_bits() {
+        let dir = std::ffi::OsStr::new("/run/credentials/securellm-gateway.service");
+        let cred = Path::new("/run/credentials/securellm-gateway.service/internal-token");
+        let other = Path::new("/var/lib/securellm/internal-token");
+        assert!(!exposed(0o600, other, None));
+        assert!(exposed(0o640, other, None));
+        assert!(exposed(0o640, other, Some(dir)));
+        assert!(!exposed(0o440, cred, Some(dir)));
+        assert!(
+            exposed(0o440, cred, None),
+            "no credentials directory: the mode counts"
+        );
+        assert!(exposed(0o440, cred, Some(std::ffi::OsStr::new(""))));
+    }
     use super::*;
 
     #[test]

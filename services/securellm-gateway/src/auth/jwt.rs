@@ -114,8 +114,28 @@ struct Claims {
     exp: u64,
 }
 
+impl JwtConfig {
+    /// What can be checked without reading the key files: a known algorithm, and the public key
+    /// file named where the algorithm needs one (HS256 may take its secret from the environment).
+    pub fn check(&self) -> Result<(), JwtConfigError> {
+        match self.algorithm.as_str() {
+            "HS256" => Ok(()),
+            "RS256" | "EdDSA" if self.public_key_file.is_none() => Err(invalid(
+                "public_key_file",
+                format!("{} needs a PEM public key", self.algorithm),
+            )),
+            "RS256" | "EdDSA" => Ok(()),
+            other => Err(invalid(
+                "algorithm",
+                format!("{other:?} is not one of HS256, RS256, EdDSA"),
+            )),
+        }
+    }
+}
+
 impl JwtVerifier {
     pub fn new(c: &JwtConfig) -> Result<Self, JwtConfigError> {
+        c.check()?;
         let read = |field: &'static str, p: &PathBuf| {
             std::fs::read(p)
                 .map_err(|e| invalid(field, format!("cannot read {}: {e}", p.display())))

@@ -46,6 +46,37 @@ pub struct CloudConfig {
     pub redaction: Policy,
 }
 
+impl CloudConfig {
+    /// What can be checked without the key: the URL, the models, one key source at most.
+    pub fn check(&self, name: &str) -> Result<(), CloudConfigError> {
+        let err = |m: String| CloudConfigError {
+            name: name.to_string(),
+            message: m,
+        };
+        if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
+            return Err(err(format!(
+                "base_url {:?} must start with http:// or https://",
+                self.base_url
+            )));
+        }
+        if self.models.is_empty() {
+            return Err(err(
+                "models must list at least one model name or pattern".into()
+            ));
+        }
+        if self.api_key_env.is_some() && self.api_key_file.is_some() {
+            return Err(err("set api_key_env or api_key_file, not both".into()));
+        }
+        reqwest::Url::parse(self.base_url.trim_end_matches('/')).map_err(|e| {
+            err(format!(
+                "base_url {:?} is not a valid URL: {e}",
+                self.base_url
+            ))
+        })?;
+        Ok(())
+    }
+}
+
 /// Why an upstream's configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid `gateway.upstreams.{name}`: {message}")]
@@ -147,24 +178,12 @@ pub fn from_config(
             name: name.clone(),
             message: m,
         };
-        if !(c.base_url.starts_with("http://") || c.base_url.starts_with("https://")) {
-            return Err(err(format!(
-                "base_url {:?} must start with http:// or https://",
-                c.base_url
-            )));
-        }
-        if c.models.is_empty() {
-            return Err(err(
-                "models must list at least one model name or pattern".into()
-            ));
-        }
+        c.check(name)?;
         // The key is held as a secret (never printed, wiped when dropped) until it becomes the
         // sensitive Authorization header value.
         let key: Option<secrecy::SecretString> = match (&c.api_key_env, &c.api_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(err("set api_key_env or api_key_file, not both".into()));
-            }
-            (Some(v), None) => Some(
+            // (Both set is refused by `check`.)
+            (Some(v), _) => Some(
                 std::env::var(v)
                     .map_err(|_| err(format!("environment variable {v} is not set")))?
                     .into(),
