@@ -1276,8 +1276,12 @@ mod tests {
         let shared = Arc::new(Shared {
             backends: Backends::from_config(&cfg, &http),
             http,
-            scheduler: VramSchedulerClient::new(crate::lazy_channel(&cfg.scheduler, &cfg).unwrap()),
-            registry: ModelRegistryClient::new(crate::lazy_channel(&cfg.registry, &cfg).unwrap()),
+            scheduler: VramSchedulerClient::new(
+                crate::lazy_channel(&cfg.scheduler, &cfg, None).unwrap(),
+            ),
+            registry: ModelRegistryClient::new(
+                crate::lazy_channel(&cfg.registry, &cfg, None).unwrap(),
+            ),
             events: broadcast::channel(16).0,
             cfg,
         });

@@ -76,17 +76,34 @@ impl RunningManager {
     }
 }
 
-/// A channel to `addr` whose calls carry the internal token.
-fn lazy_channel(addr: &str, cfg: &BackendConfig) -> Result<AuthChannel, StartError> {
+/// How long a registry call may take before it counts as the registry being unreachable (a
+/// loaded model then goes on answering from the last resolution; a new load is refused).
+const REGISTRY_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A channel to `addr` whose calls carry the internal token. HTTP/2 keepalive pings find a peer
+/// that went silent (its network cut off: no reset ever comes) within seconds, so the next call
+/// connects again instead of waiting on the dead connection; `call_timeout` bounds every call
+/// (`None` for the scheduler, whose lease waits and event stream are long by design).
+fn lazy_channel(
+    addr: &str,
+    cfg: &BackendConfig,
+    call_timeout: Option<Duration>,
+) -> Result<AuthChannel, StartError> {
     let url = grpc_url(addr);
-    let channel = Endpoint::from_shared(url.clone())
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| StartError::Address {
             addr: url,
             message: e.to_string(),
         })?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if let Some(t) = call_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    let channel = endpoint.connect_lazy();
     Ok(internal_auth::authenticated(
         channel,
         cfg.internal_token.as_ref(),
@@ -122,8 +139,12 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
         cfg: cfg.clone(),
         backends,
         http,
-        scheduler: VramSchedulerClient::new(lazy_channel(&cfg.scheduler, cfg)?),
-        registry: ModelRegistryClient::new(lazy_channel(&cfg.registry, cfg)?),
+        scheduler: VramSchedulerClient::new(lazy_channel(&cfg.scheduler, cfg, None)?),
+        registry: ModelRegistryClient::new(lazy_channel(
+            &cfg.registry,
+            cfg,
+            Some(REGISTRY_CALL_TIMEOUT),
+        )?),
         events,
     });
     let manager = Manager::new(shared);

@@ -126,12 +126,21 @@ impl RunningGateway {
 fn channel(
     addr: &str,
     cfg: &GatewayConfig,
+    call_timeout: Option<Duration>,
 ) -> Result<securellm_common::internal_auth::AuthChannel, StartError> {
     let url = securellm_common::grpc_url(addr);
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+    // HTTP/2 keepalive pings find a peer whose network was cut off (no reset ever comes) within
+    // seconds, so the next call connects again instead of waiting on the dead connection.
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
         .map_err(|_| StartError::Address(url))?
         .tcp_nodelay(true)
-        .connect_lazy();
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if let Some(t) = call_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    let channel = endpoint.connect_lazy();
     Ok(securellm_common::internal_auth::authenticated(
         channel,
         cfg.internal_token.as_ref(),
@@ -186,7 +195,12 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         },
     )
     .await?;
-    let local = upstream::Local::new(channel(&cfg.backend, cfg)?, channel(&cfg.registry, cfg)?);
+    // Registry calls are short (the model list); the backend manager's answers stream for as
+    // long as generation runs, so only the registry's calls are bounded.
+    let local = upstream::Local::new(
+        channel(&cfg.backend, cfg, None)?,
+        channel(&cfg.registry, cfg, Some(Duration::from_secs(5)))?,
+    );
     let state = Arc::new(state::AppState {
         keys,
         jwt,
