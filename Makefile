@@ -45,7 +45,7 @@ unit: pyenv promtool nix
 		$(CARGO) nextest run --workspace --no-fail-fast && $(CARGO) test --workspace --doc; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
-	fi && "$(PYENV)/bin/python" tests/compose_check.py
+	fi && "$(PYENV)/bin/python" tests/compose_check.py && $(MAKE) --no-print-directory compose-test
 
 # Prometheus' own checker (`promtool check metrics|config|rules`, `promtool test rules`), used by the
 # telemetry and deploy/ tests: Debian's `prometheus` package, installed here once if missing. The
@@ -67,6 +67,23 @@ nix:
 		apt-get install -y --no-install-recommends nix-bin || \
 		{ apt-get update -q && apt-get install -y --no-install-recommends nix-bin; } || \
 		echo "WARNING: nix-instantiate (Debian package nix-bin) could not be installed: the NixOS module checks will be SKIPPED" >&2
+
+# docker-compose (README "docker-compose"): the image is built without a registry (a debootstrap
+# base made once per machine and cached, plus the release binaries and llama-server built here),
+# then `up` and a wait until all four services are healthy; prints the URL and the API key.
+.PHONY: compose-up compose-down compose-test
+compose-up: release
+	BIN="$(CURDIR)/target/release" ./scripts/compose.sh up
+
+compose-down:
+	./scripts/compose.sh down
+
+# The stack in real containers with faults (tests/compose_e2e.py), from the dev binaries; part of
+# `make test`, skipped LOUDLY only where no Docker engine answers.
+compose-test: pyenv
+	@LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
+	$(CARGO) build -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm && \
+	"$(PYENV)/bin/python" tests/compose_e2e.py
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
