@@ -92,7 +92,7 @@ up() {
   fi
   local start=$(date +%s%N)
   if [ "$V2" = 1 ]; then
-    "${COMPOSE[@]}" up -d --no-build --wait --wait-timeout "$WAIT_S"
+    "${COMPOSE[@]}" up -d --no-build --wait
   else
     "${COMPOSE[@]}" up -d --no-build
     wait_healthy
