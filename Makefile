@@ -37,7 +37,7 @@ clippy:
 
 # The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
-unit: pyenv promtool nix
+unit: pyenv promtool nix postgres
 	@SECURELLM_TEST_PYTHON="$(PYENV)/bin/python"; export SECURELLM_TEST_PYTHON; \
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	echo "llama-server: $$LLAMA_SERVER"; \
@@ -84,6 +84,17 @@ compose-test: pyenv
 	@LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	$(CARGO) build -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm && \
 	"$(PYENV)/bin/python" tests/compose_e2e.py
+
+# Debian's PostgreSQL server binaries (initdb, pg_ctl), for the throw-away clusters the tests of
+# shared state start (shared/testkit/src/postgres.rs): installed once if missing. Those tests skip
+# LOUDLY only when it could not be installed.
+.PHONY: postgres
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		sudo -n apt-get install -y --no-install-recommends postgresql 2>/dev/null || \
+		apt-get install -y --no-install-recommends postgresql || \
+		{ apt-get update -q && apt-get install -y --no-install-recommends postgresql; } || \
+		echo "WARNING: PostgreSQL (Debian package postgresql) could not be installed: the shared-state tests will be SKIPPED" >&2
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 

@@ -61,6 +61,6 @@
         };
       });
 
-      formatter = forAll (pkgs: pkgs.nixfmt-rfc-style);
+      formatter = forAll (pkgs: pkgs.nixfmt);
     };
 }

@@ -107,7 +107,8 @@ let
     };
 
   ollama = config.services.ollama or { };
-  ollamaEnabled = cfg.ollama.enable;
+  # Only with Ollama itself enabled (else the overrides below would make a bare ollama unit).
+  ollamaEnabled = cfg.ollama.enable && (ollama.enable or false);
   ollamaModels = ollama.models or "${ollama.home or "/var/lib/ollama"}/models";
   ollamaGroup =
     let
@@ -126,6 +127,34 @@ let
     in
     if h == "0.0.0.0" || h == "" then "127.0.0.1" else h
   }:${toString (ollama.port or 11434)}";
+
+  # A unit can be fenced to loopback (IPAddressDeny=any, IPAddressAllow=localhost) only when every
+  # address it listens on or connects to is loopback, as rendered (the `settings` escape hatch
+  # included): listeners, metrics, peers, the OTLP collector, engines, cloud upstreams.
+  localAddr = a: a == null || a == "off" || isLoopback a;
+  localUrl =
+    u:
+    u == null
+    || lib.any (p: lib.hasPrefix p u) [
+      "http://127."
+      "http://localhost"
+      "http://[::1]"
+    ];
+  otlpLocal = localUrl (finalSettings.telemetry.otlp_endpoint or null);
+  loopbackOnlyFor =
+    section: peers:
+    let
+      s = finalSettings.${section} or { };
+    in
+    otlpLocal
+    && lib.all localAddr (
+      [
+        (s.listen or null)
+        (s.metrics_listen or null)
+        (s.http_listen or null)
+      ]
+      ++ map (p: s.${p} or null) peers
+    );
 
   nvidia = cfg.gpu.nvidia;
   llamaCpp = cfg.llamaCppPackage;
@@ -292,7 +321,8 @@ let
       KeyringMode = "private";
       NotifyAccess = "none";
     }
-    // lib.optionalAttrs (!spawns) { ProcSubset = "pid"; }
+    # NVML reads /proc/driver/nvidia; engines read /proc/cpuinfo and /proc/meminfo.
+    // lib.optionalAttrs (!spawns && !gpu) { ProcSubset = "pid"; }
     // lib.optionalAttrs loopbackOnly {
       IPAddressDeny = "any";
       IPAddressAllow = "localhost";
@@ -332,7 +362,10 @@ let
         "securellm-init.service"
       ]
       ++ map (d: "${unitName d}.service") deps;
-      requires = [ "securellm-init.service" ] ++ map (d: "${unitName d}.service") deps;
+      # `wants`, not `requires`: restarting the scheduler must not restart the manager (and its
+      # engines) or the gateway; the manager re-attaches its leases instead.
+      requires = [ "securellm-init.service" ];
+      wants = map (d: "${unitName d}.service") deps;
       restartTriggers = [ configFile ];
       environment = {
         RUST_LOG = cfg.logLevel;
@@ -362,7 +395,10 @@ let
       // serviceConfig;
     };
 
+  homeRoots = lib.any (r: lib.hasPrefix "/home/" r || lib.hasPrefix "/root/" r) modelRootStrings;
   modelAccess = {
+    # Roots under /home are reachable read-only (ProtectHome would hide them).
+    ProtectHome = if homeRoots then "read-only" else true;
     # Missing roots never fail the unit ("-"); the registry reports them.
     ReadOnlyPaths = map (r: "-${r}") modelRootStrings;
     SupplementaryGroups = cfg.modelGroups ++ lib.optional ollamaEnabled ollamaGroup;
@@ -457,7 +493,8 @@ in
     };
 
     modelRoots = mkOption {
-      type = types.listOf types.path;
+      # Strings, not paths: a path literal in a flake would become a copy in the store.
+      type = types.listOf types.str;
       default = [ ];
       example = [ "/srv/models" ];
       description = "Directories the registry scans (GGUF, split GGUF, Ollama store, safetensors). A missing directory does not fail a unit. Not copied to the store.";
@@ -728,7 +765,7 @@ in
     };
 
     mcp = {
-      enable = mkEnableOption "the MCP server as a unit (streamable HTTP on a loopback address, at /mcp)";
+      enable = mkEnableOption "the MCP server as a unit (streamable HTTP on a loopback address, at /mcp). It holds the internal and admin tokens and has no authentication of its own: any local user can use its tools (status, load/unload, audit). Leave it off on shared machines and run `securellm-mcp` over stdio from the editor instead";
       listen = mkOption {
         type = types.str;
         default = "127.0.0.1:8765";
@@ -736,9 +773,9 @@ in
       };
       apiKeyFile = mkOption {
         type = types.nullOr secretPath;
-        default = "${stateRoot}/gateway/api-key";
-        defaultText = lib.literalExpression ''"/var/lib/securellm/gateway/api-key" (the bootstrap key)'';
-        description = "The gateway API key the `chat` tool uses; null: no chat tool key.";
+        default = null;
+        example = "/run/keys/securellm-mcp-key";
+        description = "A gateway API key for the `chat` tool (create one scoped to the models assistants may use with `securellm keys create`); null: the tool has no key. The endpoint itself has no authentication: every local user can reach it, so do not hand it the bootstrap key.";
       };
     };
 
@@ -784,6 +821,10 @@ in
         message = "services.securellm: secret files must be absolute paths outside the Nix store (they are read by systemd at start, not copied): ${toString secretFiles}";
       }
       {
+        assertion = lib.all (lib.hasPrefix "/") modelRootStrings;
+        message = "services.securellm.modelRoots must be absolute paths: ${toString modelRootStrings}";
+      }
+      {
         assertion = isLoopback cfg.mcp.listen || !cfg.mcp.enable;
         message = "services.securellm.mcp.listen must be a loopback address (the MCP endpoint has no authentication of its own).";
       }
@@ -796,8 +837,6 @@ in
         message = "services.securellm.gateway.jwt: RS256 and EdDSA need publicKeyFile.";
       }
     ];
-
-    users.groups.securellm = { };
 
     environment.systemPackages = [ cfg.package ];
     environment.etc."securellm/stack".text = stackFile;
@@ -831,7 +870,7 @@ in
           environment = nvmlEnv;
           serviceConfig = hardening {
             gpu = nvidia;
-            loopbackOnly = isLoopback cfg.scheduler.listen;
+            loopbackOnly = loopbackOnlyFor "scheduler" [ ];
           };
         };
       })
@@ -839,7 +878,7 @@ in
         securellm-registry = unit "registry" {
           binary = "registry";
           description = "SecureLLM model registry";
-          serviceConfig = hardening { loopbackOnly = isLoopback cfg.registry.listen; } // modelAccess;
+          serviceConfig = hardening { loopbackOnly = loopbackOnlyFor "registry" [ ]; } // modelAccess;
         };
       })
       (mkIf cfg.backendManager.enable {
@@ -855,7 +894,11 @@ in
               spawns = true;
               # vLLM / TGI may live on other hosts.
               loopbackOnly =
-                isLoopback cfg.backendManager.listen
+                loopbackOnlyFor "backend" [
+                  "scheduler"
+                  "registry"
+                ]
+                && localUrl (finalSettings.backend.ollama.url or null)
                 && !(finalSettings.backend ? vllm)
                 && !(finalSettings.backend ? tgi);
             }
@@ -880,7 +923,12 @@ in
           deps = lib.optional cfg.backendManager.enable "backend-manager";
           credentials = gatewayCredentials;
           serviceConfig = hardening {
-            loopbackOnly = isLoopback gw.httpListen && isLoopback gw.listen && gw.upstreams == { };
+            loopbackOnly =
+              loopbackOnlyFor "gateway" [
+                "backend"
+                "registry"
+              ]
+              && (finalSettings.gateway.upstreams or { }) == { };
           };
         };
       })
@@ -932,14 +980,20 @@ in
           };
         };
       })
-      # Ollama's new files group-readable (see services.ollama below).
+      # Ollama's store readable by our units. nixpkgs' module runs Ollama as a DynamicUser even
+      # when `user` is set, which puts /var/lib/ollama under /var/lib/private (closed to every
+      # other unit); a static user and group, and new files group-readable, open it to the
+      # `ollama` group our units join. Files written earlier under umask 0077 need a one-time
+      # `chmod -R g+rX /var/lib/ollama` (README, "NixOS").
       (mkIf ollamaEnabled {
-        ollama.serviceConfig.UMask = lib.mkOverride 75 "0027";
+        ollama.serviceConfig = {
+          DynamicUser = lib.mkForce false;
+          UMask = lib.mkOverride 75 "0027";
+        };
       })
     ];
 
-    # Ollama's store readable by our units: a static ollama user/group (nixpkgs' module uses a
-    # DynamicUser, whose /var/lib/private is closed to everyone else, unless `user` is set).
+    # The static user and group the override above runs Ollama as.
     services.ollama = mkIf ollamaEnabled {
       user = lib.mkDefault "ollama";
       group = lib.mkDefault "ollama";

@@ -81,6 +81,46 @@ pub struct GatewayConfig {
     /// requests to local models without one get this, so generation is never unbounded. A key's
     /// (or token's) own `max_tokens` limit lowers it.
     pub max_tokens_cap: u32,
+    /// `[storage]` (its own section): where keys and rate limits live.
+    #[serde(skip)]
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: shared state for several gateways. Without `url`, one gateway keeps its keys in
+/// SQLite in its data directory and its limits in memory (the single-box default).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `postgres://USER@HOST/DB` (or `?host=/socket/dir`): API keys and rate limits shared by
+    /// every gateway using the same database. `$SECURELLM_DATABASE_URL` wins.
+    pub url: Option<String>,
+    /// When the database cannot be reached for a rate-limit decision: `local` (each gateway
+    /// applies the key's limits ÷ live replicas) or `closed` (503).
+    pub when_unreachable: crate::limits::shared::Unreachable,
+}
+
+/// The environment variable that sets `[storage] url`.
+pub const DATABASE_URL_ENV: &str = "SECURELLM_DATABASE_URL";
+
+impl StorageConfig {
+    /// The section, with `$SECURELLM_DATABASE_URL` over `url`; a URL that is not PostgreSQL's is
+    /// refused naming the field.
+    fn load(path: Option<&std::path::Path>, env: Option<String>) -> Result<Self, ConfigError> {
+        let mut s: StorageConfig = securellm_common::config::load_section(path, "storage")?;
+        if let Some(u) = env.filter(|u| !u.trim().is_empty()) {
+            s.url = Some(u);
+        }
+        if let Some(u) = &s.url
+            && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Field {
+                field: "storage.url".into(),
+                message: "must be a postgres:// URL (without it, SQLite in the data directory)"
+                    .into(),
+            });
+        }
+        Ok(s)
+    }
 }
 
 impl Default for GatewayConfig {
@@ -112,6 +152,7 @@ impl Default for GatewayConfig {
             upstreams: Default::default(),
             redact_patterns: Default::default(),
             max_tokens_cap: crate::validate::DEFAULT_MAX_TOKENS_CAP,
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -193,6 +234,8 @@ impl GatewayConfig {
         // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: GatewayConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "gateway", args)?;
+        c.storage =
+            StorageConfig::load(args.config.as_deref(), std::env::var(DATABASE_URL_ENV).ok())?;
         c.metrics_listen = securellm_common::prometheus::listen_addr(
             c.metrics_listen.as_deref(),
             securellm_common::prometheus::DEFAULT_GATEWAY,

@@ -82,6 +82,13 @@ pub enum StartError {
     Tls(#[from] listener::TlsError),
     #[error("invalid address {0}")]
     Address(String),
+    #[error("cannot read the admin token file {path}: {source}")]
+    AdminToken {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("shared rate limits (`storage.url`): {0}")]
+    SharedLimits(sqlx::Error),
     #[error("cannot write the bootstrap key file {path}: {source}")]
     Bootstrap {
         path: std::path::PathBuf,
@@ -158,7 +165,25 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         path: data.clone(),
         source,
     })?;
-    let keys = keys::KeyStore::open(&data.join("gateway-keys.db")).await?;
+    // Keys and rate limits: in this gateway (SQLite, memory), or shared by every gateway on one
+    // PostgreSQL database.
+    let (keys, shared_limits) = match &cfg.storage.url {
+        None => (
+            keys::KeyStore::open(&data.join("gateway-keys.db")).await?,
+            None,
+        ),
+        Some(url) => {
+            let keys = keys::KeyStore::open_postgres(url).await?;
+            let limits = limits::shared::SharedLimiter::open(
+                url,
+                Duration::from_millis(cfg.request_timeout_ms),
+                cfg.storage.when_unreachable,
+            )
+            .await
+            .map_err(StartError::SharedLimits)?;
+            (keys, Some(limits))
+        }
+    };
     if let Some(path) = &cfg.bootstrap_key_file
         && keys.is_empty()
     {
@@ -214,6 +239,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         redactor,
         audit,
         limits: ratelimit::RateLimiter::new(),
+        shared_limits,
         inflight: inflight::InFlight::new(
             cfg.max_inflight_per_key as usize,
             cfg.max_inflight_per_address as usize,
@@ -274,6 +300,14 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     let admin_token: secrecy::SecretString =
         match from_env.map(Ok).unwrap_or_else(|| read_secret(&token_path)) {
             Ok(t) => t.trim().to_string(),
+            // Only a missing file gets a new token; one that cannot be read is an error (a
+            // replaced token would lock the operator out without a word).
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StartError::AdminToken {
+                    path: token_path.clone(),
+                    source: e,
+                });
+            }
             Err(_) => {
                 let mut raw = [0u8; 32];
                 getrandom::fill(&mut raw).map_err(|e| StartError::Http(e.to_string()))?;
@@ -385,7 +419,9 @@ fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
 fn read_secret(path: &std::path::Path) -> std::io::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path)?;
-    if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+    let mode = meta.permissions().mode() & 0o777;
+    // A systemd credential is root's, read through an ACL: its mode bits say nothing.
+    if meta.is_file() && securellm_common::internal_auth::may_be_read_by_others(mode, path) {
         tracing::warn!(
             "{} was readable by others (mode {:o}); setting it to 0600",
             path.display(),

@@ -33,6 +33,7 @@ pub const AUDIT_QUEUE: &str = "securellm_gateway_audit_queue_depth";
 pub const AUDIT_DROPPED: &str = "securellm_gateway_audit_rows_dropped_total";
 pub const UPSTREAM_ERRORS: &str = "securellm_gateway_upstream_errors_total";
 pub const CONNECTIONS: &str = "securellm_gateway_connections";
+pub const LIMIT_STORE_UNAVAILABLE: &str = "securellm_gateway_limit_store_unavailable_total";
 
 /// Most model names that become labels; beyond, new names are `_other`.
 pub const MAX_MODEL_LABELS: usize = 1024;
@@ -70,6 +71,10 @@ pub fn enable() {
         "Requests refused with 429, by the limit that tripped."
     );
     describe_counter!(AUTH_FAILURES, "Refused credentials, by reason.");
+    describe_counter!(
+        LIMIT_STORE_UNAVAILABLE,
+        "Rate-limit decisions made without the shared PostgreSQL store (it could not be reached): local limits at limit / live replicas, or 503 when fail-closed."
+    );
     describe_counter!(
         REDACTIONS,
         "Secrets found in prompts bound for cloud upstreams, by what was done with them."
@@ -232,6 +237,13 @@ pub fn first_byte(endpoint: &str, elapsed: Duration) {
 pub fn rate_limited(limit: &'static str) {
     if on() {
         metrics::counter!(RATE_LIMITED, "limit" => limit).increment(1);
+    }
+}
+
+/// A rate-limit decision the shared store could not make (it was unreachable).
+pub fn limit_store_unavailable() {
+    if on() {
+        metrics::counter!(LIMIT_STORE_UNAVAILABLE).increment(1);
     }
 }
 

@@ -21,6 +21,10 @@ pub struct AppState {
     pub redactor: crate::redact::Redactor,
     pub audit: AuditLog,
     pub limits: RateLimiter,
+    /// With `[storage] url`: the per-key limits held across every gateway on the database (the
+    /// in-process limiter then only applies while the database is unreachable, at limit ÷ live
+    /// replicas).
+    pub shared_limits: Option<Arc<crate::limits::shared::SharedLimiter>>,
     /// Requests in progress per key and per address (checked before the body is read).
     pub inflight: crate::limits::inflight::InFlight,
     /// `audit_mode = "sync"`: no 2xx is given (no stream ends) before its audit row is committed;

@@ -115,8 +115,21 @@ pub fn current() -> Option<&'static Stack> {
     static CURRENT: OnceLock<Option<Stack>> = OnceLock::new();
     CURRENT
         .get_or_init(|| {
-            let text = std::fs::read_to_string(path()?).ok()?;
-            Some(Stack::parse(&text)).filter(Stack::is_running)
+            let read = |p: &std::path::Path| {
+                let text = std::fs::read_to_string(p).ok()?;
+                Some(Stack::parse(&text)).filter(Stack::is_running)
+            };
+            let first = path()?;
+            let named = std::env::var_os(STACK_FILE_ENV).is_some_and(|v| !v.is_empty());
+            // A user's stack that has stopped gives way to the system's (NixOS units); a file
+            // named by $SECURELLM_STACK_FILE does not.
+            read(&first).or_else(|| {
+                if named {
+                    return None;
+                }
+                let system = std::path::Path::new(SYSTEM_STACK_FILE);
+                (first != system).then(|| read(system)).flatten()
+            })
         })
         .as_ref()
 }

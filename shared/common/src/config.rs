@@ -131,6 +131,7 @@ pub const SECTIONS: &[&str] = &[
     "gateway",
     "models",
     "telemetry",
+    "storage",
 ];
 
 /// Read one section of the shared config file into `T` (defaults when the file or the section is

@@ -139,6 +139,16 @@ fn exposed(mode: u32, path: &Path, credentials_dir: Option<&std::ffi::OsStr>) ->
     mode & 0o077 != 0 && !credential
 }
 
+/// Whether a secret file with `mode` may be read by other users ([`exposed`] with this
+/// process's `$CREDENTIALS_DIRECTORY`).
+pub fn may_be_read_by_others(mode: u32, path: &Path) -> bool {
+    exposed(
+        mode,
+        path,
+        std::env::var_os("CREDENTIALS_DIRECTORY").as_deref(),
+    )
+}
+
 /// Read the token at `path`: a regular file, not readable or writable by group or others (a
 /// systemd credential excepted, see [`exposed`]).
 pub fn load(path: &Path) -> Result<InternalToken, TokenError> {
@@ -156,8 +166,7 @@ pub fn load(path: &Path) -> Result<InternalToken, TokenError> {
         return Err(invalid("is not a regular file".into()));
     }
     let mode = meta.permissions().mode() & 0o777;
-    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
-    if exposed(mode, path, credentials.as_deref()) {
+    if may_be_read_by_others(mode, path) {
         return Err(invalid(format!(
             "may be read or written by other users (mode {mode:04o}); `chmod 600` it"
         )));

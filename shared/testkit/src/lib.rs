@@ -22,6 +22,7 @@
 pub mod models;
 pub mod otlp;
 mod paths;
+pub mod postgres;
 mod process;
 pub mod prom;
 pub mod spans;

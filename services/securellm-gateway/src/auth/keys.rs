@@ -2,8 +2,13 @@
 //! only as a SHA-256 hash. Lookup hashes the presented secret and compares hashes in constant
 //! time. Each key carries a subject, model patterns (`*` wildcards) and limits.
 //!
-//! The key table lives in SQLite (`keys.db` in the data directory); an in-memory copy answers the
-//! hot path without touching the database.
+//! The key table lives in SQLite (`keys.db` in the data directory) or, shared by every gateway
+//! using it, in PostgreSQL (`[storage] url`); an in-memory copy answers the hot path without
+//! touching the database. With PostgreSQL every change is announced on the `securellm_keys`
+//! channel (`NOTIFY`) in its own transaction; each gateway listens and reloads its copy, so a
+//! revocation made through any gateway is enforced by all within about a round trip. After the
+//! database was away (the listener reconnects) and every 30 s the copy is reloaded in full; while
+//! the database is unreachable the last copy keeps answering.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,6 +17,7 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use sqlx::Row;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use subtle::ConstantTimeEq;
 
@@ -152,10 +158,65 @@ fn hash(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// Where the key table lives.
+#[derive(Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// One statement on whichever database: the SQLite text (`?` placeholders) or the PostgreSQL
+/// one (`$n`), with the same binds; the rows it changed.
+macro_rules! execute {
+    ($db:expr, $sqlite:literal, $pg:literal $(, $b:expr)* $(,)?) => {
+        match $db {
+            Db::Sqlite(p) => sqlx::query($sqlite)$(.bind($b))*.execute(p).await.map(|r| r.rows_affected()),
+            Db::Postgres(p) => sqlx::query($pg)$(.bind($b))*.execute(p).await.map(|r| r.rows_affected()),
+        }
+    };
+}
+
+/// The channel every gateway on one PostgreSQL database listens on for key changes.
+pub const KEYS_CHANNEL: &str = "securellm_keys";
+
+/// A row of `api_keys`, as both databases return it.
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: String,
+    hash: Vec<u8>,
+    name: String,
+    prefix: String,
+    subject: String,
+    models: String,
+    rpm: Option<i64>,
+    tpm: Option<i64>,
+    concurrent: Option<i64>,
+    created_ms: i64,
+    expires_ms: Option<i64>,
+    revoked_ms: Option<i64>,
+    max_tokens: Option<i64>,
+    priority: Option<i64>,
+}
+
+const SELECT_KEYS: &str = "SELECT id, hash, name, prefix, subject, models, rpm, tpm, concurrent, \
+     created_ms, expires_ms, revoked_ms, max_tokens, priority FROM api_keys";
+
+/// The PostgreSQL schema, created under an advisory lock so gateways starting together do not
+/// race on it. Version 1 = the SQLite table with its later columns.
+const PG_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY NOT NULL, hash BYTEA NOT NULL UNIQUE, name TEXT NOT NULL,
+    prefix TEXT NOT NULL, subject TEXT NOT NULL, models TEXT NOT NULL,
+    rpm BIGINT, tpm BIGINT, concurrent BIGINT,
+    created_ms BIGINT NOT NULL, expires_ms BIGINT, revoked_ms BIGINT,
+    max_tokens BIGINT, priority BIGINT)";
+
+/// The advisory lock key that serializes schema creation (any constant the gateways share).
+pub const SCHEMA_LOCK: i64 = 0x5EC_0001;
+
 /// The key store.
 #[derive(Clone)]
 pub struct KeyStore {
-    pool: SqlitePool,
+    db: Db,
     by_hash: Arc<RwLock<HashMap<[u8; 32], KeyRecord>>>,
 }
 
@@ -213,46 +274,125 @@ impl KeyStore {
             pool = connect().await?;
         }
         let s = Self {
-            pool,
+            db: Db::Sqlite(pool),
             by_hash: Arc::new(RwLock::new(HashMap::new())),
         };
         s.reload().await?;
         Ok(s)
     }
 
-    async fn reload(&self) -> Result<(), KeyError> {
-        let rows = sqlx::query("SELECT * FROM api_keys")
-            .fetch_all(&self.pool)
+    /// The key table in PostgreSQL at `url`, shared with every gateway using the same database
+    /// (created if missing). Spawns the listener that keeps the in-memory copy current.
+    pub async fn open_postgres(url: &str) -> Result<Self, KeyError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(url)
             .await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SCHEMA_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(PG_SCHEMA).execute(&mut *tx).await?;
+        tx.commit().await?;
+        let s = Self {
+            db: Db::Postgres(pool.clone()),
+            by_hash: Arc::new(RwLock::new(HashMap::new())),
+        };
+        s.reload().await?;
+        tokio::spawn(s.clone().follow(pool));
+        Ok(s)
+    }
+
+    /// Reload on every `NOTIFY` of [`KEYS_CHANNEL`], in full after a lost connection and every
+    /// 30 s; errors (the database away) keep the last copy and are retried.
+    async fn follow(self, pool: PgPool) {
+        let mut warned = false;
+        loop {
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(
+                            "key changes: cannot listen on PostgreSQL ({e}); serving the keys already loaded, retrying"
+                        );
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(KEYS_CHANNEL).await {
+                tracing::warn!("key changes: LISTEN failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            // Anything missed while not listening.
+            if self.reload().await.is_ok() && std::mem::take(&mut warned) {
+                tracing::info!("key changes: listening on PostgreSQL again; keys reloaded");
+            }
+            loop {
+                let next =
+                    tokio::time::timeout(std::time::Duration::from_secs(30), listener.try_recv())
+                        .await;
+                match next {
+                    // A change, or the periodic resync.
+                    Ok(Ok(Some(_))) | Err(_) => {
+                        let _ = self.reload().await;
+                    }
+                    // The connection was lost and re-established: notifications may be lost.
+                    Ok(Ok(None)) => {
+                        let _ = self.reload().await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("key changes: the listener failed ({e}); reconnecting");
+                        warned = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tell every gateway on the shared database (this one included) to reload.
+    async fn announce(&self, id: &str) -> Result<(), KeyError> {
+        if let Db::Postgres(p) = &self.db {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(KEYS_CHANNEL)
+                .bind(id)
+                .execute(p)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn reload(&self) -> Result<(), KeyError> {
+        let rows: Vec<KeyRow> = match &self.db {
+            Db::Sqlite(p) => sqlx::query_as(SELECT_KEYS).fetch_all(p).await?,
+            Db::Postgres(p) => sqlx::query_as(SELECT_KEYS).fetch_all(p).await?,
+        };
         let mut map = HashMap::new();
         for r in rows {
-            let h: Vec<u8> = r.try_get("hash")?;
-            let Ok(h): Result<[u8; 32], _> = h.try_into() else {
+            let Ok(h): Result<[u8; 32], _> = r.hash.try_into() else {
                 continue;
             };
-            let models: String = r.try_get("models")?;
-            let opt = |k: &str| -> Result<Option<u32>, sqlx::Error> {
-                Ok(r.try_get::<Option<i64>, _>(k)?
-                    .and_then(|v| u32::try_from(v).ok()))
-            };
+            let opt = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok());
             map.insert(
                 h,
                 KeyRecord {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                    prefix: r.try_get("prefix")?,
-                    subject: r.try_get("subject")?,
-                    models: serde_json::from_str(&models).unwrap_or_default(),
-                    rpm: opt("rpm")?,
-                    tpm: opt("tpm")?,
-                    concurrent: opt("concurrent")?,
-                    max_tokens: opt("max_tokens")?,
-                    priority: r
-                        .try_get::<Option<i64>, _>("priority")?
-                        .and_then(|v| i32::try_from(v).ok()),
-                    created_ms: r.try_get::<i64, _>("created_ms")? as u64,
-                    expires_ms: r.try_get::<Option<i64>, _>("expires_ms")?.map(|v| v as u64),
-                    revoked_ms: r.try_get::<Option<i64>, _>("revoked_ms")?.map(|v| v as u64),
+                    id: r.id,
+                    name: r.name,
+                    prefix: r.prefix,
+                    subject: r.subject,
+                    models: serde_json::from_str(&r.models).unwrap_or_default(),
+                    rpm: opt(r.rpm),
+                    tpm: opt(r.tpm),
+                    concurrent: opt(r.concurrent),
+                    max_tokens: opt(r.max_tokens),
+                    priority: r.priority.and_then(|v| i32::try_from(v).ok()),
+                    created_ms: r.created_ms as u64,
+                    expires_ms: r.expires_ms.map(|v| v as u64),
+                    revoked_ms: r.revoked_ms.map(|v| v as u64),
                     admin: false,
                 },
             );
@@ -292,39 +432,44 @@ impl KeyStore {
             revoked_ms: None,
             admin: false,
         };
-        sqlx::query(
+        execute!(
+            &self.db,
             "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms, max_tokens, priority)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&rec.id)
-        .bind(hash(&secret).to_vec())
-        .bind(&rec.name)
-        .bind(&rec.prefix)
-        .bind(&rec.subject)
-        .bind(serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()))
-        .bind(rec.rpm.map(i64::from))
-        .bind(rec.tpm.map(i64::from))
-        .bind(rec.concurrent.map(i64::from))
-        .bind(rec.created_ms as i64)
-        .bind(rec.expires_ms.map(|v| v as i64))
-        .bind(rec.max_tokens.map(i64::from))
-        .bind(rec.priority.map(i64::from))
-        .execute(&self.pool)
-        .await?;
+            "INSERT INTO api_keys (id, hash, name, prefix, subject, models, rpm, tpm, concurrent, created_ms, expires_ms, max_tokens, priority)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            &rec.id,
+            hash(&secret).to_vec(),
+            &rec.name,
+            &rec.prefix,
+            &rec.subject,
+            serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()),
+            rec.rpm.map(i64::from),
+            rec.tpm.map(i64::from),
+            rec.concurrent.map(i64::from),
+            rec.created_ms as i64,
+            rec.expires_ms.map(|v| v as i64),
+            rec.max_tokens.map(i64::from),
+            rec.priority.map(i64::from),
+        )?;
         self.reload().await?;
+        self.announce(&rec.id).await?;
         Ok((secret, rec))
     }
 
     /// Revoke a key (it stops working at once).
     pub async fn revoke(&self, id: &str) -> Result<KeyRecord, KeyError> {
-        let n =
-            sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL")
-                .bind(now_ms() as i64)
-                .bind(id)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let n = execute!(
+            &self.db,
+            "UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL",
+            "UPDATE api_keys SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL",
+            now_ms() as i64,
+            id,
+        )?;
         self.reload().await?;
+        if n > 0 {
+            self.announce(id).await?;
+        }
         let rec = self.list().into_iter().find(|k| k.id == id);
         match (n, rec) {
             (_, Some(r)) => Ok(r),
@@ -369,22 +514,24 @@ impl KeyStore {
             }
             rec.expires_ms = Some(e).filter(|&e| e != 0);
         }
-        sqlx::query(
+        execute!(
+            &self.db,
             "UPDATE api_keys SET name = ?, models = ?, rpm = ?, tpm = ?, concurrent = ?, expires_ms = ?,
              max_tokens = ?, priority = ? WHERE id = ? AND revoked_ms IS NULL",
-        )
-        .bind(&rec.name)
-        .bind(serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()))
-        .bind(rec.rpm.map(i64::from))
-        .bind(rec.tpm.map(i64::from))
-        .bind(rec.concurrent.map(i64::from))
-        .bind(rec.expires_ms.map(|v| v as i64))
-        .bind(rec.max_tokens.map(i64::from))
-        .bind(rec.priority.map(i64::from))
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+            "UPDATE api_keys SET name = $1, models = $2, rpm = $3, tpm = $4, concurrent = $5, expires_ms = $6,
+             max_tokens = $7, priority = $8 WHERE id = $9 AND revoked_ms IS NULL",
+            &rec.name,
+            serde_json::to_string(&rec.models).unwrap_or_else(|_| "[]".into()),
+            rec.rpm.map(i64::from),
+            rec.tpm.map(i64::from),
+            rec.concurrent.map(i64::from),
+            rec.expires_ms.map(|v| v as i64),
+            rec.max_tokens.map(i64::from),
+            rec.priority.map(i64::from),
+            id,
+        )?;
         self.reload().await?;
+        self.announce(id).await?;
         self.list()
             .into_iter()
             .find(|k| k.id == id)
@@ -496,11 +643,14 @@ mod tests {
             })
             .await
             .unwrap();
+        let Db::Sqlite(pool) = &s.db else {
+            unreachable!("opened as SQLite")
+        };
         sqlx::query("ALTER TABLE api_keys DROP COLUMN max_tokens")
-            .execute(&s.pool)
+            .execute(pool)
             .await
             .unwrap();
-        s.pool.close().await;
+        pool.close().await;
         let s = KeyStore::open(&path).await.unwrap();
         assert_eq!(s.lookup(&old_secret).unwrap().max_tokens, None);
         let (secret, rec) = s

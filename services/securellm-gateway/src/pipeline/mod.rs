@@ -456,6 +456,58 @@ pub async fn infer(
     }
 }
 
+/// Rate-limit one request: with a shared store, one atomic decision there (the in-process
+/// limiter only hands out its permit and headers, unlimited); while the store is unreachable,
+/// the in-process limiter at limit ÷ live replicas, or 503 when fail-closed. Without one, the
+/// in-process limiter.
+async fn admit(
+    st: &Shared,
+    subject: &str,
+    limits: &Limits,
+    estimate: u32,
+) -> Result<(Option<crate::limits::shared::Ticket>, Admission), ApiError> {
+    use crate::limits::shared::{Shared as Decided, Unreachable, divided};
+    let Some(sh) = st.shared_limits.as_ref().filter(|_| !limits.is_unlimited()) else {
+        return Ok((None, st.limits.admit(subject, limits, estimate)));
+    };
+    match sh.admit(subject, limits, estimate).await {
+        Decided::Allowed { ticket, headers } => {
+            let admission = match st.limits.admit(subject, &Limits::default(), estimate) {
+                Admission::Allowed { permit, .. } => Admission::Allowed { permit, headers },
+                limited => limited,
+            };
+            Ok((Some(ticket), admission))
+        }
+        Decided::Limited {
+            which,
+            retry_after,
+            headers,
+        } => Ok((
+            None,
+            Admission::Limited {
+                retry_after,
+                which,
+                headers,
+            },
+        )),
+        Decided::Unreachable => match sh.when_unreachable {
+            Unreachable::Local => Ok((
+                None,
+                st.limits
+                    .admit(subject, &divided(limits, sh.replicas()), estimate),
+            )),
+            Unreachable::Closed => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "The rate-limit store is unreachable and this gateway is configured to fail \
+                 closed; try again shortly."
+                    .to_string(),
+            )
+            .code("limit_store_unavailable")),
+        },
+    }
+}
+
 /// What to settle when the answer is complete: the token count against the estimate, and the
 /// concurrency permit (held until then).
 struct Finish {
@@ -465,6 +517,10 @@ struct Finish {
     /// Tokens reserved at admission (prompt estimate + generation bound).
     estimate: u32,
     prompt_estimate: u32,
+    /// Admitted by the shared (PostgreSQL) limiter: the usage is settled there.
+    shared: bool,
+    /// The shared limiter's concurrency slot, freed on drop.
+    _ticket: Option<crate::limits::shared::Ticket>,
     _permit: crate::limits::ratelimit::Permit,
     settled: bool,
     /// Payloads relayed so far (a stream cut short is charged about one token each).
@@ -474,6 +530,17 @@ struct Finish {
 impl Finish {
     fn settle(&mut self, u: Usage) {
         self.settled = true;
+        if self.shared
+            && let Some(sh) = &self.st.shared_limits
+        {
+            sh.reconcile(
+                &self.subject,
+                &self.limits,
+                self.estimate,
+                u.prompt.saturating_add(u.completion),
+            );
+            return;
+        }
         self.st.limits.reconcile(
             &self.subject,
             &self.limits,
@@ -643,9 +710,11 @@ async fn infer_inner(
     };
     let prompt_estimate = estimate_prompt_tokens(&v);
     let estimate = checked.reservation(prompt_estimate, limits.tpm);
-    let admission = {
-        let _rate_limit = crate::req_span!("rate_limit").entered();
-        st.limits.admit(&caller.key.id, &limits, estimate)
+    let (ticket, admission) = {
+        let span = crate::req_span!("rate_limit");
+        admit(st, &caller.key.id, &limits, estimate)
+            .instrument(span)
+            .await?
     };
     let (permit, mut rl_headers) = match admission {
         Admission::Allowed { permit, headers } => (permit, headers),
@@ -680,6 +749,8 @@ async fn infer_inner(
         limits,
         estimate,
         prompt_estimate,
+        shared: ticket.is_some(),
+        _ticket: ticket,
         _permit: permit,
         settled: false,
         relayed: 0,

@@ -187,6 +187,7 @@ async fn fixture(policy: Policy, timeout: Duration) -> Fixture {
         redactor: Redactor::new(&[]).unwrap(),
         audit: AuditLog::open(&dir.path().join("audit.db")).await.unwrap(),
         limits: crate::limits::ratelimit::RateLimiter::new(),
+        shared_limits: None,
         inflight: crate::limits::inflight::InFlight::new(64, 64),
         audit_sync: false,
         body_read_timeout: Duration::from_secs(5),

@@ -1,0 +1,648 @@
+//! Rate limits shared by every gateway on one PostgreSQL database (`[storage] url`): requests per
+//! minute, tokens per minute and concurrency per key hold across replicas, with no
+//! check-then-increment anywhere.
+//!
+//! **The decision is pure** ([`decide`], [`settle`]): a subject's state (the GCRA theoretical
+//! arrival time of its requests-per-minute limit, the level of its token bucket and when that was
+//! last brought up to date) plus its live concurrency slots, the time and the request's quotas in;
+//! admit (with the new state) or refuse (with which limit and when to retry) out. Property tests
+//! drive it with a fake clock and random interleavings.
+//!
+//! **The I/O is one transaction per admission** ([`SharedLimiter::admit`]): `INSERT … ON CONFLICT
+//! DO UPDATE … RETURNING` takes the subject's row lock and its state in one statement, so every
+//! admission of one key, from any gateway, is serialized on that row until `COMMIT`; the live
+//! slots are counted, expired ones removed, and the new state and (when a concurrency limit
+//! applies) a slot row written in the same transaction. A refused request writes nothing.
+//!
+//! * requests per minute: GCRA with burst = rpm (the same semantics as the in-process limiter: a
+//!   minute's allowance at once, then one request per `60 s / rpm`);
+//! * tokens per minute: a token bucket of capacity tpm refilled at tpm / 60 s; the estimate is
+//!   reserved at admission and [`SharedLimiter::reconcile`] charges the real usage (a refund, or
+//!   debt that delays the next requests);
+//! * concurrency: one slot row per request in flight with an expiry (the whole-request time
+//!   limit plus a margin), deleted when the request ends; a crashed gateway's slots expire.
+//!
+//! **When the database cannot be reached** the configured choice applies
+//! ([`Unreachable`]): `local` — each gateway enforces its own in-process limits at
+//! limit ÷ live replicas (the count last seen in the replica heartbeat table), or `closed` — 503.
+//! Either way the metric `securellm_gateway_limit_store_unavailable_total` counts it and one
+//! warning per outage goes to the log.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use super::ratelimit::{Headers, LimitKind, Limits, retry_headers};
+
+const MINUTE_MS: f64 = 60_000.0;
+/// A replica counts as live this long after its last heartbeat.
+const REPLICA_LIVE_MS: i64 = 10_000;
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// What to do when the shared store cannot be reached for a decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unreachable {
+    /// Each gateway applies its in-process limits at limit ÷ live replicas.
+    #[default]
+    Local,
+    /// Refuse with 503 until the store answers again.
+    Closed,
+}
+
+/// A subject's shared state.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SubjectState {
+    /// GCRA theoretical arrival time of the next request (ms since the epoch).
+    pub rpm_tat_ms: f64,
+    /// Tokens in the bucket's debt: 0 = full allowance; above tpm = in debt.
+    pub tpm_level: f64,
+    /// When `tpm_level` was last brought up to date (ms since the epoch).
+    pub at_ms: i64,
+}
+
+/// A pure decision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decision {
+    /// Admit; store `state` (and take a concurrency slot if a concurrency limit applies).
+    Admit {
+        state: SubjectState,
+        remaining: Option<u32>,
+    },
+    /// Refuse; store nothing.
+    Refuse {
+        which: LimitKind,
+        retry_after: Duration,
+    },
+}
+
+fn nz(v: Option<u32>) -> Option<u32> {
+    v.filter(|&x| x > 0)
+}
+
+/// The bucket level at `now`: drained at tpm per minute since `at_ms`, never below 0.
+fn level_at(s: &SubjectState, now_ms: i64, tpm: u32) -> f64 {
+    let elapsed = (now_ms - s.at_ms).max(0) as f64;
+    (s.tpm_level - elapsed * f64::from(tpm) / MINUTE_MS).max(0.0)
+}
+
+fn ms(d: f64) -> Duration {
+    Duration::from_millis(d.ceil().max(1.0) as u64)
+}
+
+/// Decide one admission. Order: concurrency, then tokens, then requests; a refusal by one
+/// consumes nothing from the others.
+pub fn decide(
+    s: &SubjectState,
+    now_ms: i64,
+    l: &Limits,
+    estimate: u32,
+    in_flight: u32,
+) -> Decision {
+    if let Some(c) = nz(l.concurrent)
+        && in_flight >= c
+    {
+        return Decision::Refuse {
+            which: LimitKind::Concurrency,
+            retry_after: Duration::from_secs(1),
+        };
+    }
+    let mut next = SubjectState {
+        at_ms: now_ms,
+        ..*s
+    };
+    if let Some(tpm) = nz(l.tpm) {
+        if estimate > tpm {
+            return Decision::Refuse {
+                which: LimitKind::Tpm,
+                retry_after: Duration::from_secs(60),
+            };
+        }
+        let level = level_at(s, now_ms, tpm);
+        let over = level + f64::from(estimate) - f64::from(tpm);
+        if over > 0.0 {
+            return Decision::Refuse {
+                which: LimitKind::Tpm,
+                retry_after: ms(over * MINUTE_MS / f64::from(tpm)),
+            };
+        }
+        next.tpm_level = level + f64::from(estimate);
+    } else {
+        next.tpm_level = s.tpm_level;
+        next.at_ms = s.at_ms;
+    }
+    let mut remaining = None;
+    if let Some(rpm) = nz(l.rpm) {
+        let t = MINUTE_MS / f64::from(rpm);
+        let now = now_ms as f64;
+        let tat = s.rpm_tat_ms.max(now) + t;
+        // Allowed while the debt stays within one minute (burst = rpm).
+        let over = tat - now - MINUTE_MS;
+        if over > 1e-6 {
+            return Decision::Refuse {
+                which: LimitKind::Rpm,
+                retry_after: ms(over),
+            };
+        }
+        next.rpm_tat_ms = tat;
+        remaining = Some(((MINUTE_MS - (tat - now)) / t + 1e-9).floor().max(0.0) as u32);
+    }
+    Decision::Admit {
+        state: next,
+        remaining,
+    }
+}
+
+/// Charge the real usage of an admitted request that reserved `estimate` tokens.
+pub fn settle(
+    s: &SubjectState,
+    now_ms: i64,
+    l: &Limits,
+    estimate: u32,
+    actual: u32,
+) -> SubjectState {
+    let Some(tpm) = nz(l.tpm) else {
+        return *s;
+    };
+    let level = level_at(s, now_ms, tpm) + f64::from(actual) - f64::from(estimate);
+    SubjectState {
+        tpm_level: level.max(0.0),
+        at_ms: now_ms,
+        ..*s
+    }
+}
+
+/// What [`SharedLimiter::admit`] answers.
+pub enum Shared {
+    /// Admitted; keep the ticket until the request ends (it frees the concurrency slot).
+    Allowed { ticket: Ticket, headers: Headers },
+    /// Refused: answer 429 with these headers.
+    Limited {
+        which: LimitKind,
+        retry_after: Duration,
+        headers: Headers,
+    },
+    /// The store could not be reached; apply [`SharedLimiter::when_unreachable`].
+    Unreachable,
+}
+
+/// An admitted request's concurrency slot; deleted (in the background) when dropped.
+pub struct Ticket {
+    slot: Option<i64>,
+    pool: PgPool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let Some(id) = self.slot.take() else { return };
+        let pool = self.pool.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                // If this fails the slot expires on its own.
+                let _ = sqlx::query("DELETE FROM concurrency_slots WHERE id = $1")
+                    .bind(id)
+                    .execute(&pool)
+                    .await;
+            });
+        }
+    }
+}
+
+/// The limiter on PostgreSQL.
+pub struct SharedLimiter {
+    pool: PgPool,
+    /// A slot outlives any request by this (the whole-request time limit plus a margin).
+    slot_ttl_ms: i64,
+    pub when_unreachable: Unreachable,
+    /// Live gateways, from the heartbeat table (at least 1).
+    replicas: Arc<AtomicU32>,
+    /// An outage is being reported (one warning per outage).
+    down: AtomicBool,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS rate_limits (
+        subject TEXT PRIMARY KEY NOT NULL,
+        rpm_tat_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
+        tpm_level DOUBLE PRECISION NOT NULL DEFAULT 0,
+        at_ms BIGINT NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS concurrency_slots (
+        id BIGSERIAL PRIMARY KEY, subject TEXT NOT NULL, expires_ms BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS concurrency_slots_subject ON concurrency_slots (subject)",
+    "CREATE TABLE IF NOT EXISTS gateway_replicas (
+        id TEXT PRIMARY KEY NOT NULL, seen_ms BIGINT NOT NULL)",
+];
+
+impl SharedLimiter {
+    /// Connect, create the tables if missing (under the schema lock) and start this replica's
+    /// heartbeat.
+    pub async fn open(
+        url: &str,
+        request_timeout: Duration,
+        when_unreachable: Unreachable,
+    ) -> Result<Arc<Self>, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect(url)
+            .await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(crate::auth::keys::SCHEMA_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        for s in SCHEMA {
+            sqlx::query(*s).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let me = Arc::new(Self {
+            pool,
+            slot_ttl_ms: request_timeout.as_millis() as i64 + 30_000,
+            when_unreachable,
+            replicas: Arc::new(AtomicU32::new(1)),
+            down: AtomicBool::new(false),
+        });
+        let id = {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            hex::encode(b)
+        };
+        tokio::spawn(heartbeat(me.pool.clone(), id, me.replicas.clone()));
+        Ok(me)
+    }
+
+    /// Live gateways on this database, as last seen (at least 1).
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    fn unreachable(&self, e: &sqlx::Error) -> Shared {
+        crate::observe::limit_store_unavailable();
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "rate limits: PostgreSQL unreachable ({e}); {}",
+                match self.when_unreachable {
+                    Unreachable::Local => "applying local limits at limit / live replicas",
+                    Unreachable::Closed => "refusing limited requests with 503 (fail-closed)",
+                }
+            );
+        }
+        Shared::Unreachable
+    }
+
+    /// One admission, atomically across every gateway on the database.
+    pub async fn admit(&self, subject: &str, l: &Limits, estimate: u32) -> Shared {
+        match self.try_admit(subject, l, estimate).await {
+            Ok(s) => {
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!("rate limits: PostgreSQL answers again; shared limits apply");
+                }
+                s
+            }
+            Err(e) => self.unreachable(&e),
+        }
+    }
+
+    async fn try_admit(
+        &self,
+        subject: &str,
+        l: &Limits,
+        estimate: u32,
+    ) -> Result<Shared, sqlx::Error> {
+        let now = securellm_common::time::now_ms() as i64;
+        let mut tx = self.pool.begin().await?;
+        // Takes the subject's row lock until COMMIT: admissions of one key are serialized.
+        let (tat, level, at): (f64, f64, i64) = sqlx::query_as(
+            "INSERT INTO rate_limits (subject) VALUES ($1)
+             ON CONFLICT (subject) DO UPDATE SET subject = EXCLUDED.subject
+             RETURNING rpm_tat_ms, tpm_level, at_ms",
+        )
+        .bind(subject)
+        .fetch_one(&mut *tx)
+        .await?;
+        let state = SubjectState {
+            rpm_tat_ms: tat,
+            tpm_level: level,
+            at_ms: at,
+        };
+        let limited_concurrency = nz(l.concurrent).is_some();
+        let in_flight = if limited_concurrency {
+            sqlx::query("DELETE FROM concurrency_slots WHERE subject = $1 AND expires_ms <= $2")
+                .bind(subject)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let (n,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM concurrency_slots WHERE subject = $1")
+                    .bind(subject)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            n as u32
+        } else {
+            0
+        };
+        match decide(&state, now, l, estimate, in_flight) {
+            Decision::Refuse { which, retry_after } => {
+                tx.rollback().await?;
+                let mut headers = limit_headers(l);
+                headers.extend(retry_headers(retry_after));
+                Ok(Shared::Limited {
+                    which,
+                    retry_after,
+                    headers,
+                })
+            }
+            Decision::Admit { state, remaining } => {
+                sqlx::query(
+                    "UPDATE rate_limits SET rpm_tat_ms = $2, tpm_level = $3, at_ms = $4 WHERE subject = $1",
+                )
+                .bind(subject)
+                .bind(state.rpm_tat_ms)
+                .bind(state.tpm_level)
+                .bind(state.at_ms)
+                .execute(&mut *tx)
+                .await?;
+                let slot = if limited_concurrency {
+                    let (id,): (i64,) = sqlx::query_as(
+                        "INSERT INTO concurrency_slots (subject, expires_ms) VALUES ($1, $2) RETURNING id",
+                    )
+                    .bind(subject)
+                    .bind(now + self.slot_ttl_ms)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    Some(id)
+                } else {
+                    None
+                };
+                tx.commit().await?;
+                let mut headers = limit_headers(l);
+                if let Some(r) = remaining {
+                    headers.push(("x-ratelimit-remaining-requests", r.to_string()));
+                }
+                Ok(Shared::Allowed {
+                    ticket: Ticket {
+                        slot,
+                        pool: self.pool.clone(),
+                    },
+                    headers,
+                })
+            }
+        }
+    }
+
+    /// Charge the real usage (in the background; a failure leaves the estimate charged).
+    pub fn reconcile(self: &Arc<Self>, subject: &str, l: &Limits, estimate: u32, actual: u32) {
+        if nz(l.tpm).is_none() || estimate == actual {
+            return;
+        }
+        let me = self.clone();
+        let (subject, l) = (subject.to_string(), *l);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let r: Result<(), sqlx::Error> = async {
+                    let mut tx = me.pool.begin().await?;
+                    let (tat, level, at): (f64, f64, i64) = sqlx::query_as(
+                        "SELECT rpm_tat_ms, tpm_level, at_ms FROM rate_limits WHERE subject = $1 FOR UPDATE",
+                    )
+                    .bind(&subject)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    let now = securellm_common::time::now_ms() as i64;
+                    let s = settle(
+                        &SubjectState {
+                            rpm_tat_ms: tat,
+                            tpm_level: level,
+                            at_ms: at,
+                        },
+                        now,
+                        &l,
+                        estimate,
+                        actual,
+                    );
+                    sqlx::query("UPDATE rate_limits SET tpm_level = $2, at_ms = $3 WHERE subject = $1")
+                        .bind(&subject)
+                        .bind(s.tpm_level)
+                        .bind(s.at_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await
+                }
+                .await;
+                if let Err(e) = r {
+                    tracing::debug!("rate limits: reconcile for {subject} failed: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// `x-ratelimit-limit-*` for the limits that apply.
+fn limit_headers(l: &Limits) -> Headers {
+    let mut h = Headers::new();
+    if let Some(r) = nz(l.rpm) {
+        h.push(("x-ratelimit-limit-requests", r.to_string()));
+    }
+    if let Some(t) = nz(l.tpm) {
+        h.push(("x-ratelimit-limit-tokens", t.to_string()));
+    }
+    h
+}
+
+/// Limits for the local fallback: each of `replicas` gateways gets limit ÷ replicas (rounded
+/// up, at least 1), so together they stay near the shared limit while the store is away.
+pub fn divided(l: &Limits, replicas: u32) -> Limits {
+    let d = |v: Option<u32>| nz(v).map(|x| x.div_ceil(replicas.max(1)).max(1));
+    Limits {
+        rpm: d(l.rpm),
+        tpm: d(l.tpm),
+        concurrent: d(l.concurrent),
+    }
+}
+
+/// This replica's heartbeat: every 2 s, upsert its row and count the replicas seen recently.
+async fn heartbeat(pool: PgPool, id: String, replicas: Arc<AtomicU32>) {
+    loop {
+        let now = securellm_common::time::now_ms() as i64;
+        let r: Result<i64, sqlx::Error> = async {
+            sqlx::query(
+                "INSERT INTO gateway_replicas (id, seen_ms) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET seen_ms = EXCLUDED.seen_ms",
+            )
+            .bind(&id)
+            .bind(now)
+            .execute(&pool)
+            .await?;
+            sqlx::query("DELETE FROM gateway_replicas WHERE seen_ms < $1")
+                .bind(now - 10 * REPLICA_LIVE_MS)
+                .execute(&pool)
+                .await?;
+            let (n,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM gateway_replicas WHERE seen_ms >= $1")
+                    .bind(now - REPLICA_LIVE_MS)
+                    .fetch_one(&pool)
+                    .await?;
+            Ok(n)
+        }
+        .await;
+        if let Ok(n) = r {
+            replicas.store(n.clamp(1, u32::MAX as i64) as u32, Ordering::Relaxed);
+        }
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lim(rpm: u32, tpm: u32, c: u32) -> Limits {
+        Limits {
+            rpm: Some(rpm),
+            tpm: Some(tpm),
+            concurrent: Some(c),
+        }
+    }
+
+    fn admit(s: &mut SubjectState, now: i64, l: &Limits, est: u32, in_flight: u32) -> bool {
+        match decide(s, now, l, est, in_flight) {
+            Decision::Admit { state, .. } => {
+                *s = state;
+                true
+            }
+            Decision::Refuse { .. } => false,
+        }
+    }
+
+    #[test]
+    fn a_minutes_requests_at_once_then_one_per_interval() {
+        let l = Limits {
+            rpm: Some(60),
+            ..Default::default()
+        };
+        let mut s = SubjectState::default();
+        let t0 = 1_000_000;
+        for i in 0..60 {
+            assert!(admit(&mut s, t0, &l, 1, 0), "request {i}");
+        }
+        match decide(&s, t0, &l, 1, 0) {
+            Decision::Refuse { which, retry_after } => {
+                assert_eq!(which, LimitKind::Rpm);
+                assert_eq!(retry_after, Duration::from_millis(1000));
+            }
+            d => panic!("{d:?}"),
+        }
+        assert!(!admit(&mut s, t0 + 999, &l, 1, 0));
+        assert!(admit(&mut s, t0 + 1000, &l, 1, 0));
+        assert!(!admit(&mut s, t0 + 1000, &l, 1, 0));
+    }
+
+    #[test]
+    fn tokens_are_reserved_refunded_and_can_go_into_debt() {
+        let l = Limits {
+            tpm: Some(600),
+            ..Default::default()
+        };
+        let mut s = SubjectState::default();
+        let t0 = 5_000_000;
+        assert!(admit(&mut s, t0, &l, 500, 0));
+        assert!(!admit(&mut s, t0, &l, 200, 0), "500 + 200 > 600");
+        // The request used 100: 400 come back.
+        s = settle(&s, t0, &l, 500, 100);
+        assert!(admit(&mut s, t0, &l, 200, 0));
+        // A request that used far more than reserved puts the key into debt.
+        s = settle(&s, t0, &l, 200, 1200);
+        assert!(s.tpm_level > 600.0);
+        match decide(&s, t0, &l, 1, 0) {
+            Decision::Refuse { which, retry_after } => {
+                assert_eq!(which, LimitKind::Tpm);
+                // level 1300 + 1 - 600 = 701 tokens at 10 per second.
+                assert_eq!(retry_after, Duration::from_millis(70_100));
+            }
+            d => panic!("{d:?}"),
+        }
+        // A request bigger than the whole limit can never fit.
+        assert!(matches!(
+            decide(&SubjectState::default(), t0, &l, 601, 0),
+            Decision::Refuse { which: LimitKind::Tpm, retry_after } if retry_after == Duration::from_secs(60)
+        ));
+    }
+
+    #[test]
+    fn a_refusal_consumes_nothing() {
+        let l = lim(1, 100, 1);
+        let s = SubjectState::default();
+        // Concurrency full: no token and no request spent.
+        assert!(matches!(
+            decide(&s, 10, &l, 50, 1),
+            Decision::Refuse {
+                which: LimitKind::Concurrency,
+                ..
+            }
+        ));
+        let mut s2 = s;
+        assert!(admit(&mut s2, 10, &l, 50, 0));
+    }
+
+    #[test]
+    fn fallback_divides_each_limit_among_live_replicas() {
+        let l = lim(50, 1000, 3);
+        assert_eq!(divided(&l, 3), lim(17, 334, 1));
+        assert_eq!(divided(&l, 0), l);
+        assert_eq!(divided(&Limits::default(), 3), Limits::default());
+    }
+
+    proptest! {
+        /// Any interleaving of admissions from any number of gateways (they are serialized on
+        /// the subject's row, so the order is all that varies) admits at most rpm + the
+        /// requests whose interval has passed, at most tpm + the refill in tokens, and never
+        /// more than the concurrency limit at once.
+        #[test]
+        fn limits_hold_under_any_interleaving(
+            rpm in 1u32..100,
+            tpm in 50u32..5000,
+            conc in 1u32..10,
+            steps in proptest::collection::vec((0u64..400, 1u32..60, any::<bool>(), 0u32..80), 1..300),
+        ) {
+            let l = lim(rpm, tpm, conc);
+            let mut s = SubjectState::default();
+            let t0: i64 = 10_000_000;
+            let mut now = t0;
+            let mut in_flight: Vec<(u32, u32)> = Vec::new(); // (estimate, actual)
+            let mut admitted = 0u64;
+            let mut reserved_net = 0f64;
+            for (dt, est, finish, actual) in steps {
+                now += dt as i64;
+                if finish && !in_flight.is_empty() {
+                    let (e, a) = in_flight.remove(0);
+                    s = settle(&s, now, &l, e, a);
+                    reserved_net += f64::from(a) - f64::from(e);
+                }
+                let before = s;
+                match decide(&s, now, &l, est, in_flight.len() as u32) {
+                    Decision::Admit { state, .. } => {
+                        prop_assert!((in_flight.len() as u32) < conc);
+                        prop_assert!(state.tpm_level <= f64::from(tpm) + 1e-6);
+                        s = state;
+                        admitted += 1;
+                        reserved_net += f64::from(est);
+                        in_flight.push((est, actual));
+                    }
+                    Decision::Refuse { retry_after, .. } => {
+                        prop_assert_eq!(s, before);
+                        prop_assert!(retry_after > Duration::ZERO);
+                    }
+                }
+                let elapsed = (now - t0) as f64;
+                let t = 60_000.0 / f64::from(rpm);
+                prop_assert!(admitted as f64 <= f64::from(rpm) + elapsed / t + 1e-6,
+                    "admitted {} rpm {} elapsed {}", admitted, rpm, elapsed);
+                let _ = reserved_net;
+                prop_assert!(s.tpm_level >= 0.0);
+            }
+        }
+    }
+}
