@@ -57,17 +57,6 @@ promtool:
 		{ apt-get update -q && apt-get install -y --no-install-recommends prometheus; } || \
 		echo "WARNING: promtool (Debian package prometheus) could not be installed: the metrics and deploy/ checks will be SKIPPED" >&2
 
-# Debian's Nix 2.8 (`nix-instantiate`), for the NixOS module checks (tests/e2e/tests/nixos.rs,
-# which evaluate nix/module.nix with ../shared/nix-eval): installed once if missing. The checks
-# skip LOUDLY (a warning on stderr) only when it could not be installed.
-.PHONY: nix
-nix:
-	@command -v nix-instantiate >/dev/null 2>&1 || \
-		sudo -n apt-get install -y --no-install-recommends nix-bin 2>/dev/null || \
-		apt-get install -y --no-install-recommends nix-bin || \
-		{ apt-get update -q && apt-get install -y --no-install-recommends nix-bin; } || \
-		echo "WARNING: nix-instantiate (Debian package nix-bin) could not be installed: the NixOS module checks will be SKIPPED" >&2
-
 # docker-compose (README "docker-compose"): the image is built without a registry (a debootstrap
 # base made once per machine and cached, plus the release binaries and llama-server built here),
 # then `up` and a wait until all four services are healthy; prints the URL and the API key.
@@ -84,6 +73,17 @@ compose-test: pyenv
 	@LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	$(CARGO) build -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm && \
 	"$(PYENV)/bin/python" tests/compose_e2e.py
+
+# Debian's Nix 2.8 (`nix-instantiate`), for the NixOS module checks (tests/e2e/tests/nixos.rs,
+# which evaluate nix/module.nix with ../shared/nix-eval): installed once if missing. The checks
+# skip LOUDLY (a warning on stderr) only when it could not be installed.
+.PHONY: nix
+nix:
+	@command -v nix-instantiate >/dev/null 2>&1 || \
+		sudo -n apt-get install -y --no-install-recommends nix-bin 2>/dev/null || \
+		apt-get install -y --no-install-recommends nix-bin || \
+		{ apt-get update -q && apt-get install -y --no-install-recommends nix-bin; } || \
+		echo "WARNING: nix-instantiate (Debian package nix-bin) could not be installed: the NixOS module checks will be SKIPPED" >&2
 
 # Debian's PostgreSQL server binaries (initdb, pg_ctl), for the throw-away clusters the tests of
 # shared state start (shared/testkit/src/postgres.rs): installed once if missing. Those tests skip
