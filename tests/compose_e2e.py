@@ -341,6 +341,9 @@ def scheduler():
     chat(c, "tiny")
     before = check_invariant(status(), "before the scheduler restart")
     sid = container("vram-scheduler")
+    bm = container("backend-manager")
+    failed_renewals = lambda: run(["docker", "logs", bm]).stderr.count("lease renewal failed")  # noqa: E731
+    renewals_before = failed_renewals()
     compose("restart", "vram-scheduler", timeout=60)
     wait_healthy("vram-scheduler")
     # The manager re-attaches its leases (heartbeat/renew); wait for the table to settle.
@@ -355,6 +358,11 @@ def scheduler():
     check(container("vram-scheduler") == sid, "scheduler container replaced")
     after = check_invariant(status(), "after the scheduler restart")
     check(after == before, f"leases before {before}, after {after}")
+    # While the scheduler was away the manager retried its renewals at a pace (every 0.5 s per
+    # lease), not in a loop as fast as the refusals came.
+    retries = failed_renewals() - renewals_before
+    log(f"failed renewals while the scheduler restarted: {retries}")
+    check(retries <= 40, f"{retries} failed lease renewals during one scheduler restart: the manager spins")
     chat(c, "tiny")
 
 

@@ -243,6 +243,9 @@ pub enum Action {
     Warn(String),
 }
 
+/// How long after a failed lease renewal the next one is tried (well inside any lease TTL).
+pub const RENEW_RETRY_MS: u64 = 500;
+
 /// Everything an instance knows about itself (the actor keeps only the I/O handles: replies,
 /// the child, watch channels).
 #[derive(Clone, Debug)]
@@ -282,6 +285,8 @@ pub struct Lifecycle {
     pub last_error: String,
     pub last_error_at_ms: Option<u64>,
     pub next_renew_ms: u64,
+    /// No renewal before this (a failed one is retried after [`RENEW_RETRY_MS`], not at once).
+    pub renew_retry_at_ms: u64,
     /// A renewal is under way (one at a time).
     pub renewing: bool,
     /// The priority of the lease held now (raised by the callers that use it).
@@ -349,6 +354,7 @@ impl Lifecycle {
             last_error: String::new(),
             last_error_at_ms: None,
             next_renew_ms: 0,
+            renew_retry_at_ms: 0,
             renewing: false,
             lease_priority: 0,
             reported: None,
@@ -620,6 +626,10 @@ impl Lifecycle {
                     }
                     Renewal::Failed(why) => {
                         self.reported = None;
+                        // Retry after a pause: a scheduler that is restarting refuses at once,
+                        // and retrying at the next event would spin (hundreds of calls a second).
+                        self.renew_retry_at_ms = now + RENEW_RETRY_MS;
+                        self.next_renew_ms = self.renew_retry_at_ms;
                         out.push(Action::Warn(format!(
                             "lease renewal failed ({why}); retrying"
                         )));
@@ -975,7 +985,9 @@ impl Lifecycle {
     /// Renew the lease now (one renewal at a time; a change seen meanwhile is sent after it).
     fn renew(&mut self, now: u64, out: &mut Vec<Action>) {
         let Some(l) = &self.lease else { return };
-        if self.renewing || !matches!(self.state, State::Starting | State::Ready | State::Draining)
+        if self.renewing
+            || now < self.renew_retry_at_ms
+            || !matches!(self.state, State::Starting | State::Ready | State::Draining)
         {
             return;
         }

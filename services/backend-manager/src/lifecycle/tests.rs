@@ -1270,3 +1270,41 @@ fn the_random_sequences_catch_a_step_that_forgets_an_unload_during_the_load() {
         "{e}"
     );
 }
+
+#[test]
+fn a_failed_renewal_is_retried_after_a_pause_not_at_once() {
+    let mut t = T::new();
+    t.ready();
+    // Idle: reported at once with a renewal, which fails (the scheduler is restarting).
+    let a = t.done();
+    assert!(has(&a, |a| matches!(a, Action::Renew { .. })), "{a:?}");
+    let a = t.ev(Event::Renewed {
+        lease_id: "l1".into(),
+        seq: t.life.renew_seq,
+        result: Renewal::Failed("Unavailable".into()),
+    });
+    assert!(
+        !has(&a, |a| matches!(a, Action::Renew { .. })),
+        "retried at once: {a:?}"
+    );
+    // Events and ticks within the pause send nothing.
+    t.now += RENEW_RETRY_MS / 2;
+    let a = t.ev(Event::Tick);
+    assert!(
+        !has(&a, |a| matches!(a, Action::Renew { .. })),
+        "retried within the pause: {a:?}"
+    );
+    t.acquire(2);
+    let a = t.done();
+    assert!(
+        !has(&a, |a| matches!(a, Action::Renew { .. })),
+        "retried within the pause: {a:?}"
+    );
+    // After it: retried, with the current state.
+    t.now += RENEW_RETRY_MS / 2;
+    let a = t.ev(Event::Tick);
+    assert!(
+        has(&a, |a| matches!(a, Action::Renew { idle: true, .. })),
+        "not retried after the pause: {a:?}"
+    );
+}
