@@ -104,7 +104,15 @@ image() {
   cp -f "$llama" "$ctx/bin/llama-server"
   cp -f "$ROOT/docker/prebuilt.Dockerfile" "$ctx/Dockerfile"
   log "building $tag from $base_tag and $bin"
+  local before after
+  before="$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
   docker build -q --build-arg "BASE_IMAGE=$base_tag" -t "$tag" "$ctx" >/dev/null
+  after="$(docker image inspect -f '{{.Id}}' "$tag")"
+  # The image this tag named before is now untagged: remove it (each rebuild would otherwise
+  # leave a few hundred MB behind); one a container still uses stays.
+  if [ -n "$before" ] && [ "$before" != "$after" ]; then
+    docker rmi "$before" >/dev/null 2>&1 || true
+  fi
   echo "$tag"
 }
 
