@@ -372,9 +372,18 @@ def registry():
     net = f"{PROJECT}_internal"
     run(["docker", "network", "disconnect", net, reg])
     try:
-        # Past the manager's resolve cache (10 s): the loaded model still answers.
+        # Past the manager's resolve cache (10 s): the loaded model still answers; the first
+        # request waits for the registry call's timeout, the ones after it reuse the last
+        # resolution without waiting again.
         time.sleep(11)
-        chat(c, "tiny")
+        waits = []
+        for _ in range(3):
+            t = time.monotonic()
+            chat(c, "tiny")
+            waits.append(time.monotonic() - t)
+        log(f"loaded model without the registry: answered in {', '.join(f'{w:.1f}s' for w in waits)}")
+        check(waits[0] < 8, f"the first request waited {waits[0]:.1f}s for the registry (its call timeout is 5 s)")
+        check(max(waits[1:]) < 2, f"every request waits for the registry while it is cut off: {waits}")
         try:
             chat(c, "other")
             raise Failure("a new load answered while the registry was cut off")

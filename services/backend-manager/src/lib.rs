@@ -78,7 +78,7 @@ impl RunningManager {
 
 /// How long a registry call may take before it counts as the registry being unreachable (a
 /// loaded model then goes on answering from the last resolution; a new load is refused).
-const REGISTRY_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REGISTRY_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A channel to `addr` whose calls carry the internal token. HTTP/2 keepalive pings find a peer
 /// that went silent (its network cut off: no reset ever comes) within seconds, so the next call

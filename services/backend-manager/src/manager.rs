@@ -81,11 +81,19 @@ impl Manager {
         reference: &str,
     ) -> Result<(ModelRef, pb::Model), InstanceError> {
         let mut reg = self.shared.registry.clone();
-        let m = reg
-            .get_model(pb::GetModelRequest {
-                model: reference.to_string(),
-            })
+        // The whole call, connecting included: the channel's own timeout does not cover a name
+        // lookup that hangs (a registry gone from the network: ~10 s in Docker's resolver).
+        let call = reg.get_model(pb::GetModelRequest {
+            model: reference.to_string(),
+        });
+        let m = tokio::time::timeout(crate::REGISTRY_CALL_TIMEOUT, call)
             .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {} s",
+                    crate::REGISTRY_CALL_TIMEOUT.as_secs()
+                )))
+            })
             .map_err(|s| match s.code() {
                 tonic::Code::NotFound => InstanceError::ModelNotFound(format!(
                     "model {reference:?} not found: {}",
@@ -206,6 +214,9 @@ impl Manager {
                 return match stale {
                     Some(h) => {
                         tracing::warn!(model = reference, "{why}; using the last resolution");
+                        // For another RESOLVE_TTL: while the registry is away (a network cut
+                        // costs a call timeout), one request per TTL waits for it, not every one.
+                        lock(&self.resolved).insert(key, (std::time::Instant::now(), h.clone()));
                         Ok(h)
                     }
                     None => Err(InstanceError::Unavailable(why)),
