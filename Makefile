@@ -98,7 +98,7 @@ postgres:
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
-bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap bench-telemetry
+bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap bench-telemetry bench-storage
 
 bench-scheduler:
 	$(CARGO) run --release -p securellm-bench -- scheduler
@@ -144,3 +144,10 @@ bench-telemetry:
 		sudo -n apt-get install -y --no-install-recommends nginx || apt-get install -y --no-install-recommends nginx
 	$(CARGO) build --release -p securellm-gateway
 	$(CARGO) run --release -p securellm-bench -- telemetry $(BENCH_TELEMETRY_ARGS)
+
+# Keys and rate limits in PostgreSQL vs in the gateway (BENCHMARKS.md): a throw-away cluster from
+# Debian's postgresql (installed by `make postgres` if missing).
+.PHONY: bench-storage
+bench-storage: postgres
+	$(CARGO) build --release -p securellm-gateway
+	$(CARGO) run --release -p securellm-bench -- storage $(BENCH_STORAGE_ARGS)

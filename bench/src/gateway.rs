@@ -281,6 +281,15 @@ pub(crate) async fn spawn_gateway(
 /// An API key on the gateway at `grpc` (its admin token in `data_dir`) with limits far above what
 /// a benchmark can reach.
 pub(crate) async fn bench_key(grpc: &str, data_dir: &Path) -> anyhow::Result<String> {
+    bench_key_with(grpc, data_dir, Some(10_000)).await
+}
+
+/// [`bench_key`] with `max_concurrent` (None: no concurrency limit).
+pub(crate) async fn bench_key_with(
+    grpc: &str,
+    data_dir: &Path,
+    max_concurrent: Option<u32>,
+) -> anyhow::Result<String> {
     let token = std::fs::read_to_string(data_dir.join("admin-token"))?
         .trim()
         .to_string();
@@ -301,7 +310,7 @@ pub(crate) async fn bench_key(grpc: &str, data_dir: &Path) -> anyhow::Result<Str
             limits: Some(pb::ApiKeyLimits {
                 requests_per_minute: Some(100_000_000),
                 tokens_per_minute: Some(4_000_000_000),
-                max_concurrent: Some(10_000),
+                max_concurrent,
                 max_tokens: None,
             }),
             ..Default::default()

@@ -8,6 +8,7 @@ mod gateway;
 mod registry;
 mod scheduler;
 mod stats;
+mod storage;
 mod swap;
 mod telemetry;
 
@@ -44,6 +45,9 @@ enum Bench {
     /// What metrics and OTLP trace export cost the gateway: bare vs metrics vs export on, beside
     /// nginx, interleaved runs at concurrency 64.
     Telemetry(telemetry::Args),
+    /// Keys and rate limits in PostgreSQL (one transaction per admission) vs in the gateway
+    /// (SQLite + memory), and two gateways sharing the database.
+    Storage(storage::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +65,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Gateway(a) => rt.block_on(gateway::run(a)),
         Bench::Swap(a) => rt.block_on(swap::run(a)),
         Bench::Telemetry(a) => rt.block_on(telemetry::run(a)),
+        Bench::Storage(a) => rt.block_on(storage::run(a)),
     }
 }

@@ -118,6 +118,7 @@ pub fn enable() {
     }
     metrics::counter!(AUDIT_WRITTEN).increment(0);
     metrics::counter!(AUDIT_DROPPED).increment(0);
+    metrics::counter!(LIMIT_STORE_UNAVAILABLE).increment(0);
     metrics::gauge!(AUDIT_QUEUE).set(0.0);
 }
 

@@ -8,11 +8,15 @@
 //! admit (with the new state) or refuse (with which limit and when to retry) out. Property tests
 //! drive it with a fake clock and random interleavings.
 //!
-//! **The I/O is one transaction per admission** ([`SharedLimiter::admit`]): `INSERT … ON CONFLICT
-//! DO UPDATE … RETURNING` takes the subject's row lock and its state in one statement, so every
-//! admission of one key, from any gateway, is serialized on that row until `COMMIT`; the live
-//! slots are counted, expired ones removed, and the new state and (when a concurrency limit
-//! applies) a slot row written in the same transaction. A refused request writes nothing.
+//! **The I/O is one statement per admission** ([`SharedLimiter::admit`]): `SELECT … FROM
+//! securellm_admit(…)`, a PL/pgSQL function that is [`decide`] operation for operation (tested
+//! to agree with it bit for bit on random inputs against the real database). Inside it, `INSERT …
+//! ON CONFLICT DO UPDATE … RETURNING` takes the subject's row lock and state, so every admission
+//! of one key, from any gateway, is serialized on that row; the live slots are counted (expired
+//! ones removed), and the new state and (when a concurrency limit applies) a slot row are written
+//! before the statement commits. A refused request writes nothing but the row's creation. The
+//! lock is held for the function's microseconds, not for round trips (a first version with one
+//! transaction of five statements admitted 443 requests/s on one key; see BENCHMARKS.md).
 //!
 //! * requests per minute: GCRA with burst = rpm (the same semantics as the in-process limiter: a
 //!   minute's allowance at once, then one request per `60 s / rpm`);
@@ -83,7 +87,9 @@ fn nz(v: Option<u32>) -> Option<u32> {
     v.filter(|&x| x > 0)
 }
 
-/// The bucket level at `now`: drained at tpm per minute since `at_ms`, never below 0.
+/// The bucket level at `now`: drained at tpm per minute since `at_ms`, never below 0. (Callers
+/// pass `now.max(at_ms)`: a gateway whose clock reads earlier than the last update must not move
+/// the bucket's time back, or the interval would drain twice.)
 fn level_at(s: &SubjectState, now_ms: i64, tpm: u32) -> f64 {
     let elapsed = (now_ms - s.at_ms).max(0) as f64;
     (s.tpm_level - elapsed * f64::from(tpm) / MINUTE_MS).max(0.0)
@@ -110,6 +116,7 @@ pub fn decide(
             retry_after: Duration::from_secs(1),
         };
     }
+    let now_ms = now_ms.max(s.at_ms);
     let mut next = SubjectState {
         at_ms: now_ms,
         ..*s
@@ -167,6 +174,7 @@ pub fn settle(
     let Some(tpm) = nz(l.tpm) else {
         return *s;
     };
+    let now_ms = now_ms.max(s.at_ms);
     let level = level_at(s, now_ms, tpm) + f64::from(actual) - f64::from(estimate);
     SubjectState {
         tpm_level: level.max(0.0),
@@ -224,17 +232,110 @@ pub struct SharedLimiter {
 }
 
 const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS rate_limits (
+    "CREATE UNLOGGED TABLE IF NOT EXISTS rate_limits (
         subject TEXT PRIMARY KEY NOT NULL,
         rpm_tat_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
         tpm_level DOUBLE PRECISION NOT NULL DEFAULT 0,
         at_ms BIGINT NOT NULL DEFAULT 0)",
-    "CREATE TABLE IF NOT EXISTS concurrency_slots (
+    "CREATE UNLOGGED TABLE IF NOT EXISTS concurrency_slots (
         id BIGSERIAL PRIMARY KEY, subject TEXT NOT NULL, expires_ms BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS concurrency_slots_subject ON concurrency_slots (subject)",
     "CREATE TABLE IF NOT EXISTS gateway_replicas (
         id TEXT PRIMARY KEY NOT NULL, seen_ms BIGINT NOT NULL)",
+    ADMIT_FN,
+    SETTLE_FN,
 ];
+
+/// [`decide`] in PL/pgSQL, statement for statement (the same f64 operations in the same order,
+/// so the results are bit-identical; `tests/postgres.rs` compares the two on random inputs), run
+/// inside the database so that an admission is ONE statement: the row lock is held for the
+/// function's microseconds, not for several round trips. Returns whether it admitted, which
+/// limit refused (`concurrency`, `tpm`, `rpm`), the raw retry in ms, the slot id and the
+/// requests remaining.
+const ADMIT_FN: &str = r#"CREATE OR REPLACE FUNCTION securellm_admit(
+    p_subject TEXT, p_now BIGINT, p_rpm BIGINT, p_tpm BIGINT, p_conc BIGINT, p_est BIGINT,
+    p_slot_expires BIGINT)
+RETURNS TABLE (admitted BOOLEAN, which TEXT, retry_ms DOUBLE PRECISION, slot BIGINT,
+               remaining BIGINT)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    s rate_limits%ROWTYPE;
+    now_ms BIGINT;
+    in_flight BIGINT := 0;
+    lvl DOUBLE PRECISION;
+    over DOUBLE PRECISION;
+    t DOUBLE PRECISION;
+    tat DOUBLE PRECISION;
+    new_level DOUBLE PRECISION;
+    new_at BIGINT;
+    new_tat DOUBLE PRECISION;
+    rem BIGINT := NULL;
+    sid BIGINT := NULL;
+BEGIN
+    -- The row lock without writing a new row version (one write per admission: the UPDATE).
+    SELECT * INTO s FROM rate_limits WHERE subject = p_subject FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO rate_limits (subject) VALUES (p_subject) ON CONFLICT (subject) DO NOTHING;
+        SELECT * INTO s FROM rate_limits WHERE subject = p_subject FOR UPDATE;
+    END IF;
+    now_ms := GREATEST(p_now, s.at_ms);
+    IF p_conc > 0 THEN
+        DELETE FROM concurrency_slots WHERE subject = p_subject AND expires_ms <= p_now;
+        SELECT count(*) INTO in_flight FROM concurrency_slots WHERE subject = p_subject;
+        IF in_flight >= p_conc THEN
+            RETURN QUERY SELECT false, 'concurrency'::text, 1000.0::float8, NULL::bigint, NULL::bigint;
+            RETURN;
+        END IF;
+    END IF;
+    new_level := s.tpm_level;
+    new_at := s.at_ms;
+    IF p_tpm > 0 THEN
+        IF p_est > p_tpm THEN
+            RETURN QUERY SELECT false, 'tpm'::text, 60000.0::float8, NULL::bigint, NULL::bigint;
+            RETURN;
+        END IF;
+        lvl := GREATEST(s.tpm_level - (now_ms - s.at_ms)::float8 * p_tpm::float8 / 60000.0::float8, 0.0::float8);
+        over := lvl + p_est::float8 - p_tpm::float8;
+        IF over > 0.0 THEN
+            RETURN QUERY SELECT false, 'tpm'::text, over * 60000.0::float8 / p_tpm::float8, NULL::bigint, NULL::bigint;
+            RETURN;
+        END IF;
+        new_level := lvl + p_est::float8;
+        new_at := now_ms;
+    END IF;
+    new_tat := s.rpm_tat_ms;
+    IF p_rpm > 0 THEN
+        t := 60000.0::float8 / p_rpm::float8;
+        tat := GREATEST(s.rpm_tat_ms, now_ms::float8) + t;
+        over := tat - now_ms::float8 - 60000.0::float8;
+        IF over > 1e-6 THEN
+            RETURN QUERY SELECT false, 'rpm'::text, over, NULL::bigint, NULL::bigint;
+            RETURN;
+        END IF;
+        new_tat := tat;
+        rem := GREATEST(floor((60000.0::float8 - (tat - now_ms::float8)) / t + 1e-9::float8), 0.0::float8)::bigint;
+    END IF;
+    UPDATE rate_limits SET rpm_tat_ms = new_tat, tpm_level = new_level, at_ms = new_at
+        WHERE subject = p_subject;
+    IF p_conc > 0 THEN
+        INSERT INTO concurrency_slots (subject, expires_ms) VALUES (p_subject, p_slot_expires)
+            RETURNING id INTO sid;
+    END IF;
+    RETURN QUERY SELECT true, NULL::text, 0.0::float8, sid, rem;
+END
+$fn$"#;
+
+/// [`settle`] as one `UPDATE` (the row lock for one statement).
+const SETTLE_FN: &str = r#"CREATE OR REPLACE FUNCTION securellm_settle(
+    p_subject TEXT, p_now BIGINT, p_tpm BIGINT, p_est BIGINT, p_actual BIGINT)
+RETURNS VOID LANGUAGE sql AS $fn$
+    UPDATE rate_limits SET
+        tpm_level = GREATEST(
+            GREATEST(tpm_level - (GREATEST(p_now, at_ms) - at_ms)::float8 * p_tpm::float8 / 60000.0::float8, 0.0::float8)
+            + p_actual::float8 - p_est::float8, 0.0::float8),
+        at_ms = GREATEST(p_now, at_ms)
+    WHERE subject = p_subject
+$fn$"#;
 
 impl SharedLimiter {
     /// Connect, create the tables if missing (under the schema lock) and start this replica's
@@ -244,9 +345,22 @@ impl SharedLimiter {
         request_timeout: Duration,
         when_unreachable: Unreachable,
     ) -> Result<Arc<Self>, sqlx::Error> {
+        // Limiter state is soft: its tables are UNLOGGED and its commits do not wait for the WAL
+        // (a database crash forgets recent admissions: keys get a fresh allowance, held slots
+        // vanish), which keeps the row lock of a hot key short.
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            // Few connections: admissions of a hot key queue in the pool (cheap) rather than on
+            // its row lock in the database (a wake-up per hand-over).
+            .max_connections(4)
             .acquire_timeout(Duration::from_secs(2))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET synchronous_commit = off")
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
             .connect(url)
             .await?;
         let mut tx = pool.begin().await?;
@@ -313,84 +427,50 @@ impl SharedLimiter {
         estimate: u32,
     ) -> Result<Shared, sqlx::Error> {
         let now = securellm_common::time::now_ms() as i64;
-        let mut tx = self.pool.begin().await?;
-        // Takes the subject's row lock until COMMIT: admissions of one key are serialized.
-        let (tat, level, at): (f64, f64, i64) = sqlx::query_as(
-            "INSERT INTO rate_limits (subject) VALUES ($1)
-             ON CONFLICT (subject) DO UPDATE SET subject = EXCLUDED.subject
-             RETURNING rpm_tat_ms, tpm_level, at_ms",
+        let o = |v: Option<u32>| i64::from(nz(v).unwrap_or(0));
+        let (admitted, which, retry_ms, slot, remaining): (
+            bool,
+            Option<String>,
+            f64,
+            Option<i64>,
+            Option<i64>,
+        ) = sqlx::query_as(
+            "SELECT admitted, which, retry_ms, slot, remaining FROM securellm_admit($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(subject)
-        .fetch_one(&mut *tx)
+        .bind(now)
+        .bind(o(l.rpm))
+        .bind(o(l.tpm))
+        .bind(o(l.concurrent))
+        .bind(i64::from(estimate))
+        .bind(now + self.slot_ttl_ms)
+        .fetch_one(&self.pool)
         .await?;
-        let state = SubjectState {
-            rpm_tat_ms: tat,
-            tpm_level: level,
-            at_ms: at,
-        };
-        let limited_concurrency = nz(l.concurrent).is_some();
-        let in_flight = if limited_concurrency {
-            sqlx::query("DELETE FROM concurrency_slots WHERE subject = $1 AND expires_ms <= $2")
-                .bind(subject)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            let (n,): (i64,) =
-                sqlx::query_as("SELECT count(*) FROM concurrency_slots WHERE subject = $1")
-                    .bind(subject)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            n as u32
-        } else {
-            0
-        };
-        match decide(&state, now, l, estimate, in_flight) {
-            Decision::Refuse { which, retry_after } => {
-                tx.rollback().await?;
-                let mut headers = limit_headers(l);
-                headers.extend(retry_headers(retry_after));
-                Ok(Shared::Limited {
-                    which,
-                    retry_after,
-                    headers,
-                })
-            }
-            Decision::Admit { state, remaining } => {
-                sqlx::query(
-                    "UPDATE rate_limits SET rpm_tat_ms = $2, tpm_level = $3, at_ms = $4 WHERE subject = $1",
-                )
-                .bind(subject)
-                .bind(state.rpm_tat_ms)
-                .bind(state.tpm_level)
-                .bind(state.at_ms)
-                .execute(&mut *tx)
-                .await?;
-                let slot = if limited_concurrency {
-                    let (id,): (i64,) = sqlx::query_as(
-                        "INSERT INTO concurrency_slots (subject, expires_ms) VALUES ($1, $2) RETURNING id",
-                    )
-                    .bind(subject)
-                    .bind(now + self.slot_ttl_ms)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    Some(id)
-                } else {
-                    None
-                };
-                tx.commit().await?;
-                let mut headers = limit_headers(l);
-                if let Some(r) = remaining {
-                    headers.push(("x-ratelimit-remaining-requests", r.to_string()));
-                }
-                Ok(Shared::Allowed {
-                    ticket: Ticket {
-                        slot,
-                        pool: self.pool.clone(),
-                    },
-                    headers,
-                })
-            }
+        let mut headers = limit_headers(l);
+        if !admitted {
+            let which = match which.as_deref() {
+                Some("concurrency") => LimitKind::Concurrency,
+                Some("tpm") => LimitKind::Tpm,
+                _ => LimitKind::Rpm,
+            };
+            let retry_after = ms(retry_ms);
+            headers.extend(retry_headers(retry_after));
+            return Ok(Shared::Limited {
+                which,
+                retry_after,
+                headers,
+            });
         }
+        if let Some(r) = remaining {
+            headers.push(("x-ratelimit-remaining-requests", r.to_string()));
+        }
+        Ok(Shared::Allowed {
+            ticket: Ticket {
+                slot,
+                pool: self.pool.clone(),
+            },
+            headers,
+        })
     }
 
     /// Charge the real usage (in the background; a failure leaves the estimate charged).
@@ -402,40 +482,101 @@ impl SharedLimiter {
         let (subject, l) = (subject.to_string(), *l);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let r: Result<(), sqlx::Error> = async {
-                    let mut tx = me.pool.begin().await?;
-                    let (tat, level, at): (f64, f64, i64) = sqlx::query_as(
-                        "SELECT rpm_tat_ms, tpm_level, at_ms FROM rate_limits WHERE subject = $1 FOR UPDATE",
-                    )
-                    .bind(&subject)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    let now = securellm_common::time::now_ms() as i64;
-                    let s = settle(
-                        &SubjectState {
-                            rpm_tat_ms: tat,
-                            tpm_level: level,
-                            at_ms: at,
-                        },
-                        now,
-                        &l,
-                        estimate,
-                        actual,
-                    );
-                    sqlx::query("UPDATE rate_limits SET tpm_level = $2, at_ms = $3 WHERE subject = $1")
-                        .bind(&subject)
-                        .bind(s.tpm_level)
-                        .bind(s.at_ms)
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await
-                }
-                .await;
-                if let Err(e) = r {
+                if let Err(e) = me.reconcile_now(&subject, &l, estimate, actual).await {
                     tracing::debug!("rate limits: reconcile for {subject} failed: {e}");
                 }
             });
         }
+    }
+
+    /// [`Self::reconcile`], waiting for it: one `UPDATE` ([`settle`] in SQL).
+    pub async fn reconcile_now(
+        &self,
+        subject: &str,
+        l: &Limits,
+        estimate: u32,
+        actual: u32,
+    ) -> Result<(), sqlx::Error> {
+        let Some(tpm) = nz(l.tpm) else {
+            return Ok(());
+        };
+        sqlx::query("SELECT securellm_settle($1, $2, $3, $4, $5)")
+            .bind(subject)
+            .bind(securellm_common::time::now_ms() as i64)
+            .bind(i64::from(tpm))
+            .bind(i64::from(estimate))
+            .bind(i64::from(actual))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Run the database's admission for a given stored state and time (the differential test
+    /// against [`decide`]): writes `state` for `subject`, admits, returns what it decided and the
+    /// stored state after. Concurrency is not part of it (no slots).
+    #[doc(hidden)]
+    pub async fn admit_at(
+        &self,
+        subject: &str,
+        state: SubjectState,
+        now_ms: i64,
+        l: &Limits,
+        estimate: u32,
+    ) -> Result<(Decision, SubjectState), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO rate_limits (subject, rpm_tat_ms, tpm_level, at_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (subject) DO UPDATE SET rpm_tat_ms = $2, tpm_level = $3, at_ms = $4",
+        )
+        .bind(subject)
+        .bind(state.rpm_tat_ms)
+        .bind(state.tpm_level)
+        .bind(state.at_ms)
+        .execute(&self.pool)
+        .await?;
+        let o = |v: Option<u32>| i64::from(nz(v).unwrap_or(0));
+        let (admitted, which, retry_ms, remaining): (bool, Option<String>, f64, Option<i64>) =
+            sqlx::query_as(
+                "SELECT admitted, which, retry_ms, remaining FROM securellm_admit($1, $2, $3, $4, 0, $5, 0)",
+            )
+            .bind(subject)
+            .bind(now_ms)
+            .bind(o(l.rpm))
+            .bind(o(l.tpm))
+            .bind(i64::from(estimate))
+            .fetch_one(&self.pool)
+            .await?;
+        let after = self.state(subject).await?.unwrap_or_default();
+        let d = if admitted {
+            Decision::Admit {
+                state: after,
+                remaining: remaining.map(|r| r as u32),
+            }
+        } else {
+            Decision::Refuse {
+                which: match which.as_deref() {
+                    Some("tpm") => LimitKind::Tpm,
+                    Some("concurrency") => LimitKind::Concurrency,
+                    _ => LimitKind::Rpm,
+                },
+                retry_after: ms(retry_ms),
+            }
+        };
+        Ok((d, after))
+    }
+
+    /// A subject's stored state (tests, diagnostics).
+    pub async fn state(&self, subject: &str) -> Result<Option<SubjectState>, sqlx::Error> {
+        let row: Option<(f64, f64, i64)> = sqlx::query_as(
+            "SELECT rpm_tat_ms, tpm_level, at_ms FROM rate_limits WHERE subject = $1",
+        )
+        .bind(subject)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(rpm_tat_ms, tpm_level, at_ms)| SubjectState {
+            rpm_tat_ms,
+            tpm_level,
+            at_ms,
+        }))
     }
 }
 
@@ -585,6 +726,31 @@ mod tests {
         ));
         let mut s2 = s;
         assert!(admit(&mut s2, 10, &l, 50, 0));
+    }
+
+    #[test]
+    fn an_earlier_clock_never_moves_the_bucket_back() {
+        let l = Limits {
+            tpm: Some(60_000),
+            ..Default::default()
+        };
+        let s = SubjectState {
+            tpm_level: 500.0,
+            at_ms: 10_000,
+            ..Default::default()
+        };
+        // A gateway whose clock reads 1 s earlier: no refill, and the time stays.
+        let Decision::Admit { state, .. } = decide(&s, 9_000, &l, 10, 0) else {
+            panic!()
+        };
+        assert_eq!((state.tpm_level, state.at_ms), (510.0, 10_000));
+        let after = settle(&state, 9_500, &l, 10, 4);
+        assert_eq!((after.tpm_level, after.at_ms), (504.0, 10_000));
+        // Then 100 ms later by the store's time: 100 tokens drained, once.
+        let Decision::Admit { state, .. } = decide(&after, 10_100, &l, 1, 0) else {
+            panic!()
+        };
+        assert_eq!(state.tpm_level, 405.0);
     }
 
     #[test]
