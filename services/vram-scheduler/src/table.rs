@@ -1134,6 +1134,9 @@ impl LeaseTable {
             l.ttl_ms = ttl_ms;
         }
         l.expires_at_ms = now_ms.saturating_add(l.ttl_ms);
+        // New PIDs move their measured memory from "foreign" to this lease: what is grantable,
+        // and so the waiters' plans, change.
+        let pids_changed = !pids.is_empty() && pids != l.pids;
         if !pids.is_empty() {
             l.pids = pids;
         }
@@ -1157,8 +1160,9 @@ impl LeaseTable {
                 }
             }
         }
-        // Memory that may now be asked for (idle, lower priority), or a notice to call off.
-        if dropped || ((became_idle || lowered) && !self.queue.is_empty()) {
+        // Memory that may now be asked for (idle, lower priority, memory no longer foreign), or a
+        // notice to call off.
+        if dropped || ((became_idle || lowered || pids_changed) && !self.queue.is_empty()) {
             self.schedule(now_ms);
         }
         Ok(self.leases.get(id).cloned().unwrap_or(l))
