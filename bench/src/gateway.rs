@@ -54,6 +54,21 @@ pub(crate) async fn mock(body: String) -> axum::response::Response {
     ([("content-type", "application/json")], REPLY).into_response()
 }
 
+/// The mock upstream on a free loopback port (its address), serving until the process ends.
+/// TCP_NODELAY as every server here sets it (the gateway, nginx on keep-alive connections):
+/// without it a 50-chunk stream waits on Nagle + delayed ACKs (~40 ms a stream), which caps
+/// streams/s for all proxies alike and hides what they cost.
+pub(crate) async fn start_mock() -> anyhow::Result<std::net::SocketAddr> {
+    let app = axum::Router::new().route("/v1/chat/completions", post(mock));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Ok(addr)
+}
+
 /// One way to reach the mock: its URL, the API key it wants, and the processes whose CPU time
 /// counts as that hop's cost (none for direct).
 pub(crate) struct Target {
@@ -531,17 +546,7 @@ fn met(ok: bool) -> &'static str {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    // The mock upstream.
-    let app = axum::Router::new().route("/v1/chat/completions", post(mock));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mock_addr = l.local_addr()?;
-    // TCP_NODELAY as every server here sets it (the gateway, nginx on keep-alive connections):
-    // without it a 50-chunk stream waits on Nagle + delayed ACKs (~40 ms a stream), which caps
-    // streams/s for all three alike and hides what the proxies cost.
-    let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tokio::spawn(async move { axum::serve(l, app).await });
+    let mock_addr = start_mock().await?;
 
     // The gateway binary, configured with the mock as a cloud upstream.
     let dir = tempfile::tempdir()?;

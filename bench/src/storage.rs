@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use securellm_testkit::postgres::Postgres;
 
-use crate::gateway::{Run, Target, bench_key_with, measured, mock, run_load, spawn_gateway};
+use crate::gateway::{Run, Target, bench_key_with, measured, run_load, spawn_gateway, start_mock};
 use crate::stats::Samples;
 
 #[derive(Debug, clap::Args)]
@@ -48,14 +48,7 @@ fn merged(runs: Vec<Run>, elapsed: Duration) -> Samples {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    use axum::routing::post;
-    let app = axum::Router::new().route("/v1/chat/completions", post(mock));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mock_addr = l.local_addr()?;
-    let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tokio::spawn(async move { axum::serve(l, app).await });
+    let mock_addr = start_mock().await?;
 
     let pg = Postgres::start().map_err(|e| anyhow::anyhow!("PostgreSQL: {e}"))?;
     let url = pg.create_database("bench");

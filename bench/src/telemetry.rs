@@ -15,9 +15,9 @@
 
 use std::time::Duration;
 
-use axum::routing::post;
-
-use crate::gateway::{Nginx, Run, Target, bench_key, measured, mock, run_load, spawn_gateway};
+use crate::gateway::{
+    Nginx, Run, Target, bench_key, measured, run_load, spawn_gateway, start_mock,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -92,13 +92,7 @@ fn spread(runs: &[Run]) -> f64 {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.rounds >= 1, "--rounds must be at least 1");
-    let app = axum::Router::new().route("/v1/chat/completions", post(mock));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let mock_addr = l.local_addr()?;
-    let l = axum::serve::ListenerExt::tap_io(l, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tokio::spawn(async move { axum::serve(l, app).await });
+    let mock_addr = start_mock().await?;
 
     let receiver = securellm_testkit::otlp::OtlpReceiver::start().await;
     let bare = start_gateway(mock_addr, "metrics_listen = \"off\"").await?;
