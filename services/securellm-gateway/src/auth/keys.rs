@@ -201,17 +201,10 @@ struct KeyRow {
 const SELECT_KEYS: &str = "SELECT id, hash, name, prefix, subject, models, rpm, tpm, concurrent, \
      created_ms, expires_ms, revoked_ms, max_tokens, priority FROM api_keys";
 
-/// The PostgreSQL schema, created under an advisory lock so gateways starting together do not
-/// race on it. Version 1 = the SQLite table with its later columns.
-const PG_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY NOT NULL, hash BYTEA NOT NULL UNIQUE, name TEXT NOT NULL,
-    prefix TEXT NOT NULL, subject TEXT NOT NULL, models TEXT NOT NULL,
-    rpm BIGINT, tpm BIGINT, concurrent BIGINT,
-    created_ms BIGINT NOT NULL, expires_ms BIGINT, revoked_ms BIGINT,
-    max_tokens BIGINT, priority BIGINT)";
-
-/// The advisory lock key that serializes schema creation (any constant the gateways share).
-pub const SCHEMA_LOCK: i64 = 0x5EC_0001;
+/// The PostgreSQL schema (`migrations-postgres/`: keys and the shared limiter's tables), applied
+/// by sqlx's migrator, which holds an advisory lock while it runs so gateways starting together
+/// do not race.
+pub static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations-postgres");
 
 /// The key store.
 #[derive(Clone)]
@@ -289,13 +282,7 @@ impl KeyStore {
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect(url)
             .await?;
-        let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(SCHEMA_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(PG_SCHEMA).execute(&mut *tx).await?;
-        tx.commit().await?;
+        PG_MIGRATOR.run(&pool).await.map_err(sqlx::Error::from)?;
         let s = Self {
             db: Db::Postgres(pool.clone()),
             by_hash: Arc::new(RwLock::new(HashMap::new())),
