@@ -1117,8 +1117,10 @@ async fn the_grpc_api_answers_like_the_http_api() {
     }
 
     // A caller that leaves mid-stream is audited as 499 client_closed_request, not as a success.
+    // (Long enough that the stream is still running when the caller leaves: 64 tokens of the
+    // tiny model could all be relayed before the drop on a loaded machine, and the row was 200.)
     let mut r = grpc_req(
-        body_req(serde_json::json!({"model": "tiny", "max_tokens": 64,
+        body_req(serde_json::json!({"model": "tiny", "max_tokens": 1024,
             "messages": [{"role": "user", "content": "Count to ten"}]})),
         Some(&key),
     );
