@@ -19,12 +19,33 @@ use vram_scheduler::decisions::{self, FILE_NAME as DECISIONS_FILE};
 pub enum AuditAction {
     /// Walk both hash chains (the gateway's audit log and the scheduler's GPU decisions); report
     /// the first edited, inserted, deleted or reordered row of each (exit code 1 if either is
-    /// broken).
-    Verify,
+    /// broken). With a database URL, the shared log of several gateways instead of the local
+    /// file: every chain and every signed checkpoint.
+    Verify {
+        #[command(flatten)]
+        shared: SharedLog,
+        /// The signer's Ed25519 public key (64 hex digits, or a file holding them): checkpoints
+        /// signed by another key are reported as forged.
+        #[arg(long, value_name = "HEX|FILE")]
+        public_key: Option<String>,
+        /// Checkpoints a gateway exported (`[storage] checkpoint_export_file`): each must still
+        /// be in the database and hold.
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<PathBuf>,
+    },
     /// The newest rows of the gateway's audit log.
     Tail {
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: u32,
+        #[command(flatten)]
+        shared: SharedLog,
+    },
+    /// Make an Ed25519 signing key for the shared log's checkpoints (`[storage]
+    /// audit_signing_key_file`): writes the seed (mode 0600) and prints the public key to pin.
+    Keygen {
+        /// Where to write the key (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// The newest GPU decisions: grants, eviction notices and the request (and trace) that caused
     /// each, withdrawals, revocations, expiries, releases.
@@ -35,6 +56,14 @@ pub enum AuditAction {
         #[arg(long)]
         model: Option<String>,
     },
+}
+
+/// The shared audit log of several gateways (`[storage] url`).
+#[derive(Debug, clap::Args)]
+pub struct SharedLog {
+    /// `postgres://…`: the gateways' shared database instead of the local audit file.
+    #[arg(long, env = "SECURELLM_DATABASE_URL", value_name = "URL")]
+    database_url: Option<String>,
 }
 
 /// The audit database: `<stack data dir>/gateway/gateway-audit.db` (as `make run` lays it out),
@@ -68,13 +97,33 @@ fn decisions_file(data_dir: &Path) -> PathBuf {
 
 pub async fn run(data_dir: &Path, action: AuditAction) -> anyhow::Result<()> {
     match action {
-        AuditAction::Verify => {
+        AuditAction::Verify {
+            shared: SharedLog {
+                database_url: Some(url),
+            },
+            public_key,
+            checkpoints,
+        } => {
+            if !verify_shared(&url, public_key.as_deref(), checkpoints.as_deref()).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        AuditAction::Verify { .. } => {
             if !verify(data_dir).await? {
                 std::process::exit(1);
             }
             Ok(())
         }
-        AuditAction::Tail { lines } => tail(&db(data_dir), lines).await,
+        AuditAction::Tail { lines, shared } => match shared.database_url {
+            Some(url) => {
+                let log = audit::pg::open_reader(&url).await?;
+                print_rows(log.query(newest(lines)).await?);
+                Ok(())
+            }
+            None => tail(&db(data_dir), lines).await,
+        },
+        AuditAction::Keygen { out } => keygen(&out),
         AuditAction::Gpu { lines, model } => gpu(&decisions_file(data_dir), lines, model),
     }
 }
@@ -147,6 +196,65 @@ async fn verify(data_dir: &Path) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// Verify the shared log: every chain, every checkpoint (and the exported ones); one line.
+async fn verify_shared(
+    url: &str,
+    public_key: Option<&str>,
+    export: Option<&Path>,
+) -> anyhow::Result<bool> {
+    let trusted = public_key
+        .map(audit::checkpoint::parse_public_key)
+        .transpose()?;
+    let exported = export
+        .map(audit::read_export)
+        .transpose()?
+        .unwrap_or_default();
+    let r = audit::verify_url(url, trusted.as_ref(), &exported).await?;
+    if r.ok {
+        println!("shared audit OK: {}", r.detail);
+    } else {
+        println!(
+            "shared audit BROKEN{}{}: {} ({})",
+            r.chain_id
+                .as_deref()
+                .map_or(String::new(), |c| format!(" in chain {c:?}")),
+            r.first_bad_row_id
+                .map_or(String::new(), |i| format!(" at row {i}")),
+            r.kind.map_or("-".into(), |k| k.to_string()),
+            r.detail
+        );
+    }
+    Ok(r.ok)
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (key, seed) = audit::checkpoint::SigningKey::generate()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    f.write_all(format!("{}\n", hex::encode(seed)).as_bytes())?;
+    f.sync_all()?;
+    eprintln!(
+        "wrote the signing key to {} (set [storage] audit_signing_key_file); its public key:",
+        out.display()
+    );
+    println!("{}", key.public_key_hex());
+    Ok(())
+}
+
+fn newest(lines: u32) -> AuditFilter {
+    AuditFilter {
+        limit: Some(lines),
+        newest_first: true,
+        ..Default::default()
+    }
+}
+
 async fn tail(path: &Path, lines: u32) -> anyhow::Result<()> {
     anyhow::ensure!(
         path.is_file(),
@@ -154,19 +262,24 @@ async fn tail(path: &Path, lines: u32) -> anyhow::Result<()> {
         path.display()
     );
     let log = audit::AuditLog::open(path).await?;
-    let mut rows = log
-        .query(AuditFilter {
-            limit: Some(lines),
-            newest_first: true,
-            ..Default::default()
-        })
-        .await?;
+    print_rows(log.query(newest(lines)).await?);
+    log.close().await;
+    Ok(())
+}
+
+/// Rows given newest first, printed oldest first (with their chain on a shared log).
+fn print_rows(mut rows: Vec<audit::AuditRow>) {
     rows.reverse();
     for r in rows {
         let e = &r.entry;
+        let id = if r.chain_id.is_empty() {
+            r.id.to_string()
+        } else {
+            format!("{}#{}", r.chain_id, r.id)
+        };
         println!(
             "{:>6} {} {:<3} {:<22} {:<16} {:<20} key={} client={} tokens={}/{} {}us{}{}",
-            r.id,
+            id,
             e.time_ms,
             e.status,
             e.endpoint,
@@ -189,8 +302,6 @@ async fn tail(path: &Path, lines: u32) -> anyhow::Result<()> {
             }
         );
     }
-    log.close().await;
-    Ok(())
 }
 
 /// The newest `lines` decisions (about `model`, if given), oldest first, one readable line each;

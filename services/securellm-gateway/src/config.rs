@@ -86,18 +86,49 @@ pub struct GatewayConfig {
     pub storage: StorageConfig,
 }
 
-/// `[storage]`: shared state for several gateways. Without `url`, one gateway keeps its keys in
-/// SQLite in its data directory and its limits in memory (the single-box default).
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `[storage]`: shared state for several gateways. Without `url`, one gateway keeps its keys and
+/// audit log in SQLite in its data directory and its limits in memory (the single-box default).
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// `postgres://USER@HOST/DB` (or `?host=/socket/dir`): API keys and rate limits shared by
-    /// every gateway using the same database. `$SECURELLM_DATABASE_URL` wins.
+    /// `postgres://USER@HOST/DB` (or `?host=/socket/dir`): API keys, rate limits and the audit
+    /// log shared by every gateway using the same database. `$SECURELLM_DATABASE_URL` wins.
     pub url: Option<String>,
     /// When the database cannot be reached for a rate-limit decision: `local` (each gateway
     /// applies the key's limits ÷ live replicas) or `closed` (503).
     pub when_unreachable: crate::limits::shared::Unreachable,
+    /// This gateway's audit chain on the shared log (`$SECURELLM_REPLICA_ID` wins); by default
+    /// `<hostname>:<HTTP port>`, so a restarted replica continues its own chain.
+    pub replica_id: Option<String>,
+    /// Ed25519 signing key (a file with the 32-byte seed as 64 hex digits, mode 0600; `securellm
+    /// audit keygen` makes one): this gateway signs checkpoints over every chain's head.
+    pub audit_signing_key_file: Option<PathBuf>,
+    /// The checkpoint signer's public key the gateway's `VerifyAudit` pins (64 hex digits, or a
+    /// file holding them); by default the signing key's own.
+    pub audit_public_key: Option<String>,
+    /// How often a gateway with a signing key signs a checkpoint (also once when it stops).
+    pub checkpoint_interval_ms: u64,
+    /// Also append each checkpoint as a JSON line to this file (fsynced): a copy the database's
+    /// owner cannot rewrite (`securellm audit verify --checkpoints FILE` checks against it).
+    pub checkpoint_export_file: Option<PathBuf>,
 }
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            when_unreachable: Default::default(),
+            replica_id: None,
+            audit_signing_key_file: None,
+            audit_public_key: None,
+            checkpoint_interval_ms: 60_000,
+            checkpoint_export_file: None,
+        }
+    }
+}
+
+/// The environment variable that sets `[storage] replica_id`.
+pub const REPLICA_ID_ENV: &str = "SECURELLM_REPLICA_ID";
 
 /// The environment variable that sets `[storage] url`.
 pub const DATABASE_URL_ENV: &str = "SECURELLM_DATABASE_URL";
@@ -105,7 +136,11 @@ pub const DATABASE_URL_ENV: &str = "SECURELLM_DATABASE_URL";
 impl StorageConfig {
     /// The section, with `$SECURELLM_DATABASE_URL` over `url`; a URL that is not PostgreSQL's is
     /// refused naming the field.
-    fn load(path: Option<&std::path::Path>, env: Option<String>) -> Result<Self, ConfigError> {
+    fn load(
+        path: Option<&std::path::Path>,
+        env: Option<String>,
+        replica_id: Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut s: StorageConfig = securellm_common::config::load_section(path, "storage")?;
         if let Some(u) = env.filter(|u| !u.trim().is_empty()) {
             s.url = Some(u);
@@ -118,6 +153,39 @@ impl StorageConfig {
                 message: "must be a postgres:// URL (without it, SQLite in the data directory)"
                     .into(),
             });
+        }
+        if let Some(r) = replica_id.filter(|r| !r.trim().is_empty()) {
+            s.replica_id = Some(r);
+        }
+        let field = |f: &str, m: String| ConfigError::Field {
+            field: format!("storage.{f}"),
+            message: m,
+        };
+        if let Some(r) = &s.replica_id
+            && (r.trim().is_empty() || r.len() > 256 || r.chars().any(char::is_control))
+        {
+            return Err(field(
+                "replica_id",
+                "must be 1 to 256 bytes without control characters".into(),
+            ));
+        }
+        if s.checkpoint_interval_ms != 0 && s.checkpoint_interval_ms < 100 {
+            return Err(field(
+                "checkpoint_interval_ms",
+                "must be at least 100 (or 0: a checkpoint only when the gateway stops)".into(),
+            ));
+        }
+        if let Some(k) = &s.audit_public_key {
+            crate::audit::checkpoint::parse_public_key(k)
+                .map_err(|e| field("audit_public_key", e.to_string()))?;
+        }
+        if s.url.is_none()
+            && (s.audit_signing_key_file.is_some() || s.checkpoint_export_file.is_some())
+        {
+            return Err(field(
+                "audit_signing_key_file",
+                "signed checkpoints are for the shared audit log: set storage.url too".into(),
+            ));
         }
         Ok(s)
     }
@@ -234,8 +302,11 @@ impl GatewayConfig {
         // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: GatewayConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "gateway", args)?;
-        c.storage =
-            StorageConfig::load(args.config.as_deref(), std::env::var(DATABASE_URL_ENV).ok())?;
+        c.storage = StorageConfig::load(
+            args.config.as_deref(),
+            std::env::var(DATABASE_URL_ENV).ok(),
+            std::env::var(REPLICA_ID_ENV).ok(),
+        )?;
         c.metrics_listen = securellm_common::prometheus::listen_addr(
             c.metrics_listen.as_deref(),
             securellm_common::prometheus::DEFAULT_GATEWAY,

@@ -69,6 +69,8 @@ pub enum StartError {
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
     #[error(transparent)]
+    AuditKey(#[from] audit::checkpoint::CheckpointError),
+    #[error(transparent)]
     Jwt(#[from] jwt::JwtConfigError),
     #[error(transparent)]
     Cloud(#[from] cloud::CloudConfigError),
@@ -154,6 +156,24 @@ fn channel(
     ))
 }
 
+/// This replica's audit chain when `[storage] replica_id` is not set: `<hostname>:<HTTP port>`
+/// (stable across restarts); with port 0, a random suffix instead of the port.
+fn default_replica_id(http_listen: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into());
+    match http_listen.rsplit_once(':').map(|(_, p)| p) {
+        Some(port) if port != "0" && !port.is_empty() => format!("{host}:{port}"),
+        _ => {
+            let mut b = [0u8; 4];
+            let _ = getrandom::fill(&mut b);
+            format!("{host}:{}", hex::encode(b))
+        }
+    }
+}
+
 /// Open the key store and audit log, then serve HTTP and gRPC.
 pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
     securellm_common::tls::install_crypto_provider();
@@ -212,14 +232,35 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let redactor = redact::Redactor::new(&patterns)?;
-    let audit = audit::AuditLog::open_with(
-        &data.join("gateway-audit.db"),
-        audit::AuditOptions {
-            linger: Duration::from_millis(cfg.audit_linger_ms),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let audit_options = audit::AuditOptions {
+        linger: Duration::from_millis(cfg.audit_linger_ms),
+        ..Default::default()
+    };
+    let audit = match &cfg.storage.url {
+        None => audit::AuditLog::open_with(&data.join("gateway-audit.db"), audit_options).await?,
+        Some(url) => {
+            let s = &cfg.storage;
+            let pg = audit::PgAuditOptions {
+                chain_id: s
+                    .replica_id
+                    .clone()
+                    .unwrap_or_else(|| default_replica_id(&cfg.http_listen)),
+                signing_key: s
+                    .audit_signing_key_file
+                    .as_deref()
+                    .map(audit::checkpoint::SigningKey::load)
+                    .transpose()?,
+                trusted_key: s
+                    .audit_public_key
+                    .as_deref()
+                    .map(audit::checkpoint::parse_public_key)
+                    .transpose()?,
+                checkpoint_interval: Duration::from_millis(s.checkpoint_interval_ms),
+                export_file: s.checkpoint_export_file.clone(),
+            };
+            audit::AuditLog::open_postgres(url, pg, audit_options).await?
+        }
+    };
     // Registry calls are short (the model list); the backend manager's answers stream for as
     // long as generation runs, so only the registry's calls are bounded.
     let local = upstream::Local::new(

@@ -34,6 +34,7 @@ pub const AUDIT_DROPPED: &str = "securellm_gateway_audit_rows_dropped_total";
 pub const UPSTREAM_ERRORS: &str = "securellm_gateway_upstream_errors_total";
 pub const CONNECTIONS: &str = "securellm_gateway_connections";
 pub const LIMIT_STORE_UNAVAILABLE: &str = "securellm_gateway_limit_store_unavailable_total";
+pub const AUDIT_CHECKPOINTS: &str = "securellm_gateway_audit_checkpoints_total";
 
 /// Most model names that become labels; beyond, new names are `_other`.
 pub const MAX_MODEL_LABELS: usize = 1024;
@@ -74,6 +75,10 @@ pub fn enable() {
     describe_counter!(
         LIMIT_STORE_UNAVAILABLE,
         "Rate-limit decisions made without the shared PostgreSQL store (it could not be reached): local limits at limit / live replicas, or 503 when fail-closed."
+    );
+    describe_counter!(
+        AUDIT_CHECKPOINTS,
+        "Signed checkpoints over every audit chain's head written by this gateway."
     );
     describe_counter!(
         REDACTIONS,
@@ -119,6 +124,7 @@ pub fn enable() {
     metrics::counter!(AUDIT_WRITTEN).increment(0);
     metrics::counter!(AUDIT_DROPPED).increment(0);
     metrics::counter!(LIMIT_STORE_UNAVAILABLE).increment(0);
+    metrics::counter!(AUDIT_CHECKPOINTS).increment(0);
     metrics::gauge!(AUDIT_QUEUE).set(0.0);
 }
 
@@ -245,6 +251,13 @@ pub fn rate_limited(limit: &'static str) {
 pub fn limit_store_unavailable() {
     if on() {
         metrics::counter!(LIMIT_STORE_UNAVAILABLE).increment(1);
+    }
+}
+
+/// A signed audit checkpoint written (a shared PostgreSQL audit log with a signing key).
+pub fn audit_checkpoint() {
+    if on() {
+        metrics::counter!(AUDIT_CHECKPOINTS).increment(1);
     }
 }
 

@@ -449,7 +449,7 @@ async fn unauthenticated_requests_cost_two_audit_rows_per_address_and_window() {
     assert!(rows.iter().any(|r| r.entry.key_id == id));
     assert_eq!(rows.iter().filter(|r| r.entry.key_id.is_empty()).count(), 3);
     assert!(
-        securellm_gateway::audit::verify_file(gw.state.audit.path())
+        securellm_gateway::audit::verify_file(gw.state.audit.path().unwrap())
             .await
             .unwrap()
             .ok

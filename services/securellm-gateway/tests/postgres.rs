@@ -58,6 +58,7 @@ async fn gateway(
         c.storage = StorageConfig {
             url: Some(url),
             when_unreachable,
+            ..Default::default()
         };
         c.upstreams.insert(
             "fake".into(),

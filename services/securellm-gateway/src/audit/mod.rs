@@ -80,19 +80,22 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
 use securellm_common::time::now_ms;
 
+pub mod checkpoint;
 pub mod encoding;
+pub mod pg;
 mod verify;
 mod writer;
 
 pub use encoding::{ENCODING_TAG, GENESIS_HASH, MAX_FIELD_BYTES, canonical_encoding, chain_hash};
 use encoding::{Fields, clamp_i64};
+pub use pg::{PgAuditOptions, read_export, verify_url};
 pub use verify::verify_file;
 
 /// Most rows one [`AuditLog::query`] returns.
@@ -109,7 +112,8 @@ pub const MAX_AUTH_FAILURE_SOURCES: usize = 4096;
 
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-const COLUMNS: &str = "id, time_ms, request_id, subject, key_id, client_addr, endpoint, model, \
+/// Every column of a row, `id` first (the PostgreSQL log selects `seq AS` + these).
+pub(crate) const COLUMNS: &str = "id, time_ms, request_id, subject, key_id, client_addr, endpoint, model, \
      upstream, status, error_code, prompt_tokens, completion_tokens, latency_us, redactions, \
      streamed, trace_id, prev_hash, row_hash";
 
@@ -161,6 +165,10 @@ pub struct AuditEntry {
 /// A stored row: the entry plus its place in the chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRow {
+    /// The writer's chain on a shared (PostgreSQL) log; empty for a gateway's own SQLite log.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chain_id: String,
+    /// The row's place in its chain (1, 2, 3, …).
     pub id: i64,
     #[serde(flatten)]
     pub entry: AuditEntry,
@@ -179,6 +187,8 @@ pub struct AuditFilter {
     pub subject: Option<String>,
     pub key_id: Option<String>,
     pub model: Option<String>,
+    /// Only this writer's chain (a shared log; ignored by a gateway's own SQLite log).
+    pub chain_id: Option<String>,
     /// `status >= status_min`.
     pub status_min: Option<u16>,
     /// `status <= status_max`.
@@ -213,8 +223,8 @@ impl fmt::Display for TamperKind {
     }
 }
 
-/// The result of walking the chain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The result of walking the chain (every chain and checkpoint of a shared log).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub ok: bool,
     /// Rows verified before the first problem (all rows when `ok`).
@@ -225,8 +235,17 @@ pub struct VerifyReport {
     pub kind: Option<TamperKind>,
     pub detail: String,
     /// `row_hash` of the last verified row (64 zeros if none): record it elsewhere to detect a
-    /// later rewrite of the whole chain.
+    /// later rewrite of the whole chain. Empty for a shared log (its checkpoints do that).
     pub last_hash: String,
+    /// The chain the problem is in (a shared log).
+    #[serde(default)]
+    pub chain_id: Option<String>,
+    /// Chains walked (1 for a gateway's own log).
+    #[serde(default)]
+    pub chains: u64,
+    /// Signed checkpoints verified (a shared log).
+    #[serde(default)]
+    pub checkpoints_checked: u64,
 }
 
 /// The head record: the last committed row.
@@ -294,10 +313,15 @@ pub(crate) enum Cmd {
 
 struct Shared {
     tx: mpsc::Sender<Cmd>,
-    pool: SqlitePool,
+    store: Store,
     counters: Arc<Counters>,
-    path: PathBuf,
     failures: std::sync::Mutex<Failures>,
+}
+
+/// Where the rows are read from: the gateway's own SQLite file, or a shared PostgreSQL log.
+enum Store {
+    Sqlite { pool: SqlitePool, path: PathBuf },
+    Postgres(Arc<pg::PgStore>),
 }
 
 /// Authentication failures per source in the current window.
@@ -372,7 +396,8 @@ pub struct AuditLog {
 impl fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuditLog")
-            .field("path", &self.shared.path)
+            .field("path", &self.path())
+            .field("chain", &self.chain_id())
             .finish_non_exhaustive()
     }
 }
@@ -418,15 +443,65 @@ impl AuditLog {
             last_hash = %head.last_hash,
             "audit log opened"
         );
+        Ok(Self::start(
+            writer::Sink::Sqlite(conn),
+            Store::Sqlite {
+                pool,
+                path: path.to_path_buf(),
+            },
+            options,
+        ))
+    }
+
+    /// The audit log shared by every gateway on the PostgreSQL database at `url`: this
+    /// replica writes its own chain (`pg.chain_id`) and, with a signing key, signs a checkpoint
+    /// over every chain's head every `pg.checkpoint_interval` (see `pg.rs`).
+    pub async fn open_postgres(
+        url: &str,
+        pg: PgAuditOptions,
+        options: AuditOptions,
+    ) -> Result<Self, AuditError> {
+        let interval = pg.checkpoint_interval;
+        let store = pg::PgStore::open(url, pg).await?;
+        let head = store.head().await?;
+        tracing::info!(
+            chain = %store.chain_id,
+            last_id = head.last_id,
+            last_hash = %head.last_hash,
+            "shared audit log opened (PostgreSQL)"
+        );
+        let log = Self::start(
+            writer::Sink::Postgres(store.clone()),
+            Store::Postgres(store),
+            options,
+        );
+        if !interval.is_zero() {
+            let weak = Arc::downgrade(&log.shared);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Some(shared) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = (AuditLog { shared }).checkpoint().await {
+                        tracing::warn!("audit checkpoint not written: {e}");
+                    }
+                }
+            });
+        }
+        Ok(log)
+    }
+
+    /// Spawn the writer over `sink` and the task that ends authentication-failure windows.
+    fn start(sink: writer::Sink, store: Store, options: AuditOptions) -> Self {
         let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
         let counters = Arc::new(Counters::default());
         let window = options.auth_failure_window.max(Duration::from_millis(1));
-        tokio::spawn(writer::run_writer(conn, rx, options, Arc::clone(&counters)));
+        tokio::spawn(writer::run_writer(sink, rx, options, Arc::clone(&counters)));
         let shared = Arc::new(Shared {
             tx,
-            pool,
+            store,
             counters,
-            path: path.to_path_buf(),
             failures: std::sync::Mutex::new(Failures {
                 window,
                 sources: Default::default(),
@@ -444,7 +519,16 @@ impl AuditLog {
                 AuditLog { shared }.end_failure_windows(false);
             }
         });
-        Ok(Self { shared })
+        Self { shared }
+    }
+
+    /// Sign a checkpoint over every chain's head now (a shared log with a signing key; `None`
+    /// otherwise). Runs by itself every `checkpoint_interval` and when the log is closed.
+    pub async fn checkpoint(&self) -> Result<Option<checkpoint::Checkpoint>, AuditError> {
+        match &self.shared.store {
+            Store::Postgres(store) => store.checkpoint().await,
+            Store::Sqlite { .. } => Ok(None),
+        }
     }
 
     /// Record a request refused for want of a valid credential (no key id known), aggregated per
@@ -533,9 +617,20 @@ impl AuditLog {
         Ok(AppendPermit { permit })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.shared.path
+    /// The database file (`None` for a shared PostgreSQL log).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.shared.store {
+            Store::Sqlite { path, .. } => Some(path),
+            Store::Postgres(_) => None,
+        }
+    }
+
+    /// This writer's chain on a shared log (`None` for a gateway's own SQLite log).
+    pub fn chain_id(&self) -> Option<&str> {
+        match &self.shared.store {
+            Store::Sqlite { .. } => None,
+            Store::Postgres(store) => Some(&store.chain_id),
+        }
     }
 
     /// Queue `entry` and wait until the batch holding it is committed (fsynced); returns its row
@@ -599,6 +694,10 @@ impl AuditLog {
         let (ack, done) = oneshot::channel();
         if self.shared.tx.send(Cmd::Close(ack)).await.is_ok() {
             let _ = done.await;
+            // A shared log signs the heads it leaves behind.
+            if let Err(e) = self.checkpoint().await {
+                tracing::warn!("final audit checkpoint not written: {e}");
+            }
         }
     }
 
@@ -618,16 +717,25 @@ impl AuditLog {
         }
     }
 
-    /// The committed head (last id and hash).
+    /// The committed head (last id and hash) of this writer's chain.
     pub async fn head(&self) -> Result<AuditHead, AuditError> {
-        let mut conn = self.shared.pool.acquire().await?;
+        let pool = match &self.shared.store {
+            Store::Sqlite { pool, .. } => pool,
+            Store::Postgres(store) => return store.head().await,
+        };
+        let mut conn = pool.acquire().await?;
         read_head(&mut conn)
             .await?
             .ok_or_else(|| AuditError::Corrupt("the head record (audit_head) is missing".into()))
     }
 
-    /// Rows matching `filter`, ordered by id (see [`AuditFilter::newest_first`]).
+    /// Rows matching `filter`, ordered by id (see [`AuditFilter::newest_first`]); on a shared
+    /// log, rows of every chain ordered by time.
     pub async fn query(&self, filter: AuditFilter) -> Result<Vec<AuditRow>, AuditError> {
+        let pool = match &self.shared.store {
+            Store::Sqlite { pool, .. } => pool,
+            Store::Postgres(store) => return store.query(filter).await,
+        };
         let mut qb =
             QueryBuilder::<Sqlite>::new(format!("SELECT {COLUMNS} FROM audit WHERE 1 = 1"));
         if let Some(v) = filter.since_ms {
@@ -664,18 +772,23 @@ impl AuditLog {
         });
         qb.push(" LIMIT ")
             .push_bind(i64::from(effective_limit(filter.limit)));
-        let rows = qb.build().fetch_all(&self.shared.pool).await?;
+        let rows = qb.build().fetch_all(pool).await?;
         rows.iter().map(audit_row).collect()
     }
 
-    /// Walk the whole chain (one consistent snapshot) and report the first problem.
+    /// Walk the whole chain (one consistent snapshot) and report the first problem; on a shared
+    /// log every chain and every checkpoint (see `pg.rs`).
     pub async fn verify(&self) -> Result<VerifyReport, AuditError> {
-        let mut conn = self.shared.pool.acquire().await?;
+        let pool = match &self.shared.store {
+            Store::Sqlite { pool, .. } => pool,
+            Store::Postgres(store) => return store.verify().await,
+        };
+        let mut conn = pool.acquire().await?;
         verify::verify_conn(&mut conn).await
     }
 }
 
-fn effective_limit(limit: Option<u32>) -> u32 {
+pub(crate) fn effective_limit(limit: Option<u32>) -> u32 {
     limit.unwrap_or(DEFAULT_QUERY_LIMIT).min(MAX_QUERY_LIMIT)
 }
 
@@ -686,9 +799,15 @@ fn prepare(mut entry: AuditEntry) -> Box<Fields> {
     Box::new(Fields::from_entry(entry))
 }
 
-/// Reading stored rows back.
+/// Reading stored rows back (SQLite or PostgreSQL).
 impl Fields {
-    fn from_row(r: &SqliteRow) -> Result<Self, sqlx::Error> {
+    fn from_row<R>(r: &R) -> Result<Self, sqlx::Error>
+    where
+        R: Row,
+        for<'a> &'a str: sqlx::ColumnIndex<R>,
+        for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    {
         Ok(Self {
             time_ms: r.try_get("time_ms")?,
             request_id: r.try_get("request_id")?,
@@ -751,9 +870,16 @@ impl Fields {
     }
 }
 
-fn audit_row(r: &SqliteRow) -> Result<AuditRow, AuditError> {
+pub(crate) fn audit_row<R>(r: &R) -> Result<AuditRow, AuditError>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
     let id: i64 = r.try_get("id")?;
     Ok(AuditRow {
+        chain_id: String::new(),
         id,
         entry: Fields::from_row(r)?.into_entry(id)?,
         prev_hash: r.try_get("prev_hash")?,

@@ -584,7 +584,9 @@ async fn close_stops_the_writer_after_committing() {
     assert_eq!(log.query(AuditFilter::default()).await.unwrap().len(), 1);
     // Once every connection is gone SQLite removes the -wal and -shm files; the read-only
     // verify_file must still open the database.
-    log.shared.pool.close().await;
+    if let Store::Sqlite { pool, .. } = &log.shared.store {
+        pool.close().await;
+    }
     drop((log, other));
     let mut conn = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&path))
         .await

@@ -6,7 +6,7 @@ use std::path::Path;
 use futures::TryStreamExt;
 use sqlx::Connection;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
 use super::encoding::{Fields, GENESIS_HASH, is_hash};
 use super::{AuditError, AuditHead, BUSY_TIMEOUT, TamperKind, VerifyReport, read_head};
@@ -58,7 +58,7 @@ pub(super) async fn verify_conn(conn: &mut SqliteConnection) -> Result<VerifyRep
 const SELECT_CHAIN: &str = "SELECT * FROM audit ORDER BY id";
 
 /// A row as read for verification; undecodable columns make the row fail its content check.
-struct RawRow {
+pub(super) struct RawRow {
     id: i64,
     prev_hash: String,
     row_hash: String,
@@ -66,7 +66,14 @@ struct RawRow {
 }
 
 impl RawRow {
-    fn read(r: &SqliteRow) -> Result<Self, AuditError> {
+    /// From a SQLite or PostgreSQL row with an `id` column (a chain's `seq` on PostgreSQL).
+    pub(super) fn read<R>(r: &R) -> Result<Self, AuditError>
+    where
+        R: Row,
+        for<'a> &'a str: sqlx::ColumnIndex<R>,
+        for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    {
         Ok(Self {
             id: r.try_get("id")?,
             prev_hash: r.try_get("prev_hash").unwrap_or_default(),
@@ -111,7 +118,7 @@ struct Pending {
     content_error: Option<String>,
 }
 
-struct Walker {
+pub(super) struct Walker {
     rows_checked: u64,
     next_id: i64,
     /// row_hash of the last good row (genesis before row 1).
@@ -122,7 +129,7 @@ struct Walker {
 }
 
 impl Walker {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             rows_checked: 0,
             next_id: 1,
@@ -140,11 +147,13 @@ impl Walker {
             kind: Some(kind),
             detail,
             last_hash: self.last_hash.clone(),
+            chains: 1,
+            ..VerifyReport::default()
         }
     }
 
     /// Feed the next row (ascending id); `Some` once the first problem is known.
-    fn push(&mut self, row: RawRow) -> Option<VerifyReport> {
+    pub(super) fn push(&mut self, row: RawRow) -> Option<VerifyReport> {
         if let Some(p) = self.pending.take() {
             return Some(self.resolve(p, Some(&row)));
         }
@@ -238,7 +247,7 @@ impl Walker {
     }
 
     /// All rows read: settle a pending row, then compare the chain's end with the head record.
-    fn finish(mut self, head: Result<AuditHead, String>) -> VerifyReport {
+    pub(super) fn finish(mut self, head: Result<AuditHead, String>) -> VerifyReport {
         if let Some(p) = self.pending.take() {
             return self.resolve(p, None);
         }
@@ -288,6 +297,8 @@ impl Walker {
             kind: None,
             detail: format!("{} rows verified, chain intact", self.rows_checked),
             last_hash: self.last_hash,
+            chains: 1,
+            ..VerifyReport::default()
         }
     }
 }

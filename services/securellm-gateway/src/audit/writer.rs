@@ -10,7 +10,64 @@ use sqlx::{Connection, QueryBuilder, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
 use super::encoding::Fields;
+use super::pg::{self, PgStore};
 use super::{Ack, AuditError, AuditOptions, Cmd, Counters, read_head};
+
+/// Where the writer commits: its own SQLite connection, or this replica's chain on PostgreSQL.
+pub(super) enum Sink {
+    Sqlite(SqliteConnection),
+    Postgres(Arc<PgStore>),
+}
+
+impl Sink {
+    async fn write_batch(
+        &mut self,
+        batch: &[(Box<Fields>, Option<Ack>)],
+    ) -> Result<Vec<i64>, AuditError> {
+        match self {
+            Self::Sqlite(conn) => write_batch(conn, batch).await,
+            Self::Postgres(store) => store.write_batch(batch).await,
+        }
+    }
+
+    /// Whether a failed batch is worth retrying (see `pg.rs`, "When the database is away"); a
+    /// local file's failures are not.
+    fn retry(&self, e: &AuditError) -> bool {
+        matches!(self, Self::Postgres(_)) && pg::transient(e)
+    }
+
+    async fn close(self) {
+        match self {
+            Self::Sqlite(conn) => {
+                let _ = conn.close().await;
+            }
+            Self::Postgres(_) => {}
+        }
+    }
+}
+
+/// Chain `rows` onto the head (`last_id`, `last_hash`): each row's (id, prev_hash, row_hash).
+pub(super) fn chain_links<'a>(
+    last_id: i64,
+    last_hash: String,
+    rows: impl Iterator<Item = &'a Fields>,
+) -> Result<Vec<(i64, String, String)>, AuditError> {
+    let mut id = last_id;
+    let mut hash = last_hash;
+    let mut links = Vec::with_capacity(rows.size_hint().0);
+    for f in rows {
+        id = id
+            .checked_add(1)
+            .ok_or_else(|| AuditError::Corrupt("row id overflow".into()))?;
+        let row_hash = f.chain_hash(&hash).ok_or_else(|| {
+            AuditError::Corrupt(format!(
+                "the head hash {hash:?} is not 64 lowercase hex digits"
+            ))
+        })?;
+        links.push((id, std::mem::replace(&mut hash, row_hash.clone()), row_hash));
+    }
+    Ok(links)
+}
 
 /// Most rows per INSERT statement inside a batch (a power of two).
 pub(super) const ROWS_PER_INSERT: usize = 64;
@@ -25,7 +82,7 @@ pub(super) fn chunk_len(left: usize) -> usize {
 }
 
 pub(super) async fn run_writer(
-    mut conn: SqliteConnection,
+    mut sink: Sink,
     mut rx: mpsc::Receiver<Cmd>,
     options: AuditOptions,
     counters: Arc<Counters>,
@@ -56,7 +113,7 @@ pub(super) async fn run_writer(
         let outcome = if batch.is_empty() {
             Ok(())
         } else {
-            commit(&mut conn, &mut batch, &counters).await
+            commit(&mut sink, &mut batch, &counters).await
         };
         for f in flushes.drain(..) {
             let _ = f.send(outcome.clone().map_err(AuditError::NotCommitted));
@@ -65,13 +122,13 @@ pub(super) async fn run_writer(
             // Entries queued after the close are dropped unacknowledged (their callers see
             // `Closed`).
             rx.close();
-            let _ = conn.close().await;
+            sink.close().await;
             let _ = done.send(());
             tracing::info!("audit writer closed");
             return;
         }
     }
-    let _ = conn.close().await;
+    sink.close().await;
     tracing::debug!("audit writer stopped: all handles dropped");
 }
 
@@ -100,11 +157,11 @@ fn accept(
 
 /// Write and commit the batch, then acknowledge each entry; the batch is empty afterwards.
 async fn commit(
-    conn: &mut SqliteConnection,
+    sink: &mut Sink,
     batch: &mut Vec<(Box<Fields>, Option<Ack>)>,
     counters: &Counters,
 ) -> Result<(), String> {
-    match write_batch(conn, batch).await {
+    match write_with_retry(sink, batch).await {
         Ok(ids) => {
             counters.batches.fetch_add(1, Ordering::Relaxed);
             counters.rows.fetch_add(ids.len() as u64, Ordering::Relaxed);
@@ -129,6 +186,44 @@ async fn commit(
     }
 }
 
+/// Write the batch; a transient failure is retried with backoff (100 ms doubling to 2 s) for up
+/// to [`pg::MAX_OUTAGE`], with one warning when the outage starts and one line when it ends.
+async fn write_with_retry(
+    sink: &mut Sink,
+    batch: &[(Box<Fields>, Option<Ack>)],
+) -> Result<Vec<i64>, AuditError> {
+    let started = tokio::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match sink.write_batch(batch).await {
+            Ok(ids) => {
+                if warned {
+                    tracing::info!(
+                        entries = batch.len(),
+                        after_ms = started.elapsed().as_millis() as u64,
+                        "audit database reachable again; the queued rows are being written"
+                    );
+                }
+                return Ok(ids);
+            }
+            Err(e) if sink.retry(&e) && started.elapsed() < pg::MAX_OUTAGE => {
+                if !warned {
+                    warned = true;
+                    tracing::warn!(
+                        entries = batch.len(),
+                        error = %e,
+                        "audit database unreachable; retrying the batch (rows queue meanwhile)"
+                    );
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One transaction: read the head, insert the chained rows, move the head, commit (fsync).
 async fn write_batch(
     conn: &mut SqliteConnection,
@@ -138,21 +233,11 @@ async fn write_batch(
     let head = read_head(&mut tx)
         .await?
         .ok_or_else(|| AuditError::Corrupt("the head record (audit_head) is missing".into()))?;
-    let mut id = head.last_id;
-    let mut hash = head.last_hash;
-    // (id, prev_hash, row_hash) of each entry, chained in order.
-    let mut links = Vec::with_capacity(batch.len());
-    for (f, _) in batch {
-        id = id
-            .checked_add(1)
-            .ok_or_else(|| AuditError::Corrupt("row id overflow".into()))?;
-        let row_hash = f.chain_hash(&hash).ok_or_else(|| {
-            AuditError::Corrupt(format!(
-                "the head hash {hash:?} is not 64 lowercase hex digits"
-            ))
-        })?;
-        links.push((id, std::mem::replace(&mut hash, row_hash.clone()), row_hash));
-    }
+    let links = chain_links(
+        head.last_id,
+        head.last_hash,
+        batch.iter().map(|(f, _)| &**f),
+    )?;
     // Multi-row INSERTs (19 parameters a row, well under SQLite's 32766) of power-of-two sizes
     // up to ROWS_PER_INSERT: at most seven distinct statements, so each is prepared once and then
     // comes from the connection's statement cache (a statement per batch size would be prepared
@@ -194,11 +279,13 @@ async fn write_batch(
         qb.build().execute(&mut *tx).await?;
     }
     let ids = links.iter().map(|(id, _, _)| *id).collect();
-    sqlx::query("UPDATE audit_head SET last_id = ?, last_hash = ? WHERE id = 1")
-        .bind(id)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await?;
+    if let Some((id, _, hash)) = links.last() {
+        sqlx::query("UPDATE audit_head SET last_id = ?, last_hash = ? WHERE id = 1")
+            .bind(id)
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(ids)
 }

@@ -530,6 +530,9 @@ impl GatewayAdmin for AdminService {
                 detail: v.detail,
                 head_row_id: u64::try_from(head.last_id).unwrap_or(0),
                 head_hash: head.last_hash,
+                chain_id: v.chain_id,
+                chains: v.chains,
+                checkpoints_checked: v.checkpoints_checked,
             }))
         }
         .await;
