@@ -532,3 +532,85 @@ async fn the_database_decides_exactly_as_the_model() {
         "{admitted} of 400 admitted: the cases do not exercise both outcomes"
     );
 }
+
+/// A batch (`securellm_admit_many`: the admissions of one key queued in one gateway, decided in
+/// one call) is the model applied in order: random states, limits (concurrency included) and
+/// batches of estimates, each decision and the final stored state bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_decides_exactly_as_the_model_in_order() {
+    use securellm_gateway::limits::shared::{Decision, SubjectState, decide};
+    let Some(pg) = Postgres::start_or_skip("batch admission model vs database") else {
+        return;
+    };
+    let url = pg.create_database("batch");
+    let lim = SharedLimiter::open(&url, Duration::from_secs(5), Unreachable::Closed)
+        .await
+        .unwrap();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut admitted, mut refused) = (0, 0);
+    for case in 0..150 {
+        let base: i64 = 1_796_000_000_000 + next(1_000_000) as i64;
+        let mut state = SubjectState {
+            rpm_tat_ms: if next(3) == 0 {
+                0.0
+            } else {
+                base as f64 + next(120_000) as f64 - 60_000.0 + next(1000) as f64 / 7.0
+            },
+            tpm_level: next(20_000) as f64 / 3.0,
+            at_ms: base - next(90_000) as i64,
+        };
+        let start = state;
+        let now = base + next(5_000) as i64 - 1_000;
+        let pick = |v: u64| (v > 0).then_some(v as u32);
+        let l = Limits {
+            rpm: pick(next(3) * next(40)),
+            tpm: pick(next(3) * next(10_000)),
+            concurrent: pick(next(2) * next(12)),
+        };
+        let ests: Vec<u32> = (0..1 + next(24)).map(|_| next(2_000) as u32).collect();
+        let (db, after) = lim.admit_many_at("m", start, now, &l, &ests).await.unwrap();
+        assert_eq!(
+            db.len(),
+            ests.len(),
+            "case {case}: one answer per admission"
+        );
+        let mut in_flight = 0;
+        for (i, (&est, d)) in ests.iter().zip(&db).enumerate() {
+            match (decide(&state, now, &l, est, in_flight), d) {
+                (
+                    Decision::Admit {
+                        state: m,
+                        remaining: mr,
+                    },
+                    Decision::Admit { remaining: dr, .. },
+                ) => {
+                    admitted += 1;
+                    assert_eq!(mr, *dr, "case {case} #{i}: remaining");
+                    state = m;
+                    in_flight += 1;
+                }
+                (m, d) => {
+                    refused += 1;
+                    assert_eq!(
+                        &m, d,
+                        "case {case} #{i}: {start:?} now {now} {l:?} {ests:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            state, after,
+            "case {case}: the stored state after the batch"
+        );
+    }
+    assert!(
+        admitted > 200 && refused > 200,
+        "{admitted} admitted, {refused} refused: the cases do not exercise both outcomes"
+    );
+}

@@ -27,15 +27,26 @@
 //! * concurrency: one slot row per request in flight with an expiry (the whole-request time
 //!   limit plus a margin), deleted when the request ends; a crashed gateway's slots expire.
 //!
+//! **Batches.** The admissions of one subject (with the same limits) that arrive in one gateway
+//! while its previous call for that subject is in flight queue, and the next call decides them
+//! all: `securellm_admit_many` takes the row lock once and applies `decide` to each in arrival
+//! order, each seeing the state (and the slots) the previous left, so the outcome is what one
+//! call per request in that order would give — only the round trips and the lock hand-overs
+//! are shared (as the audit writer's group commit shares fsyncs). A lone request is one call as
+//! before. Freed slots and token settlements queue the same way and go in one statement each.
+//!
 //! **When the database cannot be reached** the configured choice applies
 //! ([`Unreachable`]): `local` — each gateway enforces its own in-process limits at
 //! limit ÷ live replicas (the count last seen in the replica heartbeat table), or `closed` — 503.
 //! Either way the metric `securellm_gateway_limit_store_unavailable_total` counts it and one
 //! warning per outage goes to the log.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use serde::Deserialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -198,27 +209,40 @@ pub enum Shared {
     Unreachable,
 }
 
-/// An admitted request's concurrency slot; deleted (in the background) when dropped.
+/// An admitted request's concurrency slot; deleted (in the background, with the other slots
+/// freed meanwhile) when dropped.
 pub struct Ticket {
     slot: Option<i64>,
-    pool: PgPool,
+    release: mpsc::UnboundedSender<i64>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let Some(id) = self.slot.take() else { return };
-        let pool = self.pool.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                // If this fails the slot expires on its own.
-                let _ = sqlx::query("DELETE FROM concurrency_slots WHERE id = $1")
-                    .bind(id)
-                    .execute(&pool)
-                    .await;
-            });
+        if let Some(id) = self.slot.take() {
+            // If the releaser is gone (or its DELETE fails) the slot expires on its own.
+            let _ = self.release.send(id);
         }
     }
 }
+
+/// One database answer for one admission of a batch: admitted, which limit refused, retry (ms),
+/// the slot, the requests remaining.
+type Answer = (bool, Option<String>, f64, Option<i64>, Option<i64>);
+
+/// A row of `securellm_admit_many`: the admission's place in the batch (from 1), then its answer.
+type BatchRow = (i32, bool, Option<String>, f64, Option<i64>, Option<i64>);
+
+/// A queued admission: its estimate and where its answer goes.
+struct Waiter {
+    estimate: u32,
+    reply: oneshot::Sender<Result<Answer, String>>,
+}
+
+/// Admissions of one subject with the same limits (rpm, tpm, concurrency) batch together.
+type BatchKey = (String, [i64; 3]);
+
+/// Most admissions one call decides.
+const MAX_BATCH: usize = 256;
 
 /// The limiter on PostgreSQL.
 pub struct SharedLimiter {
@@ -230,6 +254,13 @@ pub struct SharedLimiter {
     replicas: Arc<AtomicU32>,
     /// An outage is being reported (one warning per outage).
     down: AtomicBool,
+    /// Admissions waiting for their subject's call in flight (an entry exists while a batch
+    /// runner is active for that key).
+    pending: std::sync::Mutex<HashMap<BatchKey, Vec<Waiter>>>,
+    /// Freed concurrency slots, deleted in batches.
+    release: mpsc::UnboundedSender<i64>,
+    /// Token settlements (subject, tpm, estimate, actual), applied in batches.
+    settlements: mpsc::UnboundedSender<(String, i64, i64, i64)>,
 }
 
 impl SharedLimiter {
@@ -262,12 +293,19 @@ impl SharedLimiter {
             .run(&pool)
             .await
             .map_err(sqlx::Error::from)?;
+        let (release, released) = mpsc::unbounded_channel();
+        let (settlements, settling) = mpsc::unbounded_channel();
+        tokio::spawn(release_slots(pool.clone(), released));
+        tokio::spawn(apply_settlements(pool.clone(), settling));
         let me = Arc::new(Self {
             pool,
             slot_ttl_ms: request_timeout.as_millis() as i64 + 30_000,
             when_unreachable,
             replicas: Arc::new(AtomicU32::new(1)),
             down: AtomicBool::new(false),
+            pending: Default::default(),
+            release,
+            settlements,
         });
         let id = {
             let mut b = [0u8; 8];
@@ -297,8 +335,9 @@ impl SharedLimiter {
         Shared::Unreachable
     }
 
-    /// One admission, atomically across every gateway on the database.
-    pub async fn admit(&self, subject: &str, l: &Limits, estimate: u32) -> Shared {
+    /// One admission, atomically across every gateway on the database (batched with the other
+    /// admissions of `subject` queued here meanwhile; see the module doc).
+    pub async fn admit(self: &Arc<Self>, subject: &str, l: &Limits, estimate: u32) -> Shared {
         match self.try_admit(subject, l, estimate).await {
             Ok(s) => {
                 if self.down.swap(false, Ordering::Relaxed) {
@@ -311,31 +350,36 @@ impl SharedLimiter {
     }
 
     async fn try_admit(
-        &self,
+        self: &Arc<Self>,
         subject: &str,
         l: &Limits,
         estimate: u32,
     ) -> Result<Shared, sqlx::Error> {
-        let now = securellm_common::time::now_ms() as i64;
         let o = |v: Option<u32>| i64::from(nz(v).unwrap_or(0));
-        let (admitted, which, retry_ms, slot, remaining): (
-            bool,
-            Option<String>,
-            f64,
-            Option<i64>,
-            Option<i64>,
-        ) = sqlx::query_as(
-            "SELECT admitted, which, retry_ms, slot, remaining FROM securellm_admit($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(subject)
-        .bind(now)
-        .bind(o(l.rpm))
-        .bind(o(l.tpm))
-        .bind(o(l.concurrent))
-        .bind(i64::from(estimate))
-        .bind(now + self.slot_ttl_ms)
-        .fetch_one(&self.pool)
-        .await?;
+        let key: BatchKey = (subject.to_string(), [o(l.rpm), o(l.tpm), o(l.concurrent)]);
+        let (reply, answer) = oneshot::channel();
+        let lead = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let waiter = Waiter { estimate, reply };
+            match pending.get_mut(&key) {
+                Some(queue) => {
+                    queue.push(waiter);
+                    false
+                }
+                None => {
+                    pending.insert(key.clone(), vec![waiter]);
+                    true
+                }
+            }
+        };
+        if lead {
+            // A task of its own: a caller that goes away must not strand the others.
+            tokio::spawn(self.clone().run_batches(key));
+        }
+        let (admitted, which, retry_ms, slot, remaining) = answer
+            .await
+            .map_err(|_| sqlx::Error::WorkerCrashed)?
+            .map_err(sqlx::Error::Protocol)?;
         let mut headers = limit_headers(l);
         if !admitted {
             let which = match which.as_deref() {
@@ -357,10 +401,70 @@ impl SharedLimiter {
         Ok(Shared::Allowed {
             ticket: Ticket {
                 slot,
-                pool: self.pool.clone(),
+                release: self.release.clone(),
             },
             headers,
         })
+    }
+
+    /// Decide `key`'s queued admissions, one call per batch, until none is left.
+    async fn run_batches(self: Arc<Self>, key: BatchKey) {
+        loop {
+            let batch: Vec<Waiter> = {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(queue) = pending.get_mut(&key) else {
+                    return;
+                };
+                if queue.is_empty() {
+                    pending.remove(&key);
+                    return;
+                }
+                let n = queue.len().min(MAX_BATCH);
+                queue.drain(..n).collect()
+            };
+            let ests: Vec<i64> = batch.iter().map(|w| i64::from(w.estimate)).collect();
+            let now = securellm_common::time::now_ms() as i64;
+            let [rpm, tpm, conc] = key.1;
+            let rows: Result<Vec<BatchRow>, _> = sqlx::query_as(
+                "SELECT idx, admitted, which, retry_ms, slot, remaining \
+                     FROM securellm_admit_many($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&key.0)
+            .bind(now)
+            .bind(rpm)
+            .bind(tpm)
+            .bind(conc)
+            .bind(&ests)
+            .bind(now + self.slot_ttl_ms)
+            .fetch_all(&self.pool)
+            .await;
+            match rows {
+                Ok(rows) => {
+                    let mut answers: Vec<Option<Answer>> = vec![None; batch.len()];
+                    for (idx, a, w, r, slot, rem) in rows {
+                        if let Some(x) = usize::try_from(idx - 1)
+                            .ok()
+                            .and_then(|i| answers.get_mut(i))
+                        {
+                            *x = Some((a, w, r, slot, rem));
+                        }
+                    }
+                    for (waiter, answer) in batch.into_iter().zip(answers) {
+                        let answer = answer.ok_or_else(|| "no answer for an admission".to_string());
+                        if let Err(Ok((_, _, _, Some(slot), _))) = waiter.reply.send(answer) {
+                            // Its caller left: free the slot it would have held.
+                            let _ = self.release.send(slot);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for waiter in batch {
+                        let _ = waiter.reply.send(Err(message.clone()));
+                    }
+                }
+            }
+        }
     }
 
     /// Charge the real usage (in the background; a failure leaves the estimate charged).
@@ -368,14 +472,13 @@ impl SharedLimiter {
         if nz(l.tpm).is_none() || estimate == actual {
             return;
         }
-        let me = self.clone();
-        let (subject, l) = (subject.to_string(), *l);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = me.reconcile_now(&subject, &l, estimate, actual).await {
-                    tracing::debug!("rate limits: reconcile for {subject} failed: {e}");
-                }
-            });
+        if let Some(tpm) = nz(l.tpm) {
+            let _ = self.settlements.send((
+                subject.to_string(),
+                i64::from(tpm),
+                i64::from(estimate),
+                i64::from(actual),
+            ));
         }
     }
 
@@ -454,6 +557,72 @@ impl SharedLimiter {
         Ok((d, after))
     }
 
+    /// The batch admission for a given stored state and time (the differential test against
+    /// [`decide`] applied in order): writes `state` for `subject` with no live slots, decides
+    /// `estimates` in one call, returns each decision and the stored state after.
+    #[doc(hidden)]
+    pub async fn admit_many_at(
+        &self,
+        subject: &str,
+        state: SubjectState,
+        now_ms: i64,
+        l: &Limits,
+        estimates: &[u32],
+    ) -> Result<(Vec<Decision>, SubjectState), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO rate_limits (subject, rpm_tat_ms, tpm_level, at_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (subject) DO UPDATE SET rpm_tat_ms = $2, tpm_level = $3, at_ms = $4",
+        )
+        .bind(subject)
+        .bind(state.rpm_tat_ms)
+        .bind(state.tpm_level)
+        .bind(state.at_ms)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("DELETE FROM concurrency_slots WHERE subject = $1")
+            .bind(subject)
+            .execute(&self.pool)
+            .await?;
+        let o = |v: Option<u32>| i64::from(nz(v).unwrap_or(0));
+        let ests: Vec<i64> = estimates.iter().map(|&e| i64::from(e)).collect();
+        let rows: Vec<BatchRow> = sqlx::query_as(
+            "SELECT idx, admitted, which, retry_ms, slot, remaining \
+             FROM securellm_admit_many($1, $2, $3, $4, $5, $6, $7) ORDER BY idx",
+        )
+        .bind(subject)
+        .bind(now_ms)
+        .bind(o(l.rpm))
+        .bind(o(l.tpm))
+        .bind(o(l.concurrent))
+        .bind(&ests)
+        .bind(now_ms + 3_600_000)
+        .fetch_all(&self.pool)
+        .await?;
+        let after = self.state(subject).await?.unwrap_or_default();
+        let decisions = rows
+            .into_iter()
+            .map(|(_, admitted, which, retry_ms, _, remaining)| {
+                if admitted {
+                    // The state each admission left is not returned; the last one's is `after`.
+                    Decision::Admit {
+                        state: after,
+                        remaining: remaining.map(|r| r as u32),
+                    }
+                } else {
+                    Decision::Refuse {
+                        which: match which.as_deref() {
+                            Some("tpm") => LimitKind::Tpm,
+                            Some("concurrency") => LimitKind::Concurrency,
+                            _ => LimitKind::Rpm,
+                        },
+                        retry_after: ms(retry_ms),
+                    }
+                }
+            })
+            .collect();
+        Ok((decisions, after))
+    }
+
     /// A subject's stored state (tests, diagnostics).
     pub async fn state(&self, subject: &str) -> Result<Option<SubjectState>, sqlx::Error> {
         let row: Option<(f64, f64, i64)> = sqlx::query_as(
@@ -490,6 +659,44 @@ pub fn divided(l: &Limits, replicas: u32) -> Limits {
         rpm: d(l.rpm),
         tpm: d(l.tpm),
         concurrent: d(l.concurrent),
+    }
+}
+
+/// Delete freed slots: whatever has queued, in one statement (a failure leaves them to expire).
+async fn release_slots(pool: PgPool, mut rx: mpsc::UnboundedReceiver<i64>) {
+    let mut ids = Vec::new();
+    while rx.recv_many(&mut ids, 1024).await > 0 {
+        let _ = sqlx::query("DELETE FROM concurrency_slots WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&pool)
+            .await;
+        ids.clear();
+    }
+}
+
+/// Apply queued token settlements in order, in one statement (a failure leaves the estimates
+/// charged).
+async fn apply_settlements(pool: PgPool, mut rx: mpsc::UnboundedReceiver<(String, i64, i64, i64)>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let (mut subjects, mut tpms, mut ests, mut actuals) = (vec![], vec![], vec![], vec![]);
+        for (s, t, e, a) in batch.drain(..) {
+            subjects.push(s);
+            tpms.push(t);
+            ests.push(e);
+            actuals.push(a);
+        }
+        if let Err(e) = sqlx::query("SELECT securellm_settle_many($1, $2, $3, $4, $5)")
+            .bind(securellm_common::time::now_ms() as i64)
+            .bind(&subjects)
+            .bind(&tpms)
+            .bind(&ests)
+            .bind(&actuals)
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!("rate limits: {} settlements failed: {e}", subjects.len());
+        }
     }
 }
 
