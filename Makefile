@@ -109,11 +109,14 @@ llama-server:
 	./scripts/install-llama-server.sh
 
 # A Python venv outside the repo with the PyPI `openai` package (the gateway tests drive the gateway
-# with the official client), `gguf` (the registry benchmark's baseline) and `pyyaml` (the
-# docker-compose check).
+# with the official client), `gguf` (the registry benchmark's baseline), `pyyaml` (the
+# docker-compose check) and `schemathesis` (fuzzes the gateway's OpenAPI document,
+# tests/e2e/tests/admin_http.rs; that test skips LOUDLY only when it could not be installed).
 pyenv:
 	@test -x "$(PYENV)/bin/python" || python3 -m venv "$(PYENV)"
 	@"$(PYENV)/bin/python" -c "import gguf, openai, yaml" 2>/dev/null || "$(PYENV)/bin/pip" install -q gguf openai pyyaml
+	@"$(PYENV)/bin/python" -c "import schemathesis" 2>/dev/null || "$(PYENV)/bin/pip" install -q schemathesis || \
+		echo "WARNING: schemathesis (PyPI) could not be installed: the OpenAPI fuzzing test will be SKIPPED" >&2
 
 bench-registry: pyenv
 	SECURELLM_BENCH_PYTHON="$(PYENV)/bin/python" $(CARGO) run --release -p securellm-bench -- registry

@@ -205,6 +205,7 @@ let
       metrics_listen = gw.metricsListen;
       backend = connectAddr cfg.backendManager.listen;
       registry = connectAddr cfg.registry.listen;
+      scheduler = connectAddr cfg.scheduler.listen;
       bootstrap_key_file = "${stateRoot}/gateway/api-key";
       admin_token_file = "${credDir "gateway"}/admin-token";
       tls =

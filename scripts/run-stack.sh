@@ -168,7 +168,7 @@ start backend-manager --listen "$BACKEND_LISTEN" --scheduler "$SCHEDULER" --regi
 BACKEND="$(ready_addr grpc)"
 BACKEND_METRICS="$(metrics_addr)"
 start securellm-gateway --listen "$GATEWAY_LISTEN" --http-listen "$GATEWAY_HTTP_LISTEN" \
-  --backend "$BACKEND" --registry "$REGISTRY" --data-dir "$DATA_DIR/gateway" \
+  --backend "$BACKEND" --registry "$REGISTRY" --scheduler "$SCHEDULER" --data-dir "$DATA_DIR/gateway" \
   --bootstrap-key-file "$DATA_DIR/api-key" --metrics-listen "$GATEWAY_METRICS_LISTEN"
 GATEWAY="$(ready_addr grpc)"
 HTTP="$(ready_addr http)"

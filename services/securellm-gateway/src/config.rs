@@ -24,6 +24,9 @@ pub struct GatewayConfig {
     pub backend: String,
     /// The registry's gRPC address.
     pub registry: String,
+    /// The VRAM scheduler's gRPC address (GPUs, leases and the queue for the management API's
+    /// status).
+    pub scheduler: String,
     /// Largest request body accepted (413 beyond).
     pub max_body: ByteSize,
     /// Whole-request time limit, load included.
@@ -200,6 +203,7 @@ impl Default for GatewayConfig {
             data_dir: None,
             backend: "127.0.0.1:50053".into(),
             registry: "127.0.0.1:50052".into(),
+            scheduler: "127.0.0.1:50051".into(),
             max_body: ByteSize(4 << 20),
             request_timeout_ms: 600_000,
             tls: None,
@@ -265,6 +269,9 @@ pub struct Args {
     /// The registry's address.
     #[arg(long, env = "SECURELLM_REGISTRY")]
     pub registry: Option<String>,
+    /// The VRAM scheduler's address (the management API's status: GPUs, leases, queue).
+    #[arg(long, env = "SECURELLM_SCHEDULER")]
+    pub scheduler: Option<String>,
     /// Create a first API key if none exists and write it to this file.
     #[arg(long)]
     pub bootstrap_key_file: Option<PathBuf>,

@@ -4,6 +4,9 @@
 //! - [`http`]: the OpenAI-compatible HTTP API (the tower stack in front of the pipeline).
 //! - [`grpc`]: the same API over gRPC (`securellm.v1.Gateway`), and [`grpc::admin`], the
 //!   `GatewayAdmin` service (keys, audit) behind an admin token.
+//! - [`management`]: the management operations (keys, audit query, the stack's status,
+//!   catalogue, instances, load / unload), once, behind `GatewayAdmin` and the HTTP management
+//!   API under `/admin/v1/` ([`http::admin`], with its OpenAPI document).
 //! - [`pipeline`]: the request path both transports share: authenticate → authorize → validate →
 //!   rate-limit → redact → audit → route → forward.
 //! - [`state`]: what the request path shares ([`state::AppState`]).
@@ -33,6 +36,7 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod listener;
+pub mod management;
 pub mod observe;
 pub mod pipeline;
 pub mod redact;
@@ -311,25 +315,6 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
             addr: cfg.http_listen.clone(),
             source,
         })?;
-    let tls = cfg.tls.as_ref().map(listener::tls_config).transpose()?;
-    let router = http::router(
-        state.clone(),
-        cfg.max_body.0 as usize,
-        Duration::from_millis(cfg.body_read_timeout_ms),
-    );
-    let (http_stop, http_rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(listener::serve(
-        http_listener,
-        router,
-        tls.clone(),
-        listener::Limits {
-            max_connections: cfg.max_connections as usize,
-            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
-            max_header_bytes: cfg.max_header_bytes.0 as usize,
-        },
-        http_rx,
-        Duration::from_secs(10),
-    ));
     let token_path = cfg
         .admin_token_file
         .clone()
@@ -362,6 +347,39 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
             }
         }
         .into();
+    // The management operations behind both admin doors (gRPC `GatewayAdmin`, HTTP `/admin/v1`).
+    let management = management::Management::new(
+        state.clone(),
+        admin_token,
+        channel(&cfg.scheduler, cfg, None)?,
+        channel(&cfg.registry, cfg, None)?,
+        channel(&cfg.backend, cfg, None)?,
+        management::Addresses {
+            scheduler: cfg.scheduler.clone(),
+            registry: cfg.registry.clone(),
+            backend: cfg.backend.clone(),
+        },
+    );
+    let tls = cfg.tls.as_ref().map(listener::tls_config).transpose()?;
+    let router = http::router(
+        state.clone(),
+        management.clone(),
+        cfg.max_body.0 as usize,
+        Duration::from_millis(cfg.body_read_timeout_ms),
+    );
+    let (http_stop, http_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(listener::serve(
+        http_listener,
+        router,
+        tls.clone(),
+        listener::Limits {
+            max_connections: cfg.max_connections as usize,
+            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
+            max_header_bytes: cfg.max_header_bytes.0 as usize,
+        },
+        http_rx,
+        Duration::from_secs(10),
+    ));
     let metrics = match cfg.metrics_listen.as_deref() {
         Some(a) => {
             observe::enable();
@@ -405,7 +423,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<RunningGateway, StartError> {
             state.clone(),
             cfg.max_body.0 as usize,
         ))
-        .add_service(admin::AdminService::new(state.clone(), admin_token));
+        .add_service(admin::AdminService::new(state.clone(), management));
     let stopped = async {
         let _ = stop_rx.await;
     };

@@ -24,6 +24,7 @@ pub async fn standalone_gateway(
         // Nothing listens there.
         backend: "127.0.0.1:1".into(),
         registry: "127.0.0.1:1".into(),
+        scheduler: "127.0.0.1:1".into(),
         ..Default::default()
     };
     tweak(&mut cfg);

@@ -285,6 +285,7 @@ impl StackBuilder {
                     data_dir: Some(dir.path().join("gateway")),
                     backend: m.addr.to_string(),
                     registry: r.addr.to_string(),
+                    scheduler: scheduler_addr.to_string(),
                     internal_token: token.clone(),
                     ..Default::default()
                 };

@@ -563,6 +563,8 @@ impl Stack {
                 os(&backend.grpc.to_string()),
                 os("--registry"),
                 os(&registry.grpc.to_string()),
+                os("--scheduler"),
+                os(&scheduler.grpc.to_string()),
                 os("--bootstrap-key-file"),
                 path(key_file.clone()),
             ],

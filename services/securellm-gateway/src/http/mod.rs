@@ -28,6 +28,8 @@ use securellm_common::telemetry;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
+pub mod admin;
+
 use crate::error::ApiError;
 use crate::listener::BodyTimedOut;
 use crate::pipeline::{self, Mode, Reply};
@@ -38,8 +40,15 @@ pub use crate::state::{AppState, Shared};
 pub use crate::pipeline::Caller;
 
 /// The router with the whole stack. `body_read_timeout` bounds the time to read a whole request
-/// body, counted from the arrival of the request head (not the gaps between its bytes).
-pub fn router(state: Shared, max_body: usize, body_read_timeout: Duration) -> Router {
+/// body, counted from the arrival of the request head (not the gaps between its bytes). The
+/// management API (`/admin/v1/…`, [`admin`]) authenticates each call itself (admin token, not an
+/// API key) through `management`, the one implementation it shares with the gRPC admin service.
+pub fn router(
+    state: Shared,
+    management: crate::management::Management,
+    max_body: usize,
+    body_read_timeout: Duration,
+) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -48,6 +57,7 @@ pub fn router(state: Shared, max_body: usize, body_read_timeout: Duration) -> Ro
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let router = Router::new()
         .merge(api)
+        .nest("/admin/v1", admin::router(management))
         .route(
             "/health",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -127,6 +137,7 @@ pub fn route_of(path: &str) -> &'static str {
         "/v1/models" => "/v1/models",
         "/health" => "/health",
         "/ready" => "/ready",
+        p if p.starts_with("/admin/v1/") => "/admin/v1",
         _ => "other",
     }
 }
