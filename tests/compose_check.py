@@ -167,8 +167,61 @@ for name, svc in services.items():
 if len(set(token_files.values())) != 1 or None in token_files.values():
     err(f"the services must share one --internal-token-file: {token_files}")
 
+# Two gateways on one PostgreSQL (docker-compose.gateways.yml), merged by Compose itself.
+def compose_cmd():
+    import shutil
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+two_gateways = "SKIPPED (no docker compose / docker-compose)"
+cc = compose_cmd()
+if cc is None:
+    print("WARNING: docker-compose.gateways.yml not checked: no Compose here", file=sys.stderr)
+else:
+    env = dict(os.environ, SECURELLM_DB_PASSWORD="check-only")
+    out = subprocess.run(cc + ["-f", "docker-compose.yml", "-f", "docker-compose.gateways.yml", "config"],
+                         cwd=root, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        err(f"docker-compose.gateways.yml does not merge: {out.stderr.strip()}")
+    else:
+        merged = yaml.safe_load(out.stdout)["services"]
+        gws = [merged.get(n) for n in ("securellm-gateway", "securellm-gateway-2")]
+        if None in gws or "postgres" not in merged:
+            err("docker-compose.gateways.yml: needs securellm-gateway, securellm-gateway-2 and postgres")
+        else:
+            help_text = subprocess.run([os.path.join(bin_dir, "securellm-gateway"), "--help"],
+                                       capture_output=True, text=True, check=True).stdout
+            for flag in [a for a in gws[1]["command"][1:] if a.startswith("--")]:
+                if not re.search(rf"(^|\s){re.escape(flag)}[\s=<]", help_text):
+                    err(f"securellm-gateway-2: flag {flag} is not in `securellm-gateway --help`")
+            env_of = [g.get("environment") or {} for g in gws]
+            urls = {e.get("SECURELLM_DATABASE_URL") for e in env_of}
+            if len(urls) != 1 or not next(iter(urls), "").startswith("postgres://") or "@postgres/" not in next(iter(urls)):
+                err(f"the two gateways must share one database URL on the postgres service: {urls}")
+            ids = [e.get("SECURELLM_REPLICA_ID") for e in env_of]
+            if None in ids or len(set(ids)) != 2:
+                err(f"the two gateways need distinct SECURELLM_REPLICA_ID (their audit chains): {ids}")
+            dirs = [dict(zip(g["command"][1::2], g["command"][2::2])).get("--data-dir") for g in gws]
+            if len(set(dirs)) != 2:
+                err(f"the two gateways need distinct --data-dir: {dirs}")
+            ports = [str(p) for g in gws for p in g.get("ports", [])]
+            if len(ports) != 2 or len({p.split(":")[-2] for p in ports}) != 2:
+                err(f"each gateway publishes one HTTP port, different ones: {ports}")
+            pg = merged["postgres"]
+            if pg.get("ports"):
+                err("postgres must not publish a port")
+            if set(pg.get("networks", {})) != {"internal"}:
+                err(f"postgres must be on the internal network only: {pg.get('networks')}")
+            for n, g in zip(("securellm-gateway", "securellm-gateway-2"), gws):
+                if "postgres" not in (g.get("depends_on") or {}):
+                    err(f"{n} must depend on postgres")
+            two_gateways = "OK"
+
 if errors:
     print("docker-compose.yml check FAILED:\n  " + "\n  ".join(errors))
     sys.exit(1)
 print(f"docker-compose.yml OK: {len(services)} services consistent with the binaries' flags; "
-      "docker-compose.gpu.yml and both Dockerfiles OK")
+      f"docker-compose.gpu.yml and both Dockerfiles OK; docker-compose.gateways.yml {two_gateways}")

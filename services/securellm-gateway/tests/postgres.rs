@@ -396,7 +396,7 @@ async fn concurrency_slots_are_shared_and_a_crashed_gateways_slots_expire() {
     std::mem::forget(t2);
     held.into_iter().for_each(std::mem::forget);
     assert!(allowed(a.admit("k", &l, 1).await).is_none());
-    pg.psql("slots", "UPDATE concurrency_slots SET expires_ms = 0")
+    pg.psql("slots", "UPDATE concurrency_holds SET expires_ms = 0")
         .unwrap();
     assert!(allowed(a.admit("k", &l, 1).await).is_some());
     // Unreachable store: the decision says so (the gateway then applies its fallback).

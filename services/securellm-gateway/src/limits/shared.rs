@@ -8,14 +8,14 @@
 //! admit (with the new state) or refuse (with which limit and when to retry) out. Property tests
 //! drive it with a fake clock and random interleavings.
 //!
-//! **The I/O is one statement per admission** ([`SharedLimiter::admit`]): `SELECT … FROM
-//! securellm_admit(…)`, a PL/pgSQL function (`migrations-postgres/0002_rate_limits.sql`) that is
-//! [`decide`] operation for operation (tested
-//! to agree with it bit for bit on random inputs against the real database). Inside it, `INSERT …
-//! ON CONFLICT DO UPDATE … RETURNING` takes the subject's row lock and state, so every admission
-//! of one key, from any gateway, is serialized on that row; the live slots are counted (expired
-//! ones removed), and the new state and (when a concurrency limit applies) a slot row are written
-//! before the statement commits. A refused request writes nothing but the row's creation. The
+//! **The I/O is one statement per admission** (or per batch, below; [`SharedLimiter::admit`]):
+//! `SELECT … FROM securellm_admit_many(…)`, a PL/pgSQL function
+//! (`migrations-postgres/0004_group_admission.sql`; `securellm_admit` in 0002 is its single form) that is
+//! [`decide`] operation for operation (tested to agree with it bit for bit on random inputs
+//! against the real database). Inside it, `SELECT … FOR UPDATE` takes the subject's row lock and
+//! state, so every admission of one key, from any gateway, is serialized on that row; the live
+//! slots are counted, and the new state and (when a concurrency limit applies) this replica's
+//! hold are written before the statement commits. A refused request writes nothing but the row's creation. The
 //! lock is held for the function's microseconds, not for round trips (a first version with one
 //! transaction of five statements admitted 443 requests/s on one key; see BENCHMARKS.md).
 //!
@@ -24,8 +24,10 @@
 //! * tokens per minute: a token bucket of capacity tpm refilled at tpm / 60 s; the estimate is
 //!   reserved at admission and [`SharedLimiter::reconcile`] charges the real usage (a refund, or
 //!   debt that delays the next requests);
-//! * concurrency: one slot row per request in flight with an expiry (the whole-request time
-//!   limit plus a margin), deleted when the request ends; a crashed gateway's slots expire.
+//! * concurrency: each gateway's slots in flight per subject, one row per (subject, replica)
+//!   whose expiry every admission through that replica pushes to now + the whole-request time
+//!   limit + a margin (so it covers all its requests in flight); ends give slots back; a crashed
+//!   gateway's row expires and its slots come back.
 //!
 //! **Batches.** The admissions of one subject (with the same limits) that arrive in one gateway
 //! while its previous call for that subject is in flight queue, and the next call decides them
@@ -209,18 +211,19 @@ pub enum Shared {
     Unreachable,
 }
 
-/// An admitted request's concurrency slot; deleted (in the background, with the other slots
-/// freed meanwhile) when dropped.
+/// An admitted request's concurrency slot (the subject it counts against); given back (in the
+/// background, with the other slots freed meanwhile) when dropped.
 pub struct Ticket {
-    slot: Option<i64>,
-    release: mpsc::UnboundedSender<i64>,
+    slot: Option<String>,
+    release: mpsc::UnboundedSender<String>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(id) = self.slot.take() {
-            // If the releaser is gone (or its DELETE fails) the slot expires on its own.
-            let _ = self.release.send(id);
+        if let Some(subject) = self.slot.take() {
+            // If the releaser is gone (or its UPDATE fails) the slot expires with this replica's
+            // hold.
+            let _ = self.release.send(subject);
         }
     }
 }
@@ -257,8 +260,10 @@ pub struct SharedLimiter {
     /// Admissions waiting for their subject's call in flight (an entry exists while a batch
     /// runner is active for that key).
     pending: std::sync::Mutex<HashMap<BatchKey, Vec<Waiter>>>,
-    /// Freed concurrency slots, deleted in batches.
-    release: mpsc::UnboundedSender<i64>,
+    /// This replica's id (its heartbeat row and its concurrency holds).
+    replica: String,
+    /// Freed concurrency slots (their subjects), given back in batches.
+    release: mpsc::UnboundedSender<String>,
     /// Token settlements (subject, tpm, estimate, actual), applied in batches.
     settlements: mpsc::UnboundedSender<(String, i64, i64, i64)>,
 }
@@ -293,9 +298,14 @@ impl SharedLimiter {
             .run(&pool)
             .await
             .map_err(sqlx::Error::from)?;
+        let replica = {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            hex::encode(b)
+        };
         let (release, released) = mpsc::unbounded_channel();
         let (settlements, settling) = mpsc::unbounded_channel();
-        tokio::spawn(release_slots(pool.clone(), released));
+        tokio::spawn(release_slots(pool.clone(), replica.clone(), released));
         tokio::spawn(apply_settlements(pool.clone(), settling));
         let me = Arc::new(Self {
             pool,
@@ -304,15 +314,15 @@ impl SharedLimiter {
             replicas: Arc::new(AtomicU32::new(1)),
             down: AtomicBool::new(false),
             pending: Default::default(),
+            replica,
             release,
             settlements,
         });
-        let id = {
-            let mut b = [0u8; 8];
-            getrandom::fill(&mut b).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            hex::encode(b)
-        };
-        tokio::spawn(heartbeat(me.pool.clone(), id, me.replicas.clone()));
+        tokio::spawn(heartbeat(
+            me.pool.clone(),
+            me.replica.clone(),
+            me.replicas.clone(),
+        ));
         Ok(me)
     }
 
@@ -400,7 +410,7 @@ impl SharedLimiter {
         }
         Ok(Shared::Allowed {
             ticket: Ticket {
-                slot,
+                slot: slot.map(|_| subject.to_string()),
                 release: self.release.clone(),
             },
             headers,
@@ -427,7 +437,7 @@ impl SharedLimiter {
             let [rpm, tpm, conc] = key.1;
             let rows: Result<Vec<BatchRow>, _> = sqlx::query_as(
                 "SELECT idx, admitted, which, retry_ms, slot, remaining \
-                     FROM securellm_admit_many($1, $2, $3, $4, $5, $6, $7)",
+                     FROM securellm_admit_many($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&key.0)
             .bind(now)
@@ -436,6 +446,7 @@ impl SharedLimiter {
             .bind(conc)
             .bind(&ests)
             .bind(now + self.slot_ttl_ms)
+            .bind(&self.replica)
             .fetch_all(&self.pool)
             .await;
             match rows {
@@ -451,9 +462,9 @@ impl SharedLimiter {
                     }
                     for (waiter, answer) in batch.into_iter().zip(answers) {
                         let answer = answer.ok_or_else(|| "no answer for an admission".to_string());
-                        if let Err(Ok((_, _, _, Some(slot), _))) = waiter.reply.send(answer) {
+                        if let Err(Ok((_, _, _, Some(_), _))) = waiter.reply.send(answer) {
                             // Its caller left: free the slot it would have held.
-                            let _ = self.release.send(slot);
+                            let _ = self.release.send(key.0.clone());
                         }
                     }
                 }
@@ -579,7 +590,7 @@ impl SharedLimiter {
         .bind(state.at_ms)
         .execute(&self.pool)
         .await?;
-        sqlx::query("DELETE FROM concurrency_slots WHERE subject = $1")
+        sqlx::query("DELETE FROM concurrency_holds WHERE subject = $1")
             .bind(subject)
             .execute(&self.pool)
             .await?;
@@ -587,7 +598,7 @@ impl SharedLimiter {
         let ests: Vec<i64> = estimates.iter().map(|&e| i64::from(e)).collect();
         let rows: Vec<BatchRow> = sqlx::query_as(
             "SELECT idx, admitted, which, retry_ms, slot, remaining \
-             FROM securellm_admit_many($1, $2, $3, $4, $5, $6, $7) ORDER BY idx",
+             FROM securellm_admit_many($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
         )
         .bind(subject)
         .bind(now_ms)
@@ -596,6 +607,7 @@ impl SharedLimiter {
         .bind(o(l.concurrent))
         .bind(&ests)
         .bind(now_ms + 3_600_000)
+        .bind(&self.replica)
         .fetch_all(&self.pool)
         .await?;
         let after = self.state(subject).await?.unwrap_or_default();
@@ -662,15 +674,28 @@ pub fn divided(l: &Limits, replicas: u32) -> Limits {
     }
 }
 
-/// Delete freed slots: whatever has queued, in one statement (a failure leaves them to expire).
-async fn release_slots(pool: PgPool, mut rx: mpsc::UnboundedReceiver<i64>) {
-    let mut ids = Vec::new();
-    while rx.recv_many(&mut ids, 1024).await > 0 {
-        let _ = sqlx::query("DELETE FROM concurrency_slots WHERE id = ANY($1)")
-            .bind(&ids)
+/// Give freed slots back: whatever has queued, counted per subject, in one statement (a failure
+/// leaves them held until this replica's hold expires).
+async fn release_slots(pool: PgPool, replica: String, mut rx: mpsc::UnboundedReceiver<String>) {
+    let mut freed = Vec::new();
+    while rx.recv_many(&mut freed, 1024).await > 0 {
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        for subject in freed.drain(..) {
+            *counts.entry(subject).or_default() += 1;
+        }
+        let (subjects, n): (Vec<String>, Vec<i64>) = counts.into_iter().unzip();
+        if let Err(e) = sqlx::query("SELECT securellm_release_many($1, $2, $3)")
+            .bind(&replica)
+            .bind(&subjects)
+            .bind(&n)
             .execute(&pool)
-            .await;
-        ids.clear();
+            .await
+        {
+            tracing::debug!(
+                "rate limits: giving back {} slots failed: {e}",
+                n.iter().sum::<i64>()
+            );
+        }
     }
 }
 
