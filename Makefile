@@ -37,7 +37,7 @@ clippy:
 
 # The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
-unit: pyenv promtool nix postgres
+unit: pyenv promtool nix postgres neovim
 	@SECURELLM_TEST_PYTHON="$(PYENV)/bin/python"; export SECURELLM_TEST_PYTHON; \
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	echo "llama-server: $$LLAMA_SERVER"; \
@@ -84,6 +84,17 @@ nix:
 		apt-get install -y --no-install-recommends nix-bin || \
 		{ apt-get update -q && apt-get install -y --no-install-recommends nix-bin; } || \
 		echo "WARNING: nix-instantiate (Debian package nix-bin) could not be installed: the NixOS module checks will be SKIPPED" >&2
+
+# Debian's Neovim (0.7 on Debian 12), for the Neovim plugin's test (tests/e2e/tests/neovim.rs drives
+# integrations/neovim in `nvim --headless`): installed once if missing. The test skips LOUDLY only
+# when it could not be installed.
+.PHONY: neovim
+neovim:
+	@command -v nvim >/dev/null 2>&1 || \
+		sudo -n apt-get install -y --no-install-recommends neovim 2>/dev/null || \
+		apt-get install -y --no-install-recommends neovim || \
+		{ apt-get update -q && apt-get install -y --no-install-recommends neovim; } || \
+		echo "WARNING: nvim (Debian package neovim) could not be installed: the Neovim plugin test will be SKIPPED" >&2
 
 # Debian's PostgreSQL server binaries (initdb, pg_ctl), for the throw-away clusters the tests of
 # shared state start (shared/testkit/src/postgres.rs): installed once if missing. Those tests skip
