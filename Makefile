@@ -109,7 +109,7 @@ postgres:
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
-bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap bench-telemetry bench-storage
+bench: bench-scheduler bench-registry bench-estimate bench-backend bench-gateway bench-swap bench-telemetry bench-storage bench-placement
 
 bench-scheduler:
 	$(CARGO) run --release -p securellm-bench -- scheduler
@@ -162,6 +162,10 @@ bench-telemetry:
 # Keys and rate limits in PostgreSQL vs in the gateway (BENCHMARKS.md): a throw-away cluster from
 # Debian's postgresql (installed by `make postgres` if missing).
 .PHONY: bench-storage
+# The gateway's placement decision over 16 GPU nodes (in process; issue 17).
+bench-placement:
+	$(CARGO) run --release -p securellm-bench -- placement
+
 bench-storage: postgres
 	$(CARGO) build --release -p securellm-gateway
 	$(CARGO) run --release -p securellm-bench -- storage $(BENCH_STORAGE_ARGS)

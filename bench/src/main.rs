@@ -5,6 +5,7 @@
 mod backend;
 mod estimate;
 mod gateway;
+mod placement;
 mod registry;
 mod scheduler;
 mod stats;
@@ -48,6 +49,8 @@ enum Bench {
     /// Keys and rate limits in PostgreSQL (one transaction per admission) vs in the gateway
     /// (SQLite + memory), and two gateways sharing the database.
     Storage(storage::Args),
+    /// The gateway's placement decision over 16 GPU nodes vs over one (in process).
+    Placement(placement::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,5 +69,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Swap(a) => rt.block_on(swap::run(a)),
         Bench::Telemetry(a) => rt.block_on(telemetry::run(a)),
         Bench::Storage(a) => rt.block_on(storage::run(a)),
+        Bench::Placement(a) => placement::run(a),
     }
 }

@@ -39,6 +39,7 @@ pub mod listener;
 pub mod management;
 pub mod observe;
 pub mod pipeline;
+pub mod placement;
 pub mod redact;
 pub mod state;
 pub mod upstream;
