@@ -74,6 +74,14 @@ compose-test: pyenv
 	$(CARGO) build -p vram-scheduler -p registry -p backend-manager -p securellm-gateway -p securellm && \
 	"$(PYENV)/bin/python" tests/compose_e2e.py
 
+# A test CA and certificates for mutual TLS on the internal gRPC ([internal_tls], README
+# "Internal TLS"): CERTS_DIR (default ./certs, ignored by git), one certificate per NAME=SANs.
+CERTS_DIR ?= certs
+CERTS ?= local=localhost,127.0.0.1,::1
+.PHONY: certs
+certs:
+	./scripts/certs.sh $(CERTS_DIR) $(CERTS)
+
 # Debian's Nix 2.8 (`nix-instantiate`), for the NixOS module checks (tests/e2e/tests/nixos.rs,
 # which evaluate nix/module.nix with ../shared/nix-eval): installed once if missing. The checks
 # skip LOUDLY (a warning on stderr) only when it could not be installed.

@@ -144,6 +144,9 @@ pub struct BackendConfig {
     /// in-process tests start a manager that way.
     #[serde(skip)]
     pub internal_token: Option<InternalToken>,
+    /// `[internal_tls]` (mutual TLS on internal gRPC), loaded with the config.
+    #[serde(skip)]
+    pub internal_tls: Option<securellm_common::mtls::InternalTls>,
 }
 
 /// `[backend.ollama]`.
@@ -227,6 +230,7 @@ impl Default for BackendConfig {
             tgi: None,
             internal_token_file: None,
             internal_token: None,
+            internal_tls: None,
         }
     }
 }
@@ -297,6 +301,7 @@ impl BackendConfig {
         // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: BackendConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "backend", args)?;
+        c.internal_tls = securellm_common::mtls::load(args.config.as_deref())?;
         c.metrics_listen = securellm_common::prometheus::listen_addr(
             c.metrics_listen.as_deref(),
             securellm_common::prometheus::DEFAULT_BACKEND,

@@ -36,15 +36,16 @@ use securellm_proto::v1::model_registry_client::ModelRegistryClient;
 use securellm_proto::v1::vram_scheduler_client::VramSchedulerClient;
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 
-use crate::config::{BackendConfig, grpc_url};
+use crate::config::BackendConfig;
 use crate::instance::Shared;
 use crate::manager::Manager;
 
 /// Why the manager could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    InternalTls(#[from] securellm_common::mtls::MtlsError),
     #[error("invalid address {addr}: {message}")]
     Address { addr: String, message: String },
     #[error(transparent)]
@@ -89,20 +90,13 @@ fn lazy_channel(
     cfg: &BackendConfig,
     call_timeout: Option<Duration>,
 ) -> Result<AuthChannel, StartError> {
-    let url = grpc_url(addr);
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| StartError::Address {
-            addr: url,
-            message: e.to_string(),
-        })?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    if let Some(t) = call_timeout {
-        endpoint = endpoint.timeout(t);
-    }
+    let tls = cfg.internal_tls.as_ref().map(|t| t.read()).transpose()?;
+    let endpoint = securellm_common::mtls::endpoint(
+        addr,
+        tls.as_ref(),
+        Some(Duration::from_secs(2)),
+        call_timeout,
+    )?;
     let channel = endpoint.connect_lazy();
     Ok(internal_auth::authenticated(
         channel,
@@ -167,9 +161,17 @@ pub async fn start(cfg: &BackendConfig) -> Result<RunningManager, StartError> {
     let addr = listener.addr;
     let health = serve::health_service(&[securellm_proto::service_names::BACKEND]).await;
     let svc = grpc::BackendService::new(manager.clone()).into_server();
+    let tls = cfg.internal_tls.as_ref().map(|t| t.read()).transpose()?;
+    securellm_common::mtls::warn_if_plaintext("backend-manager", &cfg.listen, tls.as_ref());
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(m) = &tls {
+        builder = builder
+            .tls_config(m.server())
+            .map_err(|e| securellm_common::mtls::MtlsError::Tls(e.to_string()))?;
+    }
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .layer(securellm_common::telemetry::GrpcTraceLayer)
             .layer(internal_auth::require(
                 cfg.internal_token.as_ref(),

@@ -34,6 +34,9 @@ pub struct RegistrySection {
     /// `None` = open: only in-process tests start a registry that way.
     #[serde(skip)]
     pub internal_token: Option<InternalToken>,
+    /// `[internal_tls]` (mutual TLS on internal gRPC), loaded with the config.
+    #[serde(skip)]
+    pub internal_tls: Option<securellm_common::mtls::InternalTls>,
 }
 
 impl Default for RegistrySection {
@@ -47,6 +50,7 @@ impl Default for RegistrySection {
             runtime_overhead: ByteSize(0),
             internal_token_file: None,
             internal_token: None,
+            internal_tls: None,
         }
     }
 }
@@ -127,6 +131,7 @@ impl RegistryConfig {
         let path = args.config.as_deref();
         let mut registry: RegistrySection =
             securellm_common::config::load_section(path, "registry")?;
+        registry.internal_tls = securellm_common::mtls::load(path)?;
         let models: ModelsSection = securellm_common::config::load_section(path, "models")?;
         if let Some(l) = &args.listen {
             registry.listen = l.clone();

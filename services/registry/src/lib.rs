@@ -37,6 +37,8 @@ use crate::config::RegistryConfig;
 /// Why the registry could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    InternalTls(#[from] securellm_common::mtls::MtlsError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -135,9 +137,22 @@ pub async fn start(cfg: &RegistryConfig) -> Result<RunningRegistry, StartError> 
     let addr = listener.addr;
     let health = serve::health_service(&[securellm_proto::service_names::REGISTRY]).await;
     let svc = grpc::RegistryService::new(catalog.clone()).into_server();
+    let tls = cfg
+        .registry
+        .internal_tls
+        .as_ref()
+        .map(|t| t.read())
+        .transpose()?;
+    securellm_common::mtls::warn_if_plaintext("registry", &cfg.registry.listen, tls.as_ref());
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(m) = &tls {
+        builder = builder
+            .tls_config(m.server())
+            .map_err(|e| securellm_common::mtls::MtlsError::Tls(e.to_string()))?;
+    }
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .layer(securellm_common::telemetry::GrpcTraceLayer)
             .layer(securellm_common::internal_auth::require(
                 cfg.registry.internal_token.as_ref(),

@@ -87,6 +87,9 @@ pub struct GatewayConfig {
     /// `[storage]` (its own section): where keys and rate limits live.
     #[serde(skip)]
     pub storage: StorageConfig,
+    /// `[internal_tls]` (its own section): mutual TLS to the node services.
+    #[serde(skip)]
+    pub internal_tls: Option<securellm_common::mtls::InternalTls>,
 }
 
 /// `[storage]`: shared state for several gateways. Without `url`, one gateway keeps its keys and
@@ -225,6 +228,7 @@ impl Default for GatewayConfig {
             redact_patterns: Default::default(),
             max_tokens_cap: crate::validate::DEFAULT_MAX_TOKENS_CAP,
             storage: StorageConfig::default(),
+            internal_tls: None,
         }
     }
 }
@@ -309,6 +313,7 @@ impl GatewayConfig {
         // Flags (and their environment variables) over the file over defaults, in one merge.
         let mut c: GatewayConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "gateway", args)?;
+        c.internal_tls = securellm_common::mtls::load(args.config.as_deref())?;
         c.storage = StorageConfig::load(
             args.config.as_deref(),
             std::env::var(DATABASE_URL_ENV).ok(),

@@ -76,6 +76,8 @@ pub enum StartError {
     #[error(transparent)]
     AuditKey(#[from] audit::checkpoint::CheckpointError),
     #[error(transparent)]
+    InternalTls(#[from] securellm_common::mtls::MtlsError),
+    #[error(transparent)]
     Jwt(#[from] jwt::JwtConfigError),
     #[error(transparent)]
     Cloud(#[from] cloud::CloudConfigError),
@@ -142,18 +144,11 @@ fn channel(
     cfg: &GatewayConfig,
     call_timeout: Option<Duration>,
 ) -> Result<securellm_common::internal_auth::AuthChannel, StartError> {
-    let url = securellm_common::grpc_url(addr);
     // HTTP/2 keepalive pings find a peer whose network was cut off (no reset ever comes) within
-    // seconds, so the next call connects again instead of waiting on the dead connection.
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-        .map_err(|_| StartError::Address(url))?
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    if let Some(t) = call_timeout {
-        endpoint = endpoint.timeout(t);
-    }
+    // seconds, so the next call connects again instead of waiting on the dead connection; mutual
+    // TLS when `[internal_tls]` is configured.
+    let tls = cfg.internal_tls.as_ref().map(|t| t.read()).transpose()?;
+    let endpoint = securellm_common::mtls::endpoint(addr, tls.as_ref(), None, call_timeout)?;
     let channel = endpoint.connect_lazy();
     Ok(securellm_common::internal_auth::authenticated(
         channel,

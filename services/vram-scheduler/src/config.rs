@@ -53,6 +53,9 @@ pub struct SchedulerConfig {
     /// `None` = open: only in-process tests start a scheduler that way.
     #[serde(skip)]
     pub internal_token: Option<InternalToken>,
+    /// `[internal_tls]` (mutual TLS on internal gRPC), loaded with the config.
+    #[serde(skip)]
+    pub internal_tls: Option<securellm_common::mtls::InternalTls>,
 }
 
 impl Default for SchedulerConfig {
@@ -74,6 +77,7 @@ impl Default for SchedulerConfig {
             persist_interval_ms: 100,
             internal_token_file: None,
             internal_token: None,
+            internal_tls: None,
         }
     }
 }
@@ -149,6 +153,7 @@ impl SchedulerConfig {
     pub fn load(args: &Args) -> Result<Self, securellm_common::config::ConfigError> {
         let mut c: SchedulerConfig =
             securellm_common::config::load_section_with(args.config.as_deref(), "scheduler", args)?;
+        c.internal_tls = securellm_common::mtls::load(args.config.as_deref())?;
         // Simulated GPUs on the command line imply simulated inventory unless it is named.
         if !args.simulate_gpu.is_empty() && args.inventory.is_none() {
             c.inventory = InventoryMode::Simulated;

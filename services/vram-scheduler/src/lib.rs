@@ -37,6 +37,8 @@ use crate::table::LeaseTable;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
+    InternalTls(#[from] securellm_common::mtls::MtlsError),
+    #[error(transparent)]
     Inventory(#[from] inventory::InventoryError),
     #[error(transparent)]
     Persist(#[from] persist::PersistError),
@@ -214,9 +216,17 @@ pub async fn start(cfg: &SchedulerConfig) -> Result<RunningScheduler, StartError
     let reflection = serve::reflection_v1()?;
     let reflection_alpha = serve::reflection_v1alpha()?;
     let svc = grpc::SchedulerService::new(handle.clone()).into_server();
+    let tls = cfg.internal_tls.as_ref().map(|t| t.read()).transpose()?;
+    securellm_common::mtls::warn_if_plaintext("vram-scheduler", &cfg.listen, tls.as_ref());
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(m) = &tls {
+        builder = builder
+            .tls_config(m.server())
+            .map_err(|e| securellm_common::mtls::MtlsError::Tls(e.to_string()))?;
+    }
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .tcp_nodelay(true)
             .layer(securellm_common::telemetry::GrpcTraceLayer)
             .layer(securellm_common::internal_auth::require(

@@ -132,6 +132,7 @@ pub const SECTIONS: &[&str] = &[
     "models",
     "telemetry",
     "storage",
+    "internal_tls",
 ];
 
 /// Read one section of the shared config file into `T` (defaults when the file or the section is

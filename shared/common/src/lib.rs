@@ -10,6 +10,7 @@
 //! - [`errors`]: one table from gRPC codes to HTTP statuses, machine-readable reasons
 //!   (`google.rpc.ErrorInfo`) across service boundaries.
 //! - [`internal_auth`]: the internal token every call between SecureLLM's processes carries.
+//! - [`mtls`]: mutual TLS on the internal hops (`[internal_tls]`).
 //! - [`sse`]: the one server-sent-events splitter (incremental, bounded).
 //! - [`time`]: unix milliseconds, the time unit of every contract.
 //! - [`tls`]: the process-wide rustls crypto provider.
@@ -18,6 +19,7 @@ pub mod bytesize;
 pub mod config;
 pub mod errors;
 pub mod internal_auth;
+pub mod mtls;
 pub mod openai;
 pub mod prometheus;
 pub mod serve;
