@@ -37,7 +37,7 @@ clippy:
 
 # The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
-unit: pyenv promtool nix postgres neovim
+unit: pyenv promtool nix postgres neovim chromium
 	@SECURELLM_TEST_PYTHON="$(PYENV)/bin/python"; export SECURELLM_TEST_PYTHON; \
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	echo "llama-server: $$LLAMA_SERVER"; \
@@ -93,16 +93,25 @@ nix:
 		{ apt-get update -q && apt-get install -y --no-install-recommends nix-bin; } || \
 		echo "WARNING: nix-instantiate (Debian package nix-bin) could not be installed: the NixOS module checks will be SKIPPED" >&2
 
+# Debian packages installed once when a check fails: $(call apt-install,CHECK,PACKAGES,WHAT IS SKIPPED).
+# The tests that need them skip LOUDLY only when they could not be installed.
+apt-install = { $(1); } >/dev/null 2>&1 || \
+	sudo -n apt-get install -y --no-install-recommends $(2) 2>/dev/null || \
+	apt-get install -y --no-install-recommends $(2) || \
+	{ apt-get update -q && apt-get install -y --no-install-recommends $(2); } || \
+	echo "WARNING: $(2) (Debian) could not be installed: $(3) will be SKIPPED" >&2
+
 # Debian's Neovim (0.7 on Debian 12), for the Neovim plugin's test (tests/e2e/tests/neovim.rs drives
-# integrations/neovim in `nvim --headless`): installed once if missing. The test skips LOUDLY only
-# when it could not be installed.
+# integrations/neovim in `nvim --headless`).
 .PHONY: neovim
 neovim:
-	@command -v nvim >/dev/null 2>&1 || \
-		sudo -n apt-get install -y --no-install-recommends neovim 2>/dev/null || \
-		apt-get install -y --no-install-recommends neovim || \
-		{ apt-get update -q && apt-get install -y --no-install-recommends neovim; } || \
-		echo "WARNING: nvim (Debian package neovim) could not be installed: the Neovim plugin test will be SKIPPED" >&2
+	@$(call apt-install,command -v nvim,neovim,the Neovim plugin test)
+
+# Debian's Chromium and its WebDriver, for the dashboard's browser test (tests/e2e/tests/dashboard.rs,
+# with selenium from the pyenv).
+.PHONY: chromium
+chromium:
+	@$(call apt-install,command -v chromium && command -v chromedriver,chromium chromium-driver,the dashboard browser test)
 
 # Debian's PostgreSQL server binaries (initdb, pg_ctl), for the throw-away clusters the tests of
 # shared state start (shared/testkit/src/postgres.rs): installed once if missing. Those tests skip
@@ -129,13 +138,16 @@ llama-server:
 
 # A Python venv outside the repo with the PyPI `openai` package (the gateway tests drive the gateway
 # with the official client), `gguf` (the registry benchmark's baseline), `pyyaml` (the
-# docker-compose check) and `schemathesis` (fuzzes the gateway's OpenAPI document,
-# tests/e2e/tests/admin_http.rs; that test skips LOUDLY only when it could not be installed).
+# docker-compose check), `schemathesis` (fuzzes the gateway's OpenAPI document,
+# tests/e2e/tests/admin_http.rs) and `selenium` (the dashboard's browser test); those tests skip
+# LOUDLY only when they could not be installed.
 pyenv:
 	@test -x "$(PYENV)/bin/python" || python3 -m venv "$(PYENV)"
 	@"$(PYENV)/bin/python" -c "import gguf, openai, yaml" 2>/dev/null || "$(PYENV)/bin/pip" install -q gguf openai pyyaml
 	@"$(PYENV)/bin/python" -c "import schemathesis" 2>/dev/null || "$(PYENV)/bin/pip" install -q schemathesis || \
 		echo "WARNING: schemathesis (PyPI) could not be installed: the OpenAPI fuzzing test will be SKIPPED" >&2
+	@"$(PYENV)/bin/python" -c "import selenium" 2>/dev/null || "$(PYENV)/bin/pip" install -q selenium || \
+		echo "WARNING: selenium (PyPI) could not be installed: the dashboard browser test will be SKIPPED" >&2
 
 bench-registry: pyenv
 	SECURELLM_BENCH_PYTHON="$(PYENV)/bin/python" $(CARGO) run --release -p securellm-bench -- registry

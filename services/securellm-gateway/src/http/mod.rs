@@ -29,6 +29,7 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 pub mod admin;
+pub mod ui;
 
 use crate::error::ApiError;
 use crate::listener::BodyTimedOut;
@@ -58,6 +59,7 @@ pub fn router(
     let router = Router::new()
         .merge(api)
         .nest("/admin/v1", admin::router(management))
+        .merge(ui::router())
         .route(
             "/health",
             get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
@@ -138,6 +140,7 @@ pub fn route_of(path: &str) -> &'static str {
         "/health" => "/health",
         "/ready" => "/ready",
         p if p.starts_with("/admin/v1/") => "/admin/v1",
+        p if p == "/ui" || p.starts_with("/ui/") => "/ui",
         _ => "other",
     }
 }
