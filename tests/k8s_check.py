@@ -38,7 +38,8 @@ For the base and every overlay under deploy/k8s/overlays/, asserts:
 Then it mutation-checks itself: a copy of deploy/k8s with one fault each (a flag, a port, a probe
 path, a missing GPU toleration, a ConfigMap secret, ...) must fail.
 
-Skips LOUDLY (a warning on stderr, exit 0) only when kubectl is not installed.
+Skips LOUDLY (a warning on stderr, exit 0) only when kubectl is not installed. $KUBECTL names
+another kubectl (the manifests render with kustomize v2.0.3, Debian 12's kubectl 1.20, and v5).
 
 Usage: python tests/k8s_check.py [BIN_DIR]   (default: $CARGO_TARGET_DIR or target, /debug)
 """
@@ -64,6 +65,8 @@ WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job")
 
 
 def kubectl():
+    if os.environ.get("KUBECTL"):
+        return os.environ["KUBECTL"]
     return shutil.which("kubectl") or ("/usr/bin/kubectl" if os.access("/usr/bin/kubectl", os.X_OK) else None)
 
 
@@ -663,6 +666,7 @@ def render(k8s_dir, target):
     r = subprocess.run([kubectl(), "kustomize", target], capture_output=True, text=True)
     if r.returncode != 0:
         return None, r.stderr.strip()
+    # (Newer kustomize warns on stderr about the v2.0.3 field names the overlays use: expected.)
     return [o for o in yaml.safe_load_all(r.stdout) if o], None
 
 
