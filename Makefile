@@ -37,7 +37,7 @@ clippy:
 
 # The backend tests run the real llama-server: built once (cached outside the repo) by the script.
 # cargo-nextest when present (faster, per-test timeouts from .config/nextest.toml), else cargo test.
-unit: pyenv promtool nix postgres neovim chromium
+unit: pyenv promtool nix postgres neovim chromium kubectl
 	@SECURELLM_TEST_PYTHON="$(PYENV)/bin/python"; export SECURELLM_TEST_PYTHON; \
 	LLAMA_SERVER="$$(./scripts/install-llama-server.sh | tail -n 1)"; export LLAMA_SERVER; \
 	echo "llama-server: $$LLAMA_SERVER"; \
@@ -45,7 +45,7 @@ unit: pyenv promtool nix postgres neovim chromium
 		$(CARGO) nextest run --workspace --no-fail-fast && $(CARGO) test --workspace --doc; \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
-	fi && "$(PYENV)/bin/python" tests/compose_check.py && $(MAKE) --no-print-directory compose-test
+	fi && "$(PYENV)/bin/python" tests/compose_check.py && "$(PYENV)/bin/python" tests/k8s_check.py && $(MAKE) --no-print-directory compose-test
 
 # Prometheus' own checker (`promtool check metrics|config|rules`, `promtool test rules`), used by the
 # telemetry and deploy/ tests: Debian's `prometheus` package, installed here once if missing. The
@@ -123,6 +123,18 @@ postgres:
 		apt-get install -y --no-install-recommends postgresql || \
 		{ apt-get update -q && apt-get install -y --no-install-recommends postgresql; } || \
 		echo "WARNING: PostgreSQL (Debian package postgresql) could not be installed: the shared-state tests will be SKIPPED" >&2
+
+# kubectl, for tests/k8s_check.py (renders deploy/k8s with `kubectl kustomize`; the manifests
+# render with the kustomize v2.0.3 in Debian 12's kubectl 1.20 and with newer ones): Debian's
+# `kubernetes-client`, installed once if no kubectl is on PATH. The check skips LOUDLY only when
+# it could not be installed.
+.PHONY: kubectl
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || \
+		sudo -n apt-get install -y --no-install-recommends kubernetes-client 2>/dev/null || \
+		apt-get install -y --no-install-recommends kubernetes-client || \
+		{ apt-get update -q && apt-get install -y --no-install-recommends kubernetes-client; } || \
+		echo "WARNING: kubectl (Debian package kubernetes-client) could not be installed: the deploy/k8s check will be SKIPPED" >&2
 
 PYENV ?= $(or $(SECURELLM_CACHE_DIR),$(HOME)/.cache/securellm)/pyenv
 
