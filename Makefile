@@ -126,10 +126,13 @@ postgres:
 
 # kubectl, for tests/k8s_check.py (renders deploy/k8s with `kubectl kustomize`; the manifests
 # render with the kustomize v2.0.3 in Debian 12's kubectl 1.20 and with newer ones): Debian's
-# `kubernetes-client`, installed once if no kubectl is on PATH. The check skips LOUDLY only when
-# it could not be installed.
+# `kubernetes-client`, installed once if no kubectl is on PATH; and the PyPI package
+# `kubernetes-validate` in the pyenv (the Kubernetes schemas the rendered objects are checked
+# against). The check skips those parts LOUDLY only when they could not be installed.
 .PHONY: kubectl
-kubectl:
+kubectl: pyenv
+	@"$(PYENV)/bin/python" -c "import kubernetes_validate" 2>/dev/null || "$(PYENV)/bin/pip" install -q kubernetes-validate || \
+		echo "WARNING: kubernetes-validate (PyPI) could not be installed: deploy/k8s will not be checked against the Kubernetes schemas" >&2
 	@command -v kubectl >/dev/null 2>&1 || \
 		sudo -n apt-get install -y --no-install-recommends kubernetes-client 2>/dev/null || \
 		apt-get install -y --no-install-recommends kubernetes-client || \

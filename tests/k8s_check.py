@@ -4,6 +4,10 @@ The Kubernetes half of tests/compose_check.py: no cluster is run, the manifests 
 `kubectl kustomize` (Debian's kubernetes-client; `make kubectl` installs it) and checked.
 
 For the base and every overlay under deploy/k8s/overlays/, asserts:
+- every object is valid against the Kubernetes OpenAPI schemas, strictly (no unknown field), of
+  1.27 (the oldest release with GA gRPC probes) and of the newest release the PyPI package
+  `kubernetes-validate` bundles (`make kubectl` installs it in the pyenv; without it this part
+  is skipped with a warning);
 - every SecureLLM container runs one of the binaries (or the `install` of the secrets init
   container), and every flag it passes is in that binary's `--help`; all use the one image the
   kustomize `images:` entry `securellm` resolves to;
@@ -189,8 +193,34 @@ def expected_image(k8s_dir, overlay):
     return f"{name}@{entry['digest']}" if entry.get("digest") else f"{name}:{entry.get('newTag', 'latest')}"
 
 
+SCHEMA_VERSIONS = ["1.27.0"]
+try:
+    import kubernetes_validate
+    _schemas = os.listdir(os.path.join(os.path.dirname(kubernetes_validate.__file__), "kubernetes-json-schema"))
+    SCHEMA_VERSIONS.append(max((s[1:].split("-")[0] for s in _schemas if s.endswith("-local-strict")),
+                               key=lambda v: tuple(int(x) for x in v.split("."))))
+except ImportError:
+    kubernetes_validate = None
+
+
+def check_schema(objs, err):
+    """Each object against the strict OpenAPI schemas of SCHEMA_VERSIONS."""
+    if kubernetes_validate is None:
+        return
+    for o in objs:
+        for v in SCHEMA_VERSIONS:
+            try:
+                kubernetes_validate.validate(o, v, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                err(f"{o['kind']}/{o['metadata'].get('name')}: not valid for Kubernetes {v}: {e.message} at "
+                    f"{'/'.join(str(x) for x in e.path)}")
+            except Exception as e:  # no schema for this kind / version
+                err(f"{o['kind']}/{o['metadata'].get('name')}: cannot validate for Kubernetes {v}: {e}")
+
+
 def check_render(objs, k8s_dir, overlay, err):
     """Every check on one rendered overlay (`objs`); `err(msg)` records a failure."""
+    check_schema(objs, err)
     by_kind = {}
     for o in objs:
         by_kind.setdefault(o["kind"], []).append(o)
@@ -712,6 +742,7 @@ MUTATIONS = [
     ("base/networkpolicy.yaml", "        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: securellm-gateway\n      ports:\n        - {protocol: TCP, port: 50051}", "        - podSelector: {}\n      ports:\n        - {protocol: TCP, port: 50051}", "more than the gateway"),
     ("base/networkpolicy.yaml", "  name: default-deny\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]", "  name: default-deny\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]", "default-deny"),
     ("base/gateway.yaml", "  replicas: 2", "  replicas: 1", ">= 2 replicas"),
+    ("base/node-agent.yaml", "      shareProcessNamespace: true", "      shareProcessNamespace: true\n      hostPid: false", "not valid for Kubernetes"),
     ("base/gateway.yaml", '"install", "-m", "0400"', '"install", "-m", "0440"', "install mode 0440"),
     ("overlays/dev/postgres.yaml", "        - podSelector:\n            matchLabels:\n              app.kubernetes.io/name: securellm-gateway", "        - namespaceSelector: {}", "PostgreSQL open"),
 ]
@@ -720,6 +751,8 @@ MUTATIONS = [
 def mutation_check(k8s_dir):
     failures = []
     for path, old, new, words in MUTATIONS:
+        if words == "not valid for Kubernetes" and kubernetes_validate is None:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             copy = os.path.join(tmp, "k8s")
             shutil.copytree(k8s_dir, copy)
@@ -736,6 +769,9 @@ def mutation_check(k8s_dir):
 
 
 def main():
+    if kubernetes_validate is None:
+        print("WARNING: the PyPI package kubernetes-validate is not installed (`make kubectl`): the rendered "
+              "objects are NOT validated against the Kubernetes schemas", file=sys.stderr)
     if kubectl() is None:
         print("WARNING: kubectl not found (Debian package kubernetes-client; `make kubectl`): "
               "deploy/k8s was NOT rendered or checked (tests/k8s_check.py SKIPPED)", file=sys.stderr)
@@ -752,7 +788,8 @@ def main():
     if failures:
         print("deploy/k8s mutation check FAILED (the checks miss a fault):\n  " + "\n  ".join(failures))
         return 1
-    print(f"deploy/k8s OK: {', '.join(results)} rendered with `kubectl kustomize` and consistent with the "
+    schema = f"valid for Kubernetes {' and '.join(SCHEMA_VERSIONS)} (strict schemas), " if kubernetes_validate else ""
+    print(f"deploy/k8s OK: {', '.join(results)} rendered with `kubectl kustomize`, {schema}consistent with the "
           f"binaries' flags, the gateway's routes and each other; {len(MUTATIONS)} injected faults each caught")
     return 0
 
